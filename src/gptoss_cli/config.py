@@ -1,0 +1,294 @@
+"""The run config: YAML -> typed dataclasses (model, data, train, infer), strict and checked before work.
+
+Every key is checked against the dataclass fields and their type hints: an unknown key, a wrong type
+or an inconsistent value raises `ConfigError` with one line naming the file, the dotted key and what
+is wrong. `--set section.key=value` overrides go through the same checks. Bare names such as
+`compact.yaml` or `tiny` find the configs shipped with the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import GptossError
+from .model.config import ModelConfig, ModelConfigError
+
+
+class ConfigError(GptossError):
+    """A config problem the user can fix; the message is one line."""
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # .txt/.jsonl files, directories, globs; [] = built-in corpus
+    val_fraction: float = 0.05  # share of documents held out for validation
+    tokenizer: str | None = None  # reuse this tokenizer.json instead of training one
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    seq_len: int = 256
+    grad_accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    aux_loss_coef: float = 0.01  # MoE load-balancing loss; 0 disables it
+    z_loss_coef: float = 0.0  # router z-loss; 0 disables it
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    keep_checkpoints: int = 3
+    compile: bool = False
+    activation_checkpointing: bool = False
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun only
+
+
+@dataclass
+class InferConfig:
+    max_new_tokens: int = 50
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    name: str = "run"  # used for the default run directory name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- locating configs ----------------------------------------------------------------------------
+
+def shipped_config_dirs() -> list[Path]:
+    """Where bare config names are looked up: inside an installed wheel, then the source checkout."""
+    here = Path(__file__).resolve().parent
+    return [d for d in (here / "configs", here.parents[1] / "configs") if d.is_dir()]
+
+
+def shipped_configs() -> list[str]:
+    names = {p.stem for d in shipped_config_dirs() for p in d.glob("*.yaml")}
+    return sorted(names)
+
+
+def resolve_config_path(name: str) -> Path:
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.parent == Path("."):
+        for d in shipped_config_dirs():
+            for candidate in (d / name, d / f"{name}.yaml"):
+                if candidate.is_file():
+                    return candidate
+    known = ", ".join(shipped_configs()) or "none"
+    raise ConfigError(f"config not found: {name} (not a file, and not a shipped config: {known})")
+
+
+# ---- strict conversion ---------------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise bad
+
+
+def _build_section(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+    try:
+        return cls(**kwargs)
+    except ModelConfigError as err:
+        raise ConfigError(f"{prefix}.{err.key}: {err.message}") from None
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "infer": InferConfig}
+
+
+def _check_run(cfg: RunConfig) -> None:
+    t = cfg.train
+    for key in ("batch_size", "seq_len", "grad_accum_steps", "epochs", "log_every", "eval_every",
+                "eval_batches", "save_every", "keep_checkpoints"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}: must be > 0, got {getattr(t, key)}")
+    if t.max_steps is not None and t.max_steps <= 0:
+        raise ConfigError(f"train.max_steps: must be > 0 (or null), got {t.max_steps}")
+    for key in ("lr", "beta1", "beta2"):
+        if not 0 < getattr(t, key) < (1 if key != "lr" else float("inf")):
+            raise ConfigError(f"train.{key}: out of range, got {getattr(t, key)}")
+    for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+    if t.seq_len > cfg.model.max_context_length:
+        raise ConfigError(
+            f"train.seq_len: {t.seq_len} exceeds model.max_context_length={cfg.model.max_context_length}"
+        )
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    i = cfg.infer
+    if i.max_new_tokens <= 0:
+        raise ConfigError(f"infer.max_new_tokens: must be > 0, got {i.max_new_tokens}")
+    if i.temperature < 0 or i.top_k < 0 or not 0 < i.top_p <= 1 or i.repetition_penalty <= 0:
+        raise ConfigError("infer: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
+
+
+def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
+    """Build and validate a RunConfig; errors are prefixed with `source` (usually the file name)."""
+    try:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"expected a mapping with sections {', '.join(SECTIONS)}, got {raw!r}")
+        unknown = set(raw) - set(SECTIONS) - {"name"}
+        if unknown:
+            key = sorted(unknown)[0]
+            raise ConfigError(f"{key}: unknown section (known: name, {', '.join(SECTIONS)})")
+        sections = {k: _build_section(cls, raw.get(k), k) for k, cls in SECTIONS.items()}
+        name = _coerce(raw.get("name", "run"), str, "name")
+        cfg = RunConfig(name=name, **sections)
+        _check_run(cfg)
+        return cfg
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=3e-4' -> (['train', 'lr'], '3e-4' parsed as YAML)."""
+    key, sep, value = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.lr=3e-4")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section {section!r} (known: {', '.join(SECTIONS)})")
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][key] = value
+    return raw
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path.name}: YAML syntax error{where}: {problem}") from None
+
+
+def load_config(name: str | Path = "tiny", overrides: list[str] | None = None) -> RunConfig:
+    """Load a config by path or shipped name, apply `--set` overrides, validate everything."""
+    path = resolve_config_path(str(name))
+    raw = read_yaml(path)
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides or [])
+        raw.setdefault("name", path.stem)
+    return config_from_dict(raw, path.name)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

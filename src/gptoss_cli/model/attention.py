@@ -1,0 +1,105 @@
+"""Grouped-query attention with one learned sink logit per query head, as in gpt-oss.
+
+    p_j = exp(l_j) / (exp(sink_h) + sum_k exp(l_k))        (the sink has no value vector)
+
+Two backends, chosen by `ModelConfig.attention_backend`, compute exactly this:
+- `eager`: scores, a concatenated sink column, fp32 softmax, the column dropped (the reference, as
+  openai/gpt-oss and transformers' eager path);
+- `sdpa`: torch's fused scaled_dot_product_attention with the sink folded in as one extra key. The head
+  dim grows from D to D+8: queries carry sink_h/scale in coordinate D, a virtual key at index 0 is the
+  unit vector e_D with a zero value, and real keys carry 0 there. Its logit is then exactly sink_h, and
+  the sink's gradient flows through the query.
+
+Which keys a query sees comes in as a boolean mask built from absolute positions (see transformer.py),
+so the same code serves training, prefill and cached decoding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rotary
+
+SINK_PAD = 8  # extra head-dim coordinates for the sdpa sink key; 8 keeps bf16 rows 16-byte aligned
+
+
+def eager_attention(q, k, v, sinks, mask, scale):
+    """q (B, NH, T, D); k, v (B, NKV, S, D); sinks (NH,); mask (B, 1, T, S) bool -> (B, NH, T, D)."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # query head h reads kv head h // groups
+    v = v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, NH, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(scores.shape[0], -1, scores.shape[2], 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]  # drop the sink column
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def sdpa_attention(q, k, v, sinks, mask, scale):
+    """Same contract as eager_attention, through F.scaled_dot_product_attention (exact sinks)."""
+    b, nh, t, d = q.shape
+    nkv, s = k.shape[1], k.shape[2]
+    pad = SINK_PAD
+    # q' = [q, sink_h/scale, 0...]: the sink coordinate meets only the virtual key below.
+    sink_col = (sinks.to(q.dtype) / scale).view(1, nh, 1, 1).expand(b, nh, t, 1)
+    q_ext = torch.cat([q, sink_col, q.new_zeros(b, nh, t, pad - 1)], dim=-1)
+    # Virtual key e_D at index 0 (logit = sink_h), with a zero value; real keys/values get zero padding.
+    k_sink = k.new_zeros(b, nkv, 1, d + pad)
+    k_sink[..., d] = 1.0
+    k_ext = torch.cat([k_sink, F.pad(k, (0, pad))], dim=2)  # (B, NKV, S+1, D+pad)
+    v_ext = F.pad(v, (0, pad, 1, 0))  # zero row first, zero columns after
+    mask_ext = F.pad(mask, (1, 0), value=True)  # the sink key is always visible
+    if q.device.type == "cuda" and nkv != nh:
+        # With a mask, enable_gqa falls back to the math kernel on CUDA (pytorch#139586): expand instead.
+        k_ext = k_ext.repeat_interleave(nh // nkv, dim=1)
+        v_ext = v_ext.repeat_interleave(nh // nkv, dim=1)
+        out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, attn_mask=mask_ext, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(
+            q_ext, k_ext, v_ext, attn_mask=mask_ext, scale=scale, enable_gqa=nkv != nh
+        )
+    return out[..., :d]
+
+
+BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+class AttentionBlock(nn.Module):
+    """x + out(attention(rope(qkv(norm(x))))). Weight names follow openai/gpt-oss (`block.i.attn.*`)."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_attention_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.sliding_window = config.sliding_window if config.is_sliding(layer_idx) else 0
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.backend = config.attention_backend
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # One fused projection, rows laid out [q: NH*D | k: NKV*D | v: NKV*D] as in the openai checkpoints.
+        self.qkv = nn.Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, bias=config.attention_bias)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))  # one logit per query head
+        self.out = nn.Linear(config.q_dim, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x (B, T, H); cos/sin (B, T, D/2); mask (B, 1, T, S) bool over the keys attended to."""
+        b, t, _ = x.shape
+        nh, nkv, d = self.num_attention_heads, self.num_key_value_heads, self.head_dim
+        qkv = self.qkv(self.norm(x))
+        q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+        q = apply_rotary(q.view(b, t, nh, d), cos, sin)
+        k = apply_rotary(k.view(b, t, nkv, d), cos, sin)  # keys are cached after RoPE
+        v = v.view(b, t, nkv, d)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, S, NKV, D) including the past
+        o = BACKENDS[self.backend](
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.sinks, mask, self.scale
+        )  # (B, NH, T, D)
+        return x + self.out(o.transpose(1, 2).reshape(b, t, nh * d))

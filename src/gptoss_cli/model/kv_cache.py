@@ -1,0 +1,71 @@
+"""Key/value cache for generation: a ring of `sliding_window` slots on sliding layers, a preallocated
+buffer on full-attention layers.
+
+Keys are stored after RoPE, together with the absolute position of every slot (-1 = empty), and the
+attention mask is built from those positions, so the ring's order never matters. A sliding layer attends
+over [ring, new chunk] before the chunk's last W entries overwrite the oldest slots: a prefill longer
+than the window stays exact. The write index is a Python counter, so a decode step needs no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        self.config = config
+        self.max_length = max_length
+        self.length = 0  # tokens written so far, per sequence
+        self.window = config.sliding_window
+        b, nkv, d = batch_size, config.num_key_value_heads, config.head_dim
+        ring = min(self.window, max_length) if self.window else 0
+        self.k, self.v = [], []
+        for layer in range(config.num_hidden_layers):
+            slots = ring if config.is_sliding(layer) else max_length
+            self.k.append(torch.zeros(b, slots, nkv, d, dtype=dtype, device=device))
+            self.v.append(torch.zeros(b, slots, nkv, d, dtype=dtype, device=device))
+        self.pos_full = torch.full((b, max_length), -1, dtype=torch.long, device=device)
+        self.pos_ring = torch.full((b, ring), -1, dtype=torch.long, device=device)
+        self._start = 0
+        self._t = 0
+        self._ring_src = self._ring_dst = None
+
+    def begin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record a chunk's positions (B, T) before the layers run.
+
+        Returns the key positions full layers attend over (B, length+T) and those sliding layers attend
+        over (B, ring+T). Raises ValueError when the chunk does not fit in max_length.
+        """
+        t = positions.shape[1]
+        if self.length + t > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens; {self.length}+{t} do not fit")
+        self._start, self._t = self.length, t
+        self.pos_full[:, self.length:self.length + t] = positions
+        kpos_full = self.pos_full[:, :self.length + t]
+        kpos_ring = torch.cat([self.pos_ring, positions], dim=1)
+        ring = self.pos_ring.shape[1]
+        if ring:
+            keep = min(t, ring)  # only the chunk's last `ring` tokens survive in the ring
+            steps = torch.arange(self.length + t - keep, self.length + t, device=positions.device)
+            self._ring_src = slice(t - keep, t)
+            self._ring_dst = steps % ring
+            self.pos_ring[:, self._ring_dst] = positions[:, self._ring_src]
+        self.length += t
+        return kpos_full, kpos_ring
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (B, T, NKV, D) of the current chunk -> the keys and values this layer attends over."""
+        if self.config.is_sliding(layer):
+            k_all = torch.cat([self.k[layer], k], dim=1)  # (B, ring+T, NKV, D), read before overwriting
+            v_all = torch.cat([self.v[layer], v], dim=1)
+            self.k[layer][:, self._ring_dst] = k[:, self._ring_src]
+            self.v[layer][:, self._ring_dst] = v[:, self._ring_src]
+            return k_all, v_all
+        end = self._start + self._t
+        self.k[layer][:, self._start:end] = k
+        self.v[layer][:, self._start:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]

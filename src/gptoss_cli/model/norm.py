@@ -1,0 +1,19 @@
+"""RMSNorm exactly as gpt-oss: statistics in fp32, an fp32 `scale`, eps 1e-5, result in the input dtype."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        # fp32 even when the rest of the model is bf16: gpt-oss (and HF's _keep_in_fp32_modules) do the same.
+        self.scale = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., H)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.scale.float()).to(x.dtype)

@@ -1,0 +1,125 @@
+"""What a config costs, without allocating: module tree, parameter counts, FLOPs and memory estimates.
+
+The model is built on the meta device, so even gpt-oss-120b is described in seconds. Memory figures are
+estimates (documented term by term in docs/configs.md); `gptoss train` measures the real thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import RunConfig
+
+GIB = 1024**3
+
+
+def _category(name: str) -> str:
+    if name.startswith(("embedding", "unembedding")):
+        return "embeddings"
+    if name.endswith("sinks"):
+        return "sinks"
+    if ".gate." in name:
+        return "router"
+    if "mlp1" in name or "mlp2" in name:
+        return "experts"
+    if name.endswith("scale"):
+        return "norms"
+    return "attention"
+
+
+@dataclass
+class Precision:
+    name: str
+    param_bytes: int  # master weights, gradients and AdamW state use this width
+    act_bytes: int  # activations
+
+
+def resolve_precision(name: str, cuda: bool) -> Precision:
+    if name == "auto":
+        name = "bf16-mixed" if cuda else "fp32"
+    return Precision(name, 2 if name == "bf16" else 4, 4 if name == "fp32" else 2)
+
+
+def _mean_keys(seq_len: int, window: int) -> float:
+    """Mean number of keys a query attends to over positions 0..T-1 (causal, optional window)."""
+    if not window or window >= seq_len:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def describe(cfg: RunConfig, cuda: bool = False) -> dict:
+    """Everything `gptoss build` shows, as one JSON-ready dict."""
+    import torch
+
+    from .model import Transformer
+
+    m = cfg.model
+    with torch.device("meta"):
+        model = Transformer(m)
+    breakdown: dict[str, int] = {}
+    for name, p in model.named_parameters():  # a tied unembedding is listed (and counted) once
+        breakdown[_category(name)] = breakdown.get(_category(name), 0) + p.numel()
+    total = sum(breakdown.values())
+    inactive = breakdown.get("experts", 0) * (m.num_experts - m.experts_per_token) // m.num_experts
+    active = total - inactive
+
+    t = cfg.train
+    seq, batch = t.seq_len, t.batch_size
+    tokens = seq * batch
+    # Forward FLOPs per token: 2 per active weight in a matmul (the input embedding is a lookup), plus
+    # attention scores and weighted values: 2 * 2 * NH * D * (mean keys visible).
+    lookup = m.vocab_size * m.hidden_size if not m.tie_word_embeddings else 0
+    matmul_params = active - lookup - breakdown.get("norms", 0) - breakdown.get("sinks", 0)
+    attn_flops = sum(
+        4 * m.num_attention_heads * m.head_dim * _mean_keys(seq, m.sliding_window if m.is_sliding(i) else 0)
+        for i in range(m.num_hidden_layers)
+    )
+    fwd_flops = 2 * matmul_params + attn_flops
+    prec = resolve_precision(t.precision, cuda)
+
+    # Tensors saved for backward per token and layer (a rough sum over the ops in attention.py/moe.py).
+    a, k, h, i = prec.act_bytes, m.experts_per_token, m.hidden_size, m.intermediate_size
+    attn_act = 8 * h + a * (3 * (m.q_dim + 2 * m.kv_dim) + 2 * m.q_dim)
+    if m.attention_backend == "eager":
+        attn_act += 4 * m.num_attention_heads * _mean_keys(seq, 0) * 2  # fp32 probabilities kept
+    moe_act = 8 * h + 12 * m.num_experts + a * k * (2 * h + 4 * i + i) + 4 * k * h
+    per_layer = attn_act + moe_act
+    if t.activation_checkpointing:  # keep block inputs, recompute one block at a time
+        activations = tokens * (m.num_hidden_layers * a * h + per_layer)
+    else:
+        activations = tokens * m.num_hidden_layers * per_layer
+    logits = tokens * m.vocab_size * 4 * 2  # fp32 logits and their gradient
+    weights = total * prec.param_bytes
+    train_mem = {
+        "weights": weights,
+        "gradients": total * prec.param_bytes,
+        "optimizer": 2 * total * prec.param_bytes,  # AdamW exp_avg + exp_avg_sq
+        "activations": int(activations),
+        "logits": logits,
+    }
+    train_mem["total"] = sum(train_mem.values())
+    infer_bytes = 2 if cuda or prec.name != "fp32" else 4
+    ctx = m.max_context_length
+    kv = sum(
+        2 * m.kv_dim * infer_bytes * (min(m.sliding_window, ctx) if m.is_sliding(layer) else ctx)
+        for layer in range(m.num_hidden_layers)
+    )
+    infer_mem = {"weights": total * infer_bytes, "kv_cache_per_sequence": kv,
+                 "logits": m.vocab_size * 4}
+    infer_mem["total_batch1"] = sum(infer_mem.values())
+    return {
+        "config": cfg.name,
+        "total_params": total,
+        "active_params": active,
+        "params_by_part": breakdown,
+        "layer_types": ["sliding" if m.is_sliding(n) else "full" for n in range(m.num_hidden_layers)],
+        "train_flops_per_token": int(3 * fwd_flops),
+        "forward_flops_per_token": int(fwd_flops),
+        "precision": prec.name,
+        "batch_size": batch,
+        "seq_len": seq,
+        "train_memory_bytes": train_mem,
+        "inference_memory_bytes": infer_mem,
+        "inference_dtype": "bf16" if infer_bytes == 2 else "fp32",
+        "module_tree": repr(model),
+    }
