@@ -44,7 +44,7 @@ def eager_attention(q, k, v, sinks, mask, scale):
 def sdpa_attention(q, k, v, sinks, mask, scale):
     """Same contract as eager_attention, through F.scaled_dot_product_attention (exact sinks)."""
     b, nh, t, d = q.shape
-    nkv, s = k.shape[1], k.shape[2]
+    nkv = k.shape[1]
     pad = SINK_PAD
     # q' = [q, sink_h/scale, 0...]: the sink coordinate meets only the virtual key below.
     sink_col = (sinks.to(q.dtype) / scale).view(1, nh, 1, 1).expand(b, nh, t, 1)

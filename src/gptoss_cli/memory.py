@@ -1,0 +1,66 @@
+"""Memory telemetry shared by train and infer: one JSON line per sample, read by `gptoss report`.
+
+On CUDA a sample holds torch's allocated / reserved / peak bytes and the NVML device memory in use; on
+CPU it holds the process RSS, labelled as such. Every line is flushed, so a killed run loses at most
+the line being written (report skips a cut-off last line).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+
+class MemorySampler:
+    def __init__(self, path: Path, device: torch.device, rank: int = 0, phase: str = "train"):
+        self.path = Path(path)
+        self.device = torch.device(device)
+        self.rank = rank
+        self.phase = phase
+        self.start = time.time()
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._process = psutil.Process()
+        self._nvml = None
+        if self.device.type == "cuda":
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            except Exception:  # no NVML: torch's counters still work
+                self._nvml = None
+
+    def sample(self, step: int | None = None, **extra) -> dict:
+        record = {"time": round(time.time() - self.start, 4), "wall": time.time(), "phase": self.phase,
+                  "rank": self.rank, "step": step, "device": self.device.type}
+        if self.device.type == "cuda":
+            record["allocated_bytes"] = torch.cuda.memory_allocated(self.device)
+            record["reserved_bytes"] = torch.cuda.memory_reserved(self.device)
+            record["peak_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            if self._nvml is not None:
+                pynvml, handle = self._nvml
+                record["nvml_used_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        record["rss_bytes"] = self._process.memory_info().rss
+        record["label"] = "GPU memory" if self.device.type == "cuda" else "CPU memory (process RSS)"
+        record.update(extra)
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        return record
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return self._process.memory_info().rss
+
+    def close(self) -> None:
+        self._file.close()
+        if self._nvml is not None:
+            try:
+                self._nvml[0].nvmlShutdown()
+            except Exception:
+                pass

@@ -1,0 +1,56 @@
+"""The byte-level BPE tokenizer, trained with `tokenizers` on the training text and saved as tokenizer.json.
+
+Byte-level pre-tokenization without a prefix space and a ByteLevel decoder make decode(encode(x)) == x
+for any UTF-8 text. `<|endoftext|>` separates documents; `<|pad|>` pads batched prompts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .errors import GptossError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [EOS, PAD]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train byte-level BPE on `texts` (streamed: memory stays bounded by the merge statistics)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a plain Exception for bad JSON
+        raise GptossError(f"{path}: not a valid tokenizer.json ({err})") from None
+    if tok.token_to_id(EOS) is None:
+        raise GptossError(f"{path}: tokenizer has no {EOS} token")
+    return tok
+
+
+def tokenizer_hash(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def check_vocab(tok: Tokenizer, vocab_size: int, source: str) -> None:
+    """The model's embedding must cover every id the tokenizer can produce."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise GptossError(f"{source}: tokenizer has {n} tokens but model.vocab_size is {vocab_size}")
