@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import build, env
+from .commands import build, env, report, train
 
 app = typer.Typer(
     name="gptoss",
@@ -29,6 +29,8 @@ app = typer.Typer(
 
 app.command("env")(env.command)
 app.command("build")(build.command)
+app.command("train")(train.command)
+app.command("report")(report.command)
 
 
 def _version(value: bool) -> None:

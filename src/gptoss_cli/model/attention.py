@@ -47,7 +47,8 @@ def sdpa_attention(q, k, v, sinks, mask, scale):
     nkv = k.shape[1]
     pad = SINK_PAD
     # q' = [q, sink_h/scale, 0...]: the sink coordinate meets only the virtual key below.
-    sink_col = (sinks.to(q.dtype) / scale).view(1, nh, 1, 1).expand(b, nh, t, 1)
+    # A -inf sink (sinks off) would make -inf * 0 = NaN against the real keys: exp(-1e4) is already 0.
+    sink_col = (sinks.clamp(min=-1e4).to(q.dtype) / scale).view(1, nh, 1, 1).expand(b, nh, t, 1)
     q_ext = torch.cat([q, sink_col, q.new_zeros(b, nh, t, pad - 1)], dim=-1)
     # Virtual key e_D at index 0 (logit = sink_h), with a zero value; real keys/values get zero padding.
     k_sink = k.new_zeros(b, nkv, 1, d + pad)

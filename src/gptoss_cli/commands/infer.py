@@ -1,0 +1,94 @@
+"""`gptoss infer`: continue a prompt with a trained run; text streams to stdout, a summary line to stderr."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import RunOpt
+
+PromptArg = Annotated[str | None, typer.Argument(help="Text to continue.", show_default=False)]
+PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue (instead of the argument).")]
+TokensOpt = Annotated[int | None, typer.Option("--max-new-tokens", "--max-tokens", "-n",
+                                               help="Tokens to generate (default: the run's infer.max_new_tokens).")]
+CheckpointOpt = Annotated[Path | None, typer.Option(
+    "--checkpoint", "--model", help="A checkpoint directory, its model.safetensors, or a run (newest checkpoint).")]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 means greedy.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus: the smallest set with this mass (1 = off).")]
+PenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeated tokens.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.")]
+PromptsFileOpt = Annotated[Path | None, typer.Option(
+    "--prompts-file", help="One prompt per line (blank lines skipped), generated as one batch.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on a bf16 GPU, else fp32), fp32 or bf16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt (JSON Lines) instead of text.")]
+
+
+def command(
+    prompt: PromptArg = None, prompt_opt: PromptOpt = None, max_new_tokens: TokensOpt = None, run: RunOpt = None,
+    checkpoint: CheckpointOpt = None, temperature: TemperatureOpt = None, top_k: TopKOpt = None,
+    top_p: TopPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
+    prompts_file: PromptsFileOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json: JsonOpt = False,
+) -> None:
+    """Generate text with a trained run (default: the newest under ./runs). Sampling defaults come from the
+    run config's infer section; options override them.
+
+    Example: gptoss infer "GPT models are" -n 20 --run runs/demo
+    """
+    import json as jsonlib
+
+    from ..errors import GptossError
+    from ..generate import infer
+    from ..output import err_console, warn
+
+    prompts = [p for p in (prompt, prompt_opt) if p is not None]
+    if prompts_file is not None:
+        try:
+            lines = prompts_file.read_text(encoding="utf-8").splitlines()
+        except OSError as err:
+            raise GptossError(f"--prompts-file {prompts_file}: cannot read ({err.strerror or err})") from None
+        prompts += [line for line in lines if line.strip()]
+        if not prompts:
+            raise GptossError(f"--prompts-file {prompts_file}: no prompts in it (one per line)")
+    if not prompts:
+        raise GptossError('no prompt: gptoss infer "GPT models are" -n 20 (or --prompt, --prompts-file)')
+
+    stream = not json and len(prompts) == 1  # a batch prints whole completions, one after another
+    echoed = []  # the prompt is echoed with the first text, so an error before it leaves stdout empty
+
+    def on_text(row: int, chunk: str) -> None:
+        if stream:
+            sys.stdout.write(("" if echoed else prompts[0]) + chunk)
+            sys.stdout.flush()
+            echoed.append(True)
+
+    result = infer(prompts, run=run, checkpoint=checkpoint, device=device, dtype=dtype, on_text=on_text,
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+    for i, c in enumerate(result.completions):
+        if json:
+            sys.stdout.write(jsonlib.dumps({"prompt": c.prompt, "completion": c.text, "prompt_tokens": c.prompt_tokens,
+                                            "new_tokens": c.new_tokens, "stop_reason": c.stop_reason}) + "\n")
+        elif stream:
+            sys.stdout.write(("" if echoed else c.prompt) + "\n")
+        else:
+            sys.stdout.write(("\n" if i else "") + c.prompt + c.text + "\n")
+    sys.stdout.flush()
+
+    s, loaded = result.stats, result.run
+    if s.context_limited:
+        warn(f"stopped at the model's context length ({loaded.config.model.max_context_length} tokens, "
+             "model.max_context_length): shorten the prompt for a longer continuation")
+    peak = f"peak memory {s.peak_bytes / 2**20:,.1f} MiB ({s.memory_label})" if s.peak_bytes else "peak memory n/a"
+    dtype_name = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(loaded.dtype), str(loaded.dtype))
+    err_console.print(
+        f"prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | prefill {s.prefill_s * 1e3:.1f} ms | "
+        f"decode {s.decode_tokens_per_s:.1f} tokens/s | {peak} | {loaded.checkpoint.name} on {loaded.device.type} "
+        f"{dtype_name}" + (f" | batch {s.batch}" if s.batch > 1 else ""),
+        markup=False, highlight=False, soft_wrap=True,
+    )

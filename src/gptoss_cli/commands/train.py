@@ -1,0 +1,49 @@
+"""`gptoss train`: train a model from scratch (or resume one) and write a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import ConfigOpt, JsonOpt, RunOpt, SetOpt
+
+
+def command(
+    config: Annotated[str | None, typer.Option("--config", "-c", help=ConfigOpt.__metadata__[0].help)] = None,
+    set_: SetOpt = None,
+    run: RunOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the latest complete checkpoint of --run.")] = False,
+    resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint "
+                                                     "(a run directory or a checkpoints/step-N directory).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Reuse this tokenizer.json.")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Train from scratch on a text corpus (the built-in sample corpus when data.paths is empty).
+
+    Examples: gptoss train --config tiny --run runs/demo;  gptoss train --run runs/demo --resume
+    """
+    from ..config import load_config
+    from ..output import console, print_json
+    from ..train import Trainer, prepare
+
+    if config is None:  # resuming: the run's own config; otherwise the reference model
+        source = resume_from or run
+        saved = Path(source) / "config.yaml" if source is not None else None
+        config = str(saved) if (resume or resume_from) and saved and saved.is_file() else "compact"
+    cfg = load_config(config, set_)
+    prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer)
+    summary = Trainer(prepared).run()
+    if json:
+        print_json(summary)
+        return
+    best = summary["best_val_loss"]
+    console.print(
+        f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+        f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s); "
+        f"final loss {summary['final_loss']:.4f}"
+        + (f", best validation loss {best:.4f}" if best is not None else "")
+        + f"\nrun: {summary['run_dir']}  checkpoint: {summary['checkpoint']}",
+        highlight=False,
+    )

@@ -1,0 +1,318 @@
+"""Generation: load a trained run for inference and decode a batch of prompts with the KV cache.
+
+    load_run(run, checkpoint)       config, tokenizer and weights, checked against each other; eval mode
+    generate_tokens(model, ids)     left-padded prefill in one forward, then one token per step
+    infer(prompts, ...)             both, plus streaming text, stop strings and memory telemetry
+
+Batched prompts are left-padded with PAD at position -1, which the model's mask treats as an empty key,
+so every row sees exactly its own tokens at positions 0..n-1 and its last real token sits in the last
+column. A decode step is one forward over (B, 1) tokens plus sampling on the device (sampling.py); the
+sampled ids are the only host sync, needed anyway to stream text and to stop at EOS or a stop string.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from .checkpoint import load_weights, read_state, resolve_checkpoint
+from .config import InferConfig, RunConfig, config_from_dict, read_yaml
+from .errors import GptossError
+from .model import KVCache, Transformer
+from .rundir import newest_run_dir
+from .sampling import SamplingParams, TextStream, sample
+from .tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash
+
+FP32_PARAMS = (".scale", "mlp.gate.weight", "mlp.gate.bias")  # kept fp32 under bf16: norms and the fp32 router
+MEMORY_EVERY = 16  # decode steps between inference memory samples
+
+
+# ---- the generation loop -------------------------------------------------------------------------
+
+@dataclass
+class GenerationStats:
+    batch: int
+    prompt_tokens: int  # summed over the batch, pads excluded
+    new_tokens: int  # summed over the batch, EOS excluded
+    prefill_s: float  # prefill forward + first sampled token on the host (time to first token)
+    decode_s: float  # every later step
+    decode_steps: int  # forwards after the prefill; each yields one token per sequence
+    context_limited: bool  # max_new_tokens was cut to fit max_context_length
+    peak_bytes: int | None = None
+    memory_label: str = ""
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def context_budget(prompt_len: int, max_new_tokens: int, max_context: int) -> int:
+    """New tokens that fit: prompt + continuation never exceed max_context_length."""
+    if prompt_len >= max_context:
+        raise GptossError(
+            f"the prompt has {prompt_len} tokens; the model's context is {max_context} tokens "
+            "(model.max_context_length), leaving no room to generate: shorten the prompt"
+        )
+    return min(max_new_tokens, max_context - prompt_len)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, *, pad_id: int, eos_id: int | None,
+    on_token: Callable[[int, int], bool] | None = None,
+    on_memory: Callable[[int | None, int], None] | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[list[list[int]], list[str], GenerationStats]:
+    """Generate for a batch of token-id prompts. Returns (new ids per row, stop reason per row, stats).
+
+    on_token(row, id) -> True stops that row (stop strings); on_memory(decode_step, tokens_so_far) samples
+    telemetry; on_logits gets each step's (B, V) logits (tests compare them with a full forward).
+    A stop reason is "eos", "stop", "length" (max_new_tokens) or "context" (max_context_length reached).
+    """
+    cfg = model.config
+    device = model.embedding.weight.device
+    b, lengths = len(prompts), [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise GptossError("empty prompt: give some text to continue")
+    t = max(lengths)
+    budget = context_budget(t, params.max_new_tokens, cfg.max_context_length)
+
+    # Left padding: pads get position -1 (an empty key); row i's real tokens sit at 0..n_i-1.
+    tokens = torch.full((b, t), pad_id, dtype=torch.long)
+    positions = torch.full((b, t), -1, dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        tokens[i, t - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        positions[i, t - len(ids):] = torch.arange(len(ids))
+    tokens, positions = tokens.to(device), positions.to(device)
+    cache = KVCache(cfg, b, t + budget, model.embedding.weight.dtype, device)
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:  # (B, V) tokens in the prompt or generated so far
+        seen = torch.zeros(b, cfg.vocab_size, dtype=torch.bool, device=device).scatter_(1, tokens, True)
+        seen[:, pad_id] = False
+
+    start = time.perf_counter()
+    logits = model(tokens, positions, cache, last_only=True).logits[:, -1]  # (B, V) fp32
+    if on_memory:
+        on_memory(None, 0)
+    pos = positions[:, -1:] + 1  # (B, 1) next position per row: the last column holds every row's last token
+    out: list[list[int]] = [[] for _ in range(b)]
+    reasons: list[str | None] = [None] * b
+    prefill_s, decode_start, steps = 0.0, start, 0
+    for step in range(budget):
+        if on_logits:
+            on_logits(logits)
+        nxt = sample(logits, params, generator, seen)  # (B,)
+        ids = nxt.tolist()  # the one host sync per step
+        if step == 0:
+            decode_start = time.perf_counter()
+            prefill_s = decode_start - start
+        for i, tok in enumerate(ids):
+            if reasons[i] is not None:
+                continue  # a finished row keeps decoding alongside the others; its tokens are dropped
+            if tok == eos_id:
+                reasons[i] = "eos"
+                continue
+            out[i].append(tok)
+            if on_token is not None and on_token(i, tok):
+                reasons[i] = "stop"
+        if all(r is not None for r in reasons) or step + 1 == budget:
+            break
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        logits = model(nxt[:, None], pos, cache).logits[:, -1]  # (B, V)
+        pos = pos + 1
+        steps += 1
+        if on_memory and steps % MEMORY_EVERY == 0:
+            on_memory(steps, sum(map(len, out)))
+    decode_s = time.perf_counter() - decode_start
+    if on_memory:
+        on_memory(steps, sum(map(len, out)))
+    limited = budget < params.max_new_tokens
+    final = [r or ("context" if limited else "length") for r in reasons]
+    stats = GenerationStats(b, sum(lengths), sum(map(len, out)), prefill_s, decode_s, steps,
+                            limited and "context" in final)
+    return out, final, stats
+
+
+# ---- loading a run -------------------------------------------------------------------------------
+
+@dataclass
+class LoadedRun:
+    model: Transformer  # eval mode, on `device`, in `dtype` (norm scales and router fp32)
+    tokenizer: Tokenizer
+    config: RunConfig
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise GptossError(f"--device must be auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GptossError("--device cuda: no CUDA device is available (see gptoss env)")
+    return torch.device(name)
+
+
+def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
+    """bf16 on a CUDA GPU that computes it natively (compute capability >= 8.0), else fp32."""
+    if name == "auto":
+        native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+        return torch.bfloat16 if native else torch.float32
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if name not in dtypes:
+        raise GptossError(f"--dtype must be auto, fp32 or bf16, got {name!r}")
+    return dtypes[name]
+
+
+def locate(run: Path | None, checkpoint: Path | None) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory): --checkpoint, else --run's newest, else the newest run."""
+    if checkpoint is not None:
+        if not Path(checkpoint).exists():
+            raise GptossError(f"checkpoint {checkpoint} does not exist")
+        ckpt = resolve_checkpoint(checkpoint)
+        if run is None:  # RUN/checkpoints/step-N -> RUN; a lone step directory holds its own files
+            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+        return Path(run), ckpt
+    if run is None:
+        run = newest_run_dir(need="checkpoints")
+    elif not Path(run).is_dir():
+        raise GptossError(f"run directory {run} does not exist; train one first: "
+                          f"gptoss train --config tiny --run {run}")
+    return Path(run), resolve_checkpoint(run)
+
+
+def read_run_config(run_dir: Path, ckpt: Path, state: dict) -> RunConfig:
+    """RUN/config.yaml (its infer section gives the defaults); the model shapes come from the checkpoint."""
+    saved = config_from_dict(state["config"], f"{ckpt / 'state.json'}") if "config" in state else None
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        cfg = config_from_dict(read_yaml(path), str(path))
+        if saved is not None:
+            cfg.model = saved.model  # the weights were saved with these shapes, whatever config.yaml says now
+        return cfg
+    if saved is None:
+        raise GptossError(f"{run_dir}: no config.yaml, and {ckpt / 'state.json'} holds no config")
+    return saved
+
+
+def load_run(run: Path | None = None, checkpoint: Path | None = None, device: str = "auto",
+             dtype: str = "auto") -> LoadedRun:
+    """Find a run, check its tokenizer against the checkpoint, and load the weights for inference."""
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    run_dir, ckpt = locate(run, checkpoint)
+    state = read_state(ckpt)
+    cfg = read_run_config(run_dir, ckpt, state)
+    tok_path = next((p for p in (run_dir / "tokenizer.json", ckpt / "tokenizer.json") if p.is_file()), None)
+    if tok_path is None:
+        raise GptossError(f"{run_dir}: no tokenizer.json (the run directory that train wrote holds one)")
+    tok = load_tokenizer(tok_path)
+    expected, actual = state.get("tokenizer_hash"), tokenizer_hash(tok)
+    if expected and expected != actual:
+        raise GptossError(f"{tok_path} (hash {actual}) is not the tokenizer checkpoint {ckpt.name} was trained "
+                          f"with (hash {expected}); use the run directory the checkpoint came from")
+    check_vocab(tok, cfg.model.vocab_size, str(tok_path))
+
+    with torch.device(dev):  # parameters are created on the device; the rope table is built on the CPU
+        model = Transformer(cfg.model)
+    model.to(dev)
+    load_weights(model, ckpt / "model.safetensors")
+    for name, p in model.named_parameters():  # .data keeps the tied embedding/unembedding one tensor
+        if dt != torch.float32 and not name.endswith(FP32_PARAMS):
+            p.data = p.data.to(dt)
+    model.requires_grad_(False).eval()
+    return LoadedRun(model, tok, cfg, run_dir, ckpt, int(state.get("step", 0)), dev, dt)
+
+
+# ---- the whole command ---------------------------------------------------------------------------
+
+@dataclass
+class Completion:
+    prompt: str
+    text: str  # the continuation (cut before a stop string; EOS not included)
+    prompt_tokens: int
+    new_tokens: int
+    stop_reason: str  # eos | stop | length | context
+    token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class InferResult:
+    completions: list[Completion]
+    stats: GenerationStats
+    run: LoadedRun
+
+
+def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | None = None,
+          device: str = "auto", dtype: str = "auto", on_text: Callable[[int, str], None] | None = None,
+          **overrides) -> InferResult:
+    """Generate a continuation of every prompt in one batch; `overrides` are SamplingParams fields (None = the
+    run config's value). on_text(row, chunk) receives text as it is decoded. Memory goes to
+    RUN/inference-memory.jsonl."""
+    from .memory import MemorySampler
+    from .output import warn
+
+    if not prompts or any(p == "" for p in prompts):
+        raise GptossError("empty prompt: give some text to continue")
+    SamplingParams.from_config(InferConfig(), **overrides)  # reject bad options before loading anything
+    loaded = load_run(run, checkpoint, device, dtype)
+    params = SamplingParams.from_config(loaded.config.infer, **overrides)
+    tok = loaded.tokenizer
+    encoded = [tok.encode(p).ids for p in prompts]
+    context_budget(max(map(len, encoded)), params.max_new_tokens, loaded.config.model.max_context_length)
+
+    streams = [TextStream(tok, params.stop) for _ in prompts]
+
+    def on_token(row: int, token: int) -> bool:
+        chunk = streams[row].add(token)
+        if chunk and on_text:
+            on_text(row, chunk)
+        return streams[row].stopped
+
+    try:
+        sampler = MemorySampler(loaded.run_dir / "inference-memory.jsonl", loaded.device, phase="infer")
+    except OSError as err:
+        warn(f"not recording inference memory ({err.strerror or err})")
+        sampler = None
+    peak = [0]
+
+    def on_memory(step: int | None, tokens: int) -> None:
+        record = sampler.sample(step, tokens=tokens, batch=len(prompts), event="prefill" if step is None else "decode")
+        peak[0] = max(peak[0], record.get("peak_bytes", record["rss_bytes"]))
+
+    if loaded.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(loaded.device)
+    pad = tok.token_to_id(PAD)
+    eos = tok.token_to_id(EOS)
+    try:
+        ids, reasons, stats = generate_tokens(
+            loaded.model, encoded, params, pad_id=eos if pad is None else pad, eos_id=eos,
+            on_token=on_token, on_memory=on_memory if sampler else None)
+    finally:
+        if sampler:
+            sampler.close()
+    for row, stream in enumerate(streams):
+        chunk = stream.finish()
+        if chunk and on_text:
+            on_text(row, chunk)
+    if sampler:
+        stats.peak_bytes = max(peak[0], sampler.peak_bytes())
+        stats.memory_label = "GPU, torch peak allocated" if loaded.device.type == "cuda" else "CPU, process RSS"
+    completions = [Completion(p, s.text, len(e), len(i), r, i)
+                   for p, s, e, i, r in zip(prompts, streams, encoded, ids, reasons, strict=True)]
+    return InferResult(completions, stats, loaded)

@@ -1,0 +1,43 @@
+"""AdamW with the usual no-decay groups, and the learning-rate schedule (linear warmup, cosine decay).
+
+Weight decay applies to the projection matrices only (qkv, out, router, experts). Norm scales, biases,
+sinks and the embeddings are not decayed: pulling a norm scale, a bias or a sink logit towards zero has no
+regularising meaning, and decaying a (tied) embedding shrinks rare tokens' vectors that see few updates.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import TrainConfig
+
+
+def _decays(name: str, p: torch.nn.Parameter) -> bool:
+    if name.startswith(("embedding", "unembedding")):
+        return False
+    if name.endswith(("bias", "sinks", ".scale")):
+        return False
+    return p.ndim >= 2
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if _decays(name, p) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # fused on CUDA (one kernel for all parameters), foreach elsewhere (vectorised over the parameter list).
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **fast)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup to cfg.lr over warmup_steps,
+    then cosine decay to cfg.lr * min_lr_ratio at total_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

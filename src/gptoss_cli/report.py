@@ -1,0 +1,409 @@
+"""`gptoss report`: read a run's JSONL telemetry, summarise it, draw the PNGs and write a shareable report.md.
+
+Inputs (see rundir.py): RUN/metrics.jsonl (train and eval lines, train.py), RUN/memory.jsonl and
+RUN/inference-memory.jsonl (memory.py), RUN/summary.json (written only when training ends) and
+RUN/config.yaml. Any of them may be missing or cut short by a killed run: the report plots what exists,
+names what is missing and skips unreadable lines with a warning. Bad data never crashes it; only "no run
+at all" is an error. The figures are drawn in report_plots.py; docs/report.md explains how to read them.
+
+Two definitions the summary and the heatmap rely on:
+- expert load: each expert's share of its layer's token-slots, summed over every logged training interval
+  of the run (a row sums to 1; perfect balance is 1 / num_experts).
+- dead expert: an expert routed 0 token-slots over the last DEAD_WINDOW logged training intervals, in a
+  layer that did route tokens then. Early collapse that later recovers is not dead; late collapse is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import GptossError
+from .rundir import RUNS_ROOT, newest_run_dir
+
+GIB = 1024**3
+DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
+METRICS, TRAIN_MEMORY, INFER_MEMORY, SUMMARY = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "summary.json"
+# The figures, in report order: file name, section title, what it shows (for report.md).
+FIGURES = [
+    ("loss.png", "Loss", "Training and validation LM loss per optimizer step; perplexity on the right axis; "
+     "learning rate below."),
+    ("throughput.png", "Throughput", "Training tokens per second per logging interval; dotted: the median."),
+    ("expert-load.png", "Expert load", "Share of each layer's token-slots routed to each expert over the run; "
+     f"white is balanced, blue underused, red overloaded; black cells are dead (0 tokens in the last "
+     f"{DEAD_WINDOW} logs)."),
+    ("train-gpu-memory.png", "Training memory", "Memory over time in GiB (GPU: torch allocated, reserved, peak, "
+     "NVML device used; CPU: process RSS); training steps on the top axis."),
+    ("inference-gpu-memory.png", "Inference memory", "Memory over time in GiB during generation; tokens "
+     "generated on the top axis."),
+]
+
+Warn = Callable[[str], None]
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (JSON may carry NaN or Infinity from a diverged run; bools are not numbers)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if is_number(v)), None)
+
+
+def _tail_record(line: str) -> dict | None:
+    """The whole record at the end of a line that starts with a cut-off one, else None.
+
+    The files are opened for append, so a run resumed after a kill writes its first record right after the
+    half-written line. Records nest lists, never objects, so the last '{"' starts that record.
+    """
+    start = line.rfind('{"')
+    if start <= 0:
+        return None
+    try:
+        obj = json.loads(line[start:])
+    except json.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def read_jsonl(path: Path, warn: Warn) -> list[dict]:
+    """The JSON objects in `path`, one per line; lines that do not parse are skipped with one warning.
+
+    memory.py and train.py flush every line, so a killed run loses at most its last line, half-written:
+    that one is reported as cut off rather than as corrupt.
+    """
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as err:
+        warn(f"cannot read {path}: {err}")
+        return []
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records, bad, joined = [], [], []
+    for n, line in numbered:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            obj = _tail_record(line)
+            if obj is not None:
+                joined.append(n)
+        if isinstance(obj, dict):
+            records.append(obj)
+        else:
+            bad.append(n)
+    if bad and bad[-1] == numbered[-1][0]:
+        warn(f"{path}: skipped the last line ({bad.pop()}), cut off (was the run killed?)")
+    if bad:
+        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+        warn(f"{path}: skipped {len(bad)} unreadable line(s): {shown}")
+    if joined:
+        warn(f"{path}: line(s) {', '.join(map(str, joined[:5]))} began with a record cut off by a kill; "
+             "kept the record that follows it")
+    return records
+
+
+def _by_step(records: list[dict], kind: str) -> list[dict]:
+    """Lines of one kind, one per step in step order: a resumed run logs its steps again, and the last wins."""
+    latest = {r["step"]: r for r in records if r.get("kind") == kind and is_number(r.get("step"))}
+    return [latest[s] for s in sorted(latest)]
+
+
+@dataclass
+class RunData:
+    path: Path
+    name: str
+    train: list[dict] = field(default_factory=list)  # metrics.jsonl train lines, by step
+    evals: list[dict] = field(default_factory=list)  # metrics.jsonl eval lines, by step
+    train_memory: list[dict] = field(default_factory=list)  # memory.jsonl, file order (all ranks)
+    infer_memory: list[dict] = field(default_factory=list)  # inference-memory.jsonl, file order
+    summary: dict | None = None
+    config: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def has_data(self) -> bool:
+        return bool(self.train or self.evals or self.train_memory or self.infer_memory or self.summary)
+
+
+def load_run(path: Path, name: str, warn: Warn) -> RunData:
+    if not path.is_dir():
+        raise GptossError(f"run directory not found: {path} (train one: gptoss train --config tiny --run {path})")
+    run = RunData(path=path, name=name)
+
+    def note(message: str) -> None:  # keep warnings for report.md as well as showing them now
+        run.warnings.append(message)
+        warn(message)
+
+    metrics = read_jsonl(path / METRICS, note)
+    run.train, run.evals = _by_step(metrics, "train"), _by_step(metrics, "eval")
+    run.train_memory = read_jsonl(path / TRAIN_MEMORY, note)
+    run.infer_memory = read_jsonl(path / INFER_MEMORY, note)
+    if (path / SUMMARY).is_file():
+        try:
+            summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
+            run.summary = summary if isinstance(summary, dict) else None
+        except (OSError, ValueError) as err:
+            note(f"{path / SUMMARY}: unreadable, ignored ({err})")
+    if (path / "config.yaml").is_file():
+        import yaml
+
+        try:
+            config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+            run.config = config if isinstance(config, dict) else {}
+        except (OSError, yaml.YAMLError) as err:
+            note(f"{path / 'config.yaml'}: unreadable, ignored ({str(err).splitlines()[0]})")
+    return run
+
+
+def expert_load(train: list[dict]) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    """(shares (layers, experts) over the whole run, dead experts as (layer, expert)); (None, []) without counts."""
+    arrays = []
+    for r in train:
+        try:
+            counts = np.asarray(r.get("expert_counts"), dtype=float)
+        except (TypeError, ValueError):  # ragged or non-numeric: a line we cannot use
+            continue
+        if counts.ndim == 2 and counts.size and np.isfinite(counts).all():
+            arrays.append(counts)
+    if not arrays:
+        return None, []
+    # A run resumed with another model shape would mix layouts: keep the latest one.
+    arrays = [a for a in arrays if a.shape == arrays[-1].shape]
+    total = np.sum(arrays, axis=0)  # (layers, experts)
+    rows = total.sum(axis=1, keepdims=True)
+    shares = np.divide(total, rows, out=np.full_like(total, np.nan), where=rows > 0)
+    window = np.sum(arrays[-DEAD_WINDOW:], axis=0)
+    live_layers = window.sum(axis=1) > 0  # a layer that routed nothing was not logged, not dead
+    dead = [(int(layer), int(e)) for layer, e in np.argwhere((window == 0) & live_layers[:, None])]
+    return shares, dead
+
+
+def _peak_memory(records: list[dict]) -> tuple[int | None, str | None]:
+    """(peak bytes, what was measured) over every rank: torch's peak allocated on CUDA, process RSS on CPU."""
+    cuda = [r for r in records if r.get("device") == "cuda"]
+    if cuda:
+        peaks = [_first(r.get("peak_bytes"), r.get("allocated_bytes")) for r in cuda]
+        kind = "GPU, torch peak allocated"
+    else:
+        peaks, kind = [r.get("rss_bytes") for r in records], "CPU, process RSS"
+    peaks = [p for p in peaks if is_number(p)]
+    ranks = {r.get("rank", 0) for r in records}
+    if len(ranks) > 1:
+        kind += f", max over {len(ranks)} ranks"
+    return (int(max(peaks)), kind) if peaks else (None, None)
+
+
+def summarize(run: RunData) -> dict[str, Any]:
+    """The numbers a person wants at a glance; logs first (they survive a killed run), summary.json second."""
+    s = run.summary or {}
+    last = run.train[-1] if run.train else {}
+    last_eval = run.evals[-1] if run.evals else {}
+    loss = _first(last.get("loss"), s.get("final_loss"))
+    val_loss = _first(last_eval.get("val_loss"), s.get("final_val_loss"))
+    vals = [e["val_loss"] for e in run.evals if is_number(e.get("val_loss"))]
+    elapsed = max([r["elapsed_s"] for r in run.train + run.evals if is_number(r.get("elapsed_s"))], default=None)
+    elapsed = _first(s.get("elapsed_s"), elapsed)
+    tokens = _first(s.get("tokens"), last.get("tokens"))
+    logged_tps = [r["tokens_per_s"] for r in run.train if is_number(r.get("tokens_per_s"))]
+    # Overall tokens / wall time when known; the median logged rate otherwise.
+    tps = _first(s.get("tokens_per_s"), tokens / elapsed if tokens and elapsed else None,
+                 float(np.median(logged_tps)) if logged_tps else None)
+    train_peak, train_kind = _peak_memory(run.train_memory)
+    if train_peak is None and is_number(s.get("peak_memory_bytes")):
+        train_peak, train_kind = int(s["peak_memory_bytes"]), f"{s.get('device', '?')}, from summary.json"
+    infer_peak, infer_kind = _peak_memory(run.infer_memory)
+    shares, dead = expert_load(run.train)
+    devices = sorted({r["device"] for r in run.train_memory + run.infer_memory if isinstance(r.get("device"), str)})
+    train_cfg = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
+
+    missing = []
+    if not run.train:
+        missing.append(f"training metrics (no train lines in {METRICS}): gptoss train --run {run.path}")
+    elif not run.evals:
+        missing.append("validation loss (no eval lines yet: evaluation runs every train.eval_every steps)")
+    if run.train and shares is None:
+        missing.append(f"expert load (no expert_counts in {METRICS})")
+    if not run.train_memory:
+        missing.append(f"training memory ({TRAIN_MEMORY})")
+    if not run.infer_memory:
+        missing.append(f"inference memory ({INFER_MEMORY}): gptoss infer \"Hello\" --run {run.path}")
+    if run.summary is None and run.train:
+        missing.append(f"{SUMMARY} (training did not finish: killed or still running); figures come from the logs")
+    return {
+        "name": run.name,
+        "path": str(run.path),
+        "config": run.config.get("name"),
+        "status": s.get("status") or ("unfinished (no summary.json)" if run.train else "not trained"),
+        "device": s.get("device") or ", ".join(devices) or None,
+        "precision": s.get("precision") or train_cfg.get("precision"),
+        "steps": _first(s.get("steps"), last.get("step")),
+        "epochs": _first(s.get("epochs"), last.get("epoch")),
+        "elapsed_s": elapsed,
+        "tokens": tokens,
+        "tokens_per_s": tps,
+        "final_loss": loss,
+        "final_ppl": _first(last.get("ppl"), math.exp(min(loss, 700)) if loss is not None else None),
+        "final_val_loss": val_loss,
+        "final_val_ppl": _first(last_eval.get("val_ppl"),
+                                math.exp(min(val_loss, 700)) if val_loss is not None else None),
+        "best_val_loss": _first(min(vals) if vals else None, s.get("best_val_loss")),
+        "train_peak_memory_bytes": train_peak,
+        "train_memory_measure": train_kind,
+        "infer_peak_memory_bytes": infer_peak,
+        "infer_memory_measure": infer_kind,
+        "num_layers": None if shares is None else int(shares.shape[0]),
+        "num_experts": None if shares is None else int(shares.shape[1]),
+        # max over layers of (busiest expert's share / uniform share): 1.0 is perfect balance
+        "expert_max_load": None if shares is None else round(float(np.nanmax(shares) * shares.shape[1]), 3),
+        "dead_experts": [list(d) for d in dead],
+        "dead_window_logs": DEAD_WINDOW,
+        "missing": missing,
+        "warnings": list(run.warnings),
+    }
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else f"{m}m {s:02d}s"
+
+
+def _loss(loss: float | None, ppl: float | None) -> str:
+    if loss is None:
+        return "—"
+    return f"{loss:.4f}" + (f" (ppl {ppl:,.2f})" if ppl is not None else "")
+
+
+def _memory(peak: int | None, measure: str | None, missing: str = "—") -> str:
+    return missing if peak is None else f"{peak / GIB:.2f} GiB ({measure})"
+
+
+def _dead(s: dict) -> str:
+    if s["num_experts"] is None:
+        return "—"
+    dead = s["dead_experts"]
+    total = s["num_layers"] * s["num_experts"]
+    if not dead:
+        return f"none of {total} (busiest at {s['expert_max_load']:.2f}x a uniform share)"
+    names = ", ".join(f"L{layer}.E{e}" for layer, e in dead[:8]) + (", ..." if len(dead) > 8 else "")
+    return f"{len(dead)} of {total}: {names}"
+
+
+def summary_rows(summaries: list[dict]) -> list[tuple[str, list[str]]]:
+    """(label, one cell per run) rows shared by the terminal table and report.md."""
+    def row(label: str, cell: Callable[[dict], Any]) -> tuple[str, list[str]]:
+        return label, [str(cell(s)) for s in summaries]
+
+    def count(v: float | None) -> str:
+        return "—" if v is None else f"{v:,.0f}"
+
+    return [
+        row("config / device", lambda s: f"{s['config'] or '?'} / {s['device'] or '?'} ({s['precision'] or '?'})"),
+        row("status", lambda s: s["status"]),
+        row("steps (epochs)", lambda s: f"{count(s['steps'])} ({count(s['epochs'])})"),
+        row("wall time", lambda s: _duration(s["elapsed_s"])),
+        row("tokens", lambda s: count(s["tokens"])),
+        row("tokens/s (training)", lambda s: count(s["tokens_per_s"])),
+        row("final training loss", lambda s: _loss(s["final_loss"], s["final_ppl"])),
+        row("final validation loss", lambda s: _loss(s["final_val_loss"], s["final_val_ppl"])),
+        row("best validation loss", lambda s: _loss(s["best_val_loss"], None)),
+        row("peak memory, training", lambda s: _memory(s["train_peak_memory_bytes"], s["train_memory_measure"])),
+        row("peak memory, inference",
+            lambda s: _memory(s["infer_peak_memory_bytes"], s["infer_memory_measure"], "missing (no inference run)")),
+        row(f"dead experts (last {DEAD_WINDOW} logs)", _dead),
+    ]
+
+
+def summary_table(summaries: list[dict]):
+    """The terminal summary: a rich Table with one column per run."""
+    from rich.table import Table
+
+    table = Table(title="Run summary", show_header=len(summaries) > 1)
+    table.add_column("")
+    for s in summaries:
+        table.add_column(s["name"], overflow="fold")
+    for label, cells in summary_rows(summaries):
+        table.add_row(label, *cells)
+    return table
+
+
+def write_markdown(path: Path, summaries: list[dict], figures: list[str]) -> None:
+    """report.md: the summary table, the figures (relative links, so the folder can be shared as is), gaps."""
+    names = ", ".join(f"`{s['name']}`" for s in summaries)
+    lines = [f"# gptoss run report: {names}", "",
+             f"Written by `gptoss report` on {time.strftime('%Y-%m-%d %H:%M')} from "
+             + ", ".join(f"`{s['path']}`" for s in summaries) + ".", "", "## Summary", ""]
+    rows = summary_rows(summaries)
+    lines.append("| | " + " | ".join(s["name"] for s in summaries) + " |")
+    lines.append("|---" * (len(summaries) + 1) + "|")
+    lines += [f"| {label} | " + " | ".join(c.replace("|", "/") for c in cells) + " |" for label, cells in rows]
+    for file, title, caption in FIGURES:
+        if file in figures:
+            lines += ["", f"## {title}", "", caption, "", f"![{title}]({file})"]
+    gaps = [(s["name"], m) for s in summaries for m in s["missing"]]
+    if gaps:
+        lines += ["", "## Missing", ""] + [f"- {name}: {m}" for name, m in gaps]
+    warnings = [(s["name"], w) for s in summaries for w in s["warnings"]]
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {name}: {w}" for name, w in warnings]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """Run names for legends: the directory name, with its parent when two runs share one."""
+    names = [p.resolve().name for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{p.resolve().parent.name}/{p.resolve().name}" for p in paths]
+    return names
+
+
+def make_report(runs: list[Path], out: Path | None = None, warn: Warn = lambda message: None) -> dict[str, Any]:
+    """Read the runs (default: the newest under ./runs), draw the figures and report.md into `out`.
+
+    Returns {"out": dir, "files": [written paths], "runs": [summarize() per run]}.
+    """
+    from . import report_plots as plots
+
+    paths = list(runs) or [newest_run_dir(RUNS_ROOT)]
+    loaded = [load_run(p, n, warn) for p, n in zip(paths, _names(paths), strict=True)]
+    for run in loaded:
+        if not run.has_data:
+            warn(f"{run.path}: nothing to report yet (no {METRICS}, {TRAIN_MEMORY} or {INFER_MEMORY}); skipped")
+    loaded = [run for run in loaded if run.has_data]
+    if not loaded:
+        raise GptossError(f"nothing to report in {', '.join(map(str, paths))}: no {METRICS}, {TRAIN_MEMORY} or "
+                          f"{INFER_MEMORY}; train first: gptoss train --config tiny --run {paths[0]}")
+    out_dir = Path(out) if out is not None else loaded[0].path / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    summaries = [summarize(run) for run in loaded]
+    loads = [(run.name, *expert_load(run.train)) for run in loaded]
+    draw = {
+        "loss.png": lambda p: plots.plot_loss(loaded, p),
+        "throughput.png": lambda p: plots.plot_throughput(loaded, p),
+        "expert-load.png": lambda p: plots.plot_expert_load(loads, DEAD_WINDOW, p),
+        "train-gpu-memory.png": lambda p: plots.plot_memory(loaded, "train", p),
+        "inference-gpu-memory.png": lambda p: plots.plot_memory(loaded, "infer", p),
+    }
+    figures = []
+    for file, _, _ in FIGURES:
+        target = out_dir / file
+        if draw[file](target):
+            figures.append(file)
+        else:  # a figure from an earlier report would no longer match this report.md
+            target.unlink(missing_ok=True)
+    write_markdown(out_dir / "report.md", summaries, figures)
+    files = [str(out_dir / f) for f in figures] + [str(out_dir / "report.md")]
+    return {"out": str(out_dir), "files": files, "runs": summaries}

@@ -1,0 +1,126 @@
+"""Choosing the next token and turning tokens back into text, for `generate.py`.
+
+    SamplingParams        the infer settings (temperature, top-k, top-p, repetition penalty, seed, stop)
+    sample(logits, ...)   (B, V) logits -> (B,) ids on the device: penalty, then greedy or filtered sampling
+    TextStream            incremental detokenisation of one row, honouring stop strings
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from tokenizers import Tokenizer
+
+from .config import InferConfig
+from .errors import GptossError
+
+# ---- sampling ------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 50
+    temperature: float = 0.8  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # CTRL-style: seen tokens' logits divided (if > 0) or multiplied by it
+    seed: int | None = None  # None = a fresh random seed
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_config(cls, infer: InferConfig, **overrides) -> SamplingParams:
+        """The run config's `infer` section, with every override that is not None applied."""
+        base = {f.name: getattr(infer, f.name) for f in fields(infer) if f.name in {g.name for g in fields(cls)}}
+        params = replace(cls(**base), **{k: v for k, v in overrides.items() if v is not None})
+        params.stop = tuple(params.stop)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_new_tokens > 0, f"-n/--max-new-tokens must be > 0, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}"),
+            (all(self.stop), "--stop strings must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise GptossError(message)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """logits (B, V) fp32 -> next ids (B,). `seen` (B, V) bool marks tokens the penalty applies to."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        p = params.repetition_penalty
+        logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p (the first is always kept).
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+
+# ---- streaming text ------------------------------------------------------------------------------
+
+class TextStream:
+    """Incremental detokenisation of one row, with stop strings.
+
+    Text is released only once its UTF-8 is complete (byte-level BPE can split a character over tokens)
+    and a tail that could still become a stop string is held back, so a stop string is never printed.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""  # complete text so far (cut before a stop string once one is found)
+        self.stopped = False
+        self._prefix = self._read = 0  # ids[_prefix:_read] are already in `text`
+        self._emitted = 0  # characters of `text` already released
+
+    def add(self, token: int) -> str:
+        """Append one id; returns the newly releasable text (maybe empty)."""
+        self.ids.append(token)
+        done = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        now = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(now) > len(done) and not now.endswith("\ufffd"):
+            self.text += now[len(done):]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """Whatever is still held back (an unfinished character is decoded lossily)."""
+        if not self.stopped and self._read < len(self.ids):
+            done = self.tokenizer.decode(self.ids[self._prefix:self._read])
+            self.text += self.tokenizer.decode(self.ids[self._prefix:])[len(done):]
+            self._read = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stopped:
+            return ""
+        longest = max(map(len, self.stop), default=0)
+        search_from = max(0, self._emitted - longest)
+        cuts = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
+        if cuts:
+            self.text, self.stopped = self.text[:min(cuts)], True
+            end = len(self.text)
+        elif final:
+            end = len(self.text)
+        else:  # hold back the longest tail that is a proper prefix of a stop string
+            hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            end = max(self._emitted, len(self.text) - hold)
+        chunk, self._emitted = self.text[self._emitted:end], end
+        return chunk
