@@ -69,7 +69,10 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         mass_before = probs.cumsum(dim=-1) - probs
         sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    try:
+        return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+    except RuntimeError as err:  # NaN/inf probabilities: checked only on failure, so no per-step host sync
+        raise GptossError(f"the model produced non-finite logits; is the checkpoint diverged? ({err})") from None
 
 
 

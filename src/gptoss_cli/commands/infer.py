@@ -85,10 +85,11 @@ def command(
         warn(f"stopped at the model's context length ({loaded.config.model.max_context_length} tokens, "
              "model.max_context_length): shorten the prompt for a longer continuation")
     peak = f"peak memory {s.peak_bytes / 2**20:,.1f} MiB ({s.memory_label})" if s.peak_bytes else "peak memory n/a"
+    decode = f"decode {s.decode_tokens_per_s:.1f} tokens/s" if s.decode_steps else "decode n/a"
     dtype_name = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(loaded.dtype), str(loaded.dtype))
+    batch = f" | batch {s.batch}" if s.batch > 1 else ""
     err_console.print(
         f"prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | prefill {s.prefill_s * 1e3:.1f} ms | "
-        f"decode {s.decode_tokens_per_s:.1f} tokens/s | {peak} | {loaded.checkpoint.name} on {loaded.device.type} "
-        f"{dtype_name}" + (f" | batch {s.batch}" if s.batch > 1 else ""),
+        f"{decode} | {peak} | {loaded.checkpoint.name} on {loaded.device.type} {dtype_name}{batch}",
         markup=False, highlight=False, soft_wrap=True,
     )

@@ -39,11 +39,9 @@ def command(
         print_json(summary)
         return
     best = summary["best_val_loss"]
-    console.print(
-        f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
-        f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s); "
-        f"final loss {summary['final_loss']:.4f}"
-        + (f", best validation loss {best:.4f}" if best is not None else "")
-        + f"\nrun: {summary['run_dir']}  checkpoint: {summary['checkpoint']}",
-        highlight=False,
-    )
+    console.print(f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+                  f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)", highlight=False)
+    console.print(f"final loss {summary['final_loss']:.4f}"
+                  + (f", best validation loss {best:.4f}" if best is not None else ""), highlight=False)
+    console.print(f"run: {summary['run_dir']}", highlight=False, soft_wrap=True)
+    console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
