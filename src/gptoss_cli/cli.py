@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import build, env, report, train
+from .commands import build, env, infer, report, train
 
 app = typer.Typer(
     name="gptoss",
@@ -30,6 +30,7 @@ app = typer.Typer(
 app.command("env")(env.command)
 app.command("build")(build.command)
 app.command("train")(train.command)
+app.command("infer")(infer.command)
 app.command("report")(report.command)
 
 

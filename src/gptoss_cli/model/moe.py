@@ -26,8 +26,8 @@ SWIGLU_ALPHA = 1.702
 
 
 class RouterStats(NamedTuple):
-    aux_loss: torch.Tensor  # () Switch load-balancing loss over all experts, 1.0 when perfectly balanced
-    z_loss: torch.Tensor  # () mean squared logsumexp of the router logits
+    aux_loss: torch.Tensor  # () Switch load-balancing loss over all experts, 1.0 when balanced (0 in eval mode)
+    z_loss: torch.Tensor  # () mean squared logsumexp of the router logits (0 in eval mode)
     counts: torch.Tensor  # (E,) token-slots routed to each expert
 
 
@@ -43,6 +43,8 @@ def _experts_loop(xs, counts, w1, b1, w2, b2, limit):
     """xs (M, H) sorted by expert; counts (E,). One matmul pair per expert slice (one host sync)."""
     outs = []
     for e, chunk in enumerate(torch.split(xs, counts.tolist())):
+        if not chunk.shape[0]:  # decode routes few tokens: skip idle experts (their rows get zero gradient)
+            continue
         h = F.linear(chunk, w1[e], b1[e])  # (n_e, 2I)
         outs.append(F.linear(swiglu(h, limit), w2[e], b2[e]))  # (n_e, H)
     return torch.cat(outs)
@@ -114,6 +116,9 @@ class MLPBlock(nn.Module):
         per_slot = ys.new_empty(ys.shape).index_copy(0, order, ys).view(b * t, k, hidden)
         y = (per_slot.float() * weights[..., None]).sum(1).to(x.dtype)  # (N, H)
 
+        if not self.training:  # the losses only matter for training; decoding skips their softmax
+            zero = logits.new_zeros(())
+            return x + y.view(b, t, hidden), RouterStats(zero, zero, counts)
         # Switch-style balance: E * sum_e (fraction of assignments to e) * (mean router prob of e).
         probs = torch.softmax(logits, dim=-1)
         fraction = counts.float() / flat.numel()

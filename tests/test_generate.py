@@ -1,0 +1,204 @@
+"""Generation against independent references: a full forward without a cache (eager attention) for every
+cached step, across the sliding-window ring's wrap and with left-padded batches; a cache-free argmax
+loop for greedy decoding; the nucleus / top-k sets and the CTRL penalty formula computed by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from gptoss_cli.errors import GptossError
+from gptoss_cli.generate import generate_tokens
+from gptoss_cli.model import ModelConfig, Transformer
+from gptoss_cli.sampling import SamplingParams, TextStream, sample
+from gptoss_cli.tokenizer import train_tokenizer
+
+W = 8  # sliding window
+CFG = ModelConfig(
+    num_hidden_layers=4, num_experts=4, experts_per_token=2, vocab_size=96, hidden_size=64, intermediate_size=32,
+    head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=W, initial_context_length=96,
+    max_context_length=96, moe_backend="loop",
+)
+PAD = 95
+TOL = 1e-5
+GREEDY = SamplingParams(max_new_tokens=30, temperature=0.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes: a second OpenMP thread only adds contention (10x slower on a shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[Transformer, Transformer]:
+    """(sdpa model used with the cache, eager twin used as the cache-free reference), random non-zero weights."""
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith(".scale"):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("sinks"):
+                p.copy_(noise)  # sinks matter at decode too
+            else:
+                p.copy_(0.15 * noise)  # spread-out logits: greedy choices are far from ties
+    ref = Transformer(dataclasses.replace(CFG, attention_backend="eager"))
+    ref.load_state_dict(model.state_dict())
+    return model.eval(), ref.eval()
+
+
+def prompt(n: int, seed: int = 1) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, PAD, (n,), generator=g).tolist()
+
+
+def run(model, prompts, params=GREEDY, **kwargs):
+    steps = []
+    ids, reasons, stats = generate_tokens(model, prompts, params, pad_id=PAD, eos_id=kwargs.pop("eos_id", None),
+                                          on_logits=lambda x: steps.append(x.clone()), **kwargs)
+    return ids, reasons, stats, torch.stack(steps, 1)  # logits (B, steps, V)
+
+
+@torch.no_grad()
+def full_logits(ref: Transformer, ids: list[int]) -> torch.Tensor:
+    return ref(torch.tensor([ids])).logits[0]  # (T, V), no cache
+
+
+@pytest.mark.parametrize("prompt_len", [3, W - 1, W, W + 1, 2 * W + 3])
+def test_cached_decode_matches_full_forward_across_ring_wrap(models, prompt_len):
+    model, ref = models
+    p = prompt(prompt_len)
+    ids, reasons, _, steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=5 * W))
+    assert reasons == ["length"] and len(ids[0]) == 5 * W  # the ring wrapped several times
+    full = full_logits(ref, p + ids[0])
+    expected = full[prompt_len - 1:prompt_len - 1 + 5 * W]  # logits that predicted each generated token
+    assert (steps[0] - expected).abs().max().item() <= TOL
+    assert expected.std() > 0.5  # a real comparison, not of near-constant logits
+
+
+def test_eager_backend_cache_matches_too(models):
+    model, ref = models
+    p = prompt(W + 1, seed=3)
+    ids, _, _, steps = run(ref, [p], dataclasses.replace(GREEDY, max_new_tokens=3 * W))
+    assert (steps[0] - full_logits(ref, p + ids[0])[W:W + 3 * W]).abs().max().item() <= TOL
+
+
+def test_left_padded_batch_matches_each_prompt_alone(models):
+    model, ref = models
+    prompts = [prompt(3, seed=4), prompt(2 * W - 1, seed=5), prompt(6, seed=6)]
+    ids, _, stats, steps = run(model, prompts, dataclasses.replace(GREEDY, max_new_tokens=20))
+    assert stats.prompt_tokens == sum(map(len, prompts)) and stats.new_tokens == 60
+    for row, p in enumerate(prompts):
+        alone, _, _, _ = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=20))
+        assert ids[row] == alone[0]
+        full = full_logits(ref, p + ids[row])[len(p) - 1:len(p) + 19]
+        assert (steps[row] - full).abs().max().item() <= TOL
+
+
+def test_greedy_is_deterministic_and_equals_a_cache_free_argmax_loop(models):
+    model, ref = models
+    seq = prompt(5, seed=7)
+    first, _, _, _ = run(model, [seq])
+    again, _, _, _ = run(model, [seq])
+    assert first == again
+    for _ in range(GREEDY.max_new_tokens):
+        seq = seq + [int(full_logits(ref, seq)[-1].argmax())]
+    assert first[0] == seq[5:]
+
+
+def test_temperature_zero_top_k_one_and_greedy_agree(models):
+    model, _ = models
+    p = [prompt(4, seed=8)]
+    greedy, _, _, _ = run(model, p)
+    top1, _, _, _ = run(model, p, SamplingParams(max_new_tokens=30, temperature=1.3, top_k=1, seed=5))
+    assert top1 == greedy
+
+
+def test_seed_reproduces_sampled_text(models):
+    model, _ = models
+    p = [prompt(4, seed=9)]
+    params = SamplingParams(max_new_tokens=25, temperature=1.0, top_k=40, top_p=0.95, seed=123)
+    a, _, _, _ = run(model, p, params)
+    b, _, _, _ = run(model, p, params)
+    c, _, _, _ = run(model, p, dataclasses.replace(params, seed=124))
+    assert a == b
+    assert a != c
+
+
+def test_repetition_penalty_matches_a_hand_computed_reference(models):
+    model, ref = models
+    seq, p = prompt(6, seed=10), 1.8
+    params = dataclasses.replace(GREEDY, max_new_tokens=20, repetition_penalty=p)
+    got, _, _, _ = run(model, [seq], params)
+    for _ in range(20):  # CTRL: a seen token's logit is divided by p when positive, multiplied when not
+        logits = full_logits(ref, seq)[-1]
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        seen[seq] = True
+        penalised = torch.where(seen & (logits > 0), logits / p, torch.where(seen, logits * p, logits))
+        seq = seq + [int(penalised.argmax())]
+    assert got[0] == seq[6:]
+    plain, _, _, _ = run(model, [seq[:6]], dataclasses.replace(params, repetition_penalty=1.0))
+    assert plain != got  # the penalty changed the text, so the comparison above tested it
+
+
+def test_eos_stops_a_row_and_is_not_returned(models):
+    model, _ = models
+    p = [prompt(5, seed=11)]
+    free, _, _, _ = run(model, p)
+    k = next(i for i in range(2, len(free[0])) if free[0][i] not in free[0][:i])
+    ids, reasons, _, _ = run(model, p, eos_id=free[0][k])
+    assert ids[0] == free[0][:k] and reasons == ["eos"]
+
+
+def test_context_limit_stops_generation(models):
+    model, _ = models
+    ids, reasons, stats, _ = run(model, [prompt(CFG.max_context_length - 6)])
+    assert len(ids[0]) == 6 and reasons == ["context"] and stats.context_limited
+    with pytest.raises(GptossError, match="context"):
+        run(model, [prompt(CFG.max_context_length)])
+    with pytest.raises(GptossError, match="empty prompt"):
+        run(model, [[]])
+
+
+def draws(logits: list[float], params: SamplingParams, n: int = 4000) -> torch.Tensor:
+    x = torch.tensor([logits]).expand(n, -1)
+    return sample(x, params, torch.Generator().manual_seed(0))
+
+
+def test_top_k_and_top_p_sample_from_the_hand_computed_sets():
+    probs = torch.tensor([0.05, 0.5, 0.1, 0.2, 0.15])
+    logits = probs.log().tolist()
+    # top-k 3 keeps {1, 3, 4}; top-p 0.8 keeps 0.5 + 0.2 + 0.15 (0.7 < 0.8 <= 0.85) = the same set.
+    for params in (SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_p=0.8)):
+        got = draws(logits, params)
+        assert set(got.tolist()) == {1, 3, 4}
+        freq = torch.bincount(got, minlength=5).float() / got.numel()
+        expected = torch.tensor([0, 0.5, 0, 0.2, 0.15]) / 0.85
+        assert (freq - expected).abs().max() < 0.03
+    assert set(draws(logits, SamplingParams(temperature=1.0, top_p=0.5)).tolist()) == {1}  # exactly reached
+    assert set(draws(logits, SamplingParams(temperature=1.0, top_p=0.51)).tolist()) == {1, 3}
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings():
+    tok = train_tokenizer(["the quick brown fox jumps over the lazy dog, héllo wörld 日本"] * 4, 300)
+    text = "héllo 日本 the quick brown fox jumps"
+    stream = TextStream(tok, stop=("fox", "zebra"))
+    chunks = []
+    for t in tok.encode(text).ids:
+        chunks.append(stream.add(t))
+        if stream.stopped:
+            break
+    chunks.append(stream.finish())
+    assert "".join(chunks) == stream.text == "héllo 日本 the quick brown "
+    assert not any("\ufffd" in c for c in chunks)
+    plain = TextStream(tok)
+    assert "".join([plain.add(t) for t in tok.encode(text).ids] + [plain.finish()]) == text
