@@ -165,26 +165,27 @@ def read_trainer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 # ---- optimizer state as tensors + JSON (no pickle) ----------------------------------------------
+# The state is keyed by parameter name (torch.distributed.checkpoint's full optimizer state dict), so it
+# does not depend on how many processes trained it or how they sharded it.
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def optimizer_to_tensors(osd: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+    for name, state in osd["state"].items():
         for key, value in state.items():
             if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{key}"] = value
+                tensors[f"optim.{name}.{key}"] = value
             else:
-                scalars[f"{idx}.{key}"] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{name}.{key}"] = value
+    return tensors, {"param_groups": osd["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = value
-    for name, value in meta.get("scalars", {}).items():
-        idx, key = name.split(".", 1)
-        state.setdefault(int(idx), {})[key] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[str, dict[str, Any]] = {}
+    for full, value in tensors.items():
+        if full.startswith("optim."):
+            name, key = full[len("optim."):].rsplit(".", 1)
+            state.setdefault(name, {})[key] = value
+    for full, value in meta.get("scalars", {}).items():
+        name, key = full.rsplit(".", 1)
+        state.setdefault(name, {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}

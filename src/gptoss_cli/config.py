@@ -9,6 +9,7 @@ is wrong. `--set section.key=value` overrides go through the same checks. Bare n
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class TrainConfig:
     batch_size: int = 8  # sequences per micro-batch (per process)
     seq_len: int = 256
     grad_accum_steps: int = 1
+    global_batch_size: int | None = None  # sequences per optimizer step; set it to derive grad_accum_steps
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     lr: float = 3e-4
@@ -159,14 +161,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise bad
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
-        raise bad
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad
+        if not math.isfinite(value):  # NaN slips through every range check (NaN < 0 is False)
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
     if tp is str:
         if isinstance(value, str):
             return value
@@ -201,6 +205,9 @@ def _check_run(cfg: RunConfig) -> None:
                 "eval_batches", "save_every", "keep_checkpoints"):
         if getattr(t, key) <= 0:
             raise ConfigError(f"train.{key}: must be > 0, got {getattr(t, key)}")
+    if t.global_batch_size is not None and (t.global_batch_size <= 0 or t.global_batch_size % t.batch_size):
+        raise ConfigError(f"train.global_batch_size: must be a positive multiple of train.batch_size={t.batch_size}, "
+                          f"got {t.global_batch_size}")
     if t.max_steps is not None and t.max_steps <= 0:
         raise ConfigError(f"train.max_steps: must be > 0 (or null), got {t.max_steps}")
     for key in ("lr", "beta1", "beta2"):

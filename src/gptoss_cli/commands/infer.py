@@ -35,8 +35,9 @@ def command(
     top_p: TopPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
     prompts_file: PromptsFileOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json: JsonOpt = False,
 ) -> None:
-    """Generate text with a trained run (default: the newest under ./runs). Sampling defaults come from the
-    run config's infer section; options override them.
+    """Generate text with a trained run (default: the newest under ./runs).
+
+    Sampling defaults come from the run config's infer section; options override them.
 
     Example: gptoss infer "GPT models are" -n 20 --run runs/demo
     """

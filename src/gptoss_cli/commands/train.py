@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +26,7 @@ def command(
     Examples: gptoss train --config tiny --run runs/demo;  gptoss train --run runs/demo --resume
     """
     from ..config import load_config
+    from ..distributed import shutdown
     from ..output import console, print_json
     from ..train import Trainer, prepare
 
@@ -33,8 +35,15 @@ def command(
         saved = Path(source) / "config.yaml" if source is not None else None
         config = str(saved) if (resume or resume_from) and saved and saved.is_file() else "compact"
     cfg = load_config(config, set_)
-    prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer)
-    summary = Trainer(prepared).run()
+    if json:  # stdout carries the JSON summary alone; progress and log lines go to stderr
+        console.file = sys.stderr
+    try:
+        prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer)
+        summary = Trainer(prepared).run()
+    finally:
+        shutdown()
+    if not prepared.dist.main:  # under torchrun only rank 0 reports
+        return
     if json:
         print_json(summary)
         return

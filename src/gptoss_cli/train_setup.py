@@ -1,0 +1,208 @@
+"""Everything `gptoss train` does before the first step: run directory, data, tokenizer, model, optimizer,
+resume state, and (under torchrun) the process group and the DDP / FSDP2 wrapping.
+
+Under torchrun, rank 0 decides what is shared (the run directory, the tokenizer) and broadcasts it; every
+rank reads the data and the checkpoint itself (multi-node runs need the run directory on a shared file
+system), builds the same model from the same seed and then wraps it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import RunConfig, save_config
+from .data import TokenBatches, load_documents, split_documents, tokenize_stream
+from .errors import GptossError
+from .model import Transformer
+from .optim import build_optimizer
+from .output import console, warn
+from .rundir import new_run_dir
+from .sizing import resolve_precision
+from .tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
+
+# Model fields that only choose a kernel: a checkpoint resumes under either setting.
+KERNEL_FIELDS = ("attention_backend", "moe_backend")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise GptossError("train.device: cuda requested but torch sees no CUDA device (see `gptoss env`)")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _check_resumable(cfg: RunConfig, state: dict, where: Path) -> None:
+    saved = dict(state["config"]["model"])
+    now = cfg.to_dict()["model"]
+    for key in saved.keys() | now.keys():
+        if key not in KERNEL_FIELDS and saved.get(key) != now.get(key):
+            raise GptossError(
+                f"--resume: {where} was trained with model.{key}={saved.get(key)!r}, the config has {now.get(key)!r}"
+            )
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    model: Transformer  # the plain module: names, state dicts
+    wrapped: torch.nn.Module  # what the loop calls: the model, DDP(model) or the fully_shard-ed model
+    optimizer: torch.optim.AdamW
+    train_data: TokenBatches  # batch_size = the micro-batch of all ranks together
+    val_data: TokenBatches | None
+    tok_hash: str
+    grad_accum_steps: int
+    dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
+    resume_state: dict | None = None
+    resume_tensors: dict = field(default_factory=dict)
+
+
+def _tokenizer(cfg, run_dir, resume_ckpt, tokenizer_path, train_docs, info):
+    """Rank 0 loads or trains the tokenizer; the others receive its JSON."""
+    from tokenizers import Tokenizer
+
+    text = None
+    if info.main:
+        source = tokenizer_path or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
+        if source is None and resume_ckpt:  # the tokenizer the checkpoint was trained with
+            for candidate in (resume_ckpt.parent.parent / "tokenizer.json", run_dir / "tokenizer.json"):
+                if candidate.is_file():
+                    source = candidate
+                    break
+        if source is not None:
+            if not Path(source).is_file():
+                raise GptossError(f"tokenizer: {source} does not exist")
+            tok = load_tokenizer(Path(source))
+            check_vocab(tok, cfg.model.vocab_size, str(source))
+        else:
+            tok = train_tokenizer(train_docs, cfg.model.vocab_size)
+            if tok.get_vocab_size() < cfg.model.vocab_size:
+                warn(f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
+                     "the model keeps model.vocab_size")
+        text = tok.to_str()
+    return Tokenizer.from_str(distributed.broadcast_object(text, info))
+
+
+def _accumulation(cfg: RunConfig, world: int) -> int:
+    t = cfg.train
+    if t.global_batch_size is None:
+        return t.grad_accum_steps
+    per_step = t.batch_size * world
+    if t.global_batch_size % per_step:
+        raise GptossError(f"train.global_batch_size={t.global_batch_size} is not a multiple of batch_size x world "
+                          f"size = {t.batch_size} x {world}")
+    return t.global_batch_size // per_step
+
+
+def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_from: Path | None = None,
+            tokenizer_path: Path | None = None) -> Prepared:
+    t = cfg.train
+    device = pick_device(t.device)
+    info = distributed.init(device.type, t.parallel)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    distributed.check_same_config(cfg.to_dict(), info)
+
+    resume_ckpt = None
+    if resume or resume_from:
+        source = resume_from or run_dir
+        if source is None:
+            raise GptossError("--resume needs --run DIR (or --resume-from PATH)")
+        resume_ckpt = ckpt.resolve_checkpoint(source)
+        if run_dir is None:
+            if resume_ckpt.parent.name != "checkpoints":
+                raise GptossError(f"--resume-from {source}: not inside a run's checkpoints/ folder; "
+                                  "say where the continued run goes with --run DIR")
+            run_dir = resume_ckpt.parent.parent
+    if run_dir is None:
+        run_dir = distributed.broadcast_object(new_run_dir(cfg.name) if info.main else None, info)
+    run_dir = Path(run_dir)
+    if resume_ckpt is None and ckpt.list_checkpoints(run_dir / "checkpoints"):
+        raise GptossError(f"{run_dir} already holds checkpoints: add --resume to continue it, or pick another --run")
+    state = ckpt.read_state(resume_ckpt) if resume_ckpt else None
+    if state:
+        _check_resumable(cfg, state, resume_ckpt)
+    accum = _accumulation(cfg, info.world)
+
+    docs = load_documents(cfg.data.paths)
+    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, t.seed)
+    tok = _tokenizer(cfg, run_dir, resume_ckpt, tokenizer_path, train_docs, info)
+    tok_hash = tokenizer_hash(tok)
+    if state and state.get("tokenizer_hash") not in (None, tok_hash):
+        raise GptossError(f"--resume: the tokenizer differs from the one {resume_ckpt} was trained with")
+
+    train_stream = tokenize_stream(train_docs, tok, tok_hash)
+    # Every rank walks the same global order and takes its own slice of each global micro-batch.
+    train_data = TokenBatches(train_stream, t.seq_len, t.batch_size * info.world, t.seed)
+    if train_data.batches_per_epoch < 1:
+        raise GptossError(
+            f"data: {train_stream.numel()} training tokens make {train_data.num_samples} sequences of "
+            f"{t.seq_len}+1 tokens, fewer than one batch of {train_data.batch_size}; add text or lower them"
+        )
+    val_data = None
+    if val_docs:
+        val_stream = tokenize_stream(val_docs, tok, tok_hash)
+        val_len = min(t.seq_len, val_stream.numel() - 1)
+        if val_len >= 2:
+            val_data = TokenBatches(val_stream, val_len, t.batch_size, t.seed)
+
+    if info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        write_atomic(run_dir / "tokenizer.json", tok.to_str())
+    distributed.barrier(info)
+
+    torch.manual_seed(t.seed)
+    model = Transformer(cfg.model)
+    model.init_weights(torch.Generator().manual_seed(t.seed))  # same seed, same weights on every rank
+    if resume_ckpt:
+        ckpt.load_weights(model, resume_ckpt / "model.safetensors")
+    precision = resolve_precision(t.precision, device.type == "cuda")
+    if precision.name == "bf16":  # bf16 weights, grads and AdamW state; the norm scales stay fp32
+        model.to(torch.bfloat16)
+        for name, p in model.named_parameters():
+            if name.endswith(".scale"):
+                p.data = p.data.float()
+    model.to(device)
+    if t.activation_checkpointing:
+        _checkpoint_blocks(model)
+    if t.compile:
+        for blk in model.block:  # per block, as torchtitan: names and state dicts stay unchanged
+            blk.compile()
+    mixed = precision.name == "bf16-mixed" and device.type == "cuda"
+    wrapped = distributed.wrap(model, info, device, mixed_bf16=mixed)
+    optimizer = build_optimizer(model, t, device)  # after fully_shard: FSDP2 parameters are DTensors
+    tensors = {}
+    if resume_ckpt:
+        tensors = ckpt.read_trainer_tensors(resume_ckpt)
+        distributed.load_optimizer_state(model, optimizer, ckpt.optimizer_from_tensors(tensors, state["optimizer"]))
+        if info.main:
+            console.print(f"resuming from {resume_ckpt} (step {state['step']})")
+    return Prepared(cfg, run_dir, device, model, wrapped, optimizer, train_data, val_data, tok_hash, accum,
+                    info, state, tensors)
+
+
+def _checkpoint_blocks(model: Transformer) -> None:
+    """Activation checkpointing from outside: each block's forward is recomputed in backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    for blk in model.block:
+        inner = blk.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        blk.forward = forward
