@@ -1,0 +1,33 @@
+"""`gptoss import`: turn a Hugging Face gpt_oss directory (or openai's original/ layout) into a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import JsonOpt
+
+SourceArg = Annotated[Path, typer.Argument(help="A Hugging Face gpt_oss directory (config.json + safetensors), "
+                                           "or a release's original/ directory.", show_default=False)]
+NewRunOpt = Annotated[Path, typer.Option("--run", "-r", help="The run directory to create (must not exist, "
+                                         "or be empty).")]
+
+
+def command(source: SourceArg, run: NewRunOpt, json: JsonOpt = False) -> None:
+    """Import released or exported gpt-oss weights (bf16, fp32 or MXFP4; sharded or not) as step 0 of a run.
+
+    Example: gptoss import ~/models/gpt-oss-20b --run runs/gpt-oss-20b
+    Then: gptoss infer "Hello" --run runs/gpt-oss-20b
+    """
+    from ..hf_import import import_dir
+    from ..output import console, print_json
+
+    summary = import_dir(source, run)
+    if json:
+        print_json(summary)
+        return
+    quant = f", {summary['quantized_tensors']} MXFP4 tensors decoded" if summary["quantized_tensors"] else ""
+    console.print(f"imported {source} ({summary['layout']} layout{quant}): {summary['params']:,} parameters "
+                  f"-> [bold]{summary['checkpoint']}[/]", highlight=False)

@@ -1,0 +1,248 @@
+"""`gptoss import`: a Hugging Face gpt_oss directory (or openai's `original/` layout) -> a gptoss run directory.
+
+    RUN/config.yaml                          model section from config.json, the other sections default
+    RUN/tokenizer.json                       copied (when the source has one)
+    RUN/checkpoints/step-00000000/           model.safetensors in our names, an empty trainer state,
+                                             state.json with "imported_from"
+
+Accepted weights: bf16/fp32 safetensors, one file or sharded with model.safetensors.index.json, and
+MXFP4 expert matrices (`..._blocks`/`..._scales` in HF, `.blocks`/`.scales` in openai's files), decoded
+exactly to bf16. Everything is read, decoded and checked in memory first; the run directory is then built
+next to --run and renamed into place, so a bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
+
+from . import mxfp4
+from .checkpoint import save_checkpoint
+from .config import ConfigError, RunConfig, config_from_dict, save_config
+from .errors import GptossError
+from .hf_interop import (
+    EXPERT_MATRICES,
+    build_model_config,
+    expected_hf_shapes,
+    expected_shapes,
+    from_hf_state_dict,
+    model_config_from_hf,
+    model_config_from_openai,
+    staged_directory,
+)
+from .output import warn
+from .tokenizer import EOS, check_vocab, tokenizer_hash
+
+INDEX = "model.safetensors.index.json"
+OPENAI_KEYS = {"num_experts", "experts_per_token"}  # openai's names; HF's are num_local_experts, ...
+
+
+class TensorFiles:
+    """The safetensors of one directory: index-sharded, a single model.safetensors, or every *.safetensors."""
+
+    def __init__(self, root: Path):
+        index = root / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise GptossError(f"{index}: not a safetensors index ({err})") from None
+            files = sorted({root / f for f in weight_map.values()})
+            for f in files:
+                if not f.is_file():
+                    raise GptossError(f"{f}: shard listed in {INDEX} is missing")
+        elif (root / "model.safetensors").is_file():
+            files = [root / "model.safetensors"]
+        else:
+            files = sorted(root.glob("*.safetensors"))
+            if not files:
+                raise GptossError(f"{root}: no model.safetensors, {INDEX} or *.safetensors file")
+        self.where: dict[str, Path] = {}
+        self.handles = {}
+        for f in files:
+            try:
+                self.handles[f] = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError, ValueError) as err:
+                raise GptossError(f"{f}: not a readable safetensors file ({err})") from None
+            self.where.update(dict.fromkeys(self.handles[f].keys(), f))
+        self.used: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def load(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if name not in self.where:
+            raise GptossError(f"tensor {name} is missing (looked in {', '.join(p.name for p in self.handles)})")
+        self.used.add(name)
+        tensor = self.handles[self.where[name]].get_tensor(name)
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise GptossError(f"{self.where[name]}: tensor {name} has shape {tuple(tensor.shape)}, "
+                              f"config.json implies {tuple(shape)}")
+        return tensor
+
+    def load_mxfp4(self, blocks_name: str, scales_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """Decode an MXFP4 matrix whose logical (our-layout) shape is (E, rows, cols) -> bf16 of that shape."""
+        e, rows, cols = shape
+        if cols % mxfp4.BLOCK:
+            raise GptossError(f"tensor {blocks_name}: {cols} columns are not a multiple of {mxfp4.BLOCK}")
+        scales = self.load(scales_name, (e, rows, cols // mxfp4.BLOCK))
+        blocks = self.load(blocks_name)
+        if tuple(blocks.shape) == (e, rows, cols // 2):  # some writers keep the 16-byte groups flattened
+            blocks = blocks.view(e, rows, cols // mxfp4.BLOCK, mxfp4.BLOCK // 2)
+        want = (e, rows, cols // mxfp4.BLOCK, mxfp4.BLOCK // 2)
+        if tuple(blocks.shape) != want or blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+            raise GptossError(f"{self.where[blocks_name]}: tensor {blocks_name} is {blocks.dtype} "
+                              f"{tuple(blocks.shape)}, MXFP4 for config.json needs uint8 {want}")
+        return mxfp4.dequantize(blocks, scales, torch.bfloat16)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GptossError(f"{path} does not exist (is {path.parent} a Hugging Face model directory?)") from None
+    except (OSError, ValueError) as err:
+        raise GptossError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise GptossError(f"{path}: expected a JSON object")
+    return raw
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b.to(a.dtype))
+
+
+def read_hf(raw: dict, files: TensorFiles, source: str):
+    """HF layout -> (ModelConfig, our weights)."""
+    fields = model_config_from_hf(raw, source)
+    quant = raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        if method != "mxfp4":
+            raise GptossError(f"{source}: quantization {method!r} is not supported (only mxfp4)")
+    # Tied when the config says so or lm_head is absent (HF would leave it random); also when both are
+    # present and equal, unless the config explicitly unties them (then they train apart).
+    tied = fields["tie_word_embeddings"] or not files.has("lm_head.weight")
+    if files.has("lm_head.weight") and files.has("model.embed_tokens.weight"):
+        same = _same(files.load("model.embed_tokens.weight"), files.load("lm_head.weight"))
+        if fields["tie_word_embeddings"] and not same:
+            raise GptossError(f"{source}: tie_word_embeddings is true but lm_head.weight differs from embed_tokens")
+        tied = tied or (same and raw.get("tie_word_embeddings") is None)
+    fields["tie_word_embeddings"] = tied
+    if raw.get("router_bias") is False:  # written by `gptoss export` for a bias-free router: HF stored zeros
+        biases = [f"model.layers.{i}.mlp.router.bias" for i in range(fields["num_hidden_layers"])]
+        fields["router_bias"] = not all(files.has(b) and not files.load(b).any() for b in biases)
+    cfg = build_model_config(fields, source)
+    shapes = expected_hf_shapes(cfg)
+    dense = {f"mlp.experts.{name}" for name in EXPERT_MATRICES.values()}
+
+    def get(name: str) -> torch.Tensor:
+        if files.has(name) or not name.endswith(tuple(dense)) or not files.has(name + "_blocks"):
+            return files.load(name, shapes[name])
+        e, cols, rows = shapes[name]  # HF (E, in, out); the blocks are stored (E, out, in/32, 16)
+        return files.load_mxfp4(name + "_blocks", name + "_scales", (e, rows, cols)).transpose(1, 2)
+
+    return cfg, from_hf_state_dict(cfg, get)
+
+
+def read_openai(raw: dict, files: TensorFiles, source: str):
+    """openai/gpt-oss `original/` layout (our own names) -> (ModelConfig, our weights)."""
+    fields = model_config_from_openai(raw)
+    tied = not files.has("unembedding.weight") or _same(files.load("embedding.weight"),
+                                                        files.load("unembedding.weight"))
+    cfg = build_model_config(fields | {
+        "tie_word_embeddings": tied, "attention_bias": files.has("block.0.attn.qkv.bias"),
+        "router_bias": files.has("block.0.mlp.gate.bias"),
+    }, source)
+    weights = {}
+    for name, shape in expected_shapes(cfg).items():
+        if not files.has(name) and files.has(name + ".blocks"):
+            weights[name] = files.load_mxfp4(name + ".blocks", name + ".scales", shape)
+        else:
+            weights[name] = files.load(name, shape)
+    if tied:
+        files.used.add("unembedding.weight")
+    return cfg, weights
+
+
+def infer_defaults(root: Path, cfg: RunConfig) -> RunConfig:
+    """Sampling defaults from generation_config.json, when it has usable ones (else ours stay)."""
+    path = root / "generation_config.json"
+    if not path.is_file():
+        return cfg
+    gen = read_json(path)
+    infer = {"temperature": gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0}
+    infer |= {k: gen[k] for k in ("top_k", "top_p", "repetition_penalty", "max_new_tokens") if gen.get(k) is not None}
+    try:
+        return config_from_dict(cfg.to_dict() | {"infer": cfg.to_dict()["infer"] | infer}, str(path))
+    except ConfigError as err:
+        warn(f"ignoring the sampling defaults of {path.name} ({err})")
+        return cfg
+
+
+def find_tokenizer(root: Path, layout: str, vocab_size: int) -> tuple[Path, Tokenizer] | None:
+    """The directory's tokenizer.json (for openai's original/, the parent's); None, with a warning, if unusable."""
+    candidates = [root / "tokenizer.json"] + ([root.parent / "tokenizer.json"] if layout == "openai" else [])
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        warn(f"{root} has no tokenizer.json: importing the weights only; `gptoss infer` needs a tokenizer.json "
+             "in the run directory")
+        return None
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a plain Exception for bad JSON
+        raise GptossError(f"{path}: not a valid tokenizer.json ({err})") from None
+    if tok.token_to_id(EOS) is None:
+        warn(f"{path} has no {EOS} token, which gptoss uses as end of text: not copied")
+        return None
+    check_vocab(tok, vocab_size, str(path))
+    return path, tok
+
+
+def import_dir(hf_dir: Path, run_dir: Path) -> dict:
+    """Convert `hf_dir` into the run directory `run_dir` (which must not exist or be empty). Returns a summary."""
+    hf_dir, run_dir = Path(hf_dir), Path(run_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise GptossError(f"--run {run_dir} already exists and is not empty; pick a new directory")
+    config_path = hf_dir / "config.json"
+    raw = read_json(config_path)
+    if "model_type" in raw or not OPENAI_KEYS <= set(raw):
+        layout = "hf"  # a missing model_type (without openai keys) is refused there, naming config.json
+    else:
+        layout = "openai"
+    files = TensorFiles(hf_dir)
+    try:
+        read = read_hf if layout == "hf" else read_openai
+        model_cfg, weights = read(raw, files, str(config_path))
+    except (ValueError, TypeError) as err:  # a config value of the wrong type (int("x"), ...)
+        raise GptossError(f"{config_path}: {err}") from None
+    unused = sorted(set(files.where) - files.used)
+    if unused:
+        warn(f"{len(unused)} tensor(s) in {hf_dir} are not part of the model and were skipped, e.g. {unused[0]}")
+    quantized = sorted({n.rsplit(".", 1)[0] for n in files.used if n.endswith(("_blocks", ".blocks"))})
+
+    name = (hf_dir.resolve().parent if hf_dir.resolve().name == "original" else hf_dir.resolve()).name
+    run_cfg = RunConfig(model=model_cfg, name=name or "imported")
+    run_cfg.train.seq_len = min(run_cfg.train.seq_len, model_cfg.max_context_length)
+    run_cfg = config_from_dict(run_cfg.to_dict(), str(config_path))  # the same checks as a YAML config
+    run_cfg = infer_defaults(hf_dir, run_cfg)
+    found = find_tokenizer(hf_dir, layout, model_cfg.vocab_size)
+
+    state = {"format": 1, "step": 0, "tokenizer_hash": tokenizer_hash(found[1]) if found else None,
+             "config": run_cfg.to_dict(), "imported_from": str(hf_dir.resolve()), "source_layout": layout,
+             "quantization": "mxfp4" if quantized else None}
+    with staged_directory(run_dir, flag="--run") as tmp:
+        save_config(run_cfg, tmp / "config.yaml")
+        if found is not None:
+            shutil.copyfile(found[0], tmp / "tokenizer.json")
+        ckpt = save_checkpoint(tmp / "checkpoints", 0, weights, {}, state, keep=1)
+    return {"run": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / ckpt.name), "layout": layout,
+            "quantized_tensors": len(quantized), "tensors": len(weights),
+            "params": sum(t.numel() for t in weights.values()), "tokenizer": found is not None,
+            "tie_word_embeddings": model_cfg.tie_word_embeddings, "attention_bias": model_cfg.attention_bias,
+            "rope_scaling_factor": model_cfg.rope_scaling_factor}

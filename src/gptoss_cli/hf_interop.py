@@ -1,0 +1,307 @@
+"""The Hugging Face <-> gptoss map: weight names (spec §6) and config keys (spec §1), both ways.
+
+Our weights use openai/gpt-oss names; transformers' `GptOssForCausalLM` splits the fused qkv rows into
+q/k/v, stores the expert matrices in x out (transposed), always has a router bias, and stores lm_head only
+when untied. Config-wise HF reads YaRN from `rope_parameters` and, when that is missing, silently uses
+YaRN x32 over 4096 tokens (spec §9.5): an export always writes it explicitly, an import mirrors the default.
+Reading and writing tensors is left to hf_export.py / hf_import.py; this module maps, and stages the
+output directory both of them write (built next to its target, then renamed into place).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .errors import GptossError
+from .model.config import ModelConfig
+
+HF_SWIGLU_LIMIT = 7.0  # older transformers (5.18, spec §1) and its MXFP4 kernels hard-code these two
+HF_SWIGLU_ALPHA = 1.702
+HF_DEFAULT_THETA = 150000.0  # GptOssConfig.default_theta
+# What GptOssConfig fills in when config.json has neither rope_parameters nor rope_scaling.
+HF_DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                   "original_max_position_embeddings": 4096}
+SLIDING, FULL = "sliding_attention", "full_attention"
+EXPERT_MATRICES = {"mlp1_weight": "gate_up_proj", "mlp2_weight": "down_proj"}  # transposed (1, 2) in HF
+# The openai/gpt-oss ModelConfig defaults (the 120b), used for keys an original config.json leaves out.
+OPENAI_DEFAULTS = dict(
+    num_hidden_layers=36, num_experts=128, experts_per_token=4, vocab_size=201088, hidden_size=2880,
+    intermediate_size=2880, swiglu_limit=7.0, head_dim=64, num_attention_heads=64, num_key_value_heads=8,
+    sliding_window=128, initial_context_length=4096, rope_theta=150000.0, rope_scaling_factor=32.0,
+    rope_ntk_alpha=1.0, rope_ntk_beta=32.0,
+)
+
+
+def layer_types(cfg: ModelConfig) -> list[str]:
+    return [SLIDING if cfg.is_sliding(i) else FULL for i in range(cfg.num_hidden_layers)]
+
+
+# ---- weights ------------------------------------------------------------------------------------
+
+def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our weights (as saved: a tied unembedding absent) -> HF names, in HF's order. Views, not copies."""
+    out = {"model.embed_tokens.weight": sd["embedding.weight"]}
+    split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]  # qkv rows are [q: NH*D | k: NKV*D | v: NKV*D], no permutation
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"block.{i}.", f"model.layers.{i}."
+        out[dst + "input_layernorm.weight"] = sd[src + "attn.norm.scale"]
+        for part, w in zip("qkv", sd[src + "attn.qkv.weight"].split(split, dim=0), strict=True):
+            out[dst + f"self_attn.{part}_proj.weight"] = w
+        if cfg.attention_bias:
+            for part, b in zip("qkv", sd[src + "attn.qkv.bias"].split(split, dim=0), strict=True):
+                out[dst + f"self_attn.{part}_proj.bias"] = b
+        out[dst + "self_attn.o_proj.weight"] = sd[src + "attn.out.weight"]
+        if cfg.attention_bias:
+            out[dst + "self_attn.o_proj.bias"] = sd[src + "attn.out.bias"]
+        out[dst + "self_attn.sinks"] = sd[src + "attn.sinks"]
+        out[dst + "post_attention_layernorm.weight"] = sd[src + "mlp.norm.scale"]
+        gate = sd[src + "mlp.gate.weight"]
+        out[dst + "mlp.router.weight"] = gate
+        # HF's router always adds a bias: zeros compute exactly what a bias-free router does.
+        out[dst + "mlp.router.bias"] = (sd[src + "mlp.gate.bias"] if cfg.router_bias
+                                        else torch.zeros(cfg.num_experts, dtype=gate.dtype, device=gate.device))
+        out[dst + "mlp.experts.gate_up_proj"] = sd[src + "mlp.mlp1_weight"].transpose(1, 2)  # (E, H, 2I)
+        out[dst + "mlp.experts.gate_up_proj_bias"] = sd[src + "mlp.mlp1_bias"]
+        out[dst + "mlp.experts.down_proj"] = sd[src + "mlp.mlp2_weight"].transpose(1, 2)  # (E, I, H)
+        out[dst + "mlp.experts.down_proj_bias"] = sd[src + "mlp.mlp2_bias"]
+    out["model.norm.weight"] = sd["norm.scale"]
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = sd["unembedding.weight"]
+    return out
+
+
+def from_hf_state_dict(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF tensors, fetched one by one through `get(hf_name)`, -> our names (contiguous, ready to save)."""
+    out = {"embedding.weight": get("model.embed_tokens.weight")}
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}.", f"block.{i}."
+        out[dst + "attn.norm.scale"] = get(src + "input_layernorm.weight")
+        out[dst + "attn.qkv.weight"] = torch.cat([get(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        if cfg.attention_bias:
+            out[dst + "attn.qkv.bias"] = torch.cat([get(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
+            out[dst + "attn.out.bias"] = get(src + "self_attn.o_proj.bias")
+        out[dst + "attn.out.weight"] = get(src + "self_attn.o_proj.weight")
+        out[dst + "attn.sinks"] = get(src + "self_attn.sinks")
+        out[dst + "mlp.norm.scale"] = get(src + "post_attention_layernorm.weight")
+        out[dst + "mlp.gate.weight"] = get(src + "mlp.router.weight")
+        if cfg.router_bias:
+            out[dst + "mlp.gate.bias"] = get(src + "mlp.router.bias")
+        for ours, theirs in EXPERT_MATRICES.items():
+            out[dst + f"mlp.{ours}"] = get(src + f"mlp.experts.{theirs}").transpose(1, 2)
+        out[dst + "mlp.mlp1_bias"] = get(src + "mlp.experts.gate_up_proj_bias")
+        out[dst + "mlp.mlp2_bias"] = get(src + "mlp.experts.down_proj_bias")
+    out["norm.scale"] = get("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        out["unembedding.weight"] = get("lm_head.weight")
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Our tensor names -> shapes for `cfg`, as saved (tied unembedding absent); allocates nothing."""
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    meta = {name: torch.empty(shape, device="meta") for name, shape in expected_shapes(cfg).items()}
+    return {name: tuple(t.shape) for name, t in to_hf_state_dict(cfg, meta).items()}
+
+
+# ---- config: ours -> HF -------------------------------------------------------------------------
+
+def hf_rope_parameters(cfg: ModelConfig) -> dict:
+    if cfg.rope_scaling_factor == 1:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    # truncate False: openai's YaRN uses the fractional correction range (spec §4); HF floors/ceils otherwise.
+    return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling_factor,
+            "beta_fast": cfg.rope_ntk_beta, "beta_slow": cfg.rope_ntk_alpha,
+            "original_max_position_embeddings": cfg.initial_context_length, "truncate": False}
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None]) -> dict:
+    """config.json for GptOssForCausalLM. `dtype` is "bfloat16" or "float32"; token_ids has bos/eos/pad."""
+    if cfg.swiglu_limit != HF_SWIGLU_LIMIT:
+        raise GptossError(f"model.swiglu_limit is {cfg.swiglu_limit:g}, but older transformers releases and its MXFP4 "
+                          f"kernels hard-code {HF_SWIGLU_LIMIT:g}: the export would compute another model")
+    return {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_local_experts": cfg.num_experts,
+        "num_experts_per_tok": cfg.experts_per_token,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "head_dim": cfg.head_dim,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "sliding_window": cfg.sliding_window or None,
+        "layer_types": layer_types(cfg),
+        "max_position_embeddings": cfg.max_context_length,
+        "rope_parameters": hf_rope_parameters(cfg),
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "attention_bias": cfg.attention_bias,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "initializer_range": cfg.initializer_range,
+        "hidden_act": "silu",
+        "swiglu_alpha": HF_SWIGLU_ALPHA,
+        "swiglu_limit": cfg.swiglu_limit,
+        "attention_dropout": 0.0,
+        "output_router_logits": False,
+        "use_cache": True,
+        "bos_token_id": token_ids.get("bos"),
+        "eos_token_id": token_ids.get("eos"),
+        "pad_token_id": token_ids.get("pad"),
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        # openai's names, for reference only (transformers keeps but ignores them)
+        "experts_per_token": cfg.experts_per_token,
+        "initial_context_length": cfg.initial_context_length,
+        "router_bias": cfg.router_bias,  # false: the router.bias tensors are zeros; `gptoss import` drops them
+    }
+
+
+# ---- config: HF or openai -> ours ---------------------------------------------------------------
+
+def _rope_from_hf(raw: dict, max_positions: int, source: str) -> dict:
+    """HF rope keys -> our rope fields, with HF's semantics (defaults included) so the logits match."""
+    # GptOssConfig: a legacy `rope_scaling` wins over `rope_parameters`; neither means YaRN x32 (spec §9.5).
+    rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or HF_DEFAULT_ROPE)
+    if {SLIDING, FULL} & set(rope):
+        raise GptossError(f"{source}: per-layer-type rope_parameters are not supported (gptoss has one RoPE)")
+    theta = float(rope.get("rope_theta") or raw.get("rope_theta") or HF_DEFAULT_THETA)
+    if float(rope.get("partial_rotary_factor") or raw.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise GptossError(f"{source}: partial_rotary_factor != 1 is not supported (gptoss rotates every dim)")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {"rope_theta": theta, "rope_scaling_factor": 1.0,
+                "initial_context_length": int(raw.get("initial_context_length") or max_positions)}
+    if kind != "yarn":
+        raise GptossError(f"{source}: rope_type {kind!r} is not supported (only default and yarn)")
+    # HF: a top-level original_max_position_embeddings wins; else the rope dict's; else max_position_embeddings.
+    original = int(raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+                   or max_positions)
+    factor = float(rope.get("factor") or max_positions / original)
+    if rope.get("truncate", True):
+        raise GptossError(f"{source}: YaRN with truncate=true (HF's default when the key is absent) rounds the "
+                          "correction range; gptoss follows openai's unrounded one")
+    concentration = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    attention_factor = rope.get("attention_factor")
+    if (attention_factor is not None and not math.isclose(attention_factor, concentration, rel_tol=1e-6)) \
+            or rope.get("mscale") or rope.get("mscale_all_dim"):
+        raise GptossError(f"{source}: YaRN attention_factor/mscale overrides are not supported")
+    return {"rope_theta": theta, "rope_scaling_factor": factor, "initial_context_length": original,
+            "rope_ntk_beta": float(rope.get("beta_fast") or 32.0),  # HF: `or 32`, `or 1` as well
+            "rope_ntk_alpha": float(rope.get("beta_slow") or 1.0)}
+
+
+def _window_from_layer_types(raw: dict, layers: int, source: str) -> int:
+    window = raw.get("sliding_window", 128)  # GptOssConfig default; an explicit null means no window
+    kinds = raw.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(layers)]
+    slides = [k == SLIDING for k in kinds]
+    if len(kinds) != layers or not set(kinds) <= {SLIDING, FULL}:
+        raise GptossError(f"{source}: layer_types must list {layers} of {SLIDING}/{FULL}, got {kinds}")
+    if not any(slides):
+        return 0
+    if not window or slides != [i % 2 == 0 for i in range(layers)]:
+        raise GptossError(f"{source}: layer_types {kinds} with sliding_window {window} is not supported: "
+                          "gptoss slides on the even layers (0, 2, ...) only")
+    return int(window)
+
+
+def model_config_from_hf(raw: dict, source: str) -> dict:
+    """HF gpt_oss config.json -> ModelConfig fields (layout flags as the config states them)."""
+    if raw.get("model_type") != "gpt_oss":
+        raise GptossError(f"{source}: model_type {raw.get('model_type')!r} is not gpt_oss")
+
+    def get(key, default):  # GptOssConfig defaults for absent (or null) keys
+        return default if raw.get(key) is None else raw[key]
+
+    if float(get("swiglu_alpha", HF_SWIGLU_ALPHA)) != HF_SWIGLU_ALPHA:
+        raise GptossError(f"{source}: swiglu_alpha {raw['swiglu_alpha']} is not supported (gptoss uses 1.702)")
+    layers, heads = int(get("num_hidden_layers", 36)), int(get("num_attention_heads", 64))
+    max_positions = int(get("max_position_embeddings", 131072))
+    return dict(
+        num_hidden_layers=layers,
+        num_experts=int(get("num_local_experts", get("num_experts", 128))),
+        experts_per_token=int(get("num_experts_per_tok", get("experts_per_token", 4))),
+        vocab_size=int(get("vocab_size", 201088)),
+        hidden_size=int(get("hidden_size", 2880)),
+        intermediate_size=int(get("intermediate_size", 2880)),
+        swiglu_limit=float(get("swiglu_limit", HF_SWIGLU_LIMIT)),  # transformers 5.24 reads it (5.18 used 7.0)
+        head_dim=int(get("head_dim", int(get("hidden_size", 2880)) // heads)),
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("num_key_value_heads", heads)),
+        sliding_window=_window_from_layer_types(raw, layers, source),
+        max_context_length=max_positions,
+        rms_norm_eps=float(get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        attention_bias=bool(get("attention_bias", True)),
+        router_bias=True,  # HF's router always has a bias tensor: keep it (zeros cost nothing and stay exact)
+        initializer_range=float(get("initializer_range", 0.02)),
+        **_rope_from_hf(raw, max_positions, source),
+    )
+
+
+def model_config_from_openai(raw: dict) -> dict:
+    """openai/gpt-oss `original/config.json` -> ModelConfig fields; layout flags come from the tensors."""
+    fields = OPENAI_DEFAULTS | {k: raw[k] for k in OPENAI_DEFAULTS if raw.get(k) is not None}
+    # openai has no max_context_length key: its YaRN is built for initial_context_length x factor tokens.
+    length = raw.get("max_context_length") or int(fields["initial_context_length"] * fields["rope_scaling_factor"])
+    return fields | {"max_context_length": int(length)}
+
+
+def build_model_config(fields: dict, source: str) -> ModelConfig:
+    """ModelConfig(**fields), turning a validation error into one line naming the source file."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    try:
+        return ModelConfig(**{k: v for k, v in fields.items() if k in known})
+    except (ValueError, TypeError) as err:
+        raise GptossError(f"{source}: {err}") from None
+
+
+# ---- the output directory -----------------------------------------------------------------------
+
+@contextmanager
+def staged_directory(target: Path, force: bool = False, flag: str = "--out") -> Iterator[Path]:
+    """Yield an empty hidden directory next to `target`; when the block ends cleanly, rename it to `target`.
+
+    An error (or Ctrl-C) inside the block removes it, so `target` is never left half-written. A non-empty
+    `target` is refused unless `force`; then it is swapped out and deleted only after the rename.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise GptossError(f"{flag} {target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise GptossError(f"{flag} {target} is not empty" + (" (add --force to replace it)" if flag == "--out" else ""))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.is_dir() and any(target.iterdir()):
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if target.is_dir():
+                target.rmdir()
+            tmp.rename(target)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise GptossError(f"could not write {target} ({err.strerror or err}); nothing was written") from None
+        raise
