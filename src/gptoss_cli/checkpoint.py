@@ -107,9 +107,10 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError):
-            raise CheckpointError(
-                f"could not save checkpoint {final.name} ({err.strerror or err}); the previous checkpoint is intact"
-            ) from None
+            previous = list_checkpoints(ckpt_root)
+            kept = (f"the previous checkpoint is intact ({previous[-1].name})" if previous
+                    else "no checkpoint was saved before this one")
+            raise CheckpointError(f"could not save checkpoint {final.name} ({err.strerror or err}); {kept}") from None
         raise
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

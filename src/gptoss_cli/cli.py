@@ -51,31 +51,19 @@ def root(
 
 
 def main() -> None:
-    """Entry point: known errors become one line on stderr and exit code 2 (1 for anything unexpected)."""
+    """Entry point. Usage errors are click's (usage line, exit 2); our known errors become one line on
+    stderr and exit 2; anything unexpected one line and exit 1 (GPTOSS_DEBUG=1 re-raises both)."""
     from .errors import GptossError
 
     debug = os.environ.get("GPTOSS_DEBUG", "") not in ("", "0")
     try:
-        app(standalone_mode=False)
+        app()  # standalone mode: click handles its own usage errors, --help and Ctrl-C, then sys.exit
     except GptossError as err:
         if debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except Exception as err:  # click's own usage errors and exits are handled below
-        import click
-
-        if isinstance(err, click.exceptions.Exit):
-            sys.exit(err.exit_code)
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            sys.exit(130)
+    except Exception as err:
         if debug:
             raise
         print(f"error: {type(err).__name__}: {err} (set GPTOSS_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -8,6 +8,7 @@ system), builds the same model from the same seed and then wraps it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +44,13 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _check_resumable(cfg: RunConfig, state: dict, where: Path) -> None:
+def _check_same_model(cfg: RunConfig, state: dict, where: Path, flag: str) -> None:
     saved = dict(state["config"]["model"])
     now = cfg.to_dict()["model"]
     for key in saved.keys() | now.keys():
         if key not in KERNEL_FIELDS and saved.get(key) != now.get(key):
             raise GptossError(
-                f"--resume: {where} was trained with model.{key}={saved.get(key)!r}, the config has {now.get(key)!r}"
+                f"{flag}: {where} was trained with model.{key}={saved.get(key)!r}, the config has {now.get(key)!r}"
             )
 
 
@@ -70,15 +71,15 @@ class Prepared:
     resume_tensors: dict = field(default_factory=dict)
 
 
-def _tokenizer(cfg, run_dir, resume_ckpt, tokenizer_path, train_docs, info):
+def _tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, train_docs, info):
     """Rank 0 loads or trains the tokenizer; the others receive its JSON."""
     from tokenizers import Tokenizer
 
     text = None
     if info.main:
         source = tokenizer_path or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
-        if source is None and resume_ckpt:  # the tokenizer the checkpoint was trained with
-            for candidate in (resume_ckpt.parent.parent / "tokenizer.json", run_dir / "tokenizer.json"):
+        if source is None and source_ckpt:  # the tokenizer the checkpoint was trained with
+            for candidate in (source_ckpt.parent.parent / "tokenizer.json", run_dir / "tokenizer.json"):
                 if candidate.is_file():
                     source = candidate
                     break
@@ -96,6 +97,20 @@ def _tokenizer(cfg, run_dir, resume_ckpt, tokenizer_path, train_docs, info):
     return Tokenizer.from_str(distributed.broadcast_object(text, info))
 
 
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """A run resumed from step N re-logs the steps after N: drop their old lines (and a cut-off last line)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue
+    write_atomic(path, "".join(f"{line}\n" for line in kept))
+
+
 def _accumulation(cfg: RunConfig, world: int) -> int:
     t = cfg.train
     if t.global_batch_size is None:
@@ -108,8 +123,12 @@ def _accumulation(cfg: RunConfig, world: int) -> int:
 
 
 def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_from: Path | None = None,
-            tokenizer_path: Path | None = None) -> Prepared:
+            tokenizer_path: Path | None = None, init_from: Path | None = None) -> Prepared:
+    """Set up a run. `resume`/`resume_from` continue a checkpoint exactly (weights, optimizer, data
+    position); `init_from` starts a new run (step 0, fresh optimizer) from a checkpoint's weights."""
     t = cfg.train
+    if init_from is not None and (resume or resume_from):
+        raise GptossError("--init-from starts a new run from weights; it cannot be combined with --resume")
     device = pick_device(t.device)
     info = distributed.init(device.type, t.parallel)
     if info.enabled and device.type == "cuda":
@@ -134,12 +153,18 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         raise GptossError(f"{run_dir} already holds checkpoints: add --resume to continue it, or pick another --run")
     state = ckpt.read_state(resume_ckpt) if resume_ckpt else None
     if state:
-        _check_resumable(cfg, state, resume_ckpt)
+        _check_same_model(cfg, state, resume_ckpt, "--resume")
+        if "optimizer" not in state:
+            raise GptossError(f"--resume: {resume_ckpt} holds weights only (imported?); "
+                              "use --init-from to train from it")
+    init_ckpt = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
+    if init_ckpt:
+        _check_same_model(cfg, ckpt.read_state(init_ckpt), init_ckpt, "--init-from")
     accum = _accumulation(cfg, info.world)
 
     docs = load_documents(cfg.data.paths)
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, t.seed)
-    tok = _tokenizer(cfg, run_dir, resume_ckpt, tokenizer_path, train_docs, info)
+    tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path, train_docs, info)
     tok_hash = tokenizer_hash(tok)
     if state and state.get("tokenizer_hash") not in (None, tok_hash):
         raise GptossError(f"--resume: the tokenizer differs from the one {resume_ckpt} was trained with")
@@ -160,6 +185,8 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
             val_data = TokenBatches(val_stream, val_len, t.batch_size, t.seed)
 
     if info.main:
+        if state:
+            _drop_metrics_after(run_dir / "metrics.jsonl", state["step"])
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         write_atomic(run_dir / "tokenizer.json", tok.to_str())
@@ -168,8 +195,10 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
     torch.manual_seed(t.seed)
     model = Transformer(cfg.model)
     model.init_weights(torch.Generator().manual_seed(t.seed))  # same seed, same weights on every rank
-    if resume_ckpt:
-        ckpt.load_weights(model, resume_ckpt / "model.safetensors")
+    if resume_ckpt or init_ckpt:
+        ckpt.load_weights(model, (resume_ckpt or init_ckpt) / "model.safetensors")
+        if init_ckpt and info.main:
+            console.print(f"starting from the weights of {init_ckpt}")
     precision = resolve_precision(t.precision, device.type == "cuda")
     if precision.name == "bf16":  # bf16 weights, grads and AdamW state; the norm scales stay fp32
         model.to(torch.bfloat16)

@@ -18,6 +18,8 @@ def command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest complete checkpoint of --run.")] = False,
     resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint "
                                                      "(a run directory or a checkpoints/step-N directory).")] = None,
+    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start a new run from the weights of this "
+                                                   "run or checkpoint (fine-tuning; e.g. an imported model).")] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Reuse this tokenizer.json.")] = None,
     json: JsonOpt = False,
 ) -> None:
@@ -26,21 +28,25 @@ def command(
     Examples: gptoss train --config tiny --run runs/demo;  gptoss train --run runs/demo --resume
     """
     from ..config import load_config
-    from ..distributed import shutdown
     from ..output import console, print_json
+
+    if config is None:  # resuming or starting from weights: that run's config; otherwise the reference model
+        source = init_from or resume_from or (run if resume else None)
+        saved = Path(source) / "config.yaml" if source is not None else None
+        config = str(saved) if saved and saved.is_file() else "compact"
+    cfg = load_config(config, set_)  # before torch is imported: a bad config fails in an instant
+    from ..distributed import shutdown
     from ..train import Trainer, prepare
 
-    if config is None:  # resuming: the run's own config; otherwise the reference model
-        source = resume_from or run
-        saved = Path(source) / "config.yaml" if source is not None else None
-        config = str(saved) if (resume or resume_from) and saved and saved.is_file() else "compact"
-    cfg = load_config(config, set_)
     if json:  # stdout carries the JSON summary alone; progress and log lines go to stderr
         console.file = sys.stderr
     try:
-        prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer)
+        prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer,
+                           init_from=init_from)
         summary = Trainer(prepared).run()
     finally:
+        if json:
+            console.file = None  # back to following sys.stdout (the console was created without a file)
         shutdown()
     if not prepared.dist.main:  # under torchrun only rank 0 reports
         return

@@ -1,7 +1,21 @@
-"""The gpt-oss model: a leaf package that imports only torch and its own config."""
+"""The gpt-oss model: a leaf package that imports only torch and its own config.
+
+ModelConfig loads without torch (the CLI validates configs before importing it); the torch modules are
+imported on first use.
+"""
 
 from .config import ModelConfig, ModelConfigError
-from .kv_cache import KVCache
-from .transformer import ModelOutput, Transformer, attention_mask
 
 __all__ = ["KVCache", "ModelConfig", "ModelConfigError", "ModelOutput", "Transformer", "attention_mask"]
+
+
+def __getattr__(name: str):
+    if name == "KVCache":
+        from .kv_cache import KVCache
+
+        return KVCache
+    if name in ("ModelOutput", "Transformer", "attention_mask"):
+        from . import transformer
+
+        return getattr(transformer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,519 @@
+"""Training end to end on a very small model (conftest.SMALL_OVERRIDES): exact resume, the run directory,
+atomic checkpoints under a failing disk, non-finite losses, bad inputs, AdamW groups, the LR schedule and the
+MoE load-balancing loss.
+
+Runs go through `train.prepare` and `train.Trainer` as the CLI does; `stop_after=N` behaves like a Ctrl-C
+after N optimizer steps. Every run uses a token cache under tmp_path (the `isolated_cache` fixture).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from gptoss_cli import checkpoint as ckpt
+from gptoss_cli.config import ConfigError, TrainConfig, load_config
+from gptoss_cli.errors import GptossError
+from gptoss_cli.model import ModelConfig, Transformer
+from gptoss_cli.model.moe import MLPBlock
+from gptoss_cli.optim import build_optimizer, lr_at
+from gptoss_cli.tokenizer import train_tokenizer
+from gptoss_cli.train import Trainer, prepare
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+TRAIN_FIELDS = {"step", "epoch", "loss", "aux_loss", "z_loss", "ppl", "accuracy", "lr", "grad_norm",
+                "tokens_per_s", "expert_counts"}
+
+
+def train(cfg, run: Path | None, stop_after: int | None = None, **kw):
+    """prepare + Trainer.run -> (Prepared, summary)."""
+    p = prepare(cfg, run, **kw)
+    return p, Trainer(p, stop_after=stop_after).run()
+
+
+def metric_lines(run: Path, kind: str = "train") -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [rec for rec in map(json.loads, lines) if rec["kind"] == kind]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {rec["step"]: rec["loss"] for rec in metric_lines(run)}
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / ckpt.step_dir_name(step)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def load_model(cfg, path: Path) -> Transformer:
+    model = Transformer(cfg.model)
+    ckpt.load_weights(model, path / "model.safetensors")
+    return model
+
+
+# ---- exact resume ---------------------------------------------------------------------------------
+
+def test_small_config_validates(small_cfg):
+    cfg = small_cfg()
+    assert (cfg.model.hidden_size, cfg.model.num_experts, cfg.train.max_steps) == (32, 4, 6)
+    assert cfg.model.q_dim == 32 and cfg.train.seq_len <= cfg.model.max_context_length
+
+
+def test_exact_resume_after_interrupt_matches_uninterrupted_run(small_cfg, tmp_path):
+    cfg = small_cfg()  # 6 steps, checkpoints every 3
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    pa, summary_a = train(cfg, run_a)
+    assert summary_a["status"] == "completed" and summary_a["steps"] == 6
+
+    _, interrupted = train(cfg, run_b, stop_after=3)
+    assert interrupted["status"] == "interrupted" and interrupted["steps"] == 3
+    assert ckpt.resolve_checkpoint(run_b) == step_dir(run_b, 3)
+    pb, summary_b = train(cfg, run_b, resume=True)
+    assert summary_b["status"] == "completed" and summary_b["steps"] == 6
+
+    # One train line per step, no duplicates after the resume, and bit-identical values.
+    assert [rec["step"] for rec in metric_lines(run_b)] == [1, 2, 3, 4, 5, 6]
+    for rec_a, rec_b in zip(metric_lines(run_a), metric_lines(run_b), strict=True):
+        for key in ("step", "epoch", "loss", "aux_loss", "accuracy", "lr", "grad_norm", "expert_counts"):
+            assert rec_a[key] == rec_b[key], (rec_a["step"], key)
+    assert [r["val_loss"] for r in metric_lines(run_a, "eval")] == [r["val_loss"] for r in metric_lines(run_b, "eval")]
+    assert summary_a["final_loss"] == summary_b["final_loss"] and summary_a["tokens"] == summary_b["tokens"]
+
+    assert_same_weights(pa.model, pb.model)
+    opt_a, opt_b = pa.optimizer.state_dict()["state"], pb.optimizer.state_dict()["state"]
+    assert opt_a.keys() == opt_b.keys() and len(opt_a) == len(list(pa.model.parameters()))
+    for idx in opt_a:  # AdamW moments and step counts continue exactly too
+        assert all(torch.equal(opt_a[idx][k], opt_b[idx][k]) for k in ("step", "exp_avg", "exp_avg_sq")), idx
+    final_a = load_file(str(step_dir(run_a, 6) / "model.safetensors"))
+    final_b = load_file(str(step_dir(run_b, 6) / "model.safetensors"))
+    assert final_a.keys() == final_b.keys()
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_exact_resume_from_step_dir_across_epochs_with_accumulation(small_cfg, small_corpus, tmp_path):
+    cfg = small_cfg(f"data.paths={small_corpus}", "train.grad_accum_steps=2", "train.max_steps=8",
+                    "train.save_every=4", "train.eval_every=4")
+    run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    pa, summary_a = train(cfg, run_a)
+    per_epoch = pa.train_data.batches_per_epoch
+    assert 2 <= per_epoch <= 8  # 16 micro-batches cross at least two epoch boundaries
+    assert summary_a["epochs"] == 16 // per_epoch >= 2
+    assert len({rec["epoch"] for rec in metric_lines(run_a)}) >= 3
+
+    train(cfg, run_b, stop_after=4)
+    # --resume-from a step directory, no --run: the run is the step directory's RUN/checkpoints/..
+    pb, summary_b = train(cfg, None, resume_from=step_dir(run_b, 4))
+    assert pb.run_dir == run_b and summary_b["steps"] == 8
+    assert losses(run_a) == losses(run_b) and len(losses(run_b)) == 8
+    assert_same_weights(pa.model, pb.model)
+
+    # --resume-from another run's checkpoint into a new run directory continues identically too.
+    pc, _ = train(cfg, run_c, resume_from=step_dir(run_a, 4))
+    assert pc.run_dir == run_c
+    assert losses(run_c) == {s: v for s, v in losses(run_a).items() if s > 4}
+    assert_same_weights(pa.model, pc.model)
+
+
+# ---- the run directory ----------------------------------------------------------------------------
+
+def test_run_directory_contents(small_cfg, tmp_path):
+    cfg = small_cfg()
+    run = tmp_path / "run"
+    p, summary = train(cfg, run)
+    for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "memory.jsonl", "summary.json"):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml") == cfg
+
+    train_lines = metric_lines(run)
+    assert [rec["step"] for rec in train_lines] == [1, 2, 3, 4, 5, 6]
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    for rec in train_lines:
+        assert TRAIN_FIELDS <= rec.keys()
+        assert rec["epoch"] == 0 and math.isfinite(rec["loss"]) and rec["loss"] > 0
+        assert rec["ppl"] == pytest.approx(math.exp(rec["loss"]))
+        assert 0 <= rec["accuracy"] <= 1 and rec["aux_loss"] > 0 and rec["z_loss"] >= 0
+        assert rec["lr"] == lr_at(rec["step"] - 1, cfg.train, 6)
+        assert rec["grad_norm"] > 0 and rec["tokens_per_s"] > 0
+        counts = rec["expert_counts"]  # layers x experts, every token routed to experts_per_token experts
+        assert len(counts) == cfg.model.num_hidden_layers and all(len(row) == cfg.model.num_experts for row in counts)
+        assert all(sum(row) == tokens_per_step * cfg.model.experts_per_token for row in counts)
+    evals = metric_lines(run, "eval")
+    assert [rec["step"] for rec in evals] == [3, 6]
+    for rec in evals:
+        assert rec["val_ppl"] == pytest.approx(math.exp(rec["val_loss"]))
+
+    memory = [json.loads(line) for line in (run / "memory.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in memory] == [1, 2, 3, 4, 5, 6] and all(rec["rss_bytes"] > 0 for rec in memory)
+
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["status"] == "completed" and saved["steps"] == 6 and saved["final_loss"] == train_lines[-1]["loss"]
+    assert saved["checkpoint"] == str(step_dir(run, 6)) and summary["tokens"] == 6 * tokens_per_step
+
+    assert [d.name for d in ckpt.list_checkpoints(run / "checkpoints")] == ["step-00000003", "step-00000006"]
+    for step in (3, 6):
+        d = step_dir(run, step)
+        assert sorted(f.name for f in d.iterdir()) == ["model.safetensors", "state.json", "trainer.safetensors"]
+        state = ckpt.read_state(d)
+        assert state["step"] == step and state["config"] == cfg.to_dict() and state["tokenizer_hash"] == p.tok_hash
+        assert "rng.torch" in ckpt.read_trainer_tensors(d)
+    # Tied embeddings: the unembedding is the embedding and is stored once, under the embedding's name.
+    weights = load_file(str(step_dir(run, 6) / "model.safetensors"))
+    assert cfg.model.tie_word_embeddings and "unembedding.weight" not in weights
+    assert weights.keys() == dict(p.model.named_parameters()).keys()
+    assert_same_weights(load_model(cfg, step_dir(run, 6)), p.model)
+
+
+def test_untied_model_stores_its_unembedding():
+    model = Transformer(ModelConfig(num_hidden_layers=1, num_experts=2, experts_per_token=1, vocab_size=64,
+                                    hidden_size=16, intermediate_size=16, head_dim=8, num_attention_heads=2,
+                                    num_key_value_heads=1, tie_word_embeddings=False))
+    assert {"embedding.weight", "unembedding.weight"} <= ckpt.weights_state_dict(model).keys()
+
+
+def test_keep_checkpoints_prunes_the_oldest(small_cfg, tmp_path):
+    cfg = small_cfg("train.max_steps=5", "train.save_every=1", "train.keep_checkpoints=2")
+    run = tmp_path / "run"
+    train(cfg, run)
+    assert sorted(d.name for d in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+
+
+# ---- checkpoints under failure --------------------------------------------------------------------
+
+def test_failed_checkpoint_write_keeps_the_previous_one(small_cfg, tmp_path, monkeypatch):
+    cfg = small_cfg()  # checkpoints at steps 3 and 6
+    run = tmp_path / "run"
+    real_save_file = ckpt.save_file
+    calls: list[str] = []
+
+    def disk_full_on_second_checkpoint(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 4:  # step 6: model.safetensors was written, trainer.safetensors runs out of space
+            Path(filename).write_bytes(b"\0" * 100)  # half a file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full_on_second_checkpoint)
+    p = prepare(cfg, run)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        Trainer(p).run()
+    message = str(info.value)
+    assert "step-00000006" in message and os.strerror(errno.ENOSPC) in message
+    assert "previous checkpoint is intact" in message and "\n" not in message
+    assert "step-00000006" in calls[2] and calls[3].endswith("trainer.safetensors")
+
+    root = run / "checkpoints"
+    assert sorted(d.name for d in root.iterdir()) == ["step-00000003"]  # no .tmp-* left, no step-6
+    assert ckpt.resolve_checkpoint(run) == step_dir(run, 3) and ckpt.list_checkpoints(root) == [step_dir(run, 3)]
+    assert ckpt.read_state(step_dir(run, 3))["step"] == 3
+    load_model(cfg, step_dir(run, 3))
+    assert ckpt.read_trainer_tensors(step_dir(run, 3))
+
+    # Space is back: the run resumes from step 3 and finishes.
+    _, summary = train(cfg, run, resume=True)
+    assert summary["steps"] == 6 and ckpt.resolve_checkpoint(run) == step_dir(run, 6)
+
+
+def test_failed_first_checkpoint_does_not_claim_a_previous_one(tmp_path, monkeypatch):
+    def disk_full(tensors, filename, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(ckpt.CheckpointError) as info:
+        _tiny_checkpoint(tmp_path / "checkpoints", 1)
+    assert "step-00000001" in str(info.value) and os.strerror(errno.ENOSPC) in str(info.value)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert "previous checkpoint is intact" not in str(info.value)
+
+
+def _tiny_checkpoint(root: Path, step: int) -> Path:
+    return ckpt.save_checkpoint(root, step, {"w": torch.ones(2)}, {"rng.torch": torch.zeros(1)}, {"step": step}, 5)
+
+
+def test_temporary_and_incomplete_checkpoint_dirs_are_never_picked(tmp_path):
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    good = _tiny_checkpoint(root, 2)
+    newer = _tiny_checkpoint(root, 9)
+    newer.rename(root / ".tmp-step-00000009-4242")  # complete files, but a temporary name
+    no_state = _tiny_checkpoint(root, 7)
+    (no_state / "state.json").unlink()
+    bad_state = _tiny_checkpoint(root, 8)
+    (bad_state / "state.json").write_text('{"step": 8', encoding="utf-8")  # cut off mid-write
+    shutil.copytree(good, root / "step-00000011-backup")
+
+    assert ckpt.list_checkpoints(root) == [good]
+    assert ckpt.resolve_checkpoint(run) == good and ckpt.resolve_checkpoint(root) == good
+    for broken in (no_state, bad_state):
+        with pytest.raises(ckpt.CheckpointError, match="incomplete or corrupt"):
+            ckpt.resolve_checkpoint(broken)
+    with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
+        ckpt.resolve_checkpoint(tmp_path / "elsewhere")
+
+
+# ---- non-finite loss ------------------------------------------------------------------------------
+
+def test_nan_loss_names_the_step_and_the_last_good_checkpoint(small_cfg, tmp_path, monkeypatch):
+    cfg = small_cfg()
+    run = tmp_path / "run"
+    real_save = Trainer.save
+
+    def save_then_poison(self):
+        path = real_save(self)
+        if self.step == 3:
+            with torch.no_grad():
+                self.model.norm.scale.fill_(float("nan"))
+        return path
+
+    monkeypatch.setattr(Trainer, "save", save_then_poison)
+    p = prepare(cfg, run)
+    with pytest.raises(GptossError) as info:
+        Trainer(p).run()
+    message = str(info.value)
+    assert "non-finite loss" in message and "at step 4" in message
+    assert str(step_dir(run, 3)) in message and "\n" not in message
+
+    assert ckpt.list_checkpoints(run / "checkpoints") == [step_dir(run, 3)]  # nothing saved from NaN weights
+    assert [rec["step"] for rec in metric_lines(run)] == [1, 2, 3]
+    good = load_model(cfg, step_dir(run, 3))
+    assert all(torch.isfinite(t).all() for t in good.state_dict().values())
+
+
+def test_nan_loss_before_any_checkpoint(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    p = prepare(small_cfg(), run)
+    with torch.no_grad():
+        p.model.norm.scale.fill_(float("nan"))
+    with pytest.raises(GptossError, match=r"non-finite loss \(nan\) at step 1$"):
+        Trainer(p).run()
+    assert ckpt.list_checkpoints(run / "checkpoints") == []
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------
+
+def one_line_error(exc_info) -> str:
+    message = str(exc_info.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_missing_data_file(small_cfg, tmp_path):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(GptossError) as info:
+        prepare(small_cfg(f"data.paths={missing}"), tmp_path / "run")
+    assert one_line_error(info) == f"data.paths: {missing} does not exist"
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_text_file(small_cfg, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    with pytest.raises(GptossError) as info:
+        prepare(small_cfg(f"data.paths={empty}"), tmp_path / "run")
+    assert "no text found" in one_line_error(info) and str(empty) in str(info.value)
+
+
+def test_tokenizer_larger_than_the_vocabulary(small_cfg, tmp_path):
+    from gptoss_cli.data import load_documents
+
+    tok_path = tmp_path / "tokenizer.json"
+    train_tokenizer(load_documents([]), 400).save(str(tok_path))
+    with pytest.raises(GptossError) as info:
+        prepare(small_cfg(), tmp_path / "run", tokenizer_path=tok_path)
+    assert one_line_error(info) == f"{tok_path}: tokenizer has 400 tokens but model.vocab_size is 320"
+    assert not (tmp_path / "run").exists()
+
+
+def test_too_little_text_for_one_batch(small_cfg, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words.\n\nAnd a few more words here.\n", encoding="utf-8")
+    with pytest.raises(GptossError) as info:
+        prepare(small_cfg(f"data.paths={short}"), tmp_path / "run")
+    message = one_line_error(info)
+    assert message.startswith("data: ") and "fewer than one batch of 4" in message
+
+
+def test_seq_len_above_the_context_is_a_config_error(small_cfg):
+    with pytest.raises(ConfigError) as info:
+        small_cfg("train.seq_len=512")
+    assert one_line_error(info) == "tiny.yaml: train.seq_len: 512 exceeds model.max_context_length=256"
+
+
+def test_resume_guards(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    train(small_cfg(), run, stop_after=1)  # one step, one checkpoint
+    assert ckpt.resolve_checkpoint(run) == step_dir(run, 1)
+
+    with pytest.raises(GptossError) as info:
+        prepare(small_cfg("model.hidden_size=48"), run, resume=True)
+    message = one_line_error(info)
+    assert message.startswith("--resume:") and "model.hidden_size=32, the config has 48" in message
+
+    with pytest.raises(GptossError) as info:
+        prepare(small_cfg(), run)  # checkpoints there, no --resume
+    assert "already holds checkpoints" in one_line_error(info) and "--resume" in str(info.value)
+
+    with pytest.raises(GptossError) as info:
+        prepare(small_cfg(), tmp_path / "fresh", resume=True)
+    assert "no complete checkpoint" in one_line_error(info)
+    with pytest.raises(GptossError, match="--resume needs --run"):
+        prepare(small_cfg(), None, resume=True)
+
+    # Only kernel choices may change on resume.
+    p = prepare(small_cfg("model.attention_backend=eager"), run, resume=True)
+    assert p.resume_state["step"] == 1
+
+
+def test_resume_from_a_loose_step_dir_needs_a_run_dir(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    _, first = train(small_cfg(), run, stop_after=1)
+    loose = tmp_path / "downloads" / "saved" / "step-00000001"  # e.g. a checkpoint copied from another machine
+    shutil.copytree(step_dir(run, 1), loose)
+    with pytest.raises(GptossError) as info:
+        prepare(small_cfg(), None, resume_from=loose)
+    assert "not inside a run's checkpoints/ folder" in one_line_error(info) and "--run" in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == ["saved"]  # nothing written next to it
+
+    p = prepare(small_cfg(), tmp_path / "continued", resume_from=loose)
+    assert p.run_dir == tmp_path / "continued" and p.resume_state["step"] == 1
+    summary = Trainer(p, stop_after=2).run()
+    assert summary["steps"] == 2 and losses(tmp_path / "continued").keys() == {2}
+    assert first["steps"] == 1
+
+
+def test_resume_from_another_run_uses_that_runs_tokenizer(small_cfg, small_corpus, tmp_path):
+    run_a = tmp_path / "a"
+    train(small_cfg(), run_a, stop_after=1)  # tokenizer trained on the built-in corpus
+    p = prepare(small_cfg(f"data.paths={small_corpus}"), tmp_path / "b", resume_from=step_dir(run_a, 1))
+    assert (tmp_path / "b" / "tokenizer.json").read_text() == (run_a / "tokenizer.json").read_text()
+    assert p.resume_state["step"] == 1 and p.tok_hash == ckpt.read_state(step_dir(run_a, 1))["tokenizer_hash"]
+
+
+# ---- AdamW and the learning-rate schedule ---------------------------------------------------------
+
+def test_adamw_decays_only_the_projection_matrices():
+    cfg = ModelConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=64, hidden_size=32,
+                      intermediate_size=16, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False, attention_bias=True, router_bias=True)
+    model = Transformer(cfg)
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1, lr=1e-3), torch.device("cpu"))
+    decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert len(decay_of) == len(names) == sum(len(g["params"]) for g in opt.param_groups)
+
+    decayed = ("attn.qkv.weight", "attn.out.weight", "mlp.gate.weight", "mlp.mlp1_weight", "mlp.mlp2_weight")
+    no_decay = ("embedding.weight", "unembedding.weight", "norm.scale", "attn.sinks", "attn.norm.scale",
+                "attn.qkv.bias", "attn.out.bias", "mlp.norm.scale", "mlp.gate.bias", "mlp.mlp1_bias", "mlp.mlp2_bias")
+    seen = set()
+    for name, p in names.items():
+        if name.endswith(decayed):
+            assert decay_of[id(p)] == 0.1, name
+            seen.add(max((s for s in decayed if name.endswith(s)), key=len))
+        else:
+            assert name.endswith(no_decay), f"unexpected parameter {name}"
+            assert decay_of[id(p)] == 0.0, name
+            seen.add(max((s for s in no_decay if name.endswith(s)), key=len))
+    assert seen == set(decayed) | set(no_decay)  # every kind of parameter was checked
+
+
+def test_lr_schedule_warmup_peak_and_cosine_floor():
+    cfg = TrainConfig(lr=1e-3, warmup_steps=4, min_lr_ratio=0.1)
+    total, floor = 20, 1e-4
+    warm = [lr_at(s, cfg, total) for s in range(4)]
+    assert warm == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear, peak at the end of warmup
+    assert lr_at(4, cfg, total) == pytest.approx(1e-3)
+    decay = [lr_at(s, cfg, total) for s in range(4, total + 1)]
+    assert all(a > b for a, b in zip(decay[:-1], decay[1:], strict=True))
+    assert lr_at(12, cfg, total) == pytest.approx((1e-3 + floor) / 2)  # halfway through the cosine
+    assert lr_at(9, cfg, total) == pytest.approx(floor + (1e-3 - floor) * 0.5 * (1 + math.cos(math.pi * 5 / 16)))
+    assert lr_at(total, cfg, total) == pytest.approx(floor)
+    assert lr_at(total + 5, cfg, total) == pytest.approx(floor)  # stays at the floor
+    assert all(floor - 1e-12 <= lr <= 1e-3 + 1e-12 for lr in warm + decay)
+    assert lr_at(0, TrainConfig(lr=1e-3, warmup_steps=0), total) == pytest.approx(1e-3)
+
+
+# ---- the MoE load-balancing loss ------------------------------------------------------------------
+
+def _mlp_block(experts_per_token: int = 2, router_bias: bool = False) -> MLPBlock:
+    cfg = ModelConfig(num_hidden_layers=1, num_experts=4, experts_per_token=experts_per_token, vocab_size=64,
+                      hidden_size=32, intermediate_size=16, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+                      router_bias=router_bias, moe_backend="loop")
+    block = MLPBlock(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif name != "norm.scale":
+                p.normal_(0.0, 0.1, generator=g)
+    return block
+
+
+def _tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_mlp_block_aux_loss_is_nonzero_and_differentiable():
+    block = _mlp_block()
+    out, stats = block(_tokens())
+    assert out.shape == (2, 32, 32)
+    assert stats.aux_loss.ndim == 0 and torch.isfinite(stats.aux_loss) and stats.aux_loss.item() > 0.5
+    assert stats.counts.sum().item() == 2 * 32 * 2
+    stats.aux_loss.backward()
+    assert block.gate.weight.grad is not None and block.gate.weight.grad.abs().sum() > 0
+
+
+def test_aux_loss_is_one_for_uniform_router_probabilities():
+    block = _mlp_block()
+    with torch.no_grad():
+        block.gate.weight.zero_()  # every router probability is 1 / num_experts
+    _, stats = block(_tokens())
+    assert stats.aux_loss.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_aux_loss_alone_pushes_a_collapsed_router_toward_balance():
+    block = _mlp_block(experts_per_token=1, router_bias=True)
+    with torch.no_grad():
+        block.gate.bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))  # every token goes to expert 0
+    x = _tokens()
+    opt = torch.optim.SGD(block.gate.parameters(), lr=2.0)
+
+    def max_share() -> float:
+        with torch.no_grad():
+            counts = block(x)[1].counts
+        return counts.max().item() / counts.sum().item()
+
+    assert max_share() == 1.0
+    first = None
+    for _ in range(8):
+        _, stats = block(x)
+        first = stats.aux_loss.item() if first is None else first
+        opt.zero_grad()
+        stats.aux_loss.backward()
+        opt.step()
+    assert max_share() <= 0.5
+    assert block(x)[1].aux_loss.item() < first
+
+
+def test_config_yaml_is_plain_yaml_of_every_field(small_cfg, tmp_path):
+    """config.yaml is plain YAML of every field (another tool can read it)."""
+    cfg = small_cfg()
+    run = tmp_path / "run"
+    prepare(cfg, run)
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    assert raw["model"]["hidden_size"] == 32 and raw["train"]["max_steps"] == 6 and raw["name"] == "tiny"
