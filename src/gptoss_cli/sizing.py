@@ -34,9 +34,10 @@ class Precision:
     act_bytes: int  # activations
 
 
-def resolve_precision(name: str, cuda: bool) -> Precision:
+def resolve_precision(name: str, bf16_ok: bool) -> Precision:
+    """`auto` is bf16-mixed where the device computes bf16 natively (CUDA compute capability >= 8), else fp32."""
     if name == "auto":
-        name = "bf16-mixed" if cuda else "fp32"
+        name = "bf16-mixed" if bf16_ok else "fp32"
     return Precision(name, 2 if name == "bf16" else 4, 4 if name == "fp32" else 2)
 
 

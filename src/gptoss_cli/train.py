@@ -27,7 +27,6 @@ from .errors import GptossError
 from .memory import MemorySampler
 from .optim import lr_at
 from .output import console
-from .sizing import resolve_precision
 from .train_setup import Prepared, prepare, write_atomic
 
 __all__ = ["Trainer", "prepare"]
@@ -70,7 +69,7 @@ class Trainer:
         self.device = p.device
         self.accum = p.grad_accum_steps
         self.stop_after = stop_after  # tests: behave as if Ctrl-C arrived after this many steps
-        self.precision = resolve_precision(self.t.precision, p.device.type == "cuda").name
+        self.precision = p.precision
         # FSDP2 does bf16 through its mixed-precision policy; everything else through autocast.
         use_autocast = self.precision == "bf16-mixed" and not (self.dist.enabled and self.dist.parallel == "fsdp"
                                                                  and p.device.type == "cuda")

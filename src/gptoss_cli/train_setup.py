@@ -66,6 +66,7 @@ class Prepared:
     val_data: TokenBatches | None
     tok_hash: str
     grad_accum_steps: int
+    precision: str = "fp32"  # resolved: fp32 | bf16-mixed | bf16
     dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
     resume_state: dict | None = None
     resume_tensors: dict = field(default_factory=dict)
@@ -199,7 +200,12 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         ckpt.load_weights(model, (resume_ckpt or init_ckpt) / "model.safetensors")
         if init_ckpt and info.main:
             console.print(f"starting from the weights of {init_ckpt}")
-    precision = resolve_precision(t.precision, device.type == "cuda")
+    # Capability, not torch.cuda.is_bf16_supported(): that also says yes to emulated bf16 (T4, V100).
+    bf16_ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cuda" and not bf16_ok and t.precision in ("bf16", "bf16-mixed"):
+        raise GptossError(f"train.precision: {torch.cuda.get_device_name(device)} has no native bf16; "
+                          "use --set train.precision=fp32")
+    precision = resolve_precision(t.precision, bf16_ok)
     if precision.name == "bf16":  # bf16 weights, grads and AdamW state; the norm scales stay fp32
         model.to(torch.bfloat16)
         for name, p in model.named_parameters():
@@ -221,7 +227,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         if info.main:
             console.print(f"resuming from {resume_ckpt} (step {state['step']})")
     return Prepared(cfg, run_dir, device, model, wrapped, optimizer, train_data, val_data, tok_hash, accum,
-                    info, state, tensors)
+                    precision.name, info, state, tensors)
 
 
 def _checkpoint_blocks(model: Transformer) -> None:

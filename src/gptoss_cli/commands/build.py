@@ -23,7 +23,7 @@ def command(config: ConfigOpt = "compact", set_: SetOpt = None, json: JsonOpt = 
         print_json(info)
         return
     if tree:
-        console.print(info["module_tree"], highlight=False)
+        console.print(info["module_tree"], highlight=False, soft_wrap=True)
     console.print(f"\n[bold]{cfg.name}[/]: layers {', '.join(info['layer_types'])}")
     params = Table(title="Parameters", show_header=True)
     params.add_column("part")

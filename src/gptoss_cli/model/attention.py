@@ -89,6 +89,11 @@ class AttentionBlock(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads))  # one logit per query head
         self.out = nn.Linear(config.q_dim, config.hidden_size, bias=config.attention_bias)
 
+    def extra_repr(self) -> str:
+        # The window is left out on purpose: it would keep torch from folding the repeated blocks.
+        return (f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, "
+                f"head_dim={self.head_dim}, sinks=({self.num_attention_heads},), backend={self.backend}")
+
     def forward(self, x, cos, sin, mask, cache=None):
         """x (B, T, H); cos/sin (B, T, D/2); mask (B, 1, T, S) bool over the keys attended to."""
         b, t, _ = x.shape

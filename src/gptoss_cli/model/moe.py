@@ -90,6 +90,11 @@ class MLPBlock(nn.Module):
         self.mlp2_weight = nn.Parameter(torch.empty(e, h, i))  # (E, H, I)
         self.mlp2_bias = nn.Parameter(torch.zeros(e, h))
 
+    def extra_repr(self) -> str:
+        return (f"experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
+                f"mlp1_weight={tuple(self.mlp1_weight.shape)}, mlp2_weight={tuple(self.mlp2_weight.shape)}, "
+                f"swiglu_limit={self.swiglu_limit}")
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         """x (B, T, H) -> (x + moe, router statistics)."""
         b, t, hidden = x.shape

@@ -13,6 +13,9 @@ class RMSNorm(nn.Module):
         # fp32 even when the rest of the model is bf16: gpt-oss (and HF's _keep_in_fp32_modules) do the same.
         self.scale = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32))
 
+    def extra_repr(self) -> str:
+        return f"{self.scale.shape[0]}, eps={self.eps}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H) -> (..., H)
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
