@@ -202,3 +202,41 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     assert not any("\ufffd" in c for c in chunks)
     plain = TextStream(tok)
     assert "".join([plain.add(t) for t in tok.encode(text).ids] + [plain.finish()]) == text
+
+
+# ---- the static cache behind `infer --compile` ----------------------------------------------------
+
+@pytest.mark.parametrize("prompt_len", [3, W + 1, 2 * W + 3])
+def test_static_cache_decode_matches_full_forward(models, prompt_len, monkeypatch):
+    """compile_decode swaps in StaticKVCache; torch.compile itself is replaced by the identity here (its
+    CPU compile takes tens of seconds; the compiled run is `test_compiled_decode_matches_eager`)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    model, ref = models
+    p = prompt(prompt_len, seed=7)
+    ids, reasons, _, steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=4 * W), compile_decode=True)
+    assert reasons == ["length"]
+    full = full_logits(ref, p + ids[0])
+    assert (steps[0] - full[prompt_len - 1:prompt_len - 1 + 4 * W]).abs().max().item() <= TOL
+    eager_ids, *_ = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=4 * W))
+    assert ids == eager_ids
+
+
+def test_static_cache_left_padded_batch(models, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    model, _ = models
+    prompts = [prompt(3, seed=8), prompt(2 * W, seed=9)]
+    static_ids, *_ = run(model, prompts, dataclasses.replace(GREEDY, max_new_tokens=12), compile_decode=True)
+    eager_ids, *_ = run(model, prompts, dataclasses.replace(GREEDY, max_new_tokens=12))
+    assert static_ids == eager_ids
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(models):
+    """The real torch.compile of the decode step (CPU inductor: ~30 s to compile). `uv run pytest -m slow`."""
+    model, _ = models
+    p = prompt(W + 2, seed=10)
+    compiled_ids, _, _, compiled_steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W),
+                                             compile_decode=True)
+    eager_ids, _, _, eager_steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W))
+    assert compiled_ids == eager_ids
+    assert (compiled_steps - eager_steps).abs().max().item() <= 1e-4

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 from .checkpoint import load_weights, read_state, resolve_checkpoint
 from .config import InferConfig, RunConfig, config_from_dict, read_yaml
 from .errors import GptossError
-from .model import KVCache, Transformer
+from .model import KVCache, StaticKVCache, Transformer
 from .rundir import newest_run_dir
 from .sampling import SamplingParams, TextStream, sample
 from .tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash
@@ -66,13 +66,15 @@ def generate_tokens(
     model: Transformer, prompts: list[list[int]], params: SamplingParams, *, pad_id: int, eos_id: int | None,
     on_token: Callable[[int, int], bool] | None = None,
     on_memory: Callable[[int | None, int], None] | None = None,
-    on_logits: Callable[[torch.Tensor], None] | None = None,
+    on_logits: Callable[[torch.Tensor], None] | None = None, compile_decode: bool = False,
 ) -> tuple[list[list[int]], list[str], GenerationStats]:
     """Generate for a batch of token-id prompts. Returns (new ids per row, stop reason per row, stats).
 
     on_token(row, id) -> True stops that row (stop strings); on_memory(decode_step, tokens_so_far) samples
     telemetry; on_logits gets each step's (B, V) logits (tests compare them with a full forward).
     A stop reason is "eos", "stop", "length" (max_new_tokens) or "context" (max_context_length reached).
+    compile_decode: a static KV cache and a torch.compile'd decode step (CUDA graphs on CUDA); the prefill
+    stays eager, so only the one-token step with fixed shapes is compiled.
     """
     cfg = model.config
     device = model.embedding.weight.device
@@ -89,7 +91,9 @@ def generate_tokens(
         tokens[i, t - len(ids):] = torch.tensor(ids, dtype=torch.long)
         positions[i, t - len(ids):] = torch.arange(len(ids))
     tokens, positions = tokens.to(device), positions.to(device)
-    cache = KVCache(cfg, b, t + budget, model.embedding.weight.dtype, device)
+    cache_cls = StaticKVCache if compile_decode else KVCache
+    cache = cache_cls(cfg, b, t + budget, model.embedding.weight.dtype, device)
+    decode = _decode_step(model, cache, compile_decode)
     generator = torch.Generator(device=device)
     if params.seed is None:
         generator.seed()
@@ -129,7 +133,7 @@ def generate_tokens(
             break
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
-        logits = model(nxt[:, None], pos, cache).logits[:, -1]  # (B, V)
+        logits = decode(nxt[:, None], pos)  # (B, V)
         pos = pos + 1
         steps += 1
         if on_memory and steps % MEMORY_EVERY == 0:
@@ -142,6 +146,22 @@ def generate_tokens(
     stats = GenerationStats(b, sum(lengths), sum(map(len, out)), prefill_s, decode_s, steps,
                             limited and "context" in final)
     return out, final, stats
+
+
+def _decode_step(model: Transformer, cache: KVCache, compile_decode: bool) -> Callable:
+    """tokens (B, 1), positions (B, 1) -> next-token logits (B, V), eager or compiled."""
+    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return model(tokens, positions, cache).logits[:, -1]
+
+    if not compile_decode:
+        return step
+    cuda = next(model.parameters()).device.type == "cuda"
+    if cuda:  # the cache is mutated in place: CUDA graphs need its buffers at fixed addresses
+        for buf in cache.buffers():
+            torch._dynamo.mark_static_address(buf)
+    compiled = torch.compile(step, mode="reduce-overhead" if cuda else None, dynamic=False)
+    # A CUDA graph replay overwrites its output buffer: keep a copy of each step's logits.
+    return lambda tokens, positions: compiled(tokens, positions).clone()
 
 
 # ---- loading a run -------------------------------------------------------------------------------
@@ -260,7 +280,7 @@ class InferResult:
 
 def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | None = None,
           device: str = "auto", dtype: str = "auto", on_text: Callable[[int, str], None] | None = None,
-          **overrides) -> InferResult:
+          compile_decode: bool = False, **overrides) -> InferResult:
     """Generate a continuation of every prompt in one batch; `overrides` are SamplingParams fields (None = the
     run config's value). on_text(row, chunk) receives text as it is decoded. Memory goes to
     RUN/inference-memory.jsonl."""
@@ -302,7 +322,7 @@ def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | Non
     try:
         ids, reasons, stats = generate_tokens(
             loaded.model, encoded, params, pad_id=eos if pad is None else pad, eos_id=eos,
-            on_token=on_token, on_memory=on_memory if sampler else None)
+            on_token=on_token, on_memory=on_memory if sampler else None, compile_decode=compile_decode)
     finally:
         if sampler:
             sampler.close()

@@ -26,6 +26,8 @@ PromptsFileOpt = Annotated[Path | None, typer.Option(
     "--prompts-file", help="One prompt per line (blank lines skipped), generated as one batch.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on a bf16 GPU, else fp32), fp32 or bf16.")]
+CompileOpt = Annotated[bool, typer.Option("--compile", help="Compile the decode step (CUDA graphs on CUDA); "
+                                          "pays a one-time compile for faster long generations.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt (JSON Lines) instead of text.")]
 
 
@@ -33,7 +35,8 @@ def command(
     prompt: PromptArg = None, prompt_opt: PromptOpt = None, max_new_tokens: TokensOpt = None, run: RunOpt = None,
     checkpoint: CheckpointOpt = None, temperature: TemperatureOpt = None, top_k: TopKOpt = None,
     top_p: TopPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
-    prompts_file: PromptsFileOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json: JsonOpt = False,
+    prompts_file: PromptsFileOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    compile: CompileOpt = False, json: JsonOpt = False,
 ) -> None:
     """Generate text with a trained run (default: the newest under ./runs).
 
@@ -69,6 +72,7 @@ def command(
             echoed.append(True)
 
     result = infer(prompts, run=run, checkpoint=checkpoint, device=device, dtype=dtype, on_text=on_text,
+                   compile_decode=compile,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop=stop)
     for i, c in enumerate(result.completions):

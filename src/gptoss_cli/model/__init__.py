@@ -6,14 +6,16 @@ imported on first use.
 
 from .config import ModelConfig, ModelConfigError
 
-__all__ = ["KVCache", "ModelConfig", "ModelConfigError", "ModelOutput", "Transformer", "attention_mask"]
+__all__ = [
+    "KVCache", "ModelConfig", "ModelConfigError", "ModelOutput", "StaticKVCache", "Transformer", "attention_mask",
+]
 
 
 def __getattr__(name: str):
-    if name == "KVCache":
-        from .kv_cache import KVCache
+    if name in ("KVCache", "StaticKVCache"):
+        from . import kv_cache
 
-        return KVCache
+        return getattr(kv_cache, name)
     if name in ("ModelOutput", "Transformer", "attention_mask"):
         from . import transformer
 

@@ -69,3 +69,54 @@ class KVCache:
         self.k[layer][:, self._start:end] = k
         self.v[layer][:, self._start:end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
+class StaticKVCache(KVCache):
+    """The same cache with fixed shapes and a device-side write index, for a compiled decode step.
+
+    Full layers attend over their whole preallocated buffer (empty slots hold position -1 and are
+    masked), slots are written with `index_copy_` at indices computed on the device, and nothing that a
+    forward reads changes on the Python side between steps. A decode step (T = 1) therefore has the same
+    shapes and the same Python state every time: torch.compile traces it once and, on CUDA, can replay it
+    as a CUDA graph. Outputs equal KVCache's; eager decoding is a little slower (every step reads all
+    `max_length` slots), so generate() uses it only when asked to compile.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__(config, batch_size, max_length, dtype, device)
+        self.index = torch.zeros((), dtype=torch.long, device=device)  # tokens written, on the device
+        self._slots = None
+
+    def buffers(self) -> list[torch.Tensor]:
+        """Every tensor a step mutates (to mark as static addresses for CUDA graphs)."""
+        return [*self.k, *self.v, self.pos_full, self.pos_ring, self.index]
+
+    def begin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = positions.shape[1]
+        if not torch.compiler.is_compiling():  # the Python-side bound check stays out of the graph
+            if self.length + t > self.max_length:
+                raise ValueError(f"KV cache holds {self.max_length} tokens; {self.length}+{t} do not fit")
+            self.length += t
+        self._slots = self.index + torch.arange(t, device=positions.device)  # (T,) slots of this chunk
+        self.pos_full.index_copy_(1, self._slots, positions)
+        kpos_ring = torch.cat([self.pos_ring, positions], dim=1)
+        ring = self.pos_ring.shape[1]
+        if ring:
+            keep = min(t, ring)  # from the shape: the same on every decode step
+            self._ring_src = slice(t - keep, t)
+            self._ring_dst = self._slots[t - keep:] % ring
+            self.pos_ring.index_copy_(1, self._ring_dst, positions[:, self._ring_src])
+        self.index += t
+        return self.pos_full, kpos_ring
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.config.is_sliding(layer):
+            k_all = torch.cat([self.k[layer], k], dim=1)  # read before overwriting
+            v_all = torch.cat([self.v[layer], v], dim=1)
+            self.k[layer].index_copy_(1, self._ring_dst, k[:, self._ring_src])
+            self.v[layer].index_copy_(1, self._ring_dst, v[:, self._ring_src])
+            return k_all, v_all
+        self.k[layer].index_copy_(1, self._slots, k)
+        self.v[layer].index_copy_(1, self._slots, v)
+        return self.k[layer], self.v[layer]
