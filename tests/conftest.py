@@ -6,11 +6,14 @@ Fixture names are specific (small_cfg, isolated_cache, ...) because other test m
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+
+from gptoss_cli import cli
 
 # A model of a few thousand parameters that trains a step in milliseconds on one CPU thread.
 SMALL_OVERRIDES = [
@@ -70,3 +73,22 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def gptoss(monkeypatch, capsys):
+    """`gptoss ARGS` through cli.main in this process -> (exit code, stdout, stderr)."""
+    monkeypatch.delenv("GPTOSS_DEBUG", raising=False)
+
+    def call(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["gptoss", *map(str, args)])
+        capsys.readouterr()
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

@@ -36,25 +36,6 @@ def invoke(*args: str):
     return result
 
 
-@pytest.fixture
-def gptoss(monkeypatch, capsys):
-    """`gptoss ARGS` through cli.main in this process -> (exit code, stdout, stderr)."""
-    monkeypatch.delenv("GPTOSS_DEBUG", raising=False)
-
-    def call(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["gptoss", *map(str, args)])
-        capsys.readouterr()
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
-
-
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, small_overrides):
     """`gptoss train -c tiny --run DIR` with the small overrides and 3 steps -> (CliRunner result, DIR)."""

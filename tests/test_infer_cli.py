@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import typer
 
-from gptoss_cli import cli
 from gptoss_cli.checkpoint import load_weights, save_checkpoint, weights_state_dict
-from gptoss_cli.commands import infer
 from gptoss_cli.config import InferConfig, RunConfig, TrainConfig, save_config
 from gptoss_cli.model import ModelConfig, Transformer
 from gptoss_cli.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
@@ -71,25 +67,9 @@ def one_thread():
 
 
 @pytest.fixture
-def gptoss(monkeypatch, capsys):
-    """Run `gptoss infer ARGS` through cli.main; returns (exit code, stdout, stderr)."""
-    app = typer.Typer(pretty_exceptions_enable=False)
-    app.callback()(lambda: None)  # a group, so the command is spelled `gptoss infer ...` as in cli.py
-    app.command("infer")(infer.command)
-    monkeypatch.setattr(cli, "app", app)
-    monkeypatch.delenv("GPTOSS_DEBUG", raising=False)
-
-    def call(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["gptoss", "infer", *map(str, args)])
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
+def gptoss(gptoss):
+    """`gptoss infer ARGS` through cli.main (the conftest fixture runs any command)."""
+    return lambda *args: gptoss("infer", *args)
 
 
 @torch.no_grad()
