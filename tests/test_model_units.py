@@ -18,7 +18,13 @@ from gptoss_cli.model import KVCache, ModelConfig, ModelConfigError, Transformer
 from gptoss_cli.model.attention import eager_attention, sdpa_attention
 from gptoss_cli.model.moe import MLPBlock, swiglu
 from gptoss_cli.model.norm import RMSNorm
-from gptoss_cli.model.rope import RotaryEmbedding, apply_rotary, yarn_inv_freq
+from gptoss_cli.model.rope import (
+    RotaryEmbedding,
+    apply_rotary,
+    apply_rotary_tables,
+    rotary_tables,
+    yarn_inv_freq,
+)
 
 ALPHA = 1.702
 
@@ -186,6 +192,15 @@ def test_half_split_rotation_by_hand():
     # position 0 is the identity
     cos0, sin0 = RotaryEmbedding(cfg)(torch.tensor([[0]]))
     assert torch.equal(apply_rotary(x, cos0, sin0), x)
+
+
+@pytest.mark.parametrize("factor", [1.0, 4.0])
+def test_rotary_tables_rotate_exactly_as_apply_rotary(factor):
+    cfg = ModelConfig(head_dim=16, rope_theta=10000.0, initial_context_length=512, rope_scaling_factor=factor)
+    pos = torch.tensor([[0, 1, 7, 300, 4095], [5, 6, 7, 8, 9]])
+    cos, sin = RotaryEmbedding(cfg)(pos)
+    x = torch.randn(2, 5, 3, 16, generator=torch.Generator().manual_seed(0))
+    assert max_diff(apply_rotary_tables(x, *rotary_tables(cos, sin, x.dtype)), apply_rotary(x, cos, sin)) < 1e-6
 
 
 @pytest.mark.parametrize("factor", [1.0, 4.0])
@@ -476,27 +491,102 @@ def test_swiglu_clamp_is_exercised_in_mlp_reference():
         assert max_diff(block(x)[0], moe_ref(block, x)) < 1e-5
 
 
-@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch lacks _grouped_mm")
-def test_moe_backends_loop_and_grouped_mm_agree():
-    results = {}
-    for backend in ("loop", "grouped_mm"):
-        block = make_mlp(seed=2, hidden_size=32, intermediate_size=16, num_experts=4, moe_backend=backend)
-        with torch.no_grad():
-            block.gate.bias[3] = -1e3  # expert 3 receives no token: an empty group
-        x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
-        out, stats = block(x)
-        assert stats.counts[3] == 0
-        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
-        (out * upstream).sum().backward()
-        grads = {n: p.grad.clone() for n, p in block.named_parameters()} | {"x": x.grad.clone()}
-        results[backend] = (out.detach(), grads)
-    (o_loop, g_loop), (o_grp, g_grp) = results["loop"], results["grouped_mm"]
-    assert max_diff(o_loop, o_grp) < 1e-5
-    assert set(g_loop) == set(g_grp)
+def _moe_run(backend: str, dtype=torch.float32):
+    """Output, statistics and every gradient of one MLP block with an idle expert (3) under `backend`."""
+    block = make_mlp(seed=2, hidden_size=32, intermediate_size=16, num_experts=4, moe_backend=backend).to(dtype)
+    with torch.no_grad():
+        block.gate.bias[3] = -1e3  # expert 3 receives no token: an empty group
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5), dtype=dtype, requires_grad=True)
+    out, stats = block(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    ((out * upstream).sum() + stats.aux_loss).backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters()} | {"x": x.grad.clone()}
+    return out.detach(), stats, grads
+
+
+MOE_FAST = ["fused_loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
+    not hasattr(torch, "_grouped_mm"), reason="torch lacks _grouped_mm"))]
+
+
+@pytest.mark.parametrize("backend", MOE_FAST)
+def test_moe_backends_match_the_loop_outputs_and_grads(backend):
+    o_loop, s_loop, g_loop = _moe_run("loop")
+    o_fast, s_fast, g_fast = _moe_run(backend)
+    assert s_loop.counts[3] == 0 and torch.equal(s_loop.counts, s_fast.counts)
+    assert max_diff(o_loop, o_fast) < 1e-5
+    assert set(g_loop) == set(g_fast)
     for name in g_loop:
-        assert max_diff(g_loop[name], g_grp[name]) < 1e-4, name
+        assert max_diff(g_loop[name], g_fast[name]) < 1e-4, name
     assert g_loop["mlp1_weight"].abs().sum() > 0 and g_loop["gate.weight"].abs().sum() > 0
-    assert g_loop["mlp1_weight"][3].abs().sum() == 0  # the unused expert gets no gradient
+    for name in ("mlp1_weight", "mlp1_bias", "mlp2_weight", "mlp2_bias"):
+        assert g_fast[name][3].abs().sum() == 0, name  # the unused expert gets no gradient
+
+
+def test_fused_loop_under_activation_checkpointing():
+    """Recomputed in backward (as train.activation_checkpointing does): the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    grads = []
+    for recompute in (False, True):
+        block = make_mlp(seed=2, num_experts=4, moe_backend="fused_loop")
+        x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        out, stats = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+        (out.square().sum() + stats.aux_loss).backward()
+        grads.append([x.grad] + [p.grad for p in block.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert max_diff(a, b) < 1e-6
+
+
+def test_fused_loop_gradients_are_the_loop_gradients_in_float64():
+    """The hand-written backward (SwiGLU derivatives, clamps, interleaved rows) is the autograd one."""
+    _, _, g_loop = _moe_run("loop", torch.float64)
+    _, _, g_fused = _moe_run("fused_loop", torch.float64)
+    for name in g_loop:
+        assert max_diff(g_loop[name], g_fused[name]) < 1e-10, name
+
+
+@pytest.mark.parametrize("backend", ["loop", "fused_loop"])
+@pytest.mark.parametrize("tokens", [1, 2, 9])  # 1 and 2: few assignments, each token runs its experts directly
+def test_moe_inference_paths_match_per_token_reference(backend, tokens):
+    block = make_mlp(seed=3, num_experts=4, experts_per_token=2, moe_backend=backend)
+    x = torch.randn(1, tokens, 32, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        got, stats = block.eval()(x)
+    assert_close(got, moe_ref(block, x), rtol=1e-5, atol=1e-5)
+    assert stats.counts.sum().item() == tokens * 2
+
+
+@pytest.mark.parametrize("batch", [1, 3])  # 2 assignments < 4 experts: gathered; 6 >= 4: every expert, weighted
+def test_moe_traced_decode_path_matches_reference(monkeypatch, batch):
+    """Under torch.compile the decode path indexes experts by tensor instead of looping over host ids; run
+    that branch eagerly (is_compiling patched) against the per-token reference."""
+    block = make_mlp(seed=4, num_experts=4, experts_per_token=2, moe_backend="fused_loop").eval()
+    x = torch.randn(batch, 1, 32, generator=torch.Generator().manual_seed(8))  # one decode step per row
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.inference_mode():
+        got, stats = block(x)
+    assert_close(got, moe_ref(block, x), rtol=1e-5, atol=1e-5)
+    assert stats.counts.sum().item() == batch * 2
+
+
+@pytest.mark.parametrize("backend", ["fused_loop", "sdpa"])
+def test_model_gradients_match_the_reference_backends(backend):
+    """A whole model (loss, aux loss) under a fast backend against eager attention and the loop MoE."""
+    def grads(**kernels):
+        model = Transformer(small_config(**kernels))
+        randomise(model)
+        ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+        out = model(ids)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids.roll(-1, 1).flatten())
+        (loss + 0.1 * out.aux_loss).backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+    fast = {"moe_backend": backend} if backend == "fused_loop" else {"attention_backend": backend}
+    ref_loss, ref = grads()
+    loss, got = grads(**fast)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    for name in ref:
+        assert max_diff(got[name], ref[name]) < 1e-4, name
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import build, env, export, import_, infer, report, train
+from .commands import bench, build, env, export, import_, infer, report, train
 
 app = typer.Typer(
     name="gptoss",
@@ -34,6 +34,7 @@ app.command("infer")(infer.command)
 app.command("report")(report.command)
 app.command("export")(export.command)
 app.command("import")(import_.command)
+app.command("bench")(bench.command)
 
 
 def _version(value: bool) -> None:

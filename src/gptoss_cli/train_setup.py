@@ -16,7 +16,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import RunConfig, save_config
+from .config import RunConfig, TrainConfig, save_config
 from .data import TokenBatches, load_documents, split_documents, tokenize_stream
 from .errors import GptossError
 from .model import Transformer
@@ -206,17 +206,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         raise GptossError(f"train.precision: {torch.cuda.get_device_name(device)} has no native bf16; "
                           "use --set train.precision=fp32")
     precision = resolve_precision(t.precision, bf16_ok)
-    if precision.name == "bf16":  # bf16 weights, grads and AdamW state; the norm scales stay fp32
-        model.to(torch.bfloat16)
-        for name, p in model.named_parameters():
-            if name.endswith(".scale"):
-                p.data = p.data.float()
-    model.to(device)
-    if t.activation_checkpointing:
-        _checkpoint_blocks(model)
-    if t.compile:
-        for blk in model.block:  # per block, as torchtitan: names and state dicts stay unchanged
-            blk.compile()
+    place_model(model, t, precision.name, device)
     mixed = precision.name == "bf16-mixed" and device.type == "cuda"
     wrapped = distributed.wrap(model, info, device, mixed_bf16=mixed)
     optimizer = build_optimizer(model, t, device)  # after fully_shard: FSDP2 parameters are DTensors
@@ -230,7 +220,23 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
                     precision.name, info, state, tensors)
 
 
-def _checkpoint_blocks(model: Transformer) -> None:
+def place_model(model: Transformer, t: TrainConfig, precision: str, device: torch.device) -> None:
+    """Dtype, device, activation checkpointing and compile, applied from outside the model in
+    torchtitan's order (parallelism comes after, in distributed.wrap)."""
+    if precision == "bf16":  # bf16 weights, grads and AdamW state; the norm scales stay fp32
+        model.to(torch.bfloat16)
+        for name, p in model.named_parameters():
+            if name.endswith(".scale"):
+                p.data = p.data.float()
+    model.to(device)
+    if t.activation_checkpointing:
+        checkpoint_blocks(model)
+    if t.compile:
+        for blk in model.block:  # per block, as torchtitan: names and state dicts stay unchanged
+            blk.compile()
+
+
+def checkpoint_blocks(model: Transformer) -> None:
     """Activation checkpointing from outside: each block's forward is recomputed in backward."""
     from torch.utils.checkpoint import checkpoint
 

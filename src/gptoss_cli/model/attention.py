@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .norm import RMSNorm
-from .rope import apply_rotary
+from .rope import apply_rotary_tables
 
 SINK_PAD = 8  # extra head-dim coordinates for the sdpa sink key; 8 keeps bf16 rows 16-byte aligned
 
@@ -94,15 +94,13 @@ class AttentionBlock(nn.Module):
         return (f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, "
                 f"head_dim={self.head_dim}, sinks=({self.num_attention_heads},), backend={self.backend}")
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        """x (B, T, H); cos/sin (B, T, D/2); mask (B, 1, T, S) bool over the keys attended to."""
+    def forward(self, x, rope, mask, cache=None):
+        """x (B, T, H); rope = rotary_tables(...), (B, T, 1, D) each; mask (B, 1, T, S) bool over the keys."""
         b, t, _ = x.shape
         nh, nkv, d = self.num_attention_heads, self.num_key_value_heads, self.head_dim
-        qkv = self.qkv(self.norm(x))
-        q, k, v = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
-        q = apply_rotary(q.view(b, t, nh, d), cos, sin)
-        k = apply_rotary(k.view(b, t, nkv, d), cos, sin)  # keys are cached after RoPE
-        v = v.view(b, t, nkv, d)
+        qkv = self.qkv(self.norm(x)).view(b, t, nh + 2 * nkv, d)  # heads [q: NH | k: NKV | v: NKV]
+        qk = apply_rotary_tables(qkv[:, :, :nh + nkv], *rope)  # one rotation for queries and keys
+        q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]  # keys are cached after RoPE
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, S, NKV, D) including the past
         o = BACKENDS[self.backend](

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 
 ATTENTION_BACKENDS = ("eager", "sdpa")
-MOE_BACKENDS = ("auto", "loop", "grouped_mm")
+MOE_BACKENDS = ("auto", "loop", "fused_loop", "grouped_mm")
 
 
 class ModelConfigError(ValueError):
@@ -51,7 +51,7 @@ class ModelConfig:
     router_bias: bool = False  # bias on the router (gate)
     initializer_range: float = 0.02
     attention_backend: str = "sdpa"  # eager (the reference) | sdpa (exact sinks, fused kernel)
-    moe_backend: str = "auto"  # auto | loop (sort by expert, one matmul per expert) | grouped_mm
+    moe_backend: str = "auto"  # auto | loop (sort by expert, one matmul pair per expert) | fused_loop | grouped_mm
 
     def __post_init__(self) -> None:
         self.validate()

@@ -7,8 +7,12 @@
     y = sum_e w_e * (mlp2_weight[e] @ a + mlp2_bias[e])  the bias is added before weighting
 
 Only the routed (token, expert) pairs are computed: the N*k assignments are sorted by expert, each expert
-multiplies its contiguous slice (or one `torch._grouped_mm` call does all of them), and the results are
-scattered back. Expert weights are stacked 3-D parameters, so DDP and FSDP2 see every expert on every rank.
+multiplies its contiguous slice, and the results are scattered back. Three interchangeable kernels
+(`ModelConfig.moe_backend`): `loop` (plain autograd, the reference), `fused_loop` (the same loop as one
+autograd node with a hand-written backward: the CPU default) and `grouped_mm` (one `torch._grouped_mm`
+per projection, no host sync: the CUDA bf16 default). Decoding a few tokens without gradients skips the
+sort: each token runs its k experts directly. Expert weights are stacked 3-D parameters, so DDP and FSDP2
+see every expert on every rank.
 """
 
 from __future__ import annotations
@@ -33,21 +37,149 @@ class RouterStats(NamedTuple):
 
 def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
     """h (M, 2I) interleaved [gate0, lin0, gate1, lin1, ...] -> (M, I)."""
-    glu, lin = h[..., ::2], h[..., 1::2]
+    return swiglu_halves(h[..., ::2], h[..., 1::2], limit)
+
+
+def swiglu_halves(glu: torch.Tensor, lin: torch.Tensor, limit: float) -> torch.Tensor:
+    """The gate and linear halves (M, I) each -> (M, I)."""
     glu = glu.clamp(max=limit)  # the gate is clamped from above only
     lin = lin.clamp(min=-limit, max=limit)
     return glu * torch.sigmoid(SWIGLU_ALPHA * glu) * (lin + 1)
 
 
 def _experts_loop(xs, counts, w1, b1, w2, b2, limit):
-    """xs (M, H) sorted by expert; counts (E,). One matmul pair per expert slice (one host sync)."""
+    """xs (M, H) sorted by expert; counts (E,). One matmul pair per expert slice (one host sync).
+
+    The reference for the other backends: plain autograd. The stacked weights are unbound once, because
+    the backward of indexing `w1[e]` builds a zero (E, 2I, H) gradient per expert and adds them all up.
+    """
+    w1s, b1s, w2s, b2s = w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
     outs = []
     for e, chunk in enumerate(torch.split(xs, counts.tolist())):
         if not chunk.shape[0]:  # decode routes few tokens: skip idle experts (their rows get zero gradient)
             continue
-        h = F.linear(chunk, w1[e], b1[e])  # (n_e, 2I)
-        outs.append(F.linear(swiglu(h, limit), w2[e], b2[e]))  # (n_e, H)
+        h = F.linear(chunk, w1s[e], b1s[e])  # (n_e, 2I)
+        outs.append(F.linear(swiglu(h, limit), w2s[e], b2s[e]))  # (n_e, H)
     return torch.cat(outs)
+
+
+class _FusedExperts(torch.autograd.Function):
+    """All experts over rows sorted by expert as one autograd node, its backward written out by hand.
+
+    Same math as _experts_loop, in fewer CPU passes over memory: each expert's rows go through both
+    projections and SwiGLU while they are still in cache; the gate and linear rows of mlp1 are multiplied
+    as two strided views of the weight (no copy), so SwiGLU reads contiguous halves; the forward also
+    keeps the two SwiGLU derivatives, so the backward is two multiplications plus the matmuls; gradients
+    are written straight into stacked (E, ...) tensors. Saved per routed row: x (H) and a, d a/d glu,
+    d a/d lin (I each).
+    """
+
+    @staticmethod
+    def forward(ctx, xs, w1, b1, w2, b2, counts: list[int], limit: float):
+        inter = w2.shape[-1]
+        ys = xs.new_empty(xs.shape[0], w2.shape[1])
+        zero = xs.new_zeros(())
+        saved = []  # per expert that received rows: a, d a/d glu, d a/d lin, each (n_e, I)
+        for e, r in _slices(counts):
+            w1e, b1e = w1[e].view(inter, 2, -1), b1[e].view(inter, 2)  # rows [gate0, lin0, gate1, ...]
+            glu = torch.addmm(b1e[:, 0], xs[r], w1e[:, 0].t())  # (n_e, I)
+            lin = torch.addmm(b1e[:, 1], xs[r], w1e[:, 1].t())
+            g, lin_c = glu.clamp(max=limit), lin.clamp(min=-limit, max=limit)
+            s = torch.sigmoid(SWIGLU_ALPHA * g)
+            gs = g * s
+            l1 = lin_c + 1
+            a = gs * l1  # the SwiGLU output
+            torch.addmm(b2[e], a, w2[e].t(), out=ys[r])
+            # d a / d lin = g s inside the clamp; d a / d glu = l1 (s + 1.702 g s (1 - s)) below it
+            # (sigmoid_backward(g, s) = g s (1 - s) in one pass). A clamped input passes no gradient.
+            d_lin = torch.where(lin_c == lin, gs, zero)
+            slope = torch.add(s, torch.ops.aten.sigmoid_backward(g, s), alpha=SWIGLU_ALPHA).mul_(l1)
+            saved += [a, torch.where(g == glu, slope, zero), d_lin]
+        # Through save_for_backward, so activation checkpointing and saved-tensor hooks see them all.
+        ctx.save_for_backward(xs, w1, w2, *saved)
+        ctx.counts = counts
+        return ys
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, w1, w2, *saved = ctx.saved_tensors
+        n_exp, inter = w2.shape[0], w2.shape[-1]
+        dy = dy.contiguous()
+        dw1, db1, dw2, db2 = (torch.empty_like(p) for p in (w1, w1[:, :, 0], w2, w2[:, :, 0]))
+        # mlp1's rows interleave gate and linear: matmuls write each half straight into a strided view.
+        dw1_halves, db1_halves = dw1.view(n_exp, inter, 2, -1), db1.view(n_exp, inter, 2)
+        dxs = torch.empty_like(xs)
+        idle = set(range(n_exp))
+        per_expert = zip(saved[0::3], saved[1::3], saved[2::3], strict=True)
+        for (e, r), (a, d_glu, d_lin) in zip(_slices(ctx.counts), per_expert, strict=True):
+            idle.discard(e)
+            torch.mm(dy[r].t(), a, out=dw2[e])  # (H, I)
+            torch.sum(dy[r], 0, out=db2[e])
+            da = dy[r] @ w2[e]  # (n_e, I)
+            dglu, dlin = da * d_glu, da.mul_(d_lin)
+            for half, dpre in ((0, dglu), (1, dlin)):
+                torch.mm(dpre.t(), xs[r], out=dw1_halves[e, :, half])  # (I, H)
+                torch.sum(dpre, 0, out=db1_halves[e, :, half])
+            w1e = w1[e].view(inter, 2, -1)
+            torch.mm(dglu, w1e[:, 0], out=dxs[r])  # (n_e, H)
+            dxs[r].addmm_(dlin, w1e[:, 1])
+        for e in idle:  # experts that received no rows get zero gradients
+            for grad in (dw1, db1, dw2, db2):
+                grad[e].zero_()
+        return dxs, dw1, db1, dw2, db2, None, None
+
+
+def _experts_fused_inference(xs, counts: list[int], w1, b1, w2, b2, limit):
+    """_FusedExperts.forward without autograd: nothing saved for a backward."""
+    inter = w2.shape[-1]
+    ys = xs.new_empty(xs.shape[0], w2.shape[1])
+    for e, r in _slices(counts):
+        w1e, b1e = w1[e].view(inter, 2, -1), b1[e].view(inter, 2)
+        glu = torch.addmm(b1e[:, 0], xs[r], w1e[:, 0].t())
+        lin = torch.addmm(b1e[:, 1], xs[r], w1e[:, 1].t())
+        torch.addmm(b2[e], swiglu_halves(glu, lin, limit), w2[e].t(), out=ys[r])
+    return ys
+
+
+def _experts_per_token(tokens, top_idx, weights, w1, b1, w2, b2, limit):
+    """tokens (N, H), top_idx / weights (N, k) -> (N, H) fp32: sum_j w_j expert_j(token), token by token."""
+    if torch.compiler.is_compiling():
+        # Traced (a compiled decode step): the expert ids stay tensors, so there is no host sync and no
+        # graph break (measured at issue 8's shapes: 1.43 ms/token, against 2.78 with the break).
+        if top_idx.numel() < w1.shape[0]:  # fewer assignments than experts: read only the chosen ones
+            h = torch.einsum("nh,nkoh->nko", tokens, w1[top_idx]) + b1[top_idx]  # (N, k, 2I)
+            y = torch.einsum("nki,nkhi->nkh", swiglu(h, limit), w2[top_idx]) + b2[top_idx]  # (N, k, H)
+            return (y.float() * weights[..., None]).sum(1)
+        # A larger batch: every expert's weights are read once, for all rows, with zero weights where
+        # the expert was not chosen (cheaper than gathering a copy of the weights per assignment).
+        dense = weights.new_zeros(tokens.shape[0], w1.shape[0]).scatter_(1, top_idx, weights)  # (N, E)
+        h = torch.einsum("nh,eoh->neo", tokens, w1) + b1  # (N, E, 2I)
+        y = torch.einsum("nei,ehi->neh", swiglu(h, limit), w2) + b2  # (N, E, H)
+        return (y.float() * dense[..., None]).sum(1)
+    out = []
+    for n, experts in enumerate(top_idx.tolist()):  # the one host sync
+        row = tokens[n:n + 1]
+        ys = torch.cat([torch.addmm(b2[e], swiglu(torch.addmm(b1[e], row, w1[e].t()), limit), w2[e].t())
+                        for e in experts])  # (k, H)
+        out.append(weights[n:n + 1] @ ys.float())  # (1, H): the weighted sum, in fp32 as the sorted path
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _count(flat: torch.Tensor, n_exp: int) -> torch.Tensor:
+    """(N*k,) expert ids -> (E,) assignments per expert, without a host sync on CUDA or a graph break."""
+    if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        return torch.bincount(flat, minlength=n_exp)
+    # bincount reads the largest id on the host to size its output; a comparison table does not.
+    return (flat[:, None] == torch.arange(n_exp, device=flat.device)).sum(0)
+
+
+def _slices(counts: list[int]):
+    """(expert, row slice) for every expert that received rows."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
 
 
 def _experts_grouped(xs, counts, expert_sorted, w1, b1, w2, b2, limit):
@@ -61,15 +193,18 @@ def _experts_grouped(xs, counts, expert_sorted, w1, b1, w2, b2, limit):
     return y + b2.to(dtype)[expert_sorted]
 
 
-def _use_grouped_mm(backend: str, x: torch.Tensor, hidden: int, inter: int) -> bool:
+def pick_backend(backend: str, x: torch.Tensor, hidden: int, inter: int) -> str:
+    """The MoE kernel for this input: `backend` itself unless it is auto."""
     if backend != "auto":
-        return backend == "grouped_mm"
-    if not hasattr(torch, "_grouped_mm") or x.device.type != "cuda":
-        return False  # on CPU grouped_mm is a loop of mm calls: the slice loop is as fast (performance.md §1)
-    bf16 = x.dtype == torch.bfloat16 or (
-        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-    )
-    return bf16 and hidden % 8 == 0 and inter % 8 == 0  # the fast kernel wants 16-byte aligned rows
+        return backend
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if x.device.type == "cuda" and hasattr(torch, "_grouped_mm"):
+        bf16 = x.dtype == torch.bfloat16 or (autocast and torch.get_autocast_dtype("cuda") == torch.bfloat16)
+        if bf16 and hidden % 8 == 0 and inter % 8 == 0:  # the fast kernel wants 16-byte aligned rows
+            return "grouped_mm"
+    # On CPU grouped_mm is a loop of mm calls (performance.md §1); the fused loop computes in the
+    # input's dtype with out= matmuls, which autocast does not cover.
+    return "loop" if autocast else "fused_loop"
 
 
 class MLPBlock(nn.Module):
@@ -108,15 +243,27 @@ class MLPBlock(nn.Module):
         weights = torch.softmax(top_vals, dim=-1)  # (N, k), fp32
 
         flat = top_idx.reshape(-1)  # (N*k,) expert of each assignment
+        counts = _count(flat, n_exp)  # (E,)
+        params = (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias)
+        backend = pick_backend(self.backend, tokens, hidden, self.intermediate_size)
+        few = flat.numel() <= n_exp or torch.compiler.is_compiling()  # a compiled forward is a decode step
+        if backend != "grouped_mm" and few and not torch.is_grad_enabled():
+            # Decoding a few tokens: every expert sees at most a row or two, so sorting, gathering and
+            # scattering back cost more than they group. Each token runs its k experts directly.
+            y = _experts_per_token(tokens, top_idx, weights, *params, self.swiglu_limit).to(x.dtype)
+            zero = logits.new_zeros(())
+            return x + y.view(b, t, hidden), RouterStats(zero, zero, counts)
+
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        counts = torch.bincount(flat, minlength=n_exp)  # (E,)
         xs = tokens[order // k]  # (N*k, H) token rows in expert order
-        if _use_grouped_mm(self.backend, tokens, hidden, self.intermediate_size):
-            ys = _experts_grouped(xs, counts, flat[order], self.mlp1_weight, self.mlp1_bias,
-                                  self.mlp2_weight, self.mlp2_bias, self.swiglu_limit)
+        if backend == "grouped_mm":
+            ys = _experts_grouped(xs, counts, flat[order], *params, self.swiglu_limit)
+        elif backend == "fused_loop" and torch.is_grad_enabled() and self.mlp1_weight.requires_grad:
+            ys = _FusedExperts.apply(xs, *params, counts.tolist(), self.swiglu_limit)
+        elif backend == "fused_loop":
+            ys = _experts_fused_inference(xs, counts.tolist(), *params, self.swiglu_limit)
         else:
-            ys = _experts_loop(xs, counts, self.mlp1_weight, self.mlp1_bias,
-                               self.mlp2_weight, self.mlp2_bias, self.swiglu_limit)
+            ys = _experts_loop(xs, counts, *params, self.swiglu_limit)
         # Scatter back to assignment order (deterministic, unlike index_add_) and weight per token.
         per_slot = ys.new_empty(ys.shape).index_copy(0, order, ys).view(b * t, k, hidden)
         y = (per_slot.float() * weights[..., None]).sum(1).to(x.dtype)  # (N, H)

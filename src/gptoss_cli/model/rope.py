@@ -2,6 +2,8 @@
 
 cos/sin are computed from absolute positions in fp32 on every forward (one small outer product per
 forward, shared by all layers), so no table bounds the context and bf16 never touches a position.
+`apply_rotary` is the formula as written; the model runs `apply_rotary_tables`, the same rotation in
+three passes over x with full-width tables built once per forward (`rotary_tables`).
 """
 
 from __future__ import annotations
@@ -51,3 +53,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     sin = sin[:, :, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rotary_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin (B, T, D/2) -> ([cos, cos], [-sin, sin]) as (B, T, 1, D) in `dtype`, shared by every layer."""
+    cos_full = torch.cat((cos, cos), dim=-1)[:, :, None].to(dtype)
+    sin_signed = torch.cat((-sin, sin), dim=-1)[:, :, None].to(dtype)
+    return cos_full, sin_signed
+
+
+def apply_rotary_tables(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """apply_rotary with rotary_tables: x * [cos, cos] + [x2, x1] * [-sin, sin]. x (B, T, heads, D)."""
+    swapped = x.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
+    # In x's dtype, as apply_rotary: under autocast the projections are bf16 while the tables are not.
+    return torch.addcmul(x * cos_full.to(x.dtype), swapped, sin_signed.to(x.dtype))

@@ -22,7 +22,7 @@ from .config import ModelConfig
 from .kv_cache import KVCache
 from .moe import MLPBlock
 from .norm import RMSNorm
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, rotary_tables
 
 
 class ModelOutput(NamedTuple):
@@ -50,8 +50,8 @@ class TransformerBlock(nn.Module):
         self.attn = AttentionBlock(config, layer_idx)
         self.mlp = MLPBlock(config)
 
-    def forward(self, x, cos, sin, mask, cache=None):
-        return self.mlp(self.attn(x, cos, sin, mask, cache))
+    def forward(self, x, rope, mask, cache=None):
+        return self.mlp(self.attn(x, rope, mask, cache))
 
 
 class Transformer(nn.Module):
@@ -98,13 +98,12 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         full_mask = attention_mask(positions, k_full, 0)
         slide_mask = attention_mask(positions, k_ring, window) if window else full_mask
-        cos, sin = self.rope(positions)
-
         x = self.embedding(tokens)
+        rope = rotary_tables(*self.rope(positions), x.dtype)  # built once, shared by every layer
         aux, z, counts = [], [], []
         for i, blk in enumerate(self.block):
             mask = slide_mask if self.config.is_sliding(i) else full_mask
-            x, stats = blk(x, cos, sin, mask, cache)
+            x, stats = blk(x, rope, mask, cache)
             aux.append(stats.aux_loss)
             z.append(stats.z_loss)
             counts.append(stats.counts)
