@@ -8,8 +8,8 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console()  # human-readable results
-err_console = Console(stderr=True)  # progress, warnings, errors: keeps stdout pipeable
+console = Console(soft_wrap=True)  # human-readable results; long lines are not re-wrapped
+err_console = Console(stderr=True, soft_wrap=True)  # progress, warnings, errors: keeps stdout pipeable
 
 
 def print_json(obj: Any) -> None:
