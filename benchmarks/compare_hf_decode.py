@@ -22,6 +22,7 @@ import torch
 import transformers
 from transformers import GptOssConfig, GptOssForCausalLM
 
+from gptoss_cli.bench import cpu_name
 from gptoss_cli.generate import generate_tokens
 from gptoss_cli.model import ModelConfig, Transformer
 from gptoss_cli.sampling import SamplingParams
@@ -91,14 +92,6 @@ def hf_generate(model: GptOssForCausalLM, prompt: list[int], n: int) -> list[int
     ids = torch.tensor([prompt])
     out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
     return out[0, len(prompt):].tolist()
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def timed(fn, *args) -> tuple[float, list[int]]:
