@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RunConfig
+from .devices import native_bf16
 from .model import KVCache, Transformer
 from .sizing import describe, resolve_precision
 
@@ -179,8 +180,7 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
 
     t, m = cfg.train, cfg.model
     # As train_setup.prepare: bf16 by default only where the GPU computes it natively.
-    bf16_ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    precision = resolve_precision(t.precision, bf16_ok).name
+    precision = resolve_precision(t.precision, native_bf16(device)).name
     model = build_train_model(cfg, device, precision).train()
     optimizer = build_optimizer(model, t, device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
@@ -335,11 +335,11 @@ def bench_infer(cfg: RunConfig, device: torch.device, repeats: int, warmup: int,
 def run_bench(cfg: RunConfig, train: bool = True, infer: bool = True, steps: int = 5, warmup: int = 2,
               new_tokens: int = 32, decode_batch: int = 8, threads: int = 0, compile_decode: bool = False) -> dict:
     """Everything `gptoss bench` prints, as one JSON-ready dict."""
-    from .train_setup import pick_device
+    from .devices import pick_device
 
     if threads:
         torch.set_num_threads(threads)
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, "train.device")
     report = {"config": cfg.name, "device": device_info(device),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if train:

@@ -20,6 +20,7 @@ import yaml
 
 from .errors import GptossError
 from .model.config import ModelConfig, ModelConfigError
+from .rundir import write_atomic
 
 
 class ConfigError(GptossError):
@@ -298,4 +299,4 @@ def load_config(name: str | Path = "tiny", overrides: list[str] | None = None) -
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    write_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))  # a resume rewrites a run's config

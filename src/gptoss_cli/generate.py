@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from .checkpoint import load_weights, read_state, resolve_checkpoint
 from .config import InferConfig, RunConfig, config_from_dict, read_yaml
+from .devices import native_bf16, pick_device
 from .errors import GptossError
 from .model import KVCache, StaticKVCache, Transformer
 from .rundir import newest_run_dir
@@ -178,21 +179,10 @@ class LoadedRun:
     dtype: torch.dtype
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda"):
-        raise GptossError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GptossError("--device cuda: no CUDA device is available (see gptoss env)")
-    return torch.device(name)
-
-
 def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
     """bf16 on a CUDA GPU that computes it natively (compute capability >= 8.0), else fp32."""
     if name == "auto":
-        native = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     if name not in dtypes:
         raise GptossError(f"--dtype must be auto, fp32 or bf16, got {name!r}")
@@ -233,7 +223,7 @@ def read_run_config(run_dir: Path, ckpt: Path, state: dict) -> RunConfig:
 def load_run(run: Path | None = None, checkpoint: Path | None = None, device: str = "auto",
              dtype: str = "auto") -> LoadedRun:
     """Find a run, check its tokenizer against the checkpoint, and load the weights for inference."""
-    dev = pick_device(device)
+    dev = pick_device(device, "--device")
     dt = pick_dtype(dev, dtype)
     run_dir, ckpt = locate(run, checkpoint)
     state = read_state(ckpt)

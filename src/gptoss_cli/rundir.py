@@ -19,6 +19,14 @@ from .errors import GptossError
 RUNS_ROOT = Path("runs")
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a run file in one step (write a hidden sibling, then rename): a kill mid-write leaves the
+    old file, never half of the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def new_run_dir(name: str, root: Path = RUNS_ROOT) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = root / f"{name}-{stamp}"

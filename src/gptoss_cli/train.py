@@ -27,7 +27,8 @@ from .errors import GptossError
 from .memory import MemorySampler
 from .optim import lr_at
 from .output import console
-from .train_setup import Prepared, prepare, write_atomic
+from .rundir import write_atomic
+from .train_setup import Prepared, prepare
 
 __all__ = ["Trainer", "prepare"]
 

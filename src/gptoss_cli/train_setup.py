@@ -18,30 +18,17 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import RunConfig, TrainConfig, save_config
 from .data import TokenBatches, load_documents, split_documents, tokenize_stream
+from .devices import native_bf16, pick_device
 from .errors import GptossError
 from .model import Transformer
 from .optim import build_optimizer
 from .output import console, warn
-from .rundir import new_run_dir
+from .rundir import new_run_dir, write_atomic
 from .sizing import resolve_precision
 from .tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 
 # Model fields that only choose a kernel: a checkpoint resumes under either setting.
 KERNEL_FIELDS = ("attention_backend", "moe_backend")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise GptossError("train.device: cuda requested but torch sees no CUDA device (see `gptoss env`)")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _check_same_model(cfg: RunConfig, state: dict, where: Path, flag: str) -> None:
@@ -130,7 +117,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
     t = cfg.train
     if init_from is not None and (resume or resume_from):
         raise GptossError("--init-from starts a new run from weights; it cannot be combined with --resume")
-    device = pick_device(t.device)
+    device = pick_device(t.device, "train.device")
     info = distributed.init(device.type, t.parallel)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
@@ -200,8 +187,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         ckpt.load_weights(model, (resume_ckpt or init_ckpt) / "model.safetensors")
         if init_ckpt and info.main:
             console.print(f"starting from the weights of {init_ckpt}")
-    # Capability, not torch.cuda.is_bf16_supported(): that also says yes to emulated bf16 (T4, V100).
-    bf16_ok = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    bf16_ok = native_bf16(device)
     if device.type == "cuda" and not bf16_ok and t.precision in ("bf16", "bf16-mixed"):
         raise GptossError(f"train.precision: {torch.cuda.get_device_name(device)} has no native bf16; "
                           "use --set train.precision=fp32")
