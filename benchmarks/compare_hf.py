@@ -47,6 +47,7 @@ from gptoss_cli.config import RunConfig, TrainConfig
 from gptoss_cli.generate import generate_tokens
 from gptoss_cli.hf_interop import to_hf_config, to_hf_state_dict
 from gptoss_cli.model import ModelConfig, Transformer
+from gptoss_cli.objective import objective
 from gptoss_cli.optim import build_optimizer
 from gptoss_cli.sampling import SamplingParams
 from gptoss_cli.sizing import describe
@@ -102,10 +103,7 @@ def ours_step_fn(model: Transformer, batches):
 
     def step(i: int) -> None:
         inputs, targets = batches[i % len(batches)]
-        out = model(inputs)  # the loss as Trainer._forward
-        loss = (F.cross_entropy(out.logits.view(-1, out.logits.shape[-1]), targets.reshape(-1))
-                + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss)
-        loss.backward()
+        objective(model, inputs, targets, t).loss.backward()  # the trainer's own loss
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step

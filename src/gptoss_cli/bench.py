@@ -27,11 +27,11 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from .config import RunConfig
 from .devices import native_bf16
 from .model import KVCache, Transformer
+from .objective import objective
 from .sizing import describe, resolve_precision
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets. Matched in this order
@@ -195,10 +195,7 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
         inputs, targets = batch[:, :-1], batch[:, 1:]
         _sync(device)
         t0 = time.perf_counter()
-        with autocast:  # the loss exactly as Trainer._forward
-            out = model(inputs)
-        loss = (F.cross_entropy(out.logits.view(-1, out.logits.shape[-1]), targets.reshape(-1))
-                + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss)
+        loss = objective(model, inputs, targets, t, autocast).loss  # the trainer's own loss
         _sync(device)
         t1 = time.perf_counter()
         loss.backward()

@@ -61,6 +61,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     compile: bool = False
     activation_checkpointing: bool = False
+    fused_loss: bool = True  # unembedding + cross-entropy chunk by chunk, no (B, T, V) logits
     parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun only
 
 

@@ -53,6 +53,7 @@ def describe(cfg: RunConfig, cuda: bool = False) -> dict:
     import torch
 
     from .model import Transformer
+    from .model.cross_entropy import chunk_rows
 
     m = cfg.model
     with torch.device("meta"):
@@ -89,7 +90,10 @@ def describe(cfg: RunConfig, cuda: bool = False) -> dict:
         activations = tokens * (m.num_hidden_layers * a * h + per_layer)
     else:
         activations = tokens * m.num_hidden_layers * per_layer
-    logits = tokens * m.vocab_size * 4 * 2  # fp32 logits and their gradient
+    if t.fused_loss:  # one chunk of fp32 logits and its gradient in the compute dtype (cross_entropy.py)
+        logits = min(tokens, chunk_rows(m.vocab_size, "cuda" if cuda else "cpu")) * m.vocab_size * (4 + a)
+    else:  # the fp32 logits, log_softmax's output and their gradient
+        logits = tokens * m.vocab_size * 4 * 3
     weights = total * prec.param_bytes
     train_mem = {
         "weights": weights,

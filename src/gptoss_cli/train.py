@@ -18,13 +18,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed
 from .data import TokenBatches
 from .errors import GptossError
 from .memory import MemorySampler
+from .objective import objective
 from .optim import lr_at
 from .output import console
 from .rundir import write_atomic
@@ -103,11 +103,7 @@ class Trainer:
 
     # ---- one micro-batch --------------------------------------------------------------------------
     def _forward(self, inputs, targets):
-        with self.autocast:
-            out = self.p.wrapped(inputs)
-        lm = F.cross_entropy(out.logits.view(-1, out.logits.shape[-1]), targets.reshape(-1))
-        loss = lm + self.t.aux_loss_coef * out.aux_loss + self.t.z_loss_coef * out.z_loss
-        acc = (out.logits.argmax(-1) == targets).float().mean()
+        loss, lm, acc, out = objective(self.p.wrapped, inputs, targets, self.t, self.autocast)
         return loss, lm, out, acc
 
     @torch.no_grad()

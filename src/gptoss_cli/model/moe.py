@@ -78,23 +78,24 @@ class _FusedExperts(torch.autograd.Function):
     def forward(ctx, xs, w1, b1, w2, b2, counts: list[int], limit: float):
         inter = w2.shape[-1]
         ys = xs.new_empty(xs.shape[0], w2.shape[1])
-        zero = xs.new_zeros(())
-        saved = []  # per expert that received rows: a, d a/d glu, d a/d lin, each (n_e, I)
+        saved = []  # per expert that received rows: a, d a/d glu, d a/d lin, each (n_e, I), all scaled by alpha
+        # With u = alpha * clamp(glu) the gate is g sigmoid(alpha g) = silu(u) / alpha: one fused op, whose
+        # derivative torch also has (silu_backward). The 1/alpha is folded into the matmuls (alpha=).
+        # The "+ 1" of the linear half is folded into its bias.
         for e, r in _slices(counts):
             w1e, b1e = w1[e].view(inter, 2, -1), b1[e].view(inter, 2)  # rows [gate0, lin0, gate1, ...]
             glu = torch.addmm(b1e[:, 0], xs[r], w1e[:, 0].t())  # (n_e, I)
-            lin = torch.addmm(b1e[:, 1], xs[r], w1e[:, 1].t())
-            g, lin_c = glu.clamp(max=limit), lin.clamp(min=-limit, max=limit)
-            s = torch.sigmoid(SWIGLU_ALPHA * g)
-            gs = g * s
-            l1 = lin_c + 1
-            a = gs * l1  # the SwiGLU output
-            torch.addmm(b2[e], a, w2[e].t(), out=ys[r])
-            # d a / d lin = g s inside the clamp; d a / d glu = l1 (s + 1.702 g s (1 - s)) below it
-            # (sigmoid_backward(g, s) = g s (1 - s) in one pass). A clamped input passes no gradient.
-            d_lin = torch.where(lin_c == lin, gs, zero)
-            slope = torch.add(s, torch.ops.aten.sigmoid_backward(g, s), alpha=SWIGLU_ALPHA).mul_(l1)
-            saved += [a, torch.where(g == glu, slope, zero), d_lin]
+            lin1 = torch.addmm(b1e[:, 1] + 1, xs[r], w1e[:, 1].t())  # lin + 1
+            u = glu.clamp(max=limit).mul_(SWIGLU_ALPHA)
+            su = F.silu(u)  # alpha * g * sigmoid(alpha g)
+            l1 = lin1.clamp(min=1 - limit, max=1 + limit)  # clamp(lin) + 1
+            a = su * l1  # alpha * (the SwiGLU output)
+            torch.addmm(b2[e], a, w2[e].t(), alpha=1 / SWIGLU_ALPHA, out=ys[r])
+            # d a/d glu = l1 (s + alpha g s (1 - s)), s = sigmoid(alpha g): silu_backward(l1, u), exactly.
+            # d a/d lin = g s (kept as alpha g s = su). A clamped input passes no gradient.
+            d_glu = torch.ops.aten.silu_backward(l1, u).masked_fill_(glu > limit, 0)
+            d_lin = su.masked_fill(l1 != lin1, 0)
+            saved += [a, d_glu, d_lin]
         # Through save_for_backward, so activation checkpointing and saved-tensor hooks see them all.
         ctx.save_for_backward(xs, w1, w2, *saved)
         ctx.counts = counts
@@ -104,6 +105,7 @@ class _FusedExperts(torch.autograd.Function):
     def backward(ctx, dy):
         xs, w1, w2, *saved = ctx.saved_tensors
         n_exp, inter = w2.shape[0], w2.shape[-1]
+        inv_alpha = 1 / SWIGLU_ALPHA  # a and d a/d lin were saved alpha times too large
         dy = dy.contiguous()
         dw1, db1, dw2, db2 = (torch.empty_like(p) for p in (w1, w1[:, :, 0], w2, w2[:, :, 0]))
         # mlp1's rows interleave gate and linear: matmuls write each half straight into a strided view.
@@ -113,16 +115,17 @@ class _FusedExperts(torch.autograd.Function):
         per_expert = zip(saved[0::3], saved[1::3], saved[2::3], strict=True)
         for (e, r), (a, d_glu, d_lin) in zip(_slices(ctx.counts), per_expert, strict=True):
             idle.discard(e)
-            torch.mm(dy[r].t(), a, out=dw2[e])  # (H, I)
+            dw2[e].addmm_(dy[r].t(), a, beta=0, alpha=inv_alpha)  # (H, I); beta=0: the empty memory is not read
             torch.sum(dy[r], 0, out=db2[e])
             da = dy[r] @ w2[e]  # (n_e, I)
-            dglu, dlin = da * d_glu, da.mul_(d_lin)
-            for half, dpre in ((0, dglu), (1, dlin)):
-                torch.mm(dpre.t(), xs[r], out=dw1_halves[e, :, half])  # (I, H)
+            dglu, dlin = da * d_glu, da.mul_(d_lin)  # dlin alpha times too large
+            for half, dpre, scale in ((0, dglu, 1.0), (1, dlin, inv_alpha)):
+                dw1_halves[e, :, half].addmm_(dpre.t(), xs[r], beta=0, alpha=scale)  # (I, H)
                 torch.sum(dpre, 0, out=db1_halves[e, :, half])
+            db1_halves[e, :, 1].mul_(inv_alpha)
             w1e = w1[e].view(inter, 2, -1)
             torch.mm(dglu, w1e[:, 0], out=dxs[r])  # (n_e, H)
-            dxs[r].addmm_(dlin, w1e[:, 1])
+            dxs[r].addmm_(dlin, w1e[:, 1], alpha=inv_alpha)
         for e in idle:  # experts that received no rows get zero gradients
             for grad in (dw1, db1, dw2, db2):
                 grad[e].zero_()

@@ -19,6 +19,7 @@ from torch import nn
 
 from .attention import AttentionBlock
 from .config import ModelConfig
+from .cross_entropy import linear_cross_entropy
 from .kv_cache import KVCache
 from .moe import MLPBlock
 from .norm import RMSNorm
@@ -26,10 +27,12 @@ from .rope import RotaryEmbedding, rotary_tables
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V) fp32 (or (B, 1, V) with last_only)
+    logits: torch.Tensor | None  # (B, T, V) fp32 (or (B, 1, V) with last_only); None when given targets
     aux_loss: torch.Tensor  # () load-balancing loss, mean over layers
     z_loss: torch.Tensor  # () router z-loss, mean over layers
     expert_counts: torch.Tensor  # (L, E) token-slots routed to each expert
+    lm_loss: torch.Tensor | None = None  # () mean next-token cross-entropy, only when given targets
+    accuracy: torch.Tensor | None = None  # () share of targets that are the argmax, only when given targets
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
@@ -85,8 +88,14 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std, generator=generator)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> ModelOutput:
-        """tokens (B, T) -> ModelOutput. positions (B, T) default to 0..T-1 (after the cache's length)."""
+                cache: KVCache | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None) -> ModelOutput:
+        """tokens (B, T) -> ModelOutput. positions (B, T) default to 0..T-1 (after the cache's length).
+
+        With targets (B, T) the output holds the cross-entropy and accuracy instead of logits: the
+        unembedding and the loss run fused, chunk by chunk (cross_entropy.py), and no (B, T, V) tensor
+        is ever made.
+        """
         b, t = tokens.shape
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -107,7 +116,11 @@ class Transformer(nn.Module):
             aux.append(stats.aux_loss)
             z.append(stats.z_loss)
             counts.append(stats.counts)
+        stats = torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts)
+        if targets is not None:
+            lm, acc = linear_cross_entropy(self.norm(x).flatten(0, 1), self.unembedding.weight, targets.flatten())
+            return ModelOutput(None, *stats, lm_loss=lm, accuracy=acc)
         if last_only:
             x = x[:, -1:]
-        logits = self.unembedding(self.norm(x)).float()
-        return ModelOutput(logits, torch.stack(aux).mean(), torch.stack(z).mean(), torch.stack(counts))
+        logits = self.unembedding(self.norm(x))
+        return ModelOutput(logits.to(torch.promote_types(logits.dtype, torch.float32)), *stats)  # fp64 stays
