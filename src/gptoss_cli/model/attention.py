@@ -68,6 +68,33 @@ def sdpa_attention(q, k, v, sinks, mask, scale):
     return out[..., :d]
 
 
+def banded_sdpa_attention(q, k, v, sinks, mask, scale, window):
+    """sdpa_attention for a sliding layer without a KV cache, over only the keys a query can see.
+
+    Queries go in blocks of W. Block c (queries cW .. cW+W-1) can see keys cW-W+1 .. cW+W-1 at most, so
+    it attends to the 2W keys from cW-W (zero keys before the start, masked): ~2W keys per query instead
+    of T, so the masked blocks are skipped rather than computed and thrown away. Keys must be the
+    queries' own sequence (index i of both is the same token); `mask` still decides visibility, so
+    padding and positions work as in sdpa_attention, whose results this equals.
+    """
+    b, nh, t, d = q.shape
+    w = window
+    nb = -(-t // w)  # query blocks
+    tail = nb * w - t  # padding that makes T a multiple of W
+
+    def key_blocks(x):  # (B, H, T, D) -> (B*nb, H, 2W, D): block c holds padded rows cW .. cW+2W-1
+        blocks = F.pad(x, (0, 0, w, tail)).unfold(2, 2 * w, w)  # (B, H, nb, D, 2W)
+        return blocks.permute(0, 2, 1, 4, 3).reshape(b * nb, x.shape[1], 2 * w, d)
+
+    qb = F.pad(q, (0, 0, 0, tail)).view(b, nh, nb, w, d).transpose(1, 2).reshape(b * nb, nh, w, d)
+    # mask (B, 1, T, T) -> (B*nb, 1, W, 2W): rows of block c, columns cW-W .. cW+W-1 (padding invisible)
+    mp = F.pad(mask.expand(b, 1, t, t), (w, tail, 0, tail), value=False).view(b, 1, nb, w, w + nb * w)
+    mb = mp.unfold(-1, 2 * w, w).diagonal(dim1=2, dim2=4)  # (B, 1, W, 2W, nb)
+    mb = mb.permute(0, 4, 1, 2, 3).reshape(b * nb, 1, w, 2 * w)
+    out = sdpa_attention(qb, key_blocks(k), key_blocks(v), sinks, mb, scale)  # (B*nb, NH, W, D)
+    return out.view(b, nb, nh, w, d).transpose(1, 2).reshape(b, nh, nb * w, d)[:, :, :t]
+
+
 BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
@@ -103,7 +130,10 @@ class AttentionBlock(nn.Module):
         q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]  # keys are cached after RoPE
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, S, NKV, D) including the past
-        o = BACKENDS[self.backend](
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.sinks, mask, self.scale
-        )  # (B, NH, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, D)
+        if self.backend == "sdpa" and cache is None and self.sliding_window and t >= 3 * self.sliding_window:
+            # Only pays when T is well above 2W: each query then attends ~2W keys instead of T.
+            o = banded_sdpa_attention(q, k, v, self.sinks, mask, self.scale, self.sliding_window)
+        else:
+            o = BACKENDS[self.backend](q, k, v, self.sinks, mask, self.scale)  # (B, NH, T, D)
         return x + self.out(o.transpose(1, 2).reshape(b, t, nh * d))
