@@ -160,9 +160,24 @@ def _decode_step(model: Transformer, cache: KVCache, compile_decode: bool) -> Ca
     if cuda:  # the cache is mutated in place: CUDA graphs need its buffers at fixed addresses
         for buf in cache.buffers():
             torch._dynamo.mark_static_address(buf)
-    compiled = torch.compile(step, mode="reduce-overhead" if cuda else None, dynamic=False)
-    # A CUDA graph replay overwrites its output buffer: keep a copy of each step's logits.
-    return lambda tokens, positions: compiled(tokens, positions).clone()
+    # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel (-0.1 ms a step at
+    # issue 8's shapes; the first compile takes ~10 s longer, later runs hit inductor's cache).
+    compiled = torch.compile(step, mode="reduce-overhead" if cuda else None, dynamic=False,
+                             options=None if cuda else {"cpp_wrapper": True})
+    warm = False
+
+    def run(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        nonlocal warm
+        if not warm:  # the first call traces and compiles, with every guard checked
+            warm = True
+            return compiled(tokens, positions).clone()
+        # Every later step has the same shapes, the same model and the same cache, so only one compiled
+        # graph can exist: checking its guards again on every token is pure overhead (~0.1 ms a step).
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            # A CUDA graph replay overwrites its output buffer: keep a copy of each step's logits.
+            return compiled(tokens, positions).clone()
+
+    return run
 
 
 # ---- loading a run -------------------------------------------------------------------------------
