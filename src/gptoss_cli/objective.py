@@ -27,8 +27,9 @@ class Objective(NamedTuple):
 
 
 def objective(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, t: TrainConfig,
-              autocast: AbstractContextManager = nullcontext()) -> Objective:
+              autocast: AbstractContextManager | None = None) -> Objective:
     """inputs, targets (B, T) token ids -> the loss terms. `model` may be wrapped (DDP, FSDP)."""
+    autocast = autocast or nullcontext()
     if t.fused_loss:
         with autocast:
             out = model(inputs, targets=targets)
