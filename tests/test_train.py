@@ -433,15 +433,15 @@ def test_adamw_decays_only_the_projection_matrices():
 
 def test_lr_schedule_warmup_peak_and_cosine_floor():
     cfg = TrainConfig(lr=1e-3, warmup_steps=4, min_lr_ratio=0.1)
-    total, floor = 20, 1e-4
+    total, floor = 21, 1e-4  # steps 0..20 run; the cosine spans steps 4..20
     warm = [lr_at(s, cfg, total) for s in range(4)]
     assert warm == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear, peak at the end of warmup
     assert lr_at(4, cfg, total) == pytest.approx(1e-3)
-    decay = [lr_at(s, cfg, total) for s in range(4, total + 1)]
+    decay = [lr_at(s, cfg, total) for s in range(4, total)]
     assert all(a > b for a, b in zip(decay[:-1], decay[1:], strict=True))
     assert lr_at(12, cfg, total) == pytest.approx((1e-3 + floor) / 2)  # halfway through the cosine
     assert lr_at(9, cfg, total) == pytest.approx(floor + (1e-3 - floor) * 0.5 * (1 + math.cos(math.pi * 5 / 16)))
-    assert lr_at(total, cfg, total) == pytest.approx(floor)
+    assert lr_at(total - 1, cfg, total) == pytest.approx(floor)  # the last step that runs is at the floor
     assert lr_at(total + 5, cfg, total) == pytest.approx(floor)  # stays at the floor
     assert all(floor - 1e-12 <= lr <= 1e-3 + 1e-12 for lr in warm + decay)
     assert lr_at(0, TrainConfig(lr=1e-3, warmup_steps=0), total) == pytest.approx(1e-3)

@@ -90,8 +90,9 @@ def describe(cfg: RunConfig, cuda: bool = False) -> dict:
         activations = tokens * (m.num_hidden_layers * a * h + per_layer)
     else:
         activations = tokens * m.num_hidden_layers * per_layer
-    if t.fused_loss:  # one chunk of fp32 logits and its gradient in the compute dtype (cross_entropy.py)
-        logits = min(tokens, chunk_rows(m.vocab_size, "cuda" if cuda else "cpu")) * m.vocab_size * (4 + a)
+    if t.fused_loss:  # one chunk of fp32 logits and its gradient in the compute dtype (cross_entropy.py);
+        # the GPU's chunk, the larger one, so the figure is an upper bound on CPU too
+        logits = min(tokens, chunk_rows(m.vocab_size, "cuda")) * m.vocab_size * (4 + a)
     else:  # the fp32 logits, log_softmax's output and their gradient
         logits = tokens * m.vocab_size * 4 * 3
     weights = total * prec.param_bytes
