@@ -37,7 +37,7 @@ def _single(tmp_path, run, *extra):
 
 
 def _torchrun(tmp_path, *args, nproc=2):
-    # `-r DIR`, not `--run DIR`: torchrun's own parser reads `--run` as an abbreviation of `--run-path`.
+    # `--run-dir DIR` or `-r DIR`, not `--run DIR`: torchrun reads `--run` as an abbreviation of `--run-path`.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
 
@@ -57,7 +57,7 @@ def single_run(tmp_path_factory):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, single_run, parallel):
     run = tmp_path / "run"
-    out = _torchrun(tmp_path, "-m", "gptoss_cli", "train", "-c", "tiny", "-r", str(run),
+    out = _torchrun(tmp_path, "-m", "gptoss_cli", "train", "-c", "tiny", "--run-dir", str(run),
                     *_sets(COMMON + ["train.batch_size=4", "train.max_steps=6", f"train.parallel={parallel}"]))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "global batch 4 x 1 accumulation x 2 processes = 8 sequences" in out.stdout

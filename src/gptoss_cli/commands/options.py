@@ -16,6 +16,8 @@ SetOpt = Annotated[
                  metavar="SECTION.KEY=VALUE"),
 ]
 RunOpt = Annotated[
-    Path | None, typer.Option("--run", "-r", help="Run directory (default: a new one, or the newest, under ./runs).")
+    Path | None, typer.Option("--run", "--run-dir", "-r",
+                              help="Run directory (default: a new one, or the newest, under ./runs). Under "
+                                   "torchrun write --run-dir or -r: torchrun takes --run for its --run-path.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
