@@ -8,7 +8,8 @@ repository root, in well under 10 minutes:
 1. MoE: `torch._grouped_mm` (bf16) against the per-expert loop at compact shapes, forward and backward,
    both measured against an fp32 loop; then the grouped block's forward + backward under
    `torch.cuda.set_sync_debug_mode("error")`, which raises at the first host sync.
-2. Attention: the SDPA sink path against the eager reference, fp32 and bf16, forward and backward.
+2. Attention: the SDPA sink path and the banded sliding-window path against the eager reference, fp32
+   and bf16, forward and backward; the fused unembedding + cross-entropy against F.cross_entropy in bf16.
 3. `gptoss bench --config compact --json` (the config as shipped: bf16, batch 2 x 512, activation
    checkpointing), a training-only run at micro-batch 8 without checkpointing, and decoding with the
    compiled CUDA-graph step (`--compile-decode`). Training MFU, decode against its bandwidth bound and
@@ -122,7 +123,7 @@ def check_no_host_sync(tokens: int = 8192) -> dict:
 
 def check_attention() -> dict:
     from gptoss_cli.model import attention_mask
-    from gptoss_cli.model.attention import eager_attention, sdpa_attention
+    from gptoss_cli.model.attention import banded_sdpa_attention, eager_attention, sdpa_attention
 
     b, nh, nkv, t, d = 2, 24, 4, 512, 64
     result = {}
@@ -136,13 +137,49 @@ def check_attention() -> dict:
             mask = attention_mask(pos, pos, window)
             up = torch.randn(b, nh, t, d, device="cuda", generator=g).to(dtype)
             outs = {}
-            for name, fn in (("eager", eager_attention), ("sdpa", sdpa_attention)):
+            fns = [("eager", eager_attention), ("sdpa", sdpa_attention)]
+            if window:  # the block-skipping path of sliding layers (model/attention.py)
+                fns.append(("banded", lambda *a, w=window: banded_sdpa_attention(*a, w)))
+            for name, fn in fns:
                 o = fn(q, k, v, sinks, mask, 1 / math.sqrt(d))
                 outs[name] = (o, torch.autograd.grad((o.float() * up.float()).sum(), (q, k, v, sinks)))
-            (oe, ge), (os_, gs) = outs["eager"], outs["sdpa"]
-            errs = {"out": rel_err(os_, oe), **{n: rel_err(a, e) for n, a, e in zip("qkvs", gs, ge, strict=True)}}
+            oe, ge = outs["eager"]
             limit = 1e-4 if dtype == torch.float32 else 3e-2
-            result[f"{str(dtype)[6:]}_window{window}"] = {**errs, "pass": max(errs.values()) < limit}
+            for name in outs.keys() - {"eager"}:
+                o, gr = outs[name]
+                errs = {"out": rel_err(o, oe), **{n: rel_err(a, e) for n, a, e in zip("qkvs", gr, ge, strict=True)}}
+                result[f"{name}_{str(dtype)[6:]}_window{window}"] = {**errs, "pass": max(errs.values()) < limit}
+    return result
+
+
+def check_fused_loss(tokens: int = 1024, hidden: int = 1536, vocab: int = 32000) -> dict:
+    """The fused unembedding + cross-entropy against F.cross_entropy, bf16 (compact's pure bf16), with times."""
+    import torch.nn.functional as F
+
+    from gptoss_cli.model.cross_entropy import linear_cross_entropy
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device="cuda", generator=g) / math.sqrt(hidden)).bfloat16().requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+    runs = {"plain": lambda: F.cross_entropy((x @ w.T).float(), targets),
+            "fused": lambda: linear_cross_entropy(x, w, targets)[0]}
+    result, grads = {}, {}
+    for name, fn in runs.items():
+        times = []
+        for _ in range(6):
+            x.grad = w.grad = None
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = fn()
+            loss.backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        grads[name] = (loss.item(), x.grad, w.grad)
+        result[f"{name}_fwd_bwd_ms"] = 1e3 * sorted(times[1:])[len(times[1:]) // 2]
+    (lp, dxp, dwp), (lf, dxf, dwf) = grads["plain"], grads["fused"]
+    result |= {"loss_abs_diff": abs(lp - lf), "dx_rel": rel_err(dxf, dxp), "dw_rel": rel_err(dwf, dwp)}
+    result["pass"] = result["loss_abs_diff"] < 1e-3 and result["dx_rel"] < 3e-2 and result["dw_rel"] < 3e-2
     return result
 
 
@@ -177,6 +214,7 @@ def main() -> None:
     record("moe_grouped_vs_loop", check_moe)
     record("moe_grouped_no_host_sync", check_no_host_sync)
     record("attention_sdpa_vs_eager", check_attention)
+    record("fused_loss_vs_plain", check_fused_loss)
     record("bench_compact", lambda: gptoss_bench("--config", "compact", "--steps", "10", "--warmup", "3"))
     record("bench_compact_batch8_no_ckpt", lambda: gptoss_bench(
         "--config", "compact", "--train", "--steps", "10", "--warmup", "3",
