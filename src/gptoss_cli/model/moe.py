@@ -271,7 +271,7 @@ class MLPBlock(nn.Module):
         else:
             ys = _experts_loop(xs, counts, *params, self.swiglu_limit)
         # Scatter back to assignment order (deterministic, unlike index_add_) and weight per token.
-        per_slot = ys.new_empty(ys.shape).index_copy(0, order, ys).view(b * t, k, hidden)
+        per_slot = torch.empty_like(ys).index_copy_(0, order, ys).view(b * t, k, hidden)  # in place: no clone
         # The k-way weighted sum as a batched (1, k) x (k, H) product: fwd+bwd 1.5x faster on CPU than
         # multiply-and-sum, and deterministic.
         with torch.autocast(x.device.type, enabled=False):  # fp32, as the router weights
