@@ -6,10 +6,12 @@ loop for greedy decoding; the nucleus / top-k sets and the CTRL penalty formula 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import pytest
 import torch
 
+from gptoss_cli import compiled_decode
 from gptoss_cli.errors import GptossError
 from gptoss_cli.generate import generate_tokens
 from gptoss_cli.model import ModelConfig, Transformer
@@ -206,8 +208,16 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
 
 # ---- the static cache behind `infer --compile` ----------------------------------------------------
 
+@pytest.fixture
+def fresh_steps(monkeypatch):
+    """An empty registry of compiled steps: no test sees a step another test built (or faked)."""
+    steps = weakref.WeakKeyDictionary()
+    monkeypatch.setattr(compiled_decode, "_STEPS", steps)
+    return steps
+
+
 @pytest.mark.parametrize("prompt_len", [3, W + 1, 2 * W + 3])
-def test_static_cache_decode_matches_full_forward(models, prompt_len, monkeypatch):
+def test_static_cache_decode_matches_full_forward(models, prompt_len, monkeypatch, fresh_steps):
     """compile_decode swaps in StaticKVCache; torch.compile itself is replaced by the identity here (its
     CPU compile takes tens of seconds; the compiled run is `test_compiled_decode_matches_eager`)."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
@@ -221,7 +231,7 @@ def test_static_cache_decode_matches_full_forward(models, prompt_len, monkeypatc
     assert ids == eager_ids
 
 
-def test_static_cache_left_padded_batch(models, monkeypatch):
+def test_static_cache_left_padded_batch(models, monkeypatch, fresh_steps):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     model, _ = models
     prompts = [prompt(3, seed=8), prompt(2 * W, seed=9)]
@@ -230,13 +240,31 @@ def test_static_cache_left_padded_batch(models, monkeypatch):
     assert static_ids == eager_ids
 
 
-@pytest.mark.slow
-def test_compiled_decode_matches_eager(models):
-    """The real torch.compile of the decode step (CPU inductor: ~30 s to compile). `uv run pytest -m slow`."""
+def test_compiled_step_is_reused_across_generations(models, monkeypatch, fresh_steps):
+    """A second generation of the same shape reuses the step and its emptied cache (no new trace), and
+    still equals eager decoding; another batch size gets its own step."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     model, _ = models
-    p = prompt(W + 2, seed=10)
-    compiled_ids, _, _, compiled_steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W),
-                                             compile_decode=True)
-    eager_ids, _, _, eager_steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W))
-    assert compiled_ids == eager_ids
-    assert (compiled_steps - eager_steps).abs().max().item() <= 1e-4
+    params = dataclasses.replace(GREEDY, max_new_tokens=10)
+    for seed, length in ((11, 5), (12, 9)):  # 15 and 19 tokens: both in the first 64-token cache
+        p = prompt(length, seed=seed)
+        ids, *_ = run(model, [p], params, compile_decode=True)
+        assert ids == run(model, [p], params)[0]
+    assert len(fresh_steps[model]) == 1
+    run(model, [prompt(5, seed=13), prompt(6, seed=14)], params, compile_decode=True)
+    assert len(fresh_steps[model]) == 2
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(models, fresh_steps):
+    """The real torch.compile of the decode step (CPU inductor: ~30 s to compile). `uv run pytest -m slow`.
+    A second generation reuses the compiled step with its emptied cache."""
+    model, _ = models
+    for seed in (10, 15):
+        p = prompt(W + 2, seed=seed)
+        compiled_ids, _, _, compiled_steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W),
+                                                 compile_decode=True)
+        eager_ids, _, _, eager_steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W))
+        assert compiled_ids == eager_ids
+        assert (compiled_steps - eager_steps).abs().max().item() <= 1e-4
+    assert len(fresh_steps[model]) == 1

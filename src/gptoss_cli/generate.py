@@ -12,6 +12,7 @@ sampled ids are the only host sync, needed anyway to stream text and to stop at 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,10 +22,11 @@ import torch
 from tokenizers import Tokenizer
 
 from .checkpoint import load_weights, read_state, resolve_checkpoint
+from .compiled_decode import compiled_step
 from .config import InferConfig, RunConfig, config_from_dict, read_yaml
 from .devices import native_bf16, pick_device
 from .errors import GptossError
-from .model import KVCache, StaticKVCache, Transformer
+from .model import KVCache, Transformer
 from .rundir import newest_run_dir
 from .sampling import SamplingParams, TextStream, sample
 from .tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash
@@ -92,9 +94,13 @@ def generate_tokens(
         tokens[i, t - len(ids):] = torch.tensor(ids, dtype=torch.long)
         positions[i, t - len(ids):] = torch.arange(len(ids))
     tokens, positions = tokens.to(device), positions.to(device)
-    cache_cls = StaticKVCache if compile_decode else KVCache
-    cache = cache_cls(cfg, b, t + budget, model.embedding.weight.dtype, device)
-    decode = _decode_step(model, cache, compile_decode)
+    if compile_decode:  # a static cache and a compiled step, kept for later generations of this shape
+        step = compiled_step(model, b, t + budget)
+        cache = step.cache
+        decode = functools.partial(step, model)
+    else:
+        cache = KVCache(cfg, b, t + budget, model.embedding.weight.dtype, device)
+        decode = functools.partial(_decode_step, model, cache)
     generator = torch.Generator(device=device)
     if params.seed is None:
         generator.seed()
@@ -149,35 +155,9 @@ def generate_tokens(
     return out, final, stats
 
 
-def _decode_step(model: Transformer, cache: KVCache, compile_decode: bool) -> Callable:
-    """tokens (B, 1), positions (B, 1) -> next-token logits (B, V), eager or compiled."""
-    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return model(tokens, positions, cache).logits[:, -1]
-
-    if not compile_decode:
-        return step
-    cuda = next(model.parameters()).device.type == "cuda"
-    if cuda:  # the cache is mutated in place: CUDA graphs need its buffers at fixed addresses
-        for buf in cache.buffers():
-            torch._dynamo.mark_static_address(buf)
-    # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel (-0.1 ms a step at
-    # issue 8's shapes; the first compile takes ~10 s longer, later runs hit inductor's cache).
-    compiled = torch.compile(step, mode="reduce-overhead" if cuda else None, dynamic=False,
-                             options=None if cuda else {"cpp_wrapper": True})
-    warm = False
-
-    def run(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        nonlocal warm
-        if not warm:  # the first call traces and compiles, with every guard checked
-            warm = True
-            return compiled(tokens, positions).clone()
-        # Every later step has the same shapes, the same model and the same cache, so only one compiled
-        # graph can exist: checking its guards again on every token is pure overhead (~0.1 ms a step).
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            # A CUDA graph replay overwrites its output buffer: keep a copy of each step's logits.
-            return compiled(tokens, positions).clone()
-
-    return run
+def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """tokens (B, 1), positions (B, 1) -> next-token logits (B, V), eagerly (compiled: compiled_decode.py)."""
+    return model(tokens, positions, cache).logits[:, -1]
 
 
 # ---- loading a run -------------------------------------------------------------------------------

@@ -88,6 +88,14 @@ class StaticKVCache(KVCache):
         self.index = torch.zeros((), dtype=torch.long, device=device)  # tokens written, on the device
         self._slots = None
 
+    def reset(self) -> None:
+        """Empty the cache for a new generation of the same shape. Its tensors stay the same objects (a
+        compiled step keeps using them); stale keys and values are masked by their -1 positions."""
+        self.length = 0
+        self.index.zero_()
+        self.pos_full.fill_(-1)
+        self.pos_ring.fill_(-1)
+
     def buffers(self) -> list[torch.Tensor]:
         """Every tensor a step mutates (to mark as static addresses for CUDA graphs)."""
         return [*self.k, *self.v, self.pos_full, self.pos_ring, self.index]

@@ -1,0 +1,68 @@
+"""The compiled decode step behind `infer --compile`: a StaticKVCache and a torch.compile'd one-token step.
+
+One step is built per model and shape and reused by every later generation with that shape. dynamo
+compiles a function at most 8 times and then silently runs it eagerly, so a process that generated many
+times with a new cache each time (a benchmark, a server, a notebook) would lose the compiled step. The
+cache length is rounded up to a multiple of 64 so that prompts of similar lengths share a graph: the
+extra slots hold position -1 and are masked.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .model import StaticKVCache, Transformer
+
+LENGTH_STEP = 64
+# model -> {(batch, cache length, dtype, device): CompiledStep}. Weak: a step holds no reference to its model.
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _step(model: Transformer, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    return model(tokens, positions, cache).logits[:, -1]
+
+
+class CompiledStep:
+    """step(model, tokens (B, 1), positions (B, 1)) -> next-token logits (B, V), through the compiled graph."""
+
+    def __init__(self, cache: StaticKVCache):
+        self.cache = cache
+        cuda = cache.pos_full.device.type == "cuda"
+        if cuda:  # the cache is mutated in place: CUDA graphs need its buffers at fixed addresses
+            for buf in cache.buffers():
+                torch._dynamo.mark_static_address(buf)
+        # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel (-0.1 ms a step at
+        # issue 8's shapes; the first compile takes ~10 s longer, later runs hit inductor's disk cache).
+        self._compiled = torch.compile(_step, mode="reduce-overhead" if cuda else None, dynamic=False,
+                                       options=None if cuda else {"cpp_wrapper": True})
+        self._checked = False
+
+    def begin(self) -> StaticKVCache:
+        """The emptied cache for a new generation, whose first step checks every guard again."""
+        self.cache.reset()
+        self._checked = False
+        return self.cache
+
+    def __call__(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not self._checked:  # the first call of a generation traces (once per shape) with all guards
+            self._checked = True
+            return self._compiled(model, self.cache, tokens, positions).clone()
+        # Every later step of the generation has the same shapes, model and cache, so the graph chosen
+        # by the first step is the one: re-checking its guards on every token is overhead (~0.1 ms).
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            # A CUDA graph replay overwrites its output buffer: keep a copy of each step's logits.
+            return self._compiled(model, self.cache, tokens, positions).clone()
+
+
+def compiled_step(model: Transformer, batch: int, length: int) -> CompiledStep:
+    """The step for `batch` rows of up to `length` tokens, built on first use, its cache emptied."""
+    length = min(model.config.max_context_length, -(-length // LENGTH_STEP) * LENGTH_STEP)
+    weight = model.embedding.weight
+    steps = _STEPS.setdefault(model, {})
+    key = (batch, length, weight.dtype, weight.device)
+    if key not in steps:
+        steps[key] = CompiledStep(StaticKVCache(model.config, batch, length, weight.dtype, weight.device))
+    steps[key].begin()
+    return steps[key]
