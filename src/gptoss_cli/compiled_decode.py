@@ -9,6 +9,7 @@ extra slots hold position -1 and are masked.
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
@@ -33,6 +34,8 @@ class CompiledStep:
         if cuda:  # the cache is mutated in place: CUDA graphs need its buffers at fixed addresses
             for buf in cache.buffers():
                 torch._dynamo.mark_static_address(buf)
+        else:  # a CPU compile has no use for CUDA, but torch warns "No CUDA runtime is found" into the output
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel (-0.1 ms a step at
         # issue 8's shapes; the first compile takes ~10 s longer, later runs hit inductor's disk cache).
         self._compiled = torch.compile(_step, mode="reduce-overhead" if cuda else None, dynamic=False,

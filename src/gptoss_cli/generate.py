@@ -43,15 +43,17 @@ class GenerationStats:
     prompt_tokens: int  # summed over the batch, pads excluded
     new_tokens: int  # summed over the batch, EOS excluded
     prefill_s: float  # prefill forward + first sampled token on the host (time to first token)
-    decode_s: float  # every later step
+    decode_s: float  # every later step, the compiling one excluded
     decode_steps: int  # forwards after the prefill; each yields one token per sequence
+    compile_s: float  # the first decode step when it compiles (--compile), else 0
     context_limited: bool  # max_new_tokens was cut to fit max_context_length
     peak_bytes: int | None = None
     memory_label: str = ""
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.batch * self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+        timed = self.decode_steps - (1 if self.compile_s else 0)  # the compiling step is not a decode speed
+        return self.batch * timed / self.decode_s if self.decode_s > 0 and timed > 0 else 0.0
 
 
 def context_budget(prompt_len: int, max_new_tokens: int, max_context: int) -> int:
@@ -118,7 +120,7 @@ def generate_tokens(
     pos = positions[:, -1:] + 1  # (B, 1) next position per row: the last column holds every row's last token
     out: list[list[int]] = [[] for _ in range(b)]
     reasons: list[str | None] = [None] * b
-    prefill_s, decode_start, steps = 0.0, start, 0
+    prefill_s, decode_start, steps, compile_s = 0.0, start, 0, 0.0
     for step in range(budget):
         if on_logits:
             on_logits(logits)
@@ -140,17 +142,20 @@ def generate_tokens(
             break
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
+        step_start = time.perf_counter()
         logits = decode(nxt[:, None], pos)  # (B, V)
+        if compile_decode and steps == 0:  # the first compiled step traces and compiles (seconds on CPU)
+            compile_s = time.perf_counter() - step_start
         pos = pos + 1
         steps += 1
         if on_memory and steps % MEMORY_EVERY == 0:
             on_memory(steps, sum(map(len, out)))
-    decode_s = time.perf_counter() - decode_start
+    decode_s = time.perf_counter() - decode_start - compile_s
     if on_memory:
         on_memory(steps, sum(map(len, out)))
     limited = budget < params.max_new_tokens
     final = [r or ("context" if limited else "length") for r in reasons]
-    stats = GenerationStats(b, sum(lengths), sum(map(len, out)), prefill_s, decode_s, steps,
+    stats = GenerationStats(b, sum(lengths), sum(map(len, out)), prefill_s, decode_s, steps, compile_s,
                             limited and "context" in final)
     return out, final, stats
 

@@ -90,7 +90,9 @@ def command(
         warn(f"stopped at the model's context length ({loaded.config.model.max_context_length} tokens, "
              "model.max_context_length): shorten the prompt for a longer continuation")
     peak = f"peak memory {s.peak_bytes / 2**20:,.1f} MiB ({s.memory_label})" if s.peak_bytes else "peak memory n/a"
-    decode = f"decode {s.decode_tokens_per_s:.1f} tokens/s" if s.decode_steps else "decode n/a"
+    decode = f"decode {s.decode_tokens_per_s:.1f} tokens/s" if s.decode_tokens_per_s else "decode n/a"
+    if s.compile_s:
+        decode = f"compile {s.compile_s:.1f} s | {decode}"
     dtype_name = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(loaded.dtype), str(loaded.dtype))
     batch = f" | batch {s.batch}" if s.batch > 1 else ""
     err_console.print(
