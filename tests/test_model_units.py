@@ -614,7 +614,7 @@ def test_moe_traced_decode_path_matches_reference(monkeypatch, batch):
     assert stats.counts.sum().item() == batch * 2
 
 
-@pytest.mark.parametrize("backend", ["fused_loop", "sdpa"])
+@pytest.mark.parametrize("backend", ["fused_loop", "sdpa", "sdpa_dense"])
 def test_model_gradients_match_the_reference_backends(backend):
     """A whole model (loss, aux loss) under a fast backend against eager attention and the loop MoE."""
     def grads(**kernels):
@@ -627,6 +627,8 @@ def test_model_gradients_match_the_reference_backends(backend):
         return loss.item(), {n: p.grad for n, p in model.named_parameters()}
 
     fast = {"moe_backend": backend} if backend == "fused_loop" else {"attention_backend": backend}
+    if backend == "sdpa":  # T = 13 >= 3W: the sliding layers take the banded path
+        assert Transformer(small_config(**fast)).block[0].attn.sliding_window * 3 <= 13
     ref_loss, ref = grads()
     loss, got = grads(**fast)
     assert loss == pytest.approx(ref_loss, abs=1e-5)

@@ -8,7 +8,9 @@ Two backends, chosen by `ModelConfig.attention_backend`, compute exactly this:
 - `sdpa`: torch's fused scaled_dot_product_attention with the sink folded in as one extra key. The head
   dim grows from D to D+8: queries carry sink_h/scale in coordinate D, a virtual key at index 0 is the
   unit vector e_D with a zero value, and real keys carry 0 there. Its logit is then exactly sink_h, and
-  the sink's gradient flows through the query.
+  the sink's gradient flows through the query. Without a KV cache, sliding layers of T >= 3W tokens
+  attend block by block over only the keys each block can see (`banded_sdpa_attention`);
+  `sdpa_dense` is the same kernel over all T keys, masked, kept to compare against.
 
 Which keys a query sees comes in as a boolean mask built from absolute positions (see transformer.py),
 so the same code serves training, prefill and cached decoding.
@@ -135,5 +137,6 @@ class AttentionBlock(nn.Module):
             # Only pays when T is well above 2W: each query then attends ~2W keys instead of T.
             o = banded_sdpa_attention(q, k, v, self.sinks, mask, self.scale, self.sliding_window)
         else:
-            o = BACKENDS[self.backend](q, k, v, self.sinks, mask, self.scale)  # (B, NH, T, D)
+            kernel = BACKENDS["sdpa" if self.backend == "sdpa_dense" else self.backend]
+            o = kernel(q, k, v, self.sinks, mask, self.scale)  # (B, NH, T, D)
         return x + self.out(o.transpose(1, 2).reshape(b, t, nh * d))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ATTENTION_BACKENDS = ("eager", "sdpa")
+ATTENTION_BACKENDS = ("eager", "sdpa", "sdpa_dense")
 MOE_BACKENDS = ("auto", "loop", "fused_loop", "grouped_mm")
 
 
@@ -50,7 +50,7 @@ class ModelConfig:
     attention_bias: bool = False  # bias on qkv and out
     router_bias: bool = False  # bias on the router (gate)
     initializer_range: float = 0.02
-    attention_backend: str = "sdpa"  # eager (the reference) | sdpa (exact sinks, fused kernel)
+    attention_backend: str = "sdpa"  # eager (the reference) | sdpa (exact sinks, fused kernel) | sdpa_dense
     moe_backend: str = "auto"  # auto | loop (sort by expert, one matmul pair per expert) | fused_loop | grouped_mm
 
     def __post_init__(self) -> None:
