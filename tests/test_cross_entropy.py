@@ -51,6 +51,14 @@ def test_matches_cross_entropy_in_float64(rows):
     assert x.grad[::5].abs().max().item() == 0.0  # ignored rows get no gradient
 
 
+def test_a_second_backward_is_refused():
+    x, w, targets = _inputs(torch.float64)
+    loss, _ = linear_cross_entropy(x, w, targets, rows=8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
+
+
 def test_ignored_rows_do_not_change_the_result():
     x, w, targets = _inputs(torch.float64)
     keep = targets != -100

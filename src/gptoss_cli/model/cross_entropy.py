@@ -87,8 +87,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct, _grad_count):
+        if ctx.grads is None:
+            raise RuntimeError("the fused cross-entropy can be backpropagated once (its buffers are "
+                               "scaled in place); use train.fused_loss=false for retain_graph")
         dx, dw = ctx.grads
-        ctx.grads = None  # the graph is used once (no retain_graph): the buffers are scaled in place
+        ctx.grads = None  # the buffers are scaled in place and handed over
         return (None if dx is None else dx.mul_(grad_loss.to(dx.dtype)),
                 None if dw is None else dw.mul_(grad_loss.to(dw.dtype)), None, None, None, None, None)
 
