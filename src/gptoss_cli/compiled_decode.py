@@ -42,11 +42,10 @@ class CompiledStep:
                                        options=None if cuda else {"cpp_wrapper": True})
         self._checked = False
 
-    def begin(self) -> StaticKVCache:
-        """The emptied cache for a new generation, whose first step checks every guard again."""
+    def begin(self) -> None:
+        """Empty the cache for a new generation, whose first step checks every guard again."""
         self.cache.reset()
         self._checked = False
-        return self.cache
 
     def __call__(self, model: Transformer, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if not self._checked:  # the first call of a generation traces (once per shape) with all guards

@@ -101,11 +101,6 @@ class Trainer:
         if self.dist.main:
             console.print(text, highlight=False)
 
-    # ---- one micro-batch --------------------------------------------------------------------------
-    def _forward(self, inputs, targets):
-        loss, lm, acc, out = objective(self.p.wrapped, inputs, targets, self.t, self.autocast)
-        return loss, lm, out, acc
-
     @torch.no_grad()
     def _evaluate(self) -> dict | None:
         """Fixed validation batches; every rank runs all of them (FSDP needs every rank in each forward)."""
@@ -115,7 +110,7 @@ class Trainer:
         total, count, correct = 0.0, 0, 0.0
         for inputs, targets in self.p.val_data.eval_batches(self.t.eval_batches):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            _, lm, _, acc = self._forward(inputs, targets)
+            _, lm, acc, _ = objective(self.p.wrapped, inputs, targets, self.t, self.autocast)
             total += lm.item() * targets.numel()
             correct += acc.item() * targets.numel()
             count += targets.numel()
@@ -237,7 +232,7 @@ class Trainer:
         for micro in range(self.accum):
             inputs, targets = data.batch(self.epoch, self.batch_idx, info.rank, info.world)
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            loss, lm, out, acc = self._forward(inputs, targets)
+            loss, lm, acc, out = objective(self.p.wrapped, inputs, targets, self.t, self.autocast)
             with distributed.gradient_sync(self.p.wrapped, info, sync=micro == self.accum - 1):
                 (loss / self.accum).backward()
             lm_value = lm.item()  # one host sync per micro-batch: catches a NaN before it reaches the weights

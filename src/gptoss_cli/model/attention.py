@@ -112,6 +112,10 @@ class AttentionBlock(nn.Module):
         self.sliding_window = config.sliding_window if config.is_sliding(layer_idx) else 0
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.backend = config.attention_backend
+        self.kernel = BACKENDS["sdpa" if self.backend == "sdpa_dense" else self.backend]
+        # Banded only pays when T is well above 2W (each query then attends ~2W keys instead of T):
+        # used for T >= this many tokens, on sliding layers of the sdpa backend without a cache.
+        self.banded_from = 3 * self.sliding_window if self.backend == "sdpa" and self.sliding_window else None
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # One fused projection, rows laid out [q: NH*D | k: NKV*D | v: NKV*D] as in the openai checkpoints.
         self.qkv = nn.Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, bias=config.attention_bias)
@@ -133,10 +137,8 @@ class AttentionBlock(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, S, NKV, D) including the past
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, D)
-        if self.backend == "sdpa" and cache is None and self.sliding_window and t >= 3 * self.sliding_window:
-            # Only pays when T is well above 2W: each query then attends ~2W keys instead of T.
+        if cache is None and self.banded_from is not None and t >= self.banded_from:
             o = banded_sdpa_attention(q, k, v, self.sinks, mask, self.scale, self.sliding_window)
         else:
-            kernel = BACKENDS["sdpa" if self.backend == "sdpa_dense" else self.backend]
-            o = kernel(q, k, v, self.sinks, mask, self.scale)  # (B, NH, T, D)
+            o = self.kernel(q, k, v, self.sinks, mask, self.scale)  # (B, NH, T, D)
         return x + self.out(o.transpose(1, 2).reshape(b, t, nh * d))
