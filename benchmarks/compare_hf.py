@@ -44,13 +44,13 @@ from transformers import GptOssConfig, GptOssForCausalLM
 
 from gptoss_cli.bench import cpu_name, peak_flops, peak_rss
 from gptoss_cli.config import RunConfig, TrainConfig
-from gptoss_cli.generate import generate_tokens
-from gptoss_cli.hf_interop import to_hf_config, to_hf_state_dict
+from gptoss_cli.infer.generate import generate_tokens
+from gptoss_cli.infer.sampling import SamplingParams
+from gptoss_cli.interop.names import to_hf_config, to_hf_state_dict
 from gptoss_cli.model import ModelConfig, Transformer
-from gptoss_cli.objective import objective
-from gptoss_cli.optim import build_optimizer
-from gptoss_cli.sampling import SamplingParams
 from gptoss_cli.sizing import describe
+from gptoss_cli.train.loss import objective
+from gptoss_cli.train.optim import build_optimizer
 
 BATCH, SEQ = 8, 256
 

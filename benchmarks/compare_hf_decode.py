@@ -23,9 +23,9 @@ import transformers
 from transformers import GptOssConfig, GptOssForCausalLM
 
 from gptoss_cli.bench import cpu_name
-from gptoss_cli.generate import generate_tokens
+from gptoss_cli.infer.generate import generate_tokens
+from gptoss_cli.infer.sampling import SamplingParams
 from gptoss_cli.model import ModelConfig, Transformer
-from gptoss_cli.sampling import SamplingParams
 
 
 def tiny_config(context: int) -> ModelConfig:

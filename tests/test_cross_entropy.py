@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from gptoss_cli.config import TrainConfig
 from gptoss_cli.model import ModelConfig, Transformer
 from gptoss_cli.model.cross_entropy import chunk_rows, linear_cross_entropy
-from gptoss_cli.objective import objective
+from gptoss_cli.train.loss import objective
 
 
 def _inputs(dtype, n=37, h=12, v=29, seed=0):

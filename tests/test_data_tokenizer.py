@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_cli.data import TokenBatches, load_documents, split_documents, tokenize_stream
+from gptoss_cli.data.corpus import TokenBatches, load_documents, split_documents, tokenize_stream
+from gptoss_cli.data.tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 from gptoss_cli.errors import GptossError
-from gptoss_cli.tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 
 DOCS = ["The router picks two experts per token.", "Sliding windows keep the cache small.",
         "Attention sinks absorb probability mass.", "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 \u65e5\u672c\u8a9e."]
@@ -211,7 +211,7 @@ def test_tiny_corpus_fills_fewer_tokens_than_asked_and_prepare_warns_once(small_
     small = train_tokenizer(docs, 5000)
     assert 258 < small.get_vocab_size() < 5000  # 256 bytes + 2 specials, then the merges the text supports
 
-    from gptoss_cli.train import prepare
+    from gptoss_cli.train.loop import prepare
 
     capsys.readouterr()
     p = prepare(small_cfg(f"data.paths={small_corpus}", "model.vocab_size=5000"), tmp_path / "run")

@@ -14,7 +14,7 @@ import pytest
 
 from gptoss_cli.config import load_config
 from gptoss_cli.errors import GptossError
-from gptoss_cli.train_setup import _accumulation
+from gptoss_cli.train.setup import _accumulation
 
 # Warmup covers every step here, so the learning rate does not depend on train.max_steps. The MoE balance
 # loss is computed per process (as Switch/GShard do per device), so it is off for the equality check.
@@ -86,7 +86,7 @@ def test_mismatched_configs_across_ranks_fail_clearly(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(textwrap.dedent("""
         import os, sys
-        from gptoss_cli import distributed
+        from gptoss_cli.train import distributed as distributed
         from gptoss_cli.errors import GptossError
         info = distributed.init("cpu", "ddp")
         try:

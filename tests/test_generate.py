@@ -11,12 +11,12 @@ import weakref
 import pytest
 import torch
 
-from gptoss_cli import compiled_decode
+from gptoss_cli.data.tokenizer import train_tokenizer
 from gptoss_cli.errors import GptossError
-from gptoss_cli.generate import generate_tokens
+from gptoss_cli.infer import compiled as compiled_decode
+from gptoss_cli.infer.generate import generate_tokens
+from gptoss_cli.infer.sampling import SamplingParams, TextStream, sample
 from gptoss_cli.model import ModelConfig, Transformer
-from gptoss_cli.sampling import SamplingParams, TextStream, sample
-from gptoss_cli.tokenizer import train_tokenizer
 
 W = 8  # sliding window
 CFG = ModelConfig(

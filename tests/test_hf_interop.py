@@ -19,19 +19,19 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from gptoss_cli.checkpoint import (  # noqa: E402
+from gptoss_cli.commands import export, import_  # noqa: E402
+from gptoss_cli.config import RunConfig, config_from_dict, read_yaml, save_config  # noqa: E402
+from gptoss_cli.data.tokenizer import EOS, PAD, tokenizer_hash, train_tokenizer  # noqa: E402
+from gptoss_cli.errors import GptossError  # noqa: E402
+from gptoss_cli.interop.mxfp4 import dequantize  # noqa: E402
+from gptoss_cli.model import ModelConfig, Transformer  # noqa: E402
+from gptoss_cli.run.checkpoint import (  # noqa: E402
     load_weights,
     read_state,
     resolve_checkpoint,
     save_checkpoint,
     weights_state_dict,
 )
-from gptoss_cli.commands import export, import_  # noqa: E402
-from gptoss_cli.config import RunConfig, config_from_dict, read_yaml, save_config  # noqa: E402
-from gptoss_cli.errors import GptossError  # noqa: E402
-from gptoss_cli.model import ModelConfig, Transformer  # noqa: E402
-from gptoss_cli.mxfp4 import dequantize  # noqa: E402
-from gptoss_cli.tokenizer import EOS, PAD, tokenizer_hash, train_tokenizer  # noqa: E402
 
 VOCAB, SEQ, TOL = 320, 20, 1e-5
 TEXTS = ["GPT models are trained on text.", "The quick brown fox jumps over the lazy dog.",

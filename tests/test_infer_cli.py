@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_cli.checkpoint import load_weights, save_checkpoint, weights_state_dict
 from gptoss_cli.config import InferConfig, RunConfig, TrainConfig, save_config
+from gptoss_cli.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from gptoss_cli.model import ModelConfig, Transformer
-from gptoss_cli.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from gptoss_cli.run.checkpoint import load_weights, save_checkpoint, weights_state_dict
 
 LINES = [
     "GPT models are language models trained to predict the next token.",
@@ -104,7 +104,7 @@ def test_greedy_text_streams_to_stdout_and_summary_to_stderr(gptoss, demo):
 
 
 def test_bf16_keeps_norms_and_router_fp32_and_the_tie(gptoss, demo):
-    from gptoss_cli.generate import load_run
+    from gptoss_cli.infer.generate import load_run
 
     loaded = load_run(demo, dtype="bf16", device="cpu")
     dtypes = {name: p.dtype for name, p in loaded.model.named_parameters()}

@@ -20,14 +20,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from gptoss_cli import checkpoint as ckpt
 from gptoss_cli.config import ConfigError, TrainConfig, load_config
+from gptoss_cli.data.tokenizer import train_tokenizer
 from gptoss_cli.errors import GptossError
 from gptoss_cli.model import ModelConfig, Transformer
 from gptoss_cli.model.moe import MLPBlock
-from gptoss_cli.optim import build_optimizer, lr_at
-from gptoss_cli.tokenizer import train_tokenizer
-from gptoss_cli.train import Trainer, prepare
+from gptoss_cli.run import checkpoint as ckpt
+from gptoss_cli.train.loop import Trainer, prepare
+from gptoss_cli.train.optim import build_optimizer, lr_at
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -329,7 +329,7 @@ def test_empty_text_file(small_cfg, tmp_path):
 
 
 def test_tokenizer_larger_than_the_vocabulary(small_cfg, tmp_path):
-    from gptoss_cli.data import load_documents
+    from gptoss_cli.data.corpus import load_documents
 
     tok_path = tmp_path / "tokenizer.json"
     train_tokenizer(load_documents([]), 400).save(str(tok_path))

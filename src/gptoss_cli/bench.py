@@ -31,8 +31,8 @@ import torch
 from .config import RunConfig
 from .devices import native_bf16
 from .model import KVCache, Transformer
-from .objective import objective
 from .sizing import describe, resolve_precision
+from .train.loss import objective
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets. Matched in this order
 # against torch.cuda.get_device_name(); an unknown GPU gets a measured bf16 GEMM instead.
@@ -166,7 +166,7 @@ def reset_peak_rss() -> bool:
 
 def build_train_model(cfg: RunConfig, device: torch.device, precision: str) -> Transformer:
     """The model as train_setup.prepare builds it for one process: seed, init, dtype, checkpointing, compile."""
-    from .train_setup import place_model
+    from .train.setup import place_model
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
@@ -176,7 +176,7 @@ def build_train_model(cfg: RunConfig, device: torch.device, precision: str) -> T
 
 
 def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -> dict:
-    from .optim import build_optimizer
+    from .train.optim import build_optimizer
 
     t, m = cfg.train, cfg.model
     # As train_setup.prepare: bf16 by default only where the GPU computes it natively.
@@ -270,8 +270,8 @@ def _prefill_s(model: Transformer, prompt: torch.Tensor, dtype: torch.dtype) -> 
 
 def bench_infer(cfg: RunConfig, device: torch.device, repeats: int, warmup: int, new_tokens: int,
                 batches: tuple[int, ...], compile_decode: bool = False, prefill_tokens: int | None = None) -> dict:
-    from .generate import generate_tokens, pick_dtype
-    from .sampling import SamplingParams
+    from .infer.generate import generate_tokens, pick_dtype
+    from .infer.sampling import SamplingParams
 
     m = cfg.model
     dtype = pick_dtype(device)

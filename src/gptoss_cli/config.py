@@ -20,7 +20,7 @@ import yaml
 
 from .errors import GptossError
 from .model.config import ModelConfig, ModelConfigError
-from .rundir import write_atomic
+from .run.layout import write_atomic
 
 
 class ConfigError(GptossError):

@@ -26,7 +26,7 @@ def command(out: OutOpt, run: RunOpt = None, dtype: DtypeOpt = "bf16", checkpoin
     Example: gptoss export --run runs/demo --out hf/demo --dtype fp32
     Then: AutoModelForCausalLM.from_pretrained("hf/demo")  (see docs/interop.md)
     """
-    from ..hf_export import export_run
+    from ..interop.export import export_run
     from ..output import console, print_json
 
     summary = export_run(run, out, dtype=dtype, checkpoint=checkpoint, max_shard_size=max_shard_size, force=force)

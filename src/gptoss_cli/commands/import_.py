@@ -21,7 +21,7 @@ def command(source: SourceArg, run: NewRunOpt, json: JsonOpt = False) -> None:
     Example: gptoss import ~/models/gpt-oss-20b --run runs/gpt-oss-20b
     Then: gptoss infer "Hello" --run runs/gpt-oss-20b
     """
-    from ..hf_import import import_dir
+    from ..interop.import_ import import_dir
     from ..output import console, print_json
 
     summary = import_dir(source, run)

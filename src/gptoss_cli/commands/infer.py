@@ -47,7 +47,7 @@ def command(
     import json as jsonlib
 
     from ..errors import GptossError
-    from ..generate import infer
+    from ..infer.generate import infer
     from ..output import err_console, warn
 
     prompts = [p for p in (prompt, prompt_opt) if p is not None]

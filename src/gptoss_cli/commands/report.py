@@ -29,7 +29,7 @@ def command(run: RunsOpt = None, out: OutOpt = None, json: JsonOpt = False) -> N
     Example: gptoss report --run runs/demo
     """
     from ..output import console, print_json, warn
-    from ..report import make_report, summary_table
+    from ..report.summary import make_report, summary_table
 
     result = make_report(run or [], out, warn=warn)
     if json:

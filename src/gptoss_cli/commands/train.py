@@ -35,8 +35,8 @@ def command(
         saved = Path(source) / "config.yaml" if source is not None else None
         config = str(saved) if saved and saved.is_file() else "compact"
     cfg = load_config(config, set_)  # before torch is imported: a bad config fails in an instant
-    from ..distributed import shutdown
-    from ..train import Trainer, prepare
+    from ..train.distributed import shutdown
+    from ..train.loop import Trainer, prepare
 
     if json:  # stdout carries the JSON summary alone; progress and log lines go to stderr
         console.file = sys.stderr

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .errors import GptossError
+from ..errors import GptossError
 
 RUNS_ROOT = Path("runs")
 

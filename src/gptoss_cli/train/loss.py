@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
-from .model import ModelOutput
+from ..config import TrainConfig
+from ..model import ModelOutput
 
 
 class Objective(NamedTuple):

@@ -21,11 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
+from ..config import ConfigError, RunConfig, config_from_dict, save_config
+from ..data.tokenizer import EOS, check_vocab, tokenizer_hash
+from ..errors import GptossError
+from ..output import warn
+from ..run.checkpoint import save_checkpoint
 from . import mxfp4
-from .checkpoint import save_checkpoint
-from .config import ConfigError, RunConfig, config_from_dict, save_config
-from .errors import GptossError
-from .hf_interop import (
+from .names import (
     EXPERT_MATRICES,
     build_model_config,
     expected_hf_shapes,
@@ -35,8 +37,6 @@ from .hf_interop import (
     model_config_from_openai,
     staged_directory,
 )
-from .output import warn
-from .tokenizer import EOS, check_vocab, tokenizer_hash
 
 INDEX = "model.safetensors.index.json"
 OPENAI_KEYS = {"num_experts", "experts_per_token"}  # openai's names; HF's are num_local_experts, ...

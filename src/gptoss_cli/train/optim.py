@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .config import TrainConfig
+from ..config import TrainConfig
 
 
 def _decays(name: str, p: torch.nn.Parameter) -> bool:

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
+from ..data.corpus import TokenBatches
+from ..errors import GptossError
+from ..memory import MemorySampler
+from ..output import console
+from ..run import checkpoint as ckpt
+from ..run.layout import write_atomic
 from . import distributed
-from .data import TokenBatches
-from .errors import GptossError
-from .memory import MemorySampler
-from .objective import objective
+from .loss import objective
 from .optim import lr_at
-from .output import console
-from .rundir import write_atomic
-from .train_setup import Prepared, prepare
+from .setup import Prepared, prepare
 
 __all__ = ["Trainer", "prepare"]
 

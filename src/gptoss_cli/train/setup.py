@@ -14,18 +14,18 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
+from ..config import RunConfig, TrainConfig, save_config
+from ..data.corpus import TokenBatches, load_documents, split_documents, tokenize_stream
+from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
+from ..devices import native_bf16, pick_device
+from ..errors import GptossError
+from ..model import Transformer
+from ..output import console, warn
+from ..run import checkpoint as ckpt
+from ..run.layout import new_run_dir, write_atomic
+from ..sizing import resolve_precision
 from . import distributed
-from .config import RunConfig, TrainConfig, save_config
-from .data import TokenBatches, load_documents, split_documents, tokenize_stream
-from .devices import native_bf16, pick_device
-from .errors import GptossError
-from .model import Transformer
 from .optim import build_optimizer
-from .output import console, warn
-from .rundir import new_run_dir, write_atomic
-from .sizing import resolve_precision
-from .tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 
 # Model fields that only choose a kernel: a checkpoint resumes under either setting.
 KERNEL_FIELDS = ("attention_backend", "moe_backend")

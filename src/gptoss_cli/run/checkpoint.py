@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import GptossError
+from ..errors import GptossError
 
 STEP_PREFIX = "step-"
 FILES = ("model.safetensors", "trainer.safetensors", "state.json")

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GptossError
-from .rundir import RUNS_ROOT, newest_run_dir
+from ..errors import GptossError
+from ..run.layout import RUNS_ROOT, newest_run_dir
 
 GIB = 1024**3
 DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
@@ -374,7 +374,7 @@ def make_report(runs: list[Path], out: Path | None = None, warn: Warn = lambda m
 
     Returns {"out": dir, "files": [written paths], "runs": [summarize() per run]}.
     """
-    from . import report_plots as plots
+    from . import figures as plots
 
     paths = list(runs) or [newest_run_dir(RUNS_ROOT)]
     loaded = [load_run(p, n, warn) for p, n in zip(paths, _names(paths), strict=True)]

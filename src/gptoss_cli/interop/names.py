@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import GptossError
-from .model.config import ModelConfig
+from ..errors import GptossError
+from ..model.config import ModelConfig
 
 HF_SWIGLU_LIMIT = 7.0  # older transformers (5.18, spec §1) and its MXFP4 kernels hard-code these two
 HF_SWIGLU_ALPHA = 1.702
@@ -106,7 +106,7 @@ def from_hf_state_dict(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our tensor names -> shapes for `cfg`, as saved (tied unembedding absent); allocates nothing."""
-    from .model import Transformer
+    from ..model import Transformer
 
     with torch.device("meta"):
         model = Transformer(cfg)

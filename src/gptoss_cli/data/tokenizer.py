@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .errors import GptossError
+from ..errors import GptossError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

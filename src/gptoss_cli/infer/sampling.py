@@ -12,8 +12,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from tokenizers import Tokenizer
 
-from .config import InferConfig
-from .errors import GptossError
+from ..config import InferConfig
+from ..errors import GptossError
 
 # ---- sampling ------------------------------------------------------------------------------------
 

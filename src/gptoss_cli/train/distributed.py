@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .errors import GptossError
+from ..errors import GptossError
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import GIB, RunData, is_number
+from .summary import GIB, RunData, is_number
 
 DPI = 120
 # memory.py's fields, as drawn: (record key, legend name, colour when one run and one rank are shown)

@@ -14,7 +14,7 @@ import weakref
 
 import torch
 
-from .model import StaticKVCache, Transformer
+from ..model import StaticKVCache, Transformer
 
 LENGTH_STEP = 64
 # model -> {(batch, cache length, dtype, device): CompiledStep}. Weak: a step holds no reference to its model.

@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from .checkpoint import load_weights, read_state, resolve_checkpoint
-from .compiled_decode import compiled_step
-from .config import InferConfig, RunConfig, config_from_dict, read_yaml
-from .devices import native_bf16, pick_device
-from .errors import GptossError
-from .model import KVCache, Transformer
-from .rundir import newest_run_dir
+from ..config import InferConfig, RunConfig, config_from_dict, read_yaml
+from ..data.tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash
+from ..devices import native_bf16, pick_device
+from ..errors import GptossError
+from ..model import KVCache, Transformer
+from ..run.checkpoint import load_weights, read_state, resolve_checkpoint
+from ..run.layout import newest_run_dir
+from .compiled import compiled_step
 from .sampling import SamplingParams, TextStream, sample
-from .tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash
 
 FP32_PARAMS = (".scale", "mlp.gate.weight", "mlp.gate.bias")  # kept fp32 under bf16: norms and the fp32 router
 MEMORY_EVERY = 16  # decode steps between inference memory samples
@@ -274,8 +274,8 @@ def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | Non
     """Generate a continuation of every prompt in one batch; `overrides` are SamplingParams fields (None = the
     run config's value). on_text(row, chunk) receives text as it is decoded. Memory goes to
     RUN/inference-memory.jsonl."""
-    from .memory import MemorySampler
-    from .output import warn
+    from ..memory import MemorySampler
+    from ..output import warn
 
     if not prompts or any(p == "" for p in prompts):
         raise GptossError("empty prompt: give some text to continue")

@@ -19,13 +19,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import read_state, resolve_checkpoint
-from .config import RunConfig, config_from_dict, read_yaml
-from .errors import GptossError
-from .hf_interop import expected_shapes, staged_directory, to_hf_config, to_hf_state_dict
-from .output import warn
-from .rundir import newest_run_dir
-from .tokenizer import EOS, PAD, load_tokenizer, tokenizer_hash
+from ..config import RunConfig, config_from_dict, read_yaml
+from ..data.tokenizer import EOS, PAD, load_tokenizer, tokenizer_hash
+from ..errors import GptossError
+from ..output import warn
+from ..run.checkpoint import read_state, resolve_checkpoint
+from ..run.layout import newest_run_dir
+from .names import expected_shapes, staged_directory, to_hf_config, to_hf_state_dict
 
 DTYPES = {"bf16": (torch.bfloat16, "bfloat16"), "fp32": (torch.float32, "float32")}
 FP32_SUFFIXES = ("layernorm.weight", "model.norm.weight")  # HF keeps norms fp32 (_keep_in_fp32_modules)

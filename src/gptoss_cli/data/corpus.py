@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import GptossError
+from ..errors import GptossError
 
 SUFFIXES = (".txt", ".jsonl")
 
