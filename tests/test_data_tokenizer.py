@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_cli.data.corpus import TokenBatches, load_documents, split_documents, tokenize_stream
+from gptoss_cli.data.batches import TokenBatches, tokenize_stream
+from gptoss_cli.data.corpus import load_documents, split_documents
 from gptoss_cli.data.tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 from gptoss_cli.errors import GptossError
 

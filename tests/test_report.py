@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from gptoss_cli.commands import report
 from gptoss_cli.errors import GptossError
-from gptoss_cli.report.summary import expert_load, load_run, read_jsonl, summarize
+from gptoss_cli.report.logs import load_run, read_jsonl
+from gptoss_cli.report.summary import expert_load, summarize
 
 GIB = 1024**3
 LAYERS, EXPERTS, LOG_EVERY, STEPS = 4, 8, 10, 300

@@ -1,6 +1,6 @@
 """The figures of `gptoss report`: memory over time, loss / perplexity / learning rate, throughput, expert load.
 
-Each function draws one PNG from runs loaded by report.py and returns False when there is nothing to draw.
+Each function draws one PNG from runs loaded by logs.py and returns False when there is nothing to draw.
 Figures are built with matplotlib's object API on an explicit Agg canvas instead of pyplot: no display is
 needed, no backend switch leaks into a caller's session (a notebook keeps its own), and no global figure
 list grows. matplotlib is imported inside the functions, so importing this module is cheap.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .summary import GIB, RunData, is_number
+from .logs import GIB, RunData, is_number
 
 DPI = 120
 # memory.py's fields, as drawn: (record key, legend name, colour when one run and one rank are shown)

@@ -1,10 +1,10 @@
 """`gptoss report`: read a run's JSONL telemetry, summarise it, draw the PNGs and write a shareable report.md.
 
-Inputs (see rundir.py): RUN/metrics.jsonl (train and eval lines, train.py), RUN/memory.jsonl and
+Inputs (see run/layout.py): RUN/metrics.jsonl (train and eval lines, train.py), RUN/memory.jsonl and
 RUN/inference-memory.jsonl (memory.py), RUN/summary.json (written only when training ends) and
 RUN/config.yaml. Any of them may be missing or cut short by a killed run: the report plots what exists,
 names what is missing and skips unreadable lines with a warning. Bad data never crashes it; only "no run
-at all" is an error. The figures are drawn in report_plots.py; docs/report.md explains how to read them.
+at all" is an error. The figures are drawn in figures.py; docs/report.md explains how to read them.
 
 Two definitions the summary and the heatmap rely on:
 - expert load: each expert's share of its layer's token-slots, summed over every logged training interval
@@ -15,11 +15,9 @@ Two definitions the summary and the heatmap rely on:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +25,9 @@ import numpy as np
 
 from ..errors import GptossError
 from ..run.layout import RUNS_ROOT, newest_run_dir
+from .logs import GIB, INFER_MEMORY, METRICS, SUMMARY, TRAIN_MEMORY, RunData, Warn, first_number, is_number, load_run
 
-GIB = 1024**3
 DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
-METRICS, TRAIN_MEMORY, INFER_MEMORY, SUMMARY = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "summary.json"
 # The figures, in report order: file name, section title, what it shows (for report.md).
 FIGURES = [
     ("loss.png", "Loss", "Training and validation LM loss per optimizer step; perplexity on the right axis; "
@@ -44,124 +41,6 @@ FIGURES = [
     ("inference-gpu-memory.png", "Inference memory", "Memory over time in GiB during generation; tokens "
      "generated on the top axis."),
 ]
-
-Warn = Callable[[str], None]
-
-
-def is_number(value: Any) -> bool:
-    """A finite real number (JSON may carry NaN or Infinity from a diverged run; bools are not numbers)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _first(*values: Any) -> Any:
-    return next((v for v in values if is_number(v)), None)
-
-
-def _tail_record(line: str) -> dict | None:
-    """The whole record at the end of a line that starts with a cut-off one, else None.
-
-    The files are opened for append, so a run resumed after a kill writes its first record right after the
-    half-written line. Records nest lists, never objects, so the last '{"' starts that record.
-    """
-    start = line.rfind('{"')
-    if start <= 0:
-        return None
-    try:
-        obj = json.loads(line[start:])
-    except json.JSONDecodeError:
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def read_jsonl(path: Path, warn: Warn) -> list[dict]:
-    """The JSON objects in `path`, one per line; lines that do not parse are skipped with one warning.
-
-    memory.py and train.py flush every line, so a killed run loses at most its last line, half-written:
-    that one is reported as cut off rather than as corrupt.
-    """
-    if not path.is_file():
-        return []
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError as err:
-        warn(f"cannot read {path}: {err}")
-        return []
-    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-    records, bad, joined = [], [], []
-    for n, line in numbered:
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            obj = _tail_record(line)
-            if obj is not None:
-                joined.append(n)
-        if isinstance(obj, dict):
-            records.append(obj)
-        else:
-            bad.append(n)
-    if bad and bad[-1] == numbered[-1][0]:
-        warn(f"{path}: skipped the last line ({bad.pop()}), cut off (was the run killed?)")
-    if bad:
-        shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        warn(f"{path}: skipped {len(bad)} unreadable line(s): {shown}")
-    if joined:
-        warn(f"{path}: line(s) {', '.join(map(str, joined[:5]))} began with a record cut off by a kill; "
-             "kept the record that follows it")
-    return records
-
-
-def _by_step(records: list[dict], kind: str) -> list[dict]:
-    """Lines of one kind, one per step in step order: a resumed run logs its steps again, and the last wins."""
-    latest = {r["step"]: r for r in records if r.get("kind") == kind and is_number(r.get("step"))}
-    return [latest[s] for s in sorted(latest)]
-
-
-@dataclass
-class RunData:
-    path: Path
-    name: str
-    train: list[dict] = field(default_factory=list)  # metrics.jsonl train lines, by step
-    evals: list[dict] = field(default_factory=list)  # metrics.jsonl eval lines, by step
-    train_memory: list[dict] = field(default_factory=list)  # memory.jsonl, file order (all ranks)
-    infer_memory: list[dict] = field(default_factory=list)  # inference-memory.jsonl, file order
-    summary: dict | None = None
-    config: dict = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def has_data(self) -> bool:
-        return bool(self.train or self.evals or self.train_memory or self.infer_memory or self.summary)
-
-
-def load_run(path: Path, name: str, warn: Warn) -> RunData:
-    if not path.is_dir():
-        raise GptossError(f"run directory not found: {path} (train one: gptoss train --config tiny --run {path})")
-    run = RunData(path=path, name=name)
-
-    def note(message: str) -> None:  # keep warnings for report.md as well as showing them now
-        run.warnings.append(message)
-        warn(message)
-
-    metrics = read_jsonl(path / METRICS, note)
-    run.train, run.evals = _by_step(metrics, "train"), _by_step(metrics, "eval")
-    run.train_memory = read_jsonl(path / TRAIN_MEMORY, note)
-    run.infer_memory = read_jsonl(path / INFER_MEMORY, note)
-    if (path / SUMMARY).is_file():
-        try:
-            summary = json.loads((path / SUMMARY).read_text(encoding="utf-8"))
-            run.summary = summary if isinstance(summary, dict) else None
-        except (OSError, ValueError) as err:
-            note(f"{path / SUMMARY}: unreadable, ignored ({err})")
-    if (path / "config.yaml").is_file():
-        import yaml
-
-        try:
-            config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-            run.config = config if isinstance(config, dict) else {}
-        except (OSError, yaml.YAMLError) as err:
-            note(f"{path / 'config.yaml'}: unreadable, ignored ({str(err).splitlines()[0]})")
-    return run
-
 
 def expert_load(train: list[dict]) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
     """(shares (layers, experts) over the whole run, dead experts as (layer, expert)); (None, []) without counts."""
@@ -190,7 +69,7 @@ def _peak_memory(records: list[dict]) -> tuple[int | None, str | None]:
     """(peak bytes, what was measured) over every rank: torch's peak allocated on CUDA, process RSS on CPU."""
     cuda = [r for r in records if r.get("device") == "cuda"]
     if cuda:
-        peaks = [_first(r.get("peak_bytes"), r.get("allocated_bytes")) for r in cuda]
+        peaks = [first_number(r.get("peak_bytes"), r.get("allocated_bytes")) for r in cuda]
         kind = "GPU, torch peak allocated"
     else:
         peaks, kind = [r.get("rss_bytes") for r in records], "CPU, process RSS"
@@ -206,15 +85,15 @@ def summarize(run: RunData) -> dict[str, Any]:
     s = run.summary or {}
     last = run.train[-1] if run.train else {}
     last_eval = run.evals[-1] if run.evals else {}
-    loss = _first(last.get("loss"), s.get("final_loss"))
-    val_loss = _first(last_eval.get("val_loss"), s.get("final_val_loss"))
+    loss = first_number(last.get("loss"), s.get("final_loss"))
+    val_loss = first_number(last_eval.get("val_loss"), s.get("final_val_loss"))
     vals = [e["val_loss"] for e in run.evals if is_number(e.get("val_loss"))]
     elapsed = max([r["elapsed_s"] for r in run.train + run.evals if is_number(r.get("elapsed_s"))], default=None)
-    elapsed = _first(s.get("elapsed_s"), elapsed)
-    tokens = _first(s.get("tokens"), last.get("tokens"))
+    elapsed = first_number(s.get("elapsed_s"), elapsed)
+    tokens = first_number(s.get("tokens"), last.get("tokens"))
     logged_tps = [r["tokens_per_s"] for r in run.train if is_number(r.get("tokens_per_s"))]
     # Overall tokens / wall time when known; the median logged rate otherwise.
-    tps = _first(s.get("tokens_per_s"), tokens / elapsed if tokens and elapsed else None,
+    tps = first_number(s.get("tokens_per_s"), tokens / elapsed if tokens and elapsed else None,
                  float(np.median(logged_tps)) if logged_tps else None)
     train_peak, train_kind = _peak_memory(run.train_memory)
     if train_peak is None and is_number(s.get("peak_memory_bytes")):
@@ -244,17 +123,17 @@ def summarize(run: RunData) -> dict[str, Any]:
         "status": s.get("status") or ("unfinished (no summary.json)" if run.train else "not trained"),
         "device": s.get("device") or ", ".join(devices) or None,
         "precision": s.get("precision") or train_cfg.get("precision"),
-        "steps": _first(s.get("steps"), last.get("step")),
-        "epochs": _first(s.get("epochs"), last.get("epoch")),
+        "steps": first_number(s.get("steps"), last.get("step")),
+        "epochs": first_number(s.get("epochs"), last.get("epoch")),
         "elapsed_s": elapsed,
         "tokens": tokens,
         "tokens_per_s": tps,
         "final_loss": loss,
-        "final_ppl": _first(last.get("ppl"), math.exp(min(loss, 700)) if loss is not None else None),
+        "final_ppl": first_number(last.get("ppl"), math.exp(min(loss, 700)) if loss is not None else None),
         "final_val_loss": val_loss,
-        "final_val_ppl": _first(last_eval.get("val_ppl"),
+        "final_val_ppl": first_number(last_eval.get("val_ppl"),
                                 math.exp(min(val_loss, 700)) if val_loss is not None else None),
-        "best_val_loss": _first(min(vals) if vals else None, s.get("best_val_loss")),
+        "best_val_loss": first_number(min(vals) if vals else None, s.get("best_val_loss")),
         "train_peak_memory_bytes": train_peak,
         "train_memory_measure": train_kind,
         "infer_peak_memory_bytes": infer_peak,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.corpus import TokenBatches
+from ..data.batches import TokenBatches
 from ..errors import GptossError
 from ..memory import MemorySampler
 from ..output import console

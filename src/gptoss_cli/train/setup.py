@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, TrainConfig, save_config
-from ..data.corpus import TokenBatches, load_documents, split_documents, tokenize_stream
+from ..data.batches import TokenBatches, tokenize_stream
+from ..data.corpus import load_documents, split_documents
 from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 from ..devices import native_bf16, pick_device
 from ..errors import GptossError
