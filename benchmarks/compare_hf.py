@@ -43,9 +43,8 @@ from safetensors.torch import load_file, save_file
 from transformers import GptOssConfig, GptOssForCausalLM
 
 from gptoss_cli.bench import cpu_name, peak_flops, peak_rss
-from gptoss_cli.config import RunConfig, TrainConfig
+from gptoss_cli.config import InferConfig, RunConfig, TrainConfig
 from gptoss_cli.infer.generate import generate_tokens
-from gptoss_cli.infer.sampling import SamplingParams
 from gptoss_cli.interop.names import to_hf_config, to_hf_state_dict
 from gptoss_cli.model import ModelConfig, Transformer
 from gptoss_cli.sizing import describe
@@ -181,7 +180,7 @@ class _Stamps:
 
 def ours_decode(model: Transformer, prompt: list[int], n: int, compiled: bool) -> tuple[list[float], list[int]]:
     stamps = _Stamps()
-    ids, _, _ = generate_tokens(model, [prompt], SamplingParams(max_new_tokens=n, temperature=0.0), pad_id=0,
+    ids, _, _ = generate_tokens(model, [prompt], InferConfig(max_new_tokens=n, temperature=0.0), pad_id=0,
                                 eos_id=None, on_token=lambda row, tok: stamps.put(tok), compile_decode=compiled)
     return stamps.steps(skip=1), ids[0]  # the first decode step may compile: left out
 

@@ -23,8 +23,8 @@ import transformers
 from transformers import GptOssConfig, GptOssForCausalLM
 
 from gptoss_cli.bench import cpu_name
+from gptoss_cli.config import InferConfig
 from gptoss_cli.infer.generate import generate_tokens
-from gptoss_cli.infer.sampling import SamplingParams
 from gptoss_cli.model import ModelConfig, Transformer
 
 
@@ -82,7 +82,7 @@ def hf_model(ours: Transformer) -> GptOssForCausalLM:
 
 
 def ours_generate(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    ids, _, _ = generate_tokens(model, [prompt], SamplingParams(max_new_tokens=n, temperature=0.0),
+    ids, _, _ = generate_tokens(model, [prompt], InferConfig(max_new_tokens=n, temperature=0.0),
                                 pad_id=0, eos_id=None)
     return ids[0]
 

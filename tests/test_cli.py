@@ -158,10 +158,10 @@ def test_usage_errors_are_click_usage_errors(gptoss):
 def test_train_writes_the_run_and_prints_step_lines(cli_run, small_overrides):
     result, run = cli_run
     assert result.exit_code == 0, result.output
-    steps = [STEP_LINE.match(line) for line in result.stdout.splitlines()]
+    steps = [STEP_LINE.match(line) for line in result.stderr.splitlines()]  # people read stderr
     assert [int(m.group(2)) for m in steps if m] == [1, 2, 3]
     assert all(m.group(1) == "0" for m in steps if m)
-    assert "completed: 3 steps" in result.stdout
+    assert "completed: 3 steps" in result.stderr and result.stdout == ""
     for name in ("config.yaml", "tokenizer.json", "metrics.jsonl", "memory.jsonl", "summary.json"):
         assert (run / name).is_file(), name
     assert sorted(d.name for d in (run / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
@@ -177,7 +177,7 @@ def test_train_resume_uses_the_runs_config(cli_run, tmp_path, gptoss, isolated_c
     # Without --config, --resume reads RUN/config.yaml; raising max_steps continues the run.
     code, out, err = gptoss("train", "--run", run, "--resume", "--set", "train.max_steps=4")
     assert code == 0, err
-    assert [int(m.group(2)) for m in map(STEP_LINE.match, out.splitlines()) if m] == [4]
+    assert [int(m.group(2)) for m in map(STEP_LINE.match, err.splitlines()) if m] == [4] and out == ""
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
     code, _, err = gptoss("train", "-c", "tiny", "--run", run, *set_args(small_overrides))
     assert code == 2 and "already holds checkpoints" in err and len(err.splitlines()) == 1

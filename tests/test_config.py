@@ -134,7 +134,7 @@ def test_inconsistent_model_dims_name_the_field():
     ("train.min_lr_ratio=1.5", "train.min_lr_ratio: must be in [0, 1], got 1.5"),
     ("data.val_fraction=1", "data.val_fraction: must be in [0, 1), got 1.0"),
     ("train.seq_len=257", "train.seq_len: 257 exceeds model.max_context_length=256"),
-    ("infer.top_p=0", "infer: need temperature >= 0"),
+    ("infer.top_p=0", "infer.top_p: must be in (0, 1], got 0.0"),
 ])
 def test_out_of_range_values(override, problem):
     assert error("tiny", [override]).startswith(f"tiny.yaml: {problem}")

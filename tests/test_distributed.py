@@ -60,8 +60,8 @@ def test_two_processes_match_one(tmp_path, single_run, parallel):
     out = _torchrun(tmp_path, "-m", "gptoss_cli", "train", "-c", "tiny", "--run-dir", str(run),
                     *_sets(COMMON + ["train.batch_size=4", "train.max_steps=6", f"train.parallel={parallel}"]))
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "global batch 4 x 1 accumulation x 2 processes = 8 sequences" in out.stdout
-    assert out.stdout.count("Step 1:") == 1  # rank 0 alone prints
+    assert "global batch 4 x 1 accumulation x 2 processes = 8 sequences" in out.stderr
+    assert out.stderr.count("Step 1:") == 1  # rank 0 alone prints
     losses = _losses(run)
     assert sorted(losses) == sorted(single_run)
     for step, loss in single_run.items():

@@ -11,11 +11,12 @@ import weakref
 import pytest
 import torch
 
+from gptoss_cli.config import InferConfig
 from gptoss_cli.data.tokenizer import train_tokenizer
 from gptoss_cli.errors import GptossError
 from gptoss_cli.infer import compiled as compiled_decode
 from gptoss_cli.infer.generate import generate_tokens
-from gptoss_cli.infer.sampling import SamplingParams, TextStream, sample
+from gptoss_cli.infer.sampling import TextStream, sample
 from gptoss_cli.model import ModelConfig, Transformer
 
 W = 8  # sliding window
@@ -26,7 +27,7 @@ CFG = ModelConfig(
 )
 PAD = 95
 TOL = 1e-5
-GREEDY = SamplingParams(max_new_tokens=30, temperature=0.0)
+GREEDY = InferConfig(max_new_tokens=30, temperature=0.0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,14 +122,14 @@ def test_temperature_zero_top_k_one_and_greedy_agree(models):
     model, _ = models
     p = [prompt(4, seed=8)]
     greedy, _, _, _ = run(model, p)
-    top1, _, _, _ = run(model, p, SamplingParams(max_new_tokens=30, temperature=1.3, top_k=1, seed=5))
+    top1, _, _, _ = run(model, p, InferConfig(max_new_tokens=30, temperature=1.3, top_k=1, seed=5))
     assert top1 == greedy
 
 
 def test_seed_reproduces_sampled_text(models):
     model, _ = models
     p = [prompt(4, seed=9)]
-    params = SamplingParams(max_new_tokens=25, temperature=1.0, top_k=40, top_p=0.95, seed=123)
+    params = InferConfig(max_new_tokens=25, temperature=1.0, top_k=40, top_p=0.95, seed=123)
     a, _, _, _ = run(model, p, params)
     b, _, _, _ = run(model, p, params)
     c, _, _, _ = run(model, p, dataclasses.replace(params, seed=124))
@@ -171,7 +172,7 @@ def test_context_limit_stops_generation(models):
         run(model, [[]])
 
 
-def draws(logits: list[float], params: SamplingParams, n: int = 4000) -> torch.Tensor:
+def draws(logits: list[float], params: InferConfig, n: int = 4000) -> torch.Tensor:
     x = torch.tensor([logits]).expand(n, -1)
     return sample(x, params, torch.Generator().manual_seed(0))
 
@@ -180,14 +181,14 @@ def test_top_k_and_top_p_sample_from_the_hand_computed_sets():
     probs = torch.tensor([0.05, 0.5, 0.1, 0.2, 0.15])
     logits = probs.log().tolist()
     # top-k 3 keeps {1, 3, 4}; top-p 0.8 keeps 0.5 + 0.2 + 0.15 (0.7 < 0.8 <= 0.85) = the same set.
-    for params in (SamplingParams(temperature=1.0, top_k=3), SamplingParams(temperature=1.0, top_p=0.8)):
+    for params in (InferConfig(temperature=1.0, top_k=3), InferConfig(temperature=1.0, top_p=0.8)):
         got = draws(logits, params)
         assert set(got.tolist()) == {1, 3, 4}
         freq = torch.bincount(got, minlength=5).float() / got.numel()
         expected = torch.tensor([0, 0.5, 0, 0.2, 0.15]) / 0.85
         assert (freq - expected).abs().max() < 0.03
-    assert set(draws(logits, SamplingParams(temperature=1.0, top_p=0.5)).tolist()) == {1}  # exactly reached
-    assert set(draws(logits, SamplingParams(temperature=1.0, top_p=0.51)).tolist()) == {1, 3}
+    assert set(draws(logits, InferConfig(temperature=1.0, top_p=0.5)).tolist()) == {1}  # exactly reached
+    assert set(draws(logits, InferConfig(temperature=1.0, top_p=0.51)).tolist()) == {1, 3}
 
 
 def test_text_stream_holds_back_partial_characters_and_stop_strings():

@@ -22,10 +22,12 @@ transformers = pytest.importorskip("transformers")
 from gptoss_cli.commands import export, import_  # noqa: E402
 from gptoss_cli.config import RunConfig, config_from_dict, read_yaml, save_config  # noqa: E402
 from gptoss_cli.data.tokenizer import EOS, PAD, tokenizer_hash, train_tokenizer  # noqa: E402
+from gptoss_cli.devices import keeps_fp32  # noqa: E402
 from gptoss_cli.errors import GptossError  # noqa: E402
 from gptoss_cli.interop.mxfp4 import dequantize  # noqa: E402
 from gptoss_cli.model import ModelConfig, Transformer  # noqa: E402
 from gptoss_cli.run.checkpoint import (  # noqa: E402
+    CheckpointState,
     load_weights,
     read_state,
     resolve_checkpoint,
@@ -116,7 +118,7 @@ def make_run(root: Path, layout: str, **over) -> tuple[Path, Transformer]:
     run.mkdir()
     save_config(cfg, run / "config.yaml")
     (run / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
-    state = {"format": 1, "step": 7, "tokenizer_hash": tokenizer_hash(tok), "config": cfg.to_dict()}
+    state = CheckpointState(step=7, tokenizer_hash=tokenizer_hash(tok), config=cfg.to_dict())
     save_checkpoint(run / "checkpoints", 7, weights_state_dict(model), {}, state, keep=1)
     return run, model
 
@@ -124,7 +126,7 @@ def make_run(root: Path, layout: str, **over) -> tuple[Path, Transformer]:
 def load_run(run: Path) -> Transformer:
     ckpt = resolve_checkpoint(run)
     cfg = config_from_dict(read_yaml(run / "config.yaml"), "config.yaml")
-    assert read_state(ckpt)["config"]["model"] == cfg.to_dict()["model"]
+    assert read_state(ckpt).config["model"] == cfg.to_dict()["model"]
     model = Transformer(cfg.model).eval()
     load_weights(model, ckpt / "model.safetensors")
     return model
@@ -177,15 +179,16 @@ def test_export_tokenizer_matches_autotokenizer(tmp_path):
     assert generation["eos_token_id"] == ours.token_to_id(EOS) == hf_tok.eos_token_id
 
 
-def test_bf16_export_is_close_and_keeps_norms_fp32(tmp_path):
+def test_bf16_export_is_close_and_follows_the_precision_policy(tmp_path):
     run, ours = make_run(tmp_path, "released")
     ok("export", "--run", run, "--out", tmp_path / "hf")
     tensors = load_file(tmp_path / "hf" / "model.safetensors")
     assert tensors["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
-    assert tensors["model.norm.weight"].dtype == torch.float32
+    assert tensors["model.norm.weight"].dtype == torch.float32  # norms and the router stay fp32 (devices.py)
+    assert tensors["model.layers.0.mlp.router.weight"].dtype == torch.float32
     with torch.no_grad():  # the only loss is bf16 rounding of the weights: round ours the same way
         for name, p in ours.named_parameters():
-            if not name.endswith(".scale"):
+            if not keeps_fp32(name):
                 p.copy_(p.to(torch.bfloat16))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     assert (logits(hf) - logits(ours)).abs().max().item() <= TOL
@@ -228,7 +231,7 @@ def test_import_hf_save_pretrained_matches_hf_logits(tmp_path, case):
     ok("import", src, "--run", run)
     assert (run / "tokenizer.json").is_file() and (run / "checkpoints" / "step-00000000").is_dir()
     state = read_state(resolve_checkpoint(run))
-    assert state["step"] == 0 and state["tokenizer_hash"] and state["imported_from"].endswith("hf")
+    assert state.step == 0 and state.tokenizer_hash and state.imported_from.endswith("hf")
     ours = load_run(run)
     assert ours.config.tie_word_embeddings == (case == "compact")
     assert ours.config.rope_scaling_factor == {"released": 4.0, "compact": 1.0, "hf-default-rope": 32.0}[case]
@@ -259,7 +262,7 @@ def test_import_without_tokenizer_warns_and_writes_weights(tmp_path):
     result = ok("import", tmp_path / "hf", "--run", tmp_path / "run")
     assert "tokenizer" in result.output
     assert not (tmp_path / "run" / "tokenizer.json").exists()
-    assert read_state(resolve_checkpoint(tmp_path / "run"))["tokenizer_hash"] is None
+    assert read_state(resolve_checkpoint(tmp_path / "run")).tokenizer_hash is None
 
 
 # ---- MXFP4 --------------------------------------------------------------------------------------
@@ -313,7 +316,7 @@ def test_import_hf_mxfp4_experts(tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     ok("import", src, "--run", tmp_path / "run")
     state = read_state(resolve_checkpoint(tmp_path / "run"))
-    assert state["quantization"] == "mxfp4"
+    assert state.quantization == "mxfp4"
     weights = load_file(resolve_checkpoint(tmp_path / "run") / "model.safetensors")
     for name, values in expected.items():
         assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name].float(), values), name

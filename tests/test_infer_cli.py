@@ -18,7 +18,7 @@ import torch
 from gptoss_cli.config import InferConfig, RunConfig, TrainConfig, save_config
 from gptoss_cli.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from gptoss_cli.model import ModelConfig, Transformer
-from gptoss_cli.run.checkpoint import load_weights, save_checkpoint, weights_state_dict
+from gptoss_cli.run.checkpoint import CheckpointState, load_weights, save_checkpoint, weights_state_dict
 
 LINES = [
     "GPT models are language models trained to predict the next token.",
@@ -48,7 +48,7 @@ def make_run(path: Path, lines: list[str] = LINES, vocab_size: int = 320) -> Pat
     model.init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():  # a spread of logits, so greedy text does not hinge on near-ties
         model.embedding.weight.mul_(5)
-    state = {"step": 10, "tokenizer_hash": tokenizer_hash(tok), "config": cfg.to_dict()}
+    state = CheckpointState(step=10, tokenizer_hash=tokenizer_hash(tok), config=cfg.to_dict())
     save_checkpoint(path / "checkpoints", 10, weights_state_dict(model), {"rng.torch": torch.zeros(1)}, state, keep=3)
     return path
 

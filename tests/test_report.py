@@ -164,7 +164,7 @@ def test_killed_cpu_run_without_inference_warns_and_still_plots(tmp_path, monkey
     result = runner.invoke(app, [])  # no --run: the newest run under ./runs
     assert result.exit_code == 0, result.output
     assert result.stderr.count("cut off") == 2  # metrics.jsonl and memory.jsonl
-    out = " ".join(result.stdout.split())  # rich wraps long lines
+    out = " ".join(result.stderr.split())  # rich wraps long lines
     assert "missing" in out and "inference-memory.jsonl" in out and "summary.json" in out
     for name in PNGS[:-1]:
         assert_png(run / "report" / name)

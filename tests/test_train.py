@@ -170,7 +170,7 @@ def test_run_directory_contents(small_cfg, tmp_path):
         d = step_dir(run, step)
         assert sorted(f.name for f in d.iterdir()) == ["model.safetensors", "state.json", "trainer.safetensors"]
         state = ckpt.read_state(d)
-        assert state["step"] == step and state["config"] == cfg.to_dict() and state["tokenizer_hash"] == p.tok_hash
+        assert state.step == step and state.config == cfg.to_dict() and state.tokenizer_hash == p.tok_hash
         assert "rng.torch" in ckpt.read_trainer_tensors(d)
     # Tied embeddings: the unembedding is the embedding and is stored once, under the embedding's name.
     weights = load_file(str(step_dir(run, 6) / "model.safetensors"))
@@ -220,7 +220,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(small_cfg, tmp_path, mon
     root = run / "checkpoints"
     assert sorted(d.name for d in root.iterdir()) == ["step-00000003"]  # no .tmp-* left, no step-6
     assert ckpt.resolve_checkpoint(run) == step_dir(run, 3) and ckpt.list_checkpoints(root) == [step_dir(run, 3)]
-    assert ckpt.read_state(step_dir(run, 3))["step"] == 3
+    assert ckpt.read_state(step_dir(run, 3)).step == 3
     load_model(cfg, step_dir(run, 3))
     assert ckpt.read_trainer_tensors(step_dir(run, 3))
 
@@ -242,7 +242,8 @@ def test_failed_first_checkpoint_does_not_claim_a_previous_one(tmp_path, monkeyp
 
 
 def _tiny_checkpoint(root: Path, step: int) -> Path:
-    return ckpt.save_checkpoint(root, step, {"w": torch.ones(2)}, {"rng.torch": torch.zeros(1)}, {"step": step}, 5)
+    state = ckpt.CheckpointState(step=step)
+    return ckpt.save_checkpoint(root, step, {"w": torch.ones(2)}, {"rng.torch": torch.zeros(1)}, state, 5)
 
 
 def test_temporary_and_incomplete_checkpoint_dirs_are_never_picked(tmp_path):
@@ -376,7 +377,7 @@ def test_resume_guards(small_cfg, tmp_path):
 
     # Only kernel choices may change on resume.
     p = prepare(small_cfg("model.attention_backend=eager"), run, resume=True)
-    assert p.resume_state["step"] == 1
+    assert p.resume_state.step == 1
 
 
 def test_resume_from_a_loose_step_dir_needs_a_run_dir(small_cfg, tmp_path):
@@ -390,7 +391,7 @@ def test_resume_from_a_loose_step_dir_needs_a_run_dir(small_cfg, tmp_path):
     assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == ["saved"]  # nothing written next to it
 
     p = prepare(small_cfg(), tmp_path / "continued", resume_from=loose)
-    assert p.run_dir == tmp_path / "continued" and p.resume_state["step"] == 1
+    assert p.run_dir == tmp_path / "continued" and p.resume_state.step == 1
     summary = Trainer(p, stop_after=2).run()
     assert summary["steps"] == 2 and losses(tmp_path / "continued").keys() == {2}
     assert first["steps"] == 1
@@ -401,7 +402,7 @@ def test_resume_from_another_run_uses_that_runs_tokenizer(small_cfg, small_corpu
     train(small_cfg(), run_a, stop_after=1)  # tokenizer trained on the built-in corpus
     p = prepare(small_cfg(f"data.paths={small_corpus}"), tmp_path / "b", resume_from=step_dir(run_a, 1))
     assert (tmp_path / "b" / "tokenizer.json").read_text() == (run_a / "tokenizer.json").read_text()
-    assert p.resume_state["step"] == 1 and p.tok_hash == ckpt.read_state(step_dir(run_a, 1))["tokenizer_hash"]
+    assert p.resume_state.step == 1 and p.tok_hash == ckpt.read_state(step_dir(run_a, 1)).tokenizer_hash
 
 
 # ---- AdamW and the learning-rate schedule ---------------------------------------------------------

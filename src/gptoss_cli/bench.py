@@ -29,9 +29,9 @@ from contextlib import nullcontext
 import torch
 
 from .config import RunConfig
-from .devices import native_bf16
+from .devices import apply_precision, native_bf16, resolve_dtype, resolve_precision
 from .model import KVCache, Transformer
-from .sizing import describe, resolve_precision
+from .sizing import describe
 from .train.loss import objective
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets. Matched in this order
@@ -54,7 +54,6 @@ GPU_BANDWIDTH = (
     ("L4", 0.3e12),
     ("RTX 4090", 1.008e12),
 )
-FP32_PARAMS = (".scale", "mlp.gate.weight", "mlp.gate.bias")  # as generate.load_run: norms and the router
 
 
 def _sync(device: torch.device) -> None:
@@ -165,7 +164,7 @@ def reset_peak_rss() -> bool:
 # ---- training ------------------------------------------------------------------------------------
 
 def build_train_model(cfg: RunConfig, device: torch.device, precision: str) -> Transformer:
-    """The model as train_setup.prepare builds it for one process: seed, init, dtype, checkpointing, compile."""
+    """The model as train.setup.prepare builds it for one process: seed, init, dtype, checkpointing, compile."""
     from .train.setup import place_model
 
     torch.manual_seed(cfg.train.seed)
@@ -180,7 +179,7 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
 
     t, m = cfg.train, cfg.model
     # As train_setup.prepare: bf16 by default only where the GPU computes it natively.
-    precision = resolve_precision(t.precision, native_bf16(device)).name
+    precision = resolve_precision(t.precision, native_bf16(device))
     model = build_train_model(cfg, device, precision).train()
     optimizer = build_optimizer(model, t, device)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
@@ -247,14 +246,12 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
 # ---- inference -----------------------------------------------------------------------------------
 
 def build_infer_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Random weights, laid out as generate.load_run lays out a checkpoint: eval mode, no grads."""
+    """Random weights, laid out as infer.generate.load_run lays out a checkpoint: eval mode, no grads."""
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
     model.to(device)
-    for name, p in model.named_parameters():
-        if dtype != torch.float32 and not name.endswith(FP32_PARAMS):
-            p.data = p.data.to(dtype)
+    apply_precision(model, dtype)
     return model.requires_grad_(False).eval()
 
 
@@ -270,11 +267,11 @@ def _prefill_s(model: Transformer, prompt: torch.Tensor, dtype: torch.dtype) -> 
 
 def bench_infer(cfg: RunConfig, device: torch.device, repeats: int, warmup: int, new_tokens: int,
                 batches: tuple[int, ...], compile_decode: bool = False, prefill_tokens: int | None = None) -> dict:
-    from .infer.generate import generate_tokens, pick_dtype
-    from .infer.sampling import SamplingParams
+    from .config import InferConfig
+    from .infer.generate import generate_tokens
 
     m = cfg.model
-    dtype = pick_dtype(device)
+    dtype = resolve_dtype("auto", device)
     model = build_infer_model(cfg, device, dtype)
     gen = torch.Generator().manual_seed(cfg.train.seed + 1)
     if device.type == "cuda":
@@ -289,7 +286,7 @@ def bench_infer(cfg: RunConfig, device: torch.device, repeats: int, warmup: int,
 
     prompt_len = min(32, m.max_context_length // 4)
     new_tokens = max(4, min(new_tokens, m.max_context_length - prompt_len))
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    params = InferConfig(max_new_tokens=new_tokens, temperature=0.0)
     decode = []
     for b in batches:
         prompts = torch.randint(0, m.vocab_size, (b, prompt_len), generator=gen).tolist()

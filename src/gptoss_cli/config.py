@@ -12,6 +12,7 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -20,11 +21,23 @@ import yaml
 
 from .errors import GptossError
 from .model.config import ModelConfig, ModelConfigError
-from .run.layout import write_atomic
+from .run.atomic import write_atomic
 
 
 class ConfigError(GptossError):
     """A config problem the user can fix; the message is one line."""
+
+
+# Each section checks itself (validate, naming the key) once its types are right; RunConfig.validate adds
+# what spans sections. The meaning of every field is in docs/configs.md, which a test keeps in step with
+# these dataclasses (every field documented with its default, none invented).
+
+Label = Callable[[str], str]  # field name -> how an error names it ("train.lr", or a CLI flag)
+
+
+def _require(ok: bool, label: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{label}: {message}")
 
 
 @dataclass
@@ -32,6 +45,9 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)  # .txt/.jsonl files, directories, globs; [] = built-in corpus
     val_fraction: float = 0.05  # share of documents held out for validation
     tokenizer: str | None = None  # reuse this tokenizer.json instead of training one
+
+    def validate(self) -> None:
+        _require(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass
@@ -64,15 +80,54 @@ class TrainConfig:
     fused_loss: bool = True  # unembedding + cross-entropy chunk by chunk, no (B, T, V) logits
     parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun only
 
+    def validate(self) -> None:
+        for key in ("batch_size", "seq_len", "grad_accum_steps", "epochs", "log_every", "eval_every",
+                    "eval_batches", "save_every", "keep_checkpoints"):
+            _require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
+        if self.global_batch_size is not None:
+            _require(self.global_batch_size > 0 and self.global_batch_size % self.batch_size == 0,
+                     "train.global_batch_size",
+                     f"must be a positive multiple of train.batch_size={self.batch_size}, got {self.global_batch_size}")
+        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps",
+                 f"must be > 0 (or null), got {self.max_steps}")
+        _require(self.lr > 0, "train.lr", f"out of range, got {self.lr}")
+        for key in ("beta1", "beta2"):
+            _require(0 < getattr(self, key) < 1, f"train.{key}", f"out of range, got {getattr(self, key)}")
+        for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
+            _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
 
 @dataclass
 class InferConfig:
+    """Generation settings: the run's defaults, and (with CLI or API overrides) what one generation uses."""
+
     max_new_tokens: int = 50
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
+    temperature: float = 0.8  # 0 = greedy (argmax)
+    top_k: int = 50  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # CTRL-style: seen tokens' logits divided (if > 0) or multiplied by it
+    seed: int | None = None  # None = a fresh random seed
+    stop: list[str] = field(default_factory=list)  # generation ends before any of these strings
+
+    def validate(self, label: Label = lambda key: f"infer.{key}") -> None:
+        _require(self.max_new_tokens > 0, label("max_new_tokens"), f"must be > 0, got {self.max_new_tokens}")
+        _require(self.temperature >= 0, label("temperature"), f"must be >= 0 (0 = greedy), got {self.temperature}")
+        _require(self.top_k >= 0, label("top_k"), f"must be >= 0 (0 = off), got {self.top_k}")
+        _require(0 < self.top_p <= 1, label("top_p"), f"must be in (0, 1], got {self.top_p}")
+        _require(self.repetition_penalty > 0, label("repetition_penalty"),
+                 f"must be > 0, got {self.repetition_penalty}")
+        _require(all(self.stop), label("stop"), "stop strings must not be empty")
+
+    def with_overrides(self, label: Label | None = None, **overrides: Any) -> InferConfig:
+        """A copy with every override that is not None applied, validated (errors named by `label`)."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown infer settings: {', '.join(sorted(unknown))}")
+        out = dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
+        out.stop = list(out.stop)
+        out.validate(label or (lambda key: f"infer.{key}"))
+        return out
 
 
 @dataclass
@@ -85,6 +140,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Every section, then what spans sections (the model validated itself when it was built)."""
+        self.data.validate()
+        self.train.validate()
+        self.infer.validate()
+        _require(self.train.seq_len <= self.model.max_context_length, "train.seq_len",
+                 f"{self.train.seq_len} exceeds model.max_context_length={self.model.max_context_length}")
 
 
 # ---- locating configs ----------------------------------------------------------------------------
@@ -201,38 +264,6 @@ def _build_section(cls: type, raw: Any, prefix: str) -> Any:
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "infer": InferConfig}
 
 
-def _check_run(cfg: RunConfig) -> None:
-    t = cfg.train
-    for key in ("batch_size", "seq_len", "grad_accum_steps", "epochs", "log_every", "eval_every",
-                "eval_batches", "save_every", "keep_checkpoints"):
-        if getattr(t, key) <= 0:
-            raise ConfigError(f"train.{key}: must be > 0, got {getattr(t, key)}")
-    if t.global_batch_size is not None and (t.global_batch_size <= 0 or t.global_batch_size % t.batch_size):
-        raise ConfigError(f"train.global_batch_size: must be a positive multiple of train.batch_size={t.batch_size}, "
-                          f"got {t.global_batch_size}")
-    if t.max_steps is not None and t.max_steps <= 0:
-        raise ConfigError(f"train.max_steps: must be > 0 (or null), got {t.max_steps}")
-    for key in ("lr", "beta1", "beta2"):
-        if not 0 < getattr(t, key) < (1 if key != "lr" else float("inf")):
-            raise ConfigError(f"train.{key}: out of range, got {getattr(t, key)}")
-    for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
-        if getattr(t, key) < 0:
-            raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
-    if t.seq_len > cfg.model.max_context_length:
-        raise ConfigError(
-            f"train.seq_len: {t.seq_len} exceeds model.max_context_length={cfg.model.max_context_length}"
-        )
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
-    i = cfg.infer
-    if i.max_new_tokens <= 0:
-        raise ConfigError(f"infer.max_new_tokens: must be > 0, got {i.max_new_tokens}")
-    if i.temperature < 0 or i.top_k < 0 or not 0 < i.top_p <= 1 or i.repetition_penalty <= 0:
-        raise ConfigError("infer: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0")
-
-
 def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
     """Build and validate a RunConfig; errors are prefixed with `source` (usually the file name)."""
     try:
@@ -245,7 +276,7 @@ def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
         sections = {k: _build_section(cls, raw.get(k), k) for k, cls in SECTIONS.items()}
         name = _coerce(raw.get("name", "run"), str, "name")
         cfg = RunConfig(name=name, **sections)
-        _check_run(cfg)
+        cfg.validate()
         return cfg
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None

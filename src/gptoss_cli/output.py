@@ -8,8 +8,9 @@ from typing import Any
 
 from rich.console import Console
 
-console = Console(soft_wrap=True)  # human-readable results; long lines are not re-wrapped
-err_console = Console(stderr=True, soft_wrap=True)  # progress, warnings, errors: keeps stdout pipeable
+# Everything a person reads (tables, progress, log lines, warnings) goes to stderr, so stdout carries only
+# what a program reads: --json objects and generated text. Long lines are not re-wrapped.
+console = Console(stderr=True, soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:
@@ -18,4 +19,4 @@ def print_json(obj: Any) -> None:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    console.print(f"[yellow]warning:[/] {message}", highlight=False)

@@ -34,10 +34,11 @@ class Precision:
     act_bytes: int  # activations
 
 
-def resolve_precision(name: str, bf16_ok: bool) -> Precision:
-    """`auto` is bf16-mixed where the device computes bf16 natively (CUDA compute capability >= 8), else fp32."""
-    if name == "auto":
-        name = "bf16-mixed" if bf16_ok else "fp32"
+def precision_widths(name: str, bf16_ok: bool) -> Precision:
+    """Byte widths of the resolved train.precision (devices.resolve_precision decides `auto`)."""
+    from .devices import resolve_precision
+
+    name = resolve_precision(name, bf16_ok)
     return Precision(name, 2 if name == "bf16" else 4, 4 if name == "fp32" else 2)
 
 
@@ -77,7 +78,7 @@ def describe(cfg: RunConfig, cuda: bool = False) -> dict:
         for i in range(m.num_hidden_layers)
     )
     fwd_flops = 2 * matmul_params + attn_flops
-    prec = resolve_precision(t.precision, cuda)
+    prec = precision_widths(t.precision, cuda)
 
     # Tensors saved for backward per token and layer (a rough sum over the ops in attention.py/moe.py).
     a, k, h, i = prec.act_bytes, m.experts_per_token, m.hidden_size, m.intermediate_size

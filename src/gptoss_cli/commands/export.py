@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
-from .options import JsonOpt
+from .options import CheckpointOpt, JsonOpt, RunOpt
 
-RunOpt = Annotated[Path | None, typer.Option("--run", "-r", help="The run to export (default: the newest in ./runs).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The Hugging Face directory to write.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="bf16 (norm scales stay fp32) or fp32 (exact).")]
-CheckpointOpt = Annotated[Path | None, typer.Option(
-    "--checkpoint", help="A checkpoint directory or its model.safetensors (default: the run's newest).")]
+ExportDtypeOpt = Annotated[Literal["bf16", "fp32"], typer.Option(
+    "--dtype", help="bf16 (norms and router stay fp32) or fp32 (exact).")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Split model.safetensors above this size "
                                        "(5GB, 500MB, 2GiB), with model.safetensors.index.json.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
 
 
-def command(out: OutOpt, run: RunOpt = None, dtype: DtypeOpt = "bf16", checkpoint: CheckpointOpt = None,
+def command(out: OutOpt, run: RunOpt = None, dtype: ExportDtypeOpt = "bf16", checkpoint: CheckpointOpt = None,
             max_shard_size: ShardOpt = "5GB", force: ForceOpt = False, json: JsonOpt = False) -> None:
     """Export a run for transformers: config.json, safetensors, generation and tokenizer files.
 

@@ -7,12 +7,10 @@ from typing import Annotated
 
 import typer
 
-from .options import JsonOpt
+from .options import JsonOpt, NewRunOpt
 
 SourceArg = Annotated[Path, typer.Argument(help="A Hugging Face gpt_oss directory (config.json + safetensors), "
                                            "or a release's original/ directory.", show_default=False)]
-NewRunOpt = Annotated[Path, typer.Option("--run", "-r", help="The run directory to create (must not exist, "
-                                         "or be empty).")]
 
 
 def command(source: SourceArg, run: NewRunOpt, json: JsonOpt = False) -> None:

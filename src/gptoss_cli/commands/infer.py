@@ -8,14 +8,12 @@ from typing import Annotated
 
 import typer
 
-from .options import RunOpt
+from .options import CheckpointOpt, DeviceOpt, DtypeOpt, RunOpt
 
 PromptArg = Annotated[str | None, typer.Argument(help="Text to continue.", show_default=False)]
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue (instead of the argument).")]
 TokensOpt = Annotated[int | None, typer.Option("--max-new-tokens", "--max-tokens", "-n",
                                                help="Tokens to generate (default: the run's infer.max_new_tokens).")]
-CheckpointOpt = Annotated[Path | None, typer.Option(
-    "--checkpoint", "--model", help="A checkpoint directory, its model.safetensors, or a run (newest checkpoint).")]
 TemperatureOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 means greedy.")]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus: the smallest set with this mass (1 = off).")]
@@ -24,11 +22,9 @@ SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same tex
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.")]
 PromptsFileOpt = Annotated[Path | None, typer.Option(
     "--prompts-file", help="One prompt per line (blank lines skipped), generated as one batch.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on a bf16 GPU, else fp32), fp32 or bf16.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="Compile the decode step (CUDA graphs on CUDA); "
                                           "pays a one-time compile for faster long generations.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt (JSON Lines) instead of text.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt (JSON Lines) on stdout.")]
 
 
 def command(
@@ -48,7 +44,7 @@ def command(
 
     from ..errors import GptossError
     from ..infer.generate import infer
-    from ..output import err_console, warn
+    from ..output import console, warn
 
     prompts = [p for p in (prompt, prompt_opt) if p is not None]
     if prompts_file is not None:
@@ -95,7 +91,7 @@ def command(
         decode = f"compile {s.compile_s:.1f} s | {decode}"
     dtype_name = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(loaded.dtype), str(loaded.dtype))
     batch = f" | batch {s.batch}" if s.batch > 1 else ""
-    err_console.print(
+    console.print(
         f"prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | prefill {s.prefill_s * 1e3:.1f} ms | "
         f"{decode} | {peak} | {loaded.checkpoint.name} on {loaded.device.type} {dtype_name}{batch}",
         markup=False, highlight=False, soft_wrap=True,

@@ -7,13 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .options import JsonOpt
+from .options import JsonOpt, RunsOpt
 
-RunsOpt = Annotated[
-    list[Path] | None,
-    typer.Option("--run", "-r", metavar="DIR",
-                 help="Run directory (default: the newest under ./runs); repeat to compare runs."),
-]
 OutOpt = Annotated[
     Path | None,
     typer.Option("--out", "-o", metavar="DIR", help="Where to write the PNGs and report.md (default: RUN/report)."),

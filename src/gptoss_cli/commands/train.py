@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .options import ConfigOpt, JsonOpt, RunOpt, SetOpt
+from .options import JsonOpt, OptionalConfigOpt, RunOpt, SetOpt
 
 
 def command(
-    config: Annotated[str | None, typer.Option("--config", "-c", help=ConfigOpt.__metadata__[0].help)] = None,
+    config: OptionalConfigOpt = None,
     set_: SetOpt = None,
     run: RunOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest complete checkpoint of --run.")] = False,
@@ -29,24 +28,21 @@ def command(
     """
     from ..config import load_config
     from ..output import console, print_json
+    from ..run.layout import RunDir
 
     if config is None:  # resuming or starting from weights: that run's config; otherwise the reference model
         source = init_from or resume_from or (run if resume else None)
-        saved = Path(source) / "config.yaml" if source is not None else None
+        saved = RunDir.of_checkpoint(Path(source)).config if source is not None else None
         config = str(saved) if saved and saved.is_file() else "compact"
     cfg = load_config(config, set_)  # before torch is imported: a bad config fails in an instant
     from ..train.distributed import shutdown
     from ..train.loop import Trainer, prepare
 
-    if json:  # stdout carries the JSON summary alone; progress and log lines go to stderr
-        console.file = sys.stderr
     try:
         prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer,
                            init_from=init_from)
         summary = Trainer(prepared).run()
     finally:
-        if json:
-            console.file = None  # back to following sys.stdout (the console was created without a file)
         shutdown()
     if not prepared.dist.main:  # under torchrun only rank 0 reports
         return

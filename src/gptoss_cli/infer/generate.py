@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from ..config import InferConfig, RunConfig, config_from_dict, read_yaml
-from ..data.tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash
-from ..devices import native_bf16, pick_device
+from ..config import InferConfig, RunConfig
+from ..data.tokenizer import EOS, PAD
+from ..devices import apply_precision, pick_device, resolve_dtype
 from ..errors import GptossError
 from ..model import KVCache, Transformer
-from ..run.checkpoint import load_weights, read_state, resolve_checkpoint
-from ..run.layout import newest_run_dir
+from ..run.checkpoint import load_weights
+from ..run.layout import RunDir
+from ..run.open import open_run
 from .compiled import compiled_step
-from .sampling import SamplingParams, TextStream, sample
+from .sampling import TextStream, option_label, sample
 
-FP32_PARAMS = (".scale", "mlp.gate.weight", "mlp.gate.bias")  # kept fp32 under bf16: norms and the fp32 router
 MEMORY_EVERY = 16  # decode steps between inference memory samples
 
 
@@ -68,7 +68,7 @@ def context_budget(prompt_len: int, max_new_tokens: int, max_context: int) -> in
 
 @torch.inference_mode()
 def generate_tokens(
-    model: Transformer, prompts: list[list[int]], params: SamplingParams, *, pad_id: int, eos_id: int | None,
+    model: Transformer, prompts: list[list[int]], params: InferConfig, *, pad_id: int, eos_id: int | None,
     on_token: Callable[[int, int], bool] | None = None,
     on_memory: Callable[[int | None, int], None] | None = None,
     on_logits: Callable[[torch.Tensor], None] | None = None, compile_decode: bool = False,
@@ -169,7 +169,7 @@ def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, posit
 
 @dataclass
 class LoadedRun:
-    model: Transformer  # eval mode, on `device`, in `dtype` (norm scales and router fp32)
+    model: Transformer  # eval mode, on `device`, in `dtype` under the precision policy (devices.py)
     tokenizer: Tokenizer
     config: RunConfig
     run_dir: Path
@@ -179,74 +179,20 @@ class LoadedRun:
     dtype: torch.dtype
 
 
-def pick_dtype(device: torch.device, name: str = "auto") -> torch.dtype:
-    """bf16 on a CUDA GPU that computes it natively (compute capability >= 8.0), else fp32."""
-    if name == "auto":
-        return torch.bfloat16 if native_bf16(device) else torch.float32
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    if name not in dtypes:
-        raise GptossError(f"--dtype must be auto, fp32 or bf16, got {name!r}")
-    return dtypes[name]
-
-
-def locate(run: Path | None, checkpoint: Path | None) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory): --checkpoint, else --run's newest, else the newest run."""
-    if checkpoint is not None:
-        if not Path(checkpoint).exists():
-            raise GptossError(f"checkpoint {checkpoint} does not exist")
-        ckpt = resolve_checkpoint(checkpoint)
-        if run is None:  # RUN/checkpoints/step-N -> RUN; a lone step directory holds its own files
-            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-        return Path(run), ckpt
-    if run is None:
-        run = newest_run_dir(need="checkpoints")
-    elif not Path(run).is_dir():
-        raise GptossError(f"run directory {run} does not exist; train one first: "
-                          f"gptoss train --config tiny --run {run}")
-    return Path(run), resolve_checkpoint(run)
-
-
-def read_run_config(run_dir: Path, ckpt: Path, state: dict) -> RunConfig:
-    """RUN/config.yaml (its infer section gives the defaults); the model shapes come from the checkpoint."""
-    saved = config_from_dict(state["config"], f"{ckpt / 'state.json'}") if "config" in state else None
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        cfg = config_from_dict(read_yaml(path), str(path))
-        if saved is not None:
-            cfg.model = saved.model  # the weights were saved with these shapes, whatever config.yaml says now
-        return cfg
-    if saved is None:
-        raise GptossError(f"{run_dir}: no config.yaml, and {ckpt / 'state.json'} holds no config")
-    return saved
-
-
 def load_run(run: Path | None = None, checkpoint: Path | None = None, device: str = "auto",
              dtype: str = "auto") -> LoadedRun:
-    """Find a run, check its tokenizer against the checkpoint, and load the weights for inference."""
+    """Open a run (run/open.py: config, checkpoint and tokenizer verified together) and load its weights for
+    inference in `dtype` under the precision policy (devices.py)."""
     dev = pick_device(device, "--device")
-    dt = pick_dtype(dev, dtype)
-    run_dir, ckpt = locate(run, checkpoint)
-    state = read_state(ckpt)
-    cfg = read_run_config(run_dir, ckpt, state)
-    tok_path = next((p for p in (run_dir / "tokenizer.json", ckpt / "tokenizer.json") if p.is_file()), None)
-    if tok_path is None:
-        raise GptossError(f"{run_dir}: no tokenizer.json (the run directory that train wrote holds one)")
-    tok = load_tokenizer(tok_path)
-    expected, actual = state.get("tokenizer_hash"), tokenizer_hash(tok)
-    if expected and expected != actual:
-        raise GptossError(f"{tok_path} (hash {actual}) is not the tokenizer checkpoint {ckpt.name} was trained "
-                          f"with (hash {expected}); use the run directory the checkpoint came from")
-    check_vocab(tok, cfg.model.vocab_size, str(tok_path))
-
+    dt = resolve_dtype(dtype, dev)
+    opened = open_run(run, checkpoint)
     with torch.device(dev):  # parameters are created on the device; the rope table is built on the CPU
-        model = Transformer(cfg.model)
+        model = Transformer(opened.config.model)
     model.to(dev)
-    load_weights(model, ckpt / "model.safetensors")
-    for name, p in model.named_parameters():  # .data keeps the tied embedding/unembedding one tensor
-        if dt != torch.float32 and not name.endswith(FP32_PARAMS):
-            p.data = p.data.to(dt)
+    load_weights(model, opened.weights)
+    apply_precision(model, dt)
     model.requires_grad_(False).eval()
-    return LoadedRun(model, tok, cfg, run_dir, ckpt, int(state.get("step", 0)), dev, dt)
+    return LoadedRun(model, opened.tokenizer, opened.config, opened.run.path, opened.checkpoint, opened.step, dev, dt)
 
 
 # ---- the whole command ---------------------------------------------------------------------------
@@ -271,7 +217,7 @@ class InferResult:
 def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | None = None,
           device: str = "auto", dtype: str = "auto", on_text: Callable[[int, str], None] | None = None,
           compile_decode: bool = False, **overrides) -> InferResult:
-    """Generate a continuation of every prompt in one batch; `overrides` are SamplingParams fields (None = the
+    """Generate a continuation of every prompt in one batch; `overrides` are InferConfig fields (None = the
     run config's value). on_text(row, chunk) receives text as it is decoded. Memory goes to
     RUN/inference-memory.jsonl."""
     from ..memory import MemorySampler
@@ -279,9 +225,9 @@ def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | Non
 
     if not prompts or any(p == "" for p in prompts):
         raise GptossError("empty prompt: give some text to continue")
-    SamplingParams.from_config(InferConfig(), **overrides)  # reject bad options before loading anything
+    InferConfig().with_overrides(option_label, **overrides)  # reject bad options before loading anything
     loaded = load_run(run, checkpoint, device, dtype)
-    params = SamplingParams.from_config(loaded.config.infer, **overrides)
+    params = loaded.config.infer.with_overrides(option_label, **overrides)
     tok = loaded.tokenizer
     encoded = [tok.encode(p).ids for p in prompts]
     context_budget(max(map(len, encoded)), params.max_new_tokens, loaded.config.model.max_context_length)
@@ -295,7 +241,7 @@ def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | Non
         return streams[row].stopped
 
     try:
-        sampler = MemorySampler(loaded.run_dir / "inference-memory.jsonl", loaded.device, phase="infer")
+        sampler = MemorySampler(RunDir(loaded.run_dir).infer_memory, loaded.device, phase="infer")
     except OSError as err:
         warn(f"not recording inference memory ({err.strerror or err})")
         sampler = None

@@ -1,13 +1,11 @@
 """Choosing the next token and turning tokens back into text, for `generate.py`.
 
-    SamplingParams        the infer settings (temperature, top-k, top-p, repetition penalty, seed, stop)
+    (the settings are config.InferConfig: temperature, top-k, top-p, repetition penalty, seed, stop)
     sample(logits, ...)   (B, V) logits -> (B,) ids on the device: penalty, then greedy or filtered sampling
     TextStream            incremental detokenisation of one row, honouring stop strings
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, fields, replace
 
 import torch
 from tokenizers import Tokenizer
@@ -17,40 +15,12 @@ from ..errors import GptossError
 
 # ---- sampling ------------------------------------------------------------------------------------
 
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 50
-    temperature: float = 0.8  # 0 = greedy (argmax)
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    repetition_penalty: float = 1.0  # CTRL-style: seen tokens' logits divided (if > 0) or multiplied by it
-    seed: int | None = None  # None = a fresh random seed
-    stop: tuple[str, ...] = ()
-
-    @classmethod
-    def from_config(cls, infer: InferConfig, **overrides) -> SamplingParams:
-        """The run config's `infer` section, with every override that is not None applied."""
-        base = {f.name: getattr(infer, f.name) for f in fields(infer) if f.name in {g.name for g in fields(cls)}}
-        params = replace(cls(**base), **{k: v for k, v in overrides.items() if v is not None})
-        params.stop = tuple(params.stop)
-        params.validate()
-        return params
-
-    def validate(self) -> None:
-        checks = [
-            (self.max_new_tokens > 0, f"-n/--max-new-tokens must be > 0, got {self.max_new_tokens}"),
-            (self.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {self.temperature}"),
-            (self.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {self.top_k}"),
-            (0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}"),
-            (self.repetition_penalty > 0, f"--repetition-penalty must be > 0, got {self.repetition_penalty}"),
-            (all(self.stop), "--stop strings must not be empty"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise GptossError(message)
+def option_label(key: str) -> str:
+    """How an infer setting is named in errors from the command line: its flag."""
+    return "-n/--max-new-tokens" if key == "max_new_tokens" else "--" + key.replace("_", "-")
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+def sample(logits: torch.Tensor, params: InferConfig, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None) -> torch.Tensor:
     """logits (B, V) fp32 -> next ids (B,). `seen` (B, V) bool marks tokens the penalty applies to."""
     if seen is not None and params.repetition_penalty != 1.0:

@@ -16,19 +16,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..config import RunConfig, config_from_dict, read_yaml
-from ..data.tokenizer import EOS, PAD, load_tokenizer, tokenizer_hash
+from ..config import RunConfig
+from ..data.tokenizer import EOS, PAD
+from ..devices import param_dtypes, resolve_dtype
 from ..errors import GptossError
 from ..output import warn
-from ..run.checkpoint import read_state, resolve_checkpoint
-from ..run.layout import newest_run_dir
-from .names import expected_shapes, staged_directory, to_hf_config, to_hf_state_dict
+from ..run.atomic import staged_directory
+from ..run.checkpoint import read_weights
+from ..run.open import open_run
+from .names import expected_shapes, to_hf_config, to_hf_state_dict
 
-DTYPES = {"bf16": (torch.bfloat16, "bfloat16"), "fp32": (torch.float32, "float32")}
-FP32_SUFFIXES = ("layernorm.weight", "model.norm.weight")  # HF keeps norms fp32 (_keep_in_fp32_modules)
+HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 BOS_CANDIDATES = ("<|startoftext|>", EOS)  # o200k_harmony has a start token; our BPE reuses <|endoftext|>
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -40,53 +40,6 @@ def parse_size(text: str | int) -> int:
     if not match or match.group(2).upper() not in UNITS or float(match.group(1)) <= 0:
         raise GptossError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
     return int(float(match.group(1)) * UNITS[match.group(2).upper()])
-
-
-def locate(run: Path | None, checkpoint: Path | None) -> tuple[Path, Path]:
-    """(run directory, checkpoint directory) from --run and/or --checkpoint (default: the newest run)."""
-    if checkpoint is not None:
-        ckpt = resolve_checkpoint(checkpoint)
-        if run is None:  # a step directory sits in RUN/checkpoints/
-            run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
-        return Path(run), ckpt
-    if run is None:
-        run = newest_run_dir(need="checkpoints")
-    elif not Path(run).is_dir():
-        raise GptossError(f"--run {run} does not exist")
-    return Path(run), resolve_checkpoint(run)
-
-
-def read_run_config(run_dir: Path, ckpt: Path, state: dict) -> RunConfig:
-    """The model shapes the weights were saved with (state.json), the infer defaults from config.yaml."""
-    saved = config_from_dict(state["config"], str(ckpt / "state.json")) if "config" in state else None
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        cfg = config_from_dict(read_yaml(path), str(path))
-        if saved is not None:
-            cfg.model = saved.model
-        return cfg
-    if saved is None:
-        raise GptossError(f"{run_dir}: no config.yaml, and {ckpt / 'state.json'} holds no config")
-    return saved
-
-
-def read_weights(cfg: RunConfig, path: Path) -> dict[str, torch.Tensor]:
-    """model.safetensors, checked tensor by tensor against the config's shapes."""
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise GptossError(f"{path}: cannot read weights ({err})") from None
-    expected = expected_shapes(cfg.model)
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise GptossError(f"{path}: tensor {name} is missing")
-        if tuple(tensors[name].shape) != shape:
-            got = tuple(tensors[name].shape)
-            raise GptossError(f"{path}: tensor {name} has shape {got}, the config expects {shape}")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise GptossError(f"{path}: unexpected tensor {extra[0]} (was it saved from another config?)")
-    return tensors
 
 
 def shard(sizes: dict[str, int], limit: int) -> list[list[str]]:
@@ -102,15 +55,15 @@ def shard(sizes: dict[str, int], limit: int) -> list[list[str]]:
     return groups
 
 
-def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype, limit: int) -> list[str]:
-    """model.safetensors, or HF-style shards plus model.safetensors.index.json. Returns the file names."""
-    dtypes = {n: torch.float32 if n.endswith(FP32_SUFFIXES) else dtype for n in tensors}  # fp32 norms: lossless
-    sizes = {n: t.numel() * dtypes[n].itemsize for n, t in tensors.items()}
+def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], limit: int) -> list[str]:
+    """model.safetensors, or HF-style shards plus model.safetensors.index.json, each tensor in its own dtype.
+    Returns the file names."""
+    sizes = {n: t.numel() * t.dtype.itemsize for n, t in tensors.items()}
     groups = shard(sizes, limit)
     names = ["model.safetensors"] if len(groups) == 1 else [
         f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
     for fname, group in zip(names, groups, strict=True):  # one shard in memory at a time, cast on the way
-        save_file({n: tensors[n].to(dtypes[n]).contiguous() for n in group}, str(out / fname),
+        save_file({n: tensors[n].contiguous() for n in group}, str(out / fname),
                   metadata={"format": "pt"})
     if len(groups) == 1:
         return names
@@ -139,34 +92,32 @@ def _dump(path: Path, obj: dict) -> None:
 def export_run(run: Path | None, out: Path, dtype: str = "bf16", checkpoint: Path | None = None,
                max_shard_size: str | int = "5GB", force: bool = False) -> dict:
     """Write the HF directory `out`; returns a summary (files, tensors, bytes, checkpoint)."""
-    if dtype not in DTYPES:
-        raise GptossError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    torch_dtype, dtype_name = DTYPES[dtype]
+    if dtype not in ("bf16", "fp32"):
+        raise GptossError(f"--dtype {dtype!r}: expected one of bf16, fp32")
+    torch_dtype = resolve_dtype(dtype)
+    dtype_name = HF_DTYPE_NAMES[torch_dtype]
     limit = parse_size(max_shard_size)
-    run_dir, ckpt = locate(run, checkpoint)
-    state = read_state(ckpt)
-    cfg = read_run_config(run_dir, ckpt, state)
+    opened = open_run(run, checkpoint, need_tokenizer=False)
+    cfg, ckpt, tok, tok_path = opened.config, opened.checkpoint, opened.tokenizer, opened.tokenizer_path
     out = Path(out)
     if out.is_dir() and any(out.iterdir()) and not force:  # fail before reading gigabytes
         raise GptossError(f"--out {out} is not empty (add --force to replace it)")
 
-    tok_path = next((p for p in (run_dir / "tokenizer.json", ckpt / "tokenizer.json") if p.is_file()), None)
     token_ids: dict[str, int | None] = {}
-    if tok_path is None:
-        warn(f"{run_dir} has no tokenizer.json: exporting the weights without a tokenizer")
+    if tok is None:
+        warn(f"{opened.run} has no tokenizer.json: exporting the weights without a tokenizer")
     else:
-        tok = load_tokenizer(tok_path)
-        if state.get("tokenizer_hash") not in (None, tokenizer_hash(tok)):
-            raise GptossError(f"{tok_path} is not the tokenizer {ckpt.name} was trained with (hash mismatch)")
         eos = EOS
         bos = next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None)
         pad = PAD if tok.token_to_id(PAD) is not None else EOS
         token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
     hf_config = to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently
-    hf_tensors = to_hf_state_dict(cfg.model, read_weights(cfg, ckpt / "model.safetensors"))
+    weights = read_weights(opened.weights, expected_shapes(cfg.model))
+    dtypes = param_dtypes(weights, torch_dtype)  # the precision policy: norms and router stay fp32, losslessly
+    hf_tensors = to_hf_state_dict(cfg.model, {n: t.to(dtypes[n]) for n, t in weights.items()})
 
     with staged_directory(out, force=force) as tmp:
-        files = write_safetensors(tmp, hf_tensors, torch_dtype, limit)
+        files = write_safetensors(tmp, hf_tensors, limit)
         _dump(tmp / "config.json", hf_config)
         _dump(tmp / "generation_config.json", generation_config(cfg, token_ids))
         files += ["config.json", "generation_config.json"]
@@ -177,6 +128,6 @@ def export_run(run: Path | None, out: Path, dtype: str = "bf16", checkpoint: Pat
                 "model_max_length": cfg.model.max_context_length, "clean_up_tokenization_spaces": False,
             })
             files += ["tokenizer.json", "tokenizer_config.json"]
-    return {"out": str(out), "checkpoint": str(ckpt), "step": int(state.get("step", 0)), "dtype": dtype,
+    return {"out": str(out), "checkpoint": str(ckpt), "step": opened.step, "dtype": dtype,
             "files": files, "tensors": len(hf_tensors),
             "bytes": sum((out / f).stat().st_size for f in files if f.endswith(".safetensors"))}

@@ -21,11 +21,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from ..config import ConfigError, RunConfig, config_from_dict, save_config
+from ..config import ConfigError, RunConfig, config_from_dict
 from ..data.tokenizer import EOS, check_vocab, tokenizer_hash
 from ..errors import GptossError
 from ..output import warn
-from ..run.checkpoint import save_checkpoint
+from ..run.atomic import staged_directory
+from ..run.checkpoint import CheckpointState, save_checkpoint
+from ..run.layout import RunDir
 from . import mxfp4
 from .names import (
     EXPERT_MATRICES,
@@ -35,7 +37,6 @@ from .names import (
     from_hf_state_dict,
     model_config_from_hf,
     model_config_from_openai,
-    staged_directory,
 )
 
 INDEX = "model.safetensors.index.json"
@@ -233,15 +234,16 @@ def import_dir(hf_dir: Path, run_dir: Path) -> dict:
     run_cfg = infer_defaults(hf_dir, run_cfg)
     found = find_tokenizer(hf_dir, layout, model_cfg.vocab_size)
 
-    state = {"format": 1, "step": 0, "tokenizer_hash": tokenizer_hash(found[1]) if found else None,
-             "config": run_cfg.to_dict(), "imported_from": str(hf_dir.resolve()), "source_layout": layout,
-             "quantization": "mxfp4" if quantized else None}
+    state = CheckpointState(step=0, tokenizer_hash=tokenizer_hash(found[1]) if found else None,
+                            config=run_cfg.to_dict(), imported_from=str(hf_dir.resolve()), source_layout=layout,
+                            quantization="mxfp4" if quantized else None)
     with staged_directory(run_dir, flag="--run") as tmp:
-        save_config(run_cfg, tmp / "config.yaml")
+        staged = RunDir(tmp)
+        staged.write_config(run_cfg)
         if found is not None:
-            shutil.copyfile(found[0], tmp / "tokenizer.json")
-        ckpt = save_checkpoint(tmp / "checkpoints", 0, weights, {}, state, keep=1)
-    return {"run": str(run_dir), "checkpoint": str(run_dir / "checkpoints" / ckpt.name), "layout": layout,
+            shutil.copyfile(found[0], staged.tokenizer)
+        ckpt = save_checkpoint(staged.checkpoints, 0, weights, {}, state, keep=1)
+    return {"run": str(run_dir), "checkpoint": str(RunDir(run_dir).checkpoints / ckpt.name), "layout": layout,
             "quantized_tensors": len(quantized), "tensors": len(weights),
             "params": sum(t.numel() for t in weights.values()), "tokenizer": found is not None,
             "tie_word_embeddings": model_cfg.tie_word_embeddings, "attention_bias": model_cfg.attention_bias,

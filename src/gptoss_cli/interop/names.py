@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 
 import torch
 
@@ -269,39 +265,3 @@ def build_model_config(fields: dict, source: str) -> ModelConfig:
         return ModelConfig(**{k: v for k, v in fields.items() if k in known})
     except (ValueError, TypeError) as err:
         raise GptossError(f"{source}: {err}") from None
-
-
-# ---- the output directory -----------------------------------------------------------------------
-
-@contextmanager
-def staged_directory(target: Path, force: bool = False, flag: str = "--out") -> Iterator[Path]:
-    """Yield an empty hidden directory next to `target`; when the block ends cleanly, rename it to `target`.
-
-    An error (or Ctrl-C) inside the block removes it, so `target` is never left half-written. A non-empty
-    `target` is refused unless `force`; then it is swapped out and deleted only after the rename.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise GptossError(f"{flag} {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not force:
-        raise GptossError(f"{flag} {target} is not empty" + (" (add --force to replace it)" if flag == "--out" else ""))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.is_dir() and any(target.iterdir()):
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if target.is_dir():
-                target.rmdir()
-            tmp.rename(target)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise GptossError(f"could not write {target} ({err.strerror or err}); nothing was written") from None
-        raise

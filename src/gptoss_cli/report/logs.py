@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptossError
+from ..run.layout import CONFIG, INFER_MEMORY, METRICS, SUMMARY
+from ..run.layout import MEMORY as TRAIN_MEMORY
 
 GIB = 1024**3
-METRICS, TRAIN_MEMORY, INFER_MEMORY, SUMMARY = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "summary.json"
 Warn = Callable[[str], None]
 
 
@@ -124,12 +125,12 @@ def load_run(path: Path, name: str, warn: Warn) -> RunData:
             run.summary = summary if isinstance(summary, dict) else None
         except (OSError, ValueError) as err:
             note(f"{path / SUMMARY}: unreadable, ignored ({err})")
-    if (path / "config.yaml").is_file():
+    if (path / CONFIG).is_file():
         import yaml
 
         try:
-            config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
+            config = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
             run.config = config if isinstance(config, dict) else {}
         except (OSError, yaml.YAMLError) as err:
-            note(f"{path / 'config.yaml'}: unreadable, ignored ({str(err).splitlines()[0]})")
+            note(f"{path / CONFIG}: unreadable, ignored ({str(err).splitlines()[0]})")
     return run

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import GptossError
-from ..run.layout import RUNS_ROOT, newest_run_dir
+from ..run.layout import RunDir
 from .logs import GIB, INFER_MEMORY, METRICS, SUMMARY, TRAIN_MEMORY, RunData, Warn, first_number, is_number, load_run
 
 DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
@@ -255,7 +255,7 @@ def make_report(runs: list[Path], out: Path | None = None, warn: Warn = lambda m
     """
     from . import figures as plots
 
-    paths = list(runs) or [newest_run_dir(RUNS_ROOT)]
+    paths = list(runs) or [RunDir.newest().path]
     loaded = [load_run(p, n, warn) for p, n in zip(paths, _names(paths), strict=True)]
     for run in loaded:
         if not run.has_data:

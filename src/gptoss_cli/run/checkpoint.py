@@ -3,18 +3,21 @@
     RUN/checkpoints/step-00000100/
         model.safetensors     weights keyed by openai/gpt-oss names; a tied unembedding is stored once
         trainer.safetensors   AdamW moments and RNG states (tensors only)
-        state.json            step, epoch, data position, scheduler, optimizer hyper-parameters, hashes
+        state.json            CheckpointState: step, epoch, data position, optimizer hyper-parameters, hashes
 
-A checkpoint is written into a hidden temporary directory, fsynced, then renamed into place, so a crash
-or a kill mid-write leaves the previous checkpoint intact and never a directory that looks complete.
+A checkpoint is built in a hidden sibling directory and renamed into place (run/atomic.py), so a crash or
+a kill mid-write leaves the previous checkpoint intact and never a directory that looks complete.
 Loading picks the newest `step-*` directory whose files are all present and whose state.json parses.
+The safetensors names and the state.json fields are the on-disk contract: checkpoints written by
+earlier versions load unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +26,55 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import GptossError
+from .atomic import AtomicWriteError, remove_stale, staged_directory
+from .layout import CHECKPOINTS
 
 STEP_PREFIX = "step-"
-FILES = ("model.safetensors", "trainer.safetensors", "state.json")
+MODEL, TRAINER, STATE = "model.safetensors", "trainer.safetensors", "state.json"
+FILES = (MODEL, TRAINER, STATE)
+FORMAT = 1
 
 
 class CheckpointError(GptossError):
     pass
+
+
+@dataclass
+class CheckpointState:
+    """state.json. Optional fields absent from a file stay None and are not written back."""
+
+    step: int = 0
+    format: int = FORMAT
+    epoch: int | None = None
+    batch_idx: int | None = None
+    tokens: int | None = None
+    final_val_loss: float | None = None
+    best_val_loss: float | None = None
+    epoch_loss: list | None = None  # running [sum, count] of the current epoch
+    elapsed_s: float | None = None
+    tokenizer_hash: str | None = None
+    world_size: int | None = None
+    python_rng: list | None = None  # random.getstate() as JSON lists
+    optimizer: dict | None = None  # param_groups + non-tensor state (optimizer_to_tensors)
+    config: dict | None = None  # the RunConfig the weights were saved with
+    imported_from: str | None = None
+    source_layout: str | None = None
+    quantization: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer writer, kept as they are
+
+    @classmethod
+    def from_json(cls, raw: Any, source: str) -> CheckpointState:
+        if not isinstance(raw, dict) or not isinstance(raw.get("step", 0), int):
+            raise CheckpointError(f"{source}: not a checkpoint state (expected an object with an integer step)")
+        if raw.get("format", FORMAT) > FORMAT:
+            raise CheckpointError(f"{source}: written by a newer gptoss (state format {raw['format']}); upgrade gptoss")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in raw.items() if k in known},
+                   extra={k: v for k, v in raw.items() if k not in known})
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra" and v is not None}
+        return out | self.extra
 
 
 def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,39 +82,33 @@ def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters()}
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load model.safetensors into `model`, naming the first missing, extra or mis-shaped tensor."""
+def read_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """model.safetensors, checked against `expected` {name: shape}: the first missing, extra or mis-shaped
+    tensor is named."""
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: cannot read weights ({err})") from None
-    expected = dict(model.named_parameters())
-    for name, p in expected.items():
+    for name, shape in expected.items():
         if name not in tensors:
             raise CheckpointError(f"{path}: tensor {name} is missing")
-        if tuple(tensors[name].shape) != tuple(p.shape):
+        if tuple(tensors[name].shape) != tuple(shape):
             raise CheckpointError(
-                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, the config expects {tuple(p.shape)}"
+                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, the config expects {tuple(shape)}"
             )
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]} (was it saved from another config?)")
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load model.safetensors into `model` (shapes checked first)."""
+    expected = dict(model.named_parameters())
+    tensors = read_weights(path, {name: tuple(p.shape) for name, p in expected.items()})
     with torch.no_grad():
         for name, p in expected.items():
             p.copy_(tensors[name])
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def step_dir_name(step: int) -> str:
@@ -77,41 +116,25 @@ def step_dir_name(step: int) -> str:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor],
-                    trainer_tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int) -> Path:
+                    trainer_tensors: dict[str, torch.Tensor], state: CheckpointState, keep: int) -> Path:
     """Write one checkpoint atomically and keep the newest `keep`. Returns its directory."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    remove_stale(ckpt_root)  # hidden directories of writers that were killed
     final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{step_dir_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        save_file({k: v.cpu() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-        save_file({k: v.cpu().contiguous() for k, v in trainer_tensors.items()}, str(tmp / "trainer.safetensors"))
-        # state.json last: its presence is part of what makes a directory a checkpoint.
-        with open(tmp / "state.json", "w", encoding="utf-8") as f:
-            json.dump(state, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        for name in ("model.safetensors", "trainer.safetensors"):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved again (e.g. resumed, then interrupted): replace it
-            old = ckpt_root / f".old-{final.name}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-        _fsync_dir(ckpt_root)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            previous = list_checkpoints(ckpt_root)
-            kept = (f"the previous checkpoint is intact ({previous[-1].name})" if previous
-                    else "no checkpoint was saved before this one")
-            raise CheckpointError(f"could not save checkpoint {final.name} ({err.strerror or err}); {kept}") from None
-        raise
+        with staged_directory(final, force=True, flag="checkpoint") as tmp:
+            try:
+                save_file({k: v.cpu() for k, v in weights.items()}, str(tmp / MODEL))
+                save_file({k: v.cpu().contiguous() for k, v in trainer_tensors.items()}, str(tmp / TRAINER))
+            except SafetensorError as err:  # safetensors reports a full disk with its own error type
+                raise OSError(str(err)) from None
+            # state.json last: its presence is part of what makes a directory a checkpoint.
+            (tmp / STATE).write_text(json.dumps(state.to_json(), indent=1), encoding="utf-8")
+    except AtomicWriteError as err:
+        previous = list_checkpoints(ckpt_root)
+        kept = (f"the previous checkpoint is intact ({previous[-1].name})" if previous
+                else "no checkpoint was saved before this one")
+        raise CheckpointError(f"could not save checkpoint {final.name} ({err.reason}); {kept}") from None
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -121,7 +144,7 @@ def _is_valid(path: Path) -> bool:
     if not all((path / f).is_file() for f in FILES):
         return False
     try:
-        json.loads((path / "state.json").read_text(encoding="utf-8"))
+        json.loads((path / STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return True
@@ -141,26 +164,31 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def resolve_checkpoint(path: Path) -> Path:
     """A run directory, its checkpoints/ folder or one step directory -> the checkpoint to load."""
     path = Path(path)
-    if path.is_file() and path.name == "model.safetensors":
+    if path.is_file() and path.name == MODEL:
         path = path.parent
-    if (path / "state.json").is_file() or (path / "model.safetensors").is_file():
+    if (path / STATE).is_file() or (path / MODEL).is_file():
         if not _is_valid(path):
             raise CheckpointError(f"{path}: incomplete or corrupt checkpoint (needs {', '.join(FILES)})")
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
     found = list_checkpoints(root)
     if not found:
         raise CheckpointError(f"no complete checkpoint under {path}")
     return found[-1]
 
 
-def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+def read_state(ckpt: Path) -> CheckpointState:
+    path = ckpt / STATE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    return CheckpointState.from_json(raw, str(path))
 
 
 def read_trainer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(ckpt / "trainer.safetensors"))
+        return load_file(str(ckpt / TRAINER))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{ckpt}: cannot read trainer state ({err})") from None
 

@@ -1,48 +1,105 @@
-"""Run directories: where a command writes (a new `runs/<config>-<timestamp>`) or reads (the newest run).
+"""The run directory: the one place that knows its file names, where new runs go and which run is newest.
 
-    RUN/config.yaml          the resolved config (every field)
-    RUN/tokenizer.json       the byte-level BPE tokenizer
-    RUN/metrics.jsonl        one line per logged step / evaluation (see train.py)
-    RUN/memory.jsonl         training memory samples (memory.py)
-    RUN/inference-memory.jsonl
-    RUN/checkpoints/step-N/  see checkpoint.py
-    RUN/summary.json         written when training ends
+    RUN/config.yaml             the resolved config (every field)
+    RUN/tokenizer.json          the byte-level BPE tokenizer
+    RUN/metrics.jsonl           one line per logged step / evaluation (train/loop.py)
+    RUN/memory.jsonl            training memory samples (memory.py)
+    RUN/inference-memory.jsonl  inference memory samples
+    RUN/checkpoints/step-N/     run/checkpoint.py
+    RUN/summary.json            written when training ends
+    RUN/report/                 gptoss report's PNGs and report.md
+
+Every stage reads and writes a run through RunDir, so a file name is spelled once. This module imports
+neither torch nor the tokenizer: `gptoss report` uses it too.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import RunConfig, config_from_dict, read_yaml, save_config
 from ..errors import GptossError
 
 RUNS_ROOT = Path("runs")
+CONFIG, TOKENIZER, CHECKPOINTS, SUMMARY = "config.yaml", "tokenizer.json", "checkpoints", "summary.json"
+METRICS, MEMORY, INFER_MEMORY, REPORT = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "report"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace a run file in one step (write a hidden sibling, then rename): a kill mid-write leaves the
-    old file, never half of the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
 
-def new_run_dir(name: str, root: Path = RUNS_ROOT) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = root / f"{name}-{stamp}"
-    n = 1
-    while path.exists():
-        n += 1
-        path = root / f"{name}-{stamp}-{n}"
-    return path
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
 
+    @property
+    def tokenizer(self) -> Path:
+        return self.path / TOKENIZER
 
-def newest_run_dir(root: Path = RUNS_ROOT, need: str = "config.yaml") -> Path:
-    """The most recently modified run under `root` that holds `need`; a clear error when there is none."""
-    runs = [p for p in root.glob("*") if p.is_dir() and (p / need).exists()] if root.is_dir() else []
-    if not runs:
-        raise GptossError(
-            f"no run found under {root.resolve()} (looked for a directory with {need}); "
-            "train one first: gptoss train --config tiny --run runs/demo"
-        )
-    return max(runs, key=lambda p: p.stat().st_mtime)
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def memory(self) -> Path:
+        return self.path / MEMORY
+
+    @property
+    def infer_memory(self) -> Path:
+        return self.path / INFER_MEMORY
+
+    @property
+    def summary(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def report(self) -> Path:
+        return self.path / REPORT
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: Path) -> RunDir:
+        """RUN/checkpoints/step-N -> RUN; a lone step directory is its own run (it holds its own files)."""
+        ckpt = Path(ckpt)
+        return cls(ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt)
+
+    @classmethod
+    def new(cls, name: str, root: Path = RUNS_ROOT) -> RunDir:
+        """A fresh `root/<name>-<timestamp>` (not created yet)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = root / f"{name}-{stamp}"
+        n = 1
+        while path.exists():
+            n += 1
+            path = root / f"{name}-{stamp}-{n}"
+        return cls(path)
+
+    @classmethod
+    def newest(cls, root: Path = RUNS_ROOT, need: str = CONFIG) -> RunDir:
+        """The most recently modified run under `root` that holds `need`; a clear error when there is none."""
+        runs = [p for p in root.glob("*") if p.is_dir() and (p / need).exists()] if root.is_dir() else []
+        if not runs:
+            raise GptossError(
+                f"no run found under {root.resolve()} (looked for a directory with {need}); "
+                "train one first: gptoss train --config tiny --run runs/demo"
+            )
+        return cls(max(runs, key=lambda p: p.stat().st_mtime))
+
+    # ---- the resolved config ------------------------------------------------------------------
+    def read_config(self) -> RunConfig:
+        return config_from_dict(read_yaml(self.config), str(self.config))
+
+    def write_config(self, cfg: RunConfig) -> None:
+        save_config(cfg, self.config)  # atomic: a resume rewrites a run's config

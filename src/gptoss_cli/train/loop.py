@@ -24,7 +24,8 @@ from ..errors import GptossError
 from ..memory import MemorySampler
 from ..output import console
 from ..run import checkpoint as ckpt
-from ..run.layout import write_atomic
+from ..run.atomic import write_atomic
+from ..run.layout import RunDir
 from . import distributed
 from .loss import objective
 from .optim import lr_at
@@ -63,6 +64,7 @@ class StopRequest:
 class Trainer:
     def __init__(self, p: Prepared, stop_after: int | None = None):
         self.p = p
+        self.files = RunDir(p.run_dir)
         self.cfg = p.cfg
         self.t = p.cfg.train
         self.dist = p.dist
@@ -77,24 +79,24 @@ class Trainer:
         self.autocast = torch.autocast(p.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
         per_epoch = p.train_data.batches_per_epoch
         self.total_steps = self.t.max_steps or max(1, self.t.epochs * per_epoch // self.accum)
-        s = p.resume_state or {}
-        self.step = s.get("step", 0)
-        self.epoch = s.get("epoch", 0)
-        self.batch_idx = s.get("batch_idx", 0)
-        self.tokens = s.get("tokens", 0)
-        self.best_val = s.get("best_val_loss") or math.inf
-        self.final_val = s.get("final_val_loss")
-        self.epoch_loss = s.get("epoch_loss", [0.0, 0])  # running [sum, count] of the current epoch
-        self.elapsed_before = s.get("elapsed_s", 0.0)
+        s = p.resume_state or ckpt.CheckpointState()
+        self.step = s.step
+        self.epoch = s.epoch or 0
+        self.batch_idx = s.batch_idx or 0
+        self.tokens = s.tokens or 0
+        self.best_val = s.best_val_loss or math.inf
+        self.final_val = s.final_val_loss
+        self.epoch_loss = s.epoch_loss or [0.0, 0]  # running [sum, count] of the current epoch
+        self.elapsed_before = s.elapsed_s or 0.0
         if p.resume_state:
             self._restore_rng(p.resume_state, p.resume_tensors)
         self.last_ckpt: Path | None = None
 
-    def _restore_rng(self, state: dict, tensors: dict) -> None:
+    def _restore_rng(self, state: ckpt.CheckpointState, tensors: dict) -> None:
         torch.set_rng_state(tensors["rng.torch"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
-        version, internal, gauss = state["python_rng"]
+        version, internal, gauss = state.python_rng
         random.setstate((version, tuple(internal), gauss))
 
     def say(self, text: str) -> None:
@@ -136,13 +138,13 @@ class Trainer:
             tensors["rng.torch"] = torch.get_rng_state()
             if self.device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-            state = {"format": 1, "step": self.step, "epoch": self.epoch, "batch_idx": self.batch_idx,
-                     "tokens": self.tokens, "final_val_loss": self.final_val, "epoch_loss": self.epoch_loss,
-                     "elapsed_s": self.elapsed(), "tokenizer_hash": self.p.tok_hash, "world_size": self.dist.world,
-                     "python_rng": list(random.getstate()), "optimizer": opt_meta, "config": self.cfg.to_dict()}
-            if math.isfinite(self.best_val):
-                state["best_val_loss"] = self.best_val
-            self.last_ckpt = ckpt.save_checkpoint(self.p.run_dir / "checkpoints", self.step, weights, tensors,
+            state = ckpt.CheckpointState(
+                step=self.step, epoch=self.epoch, batch_idx=self.batch_idx, tokens=self.tokens,
+                final_val_loss=self.final_val, epoch_loss=self.epoch_loss, elapsed_s=self.elapsed(),
+                tokenizer_hash=self.p.tok_hash, world_size=self.dist.world, python_rng=list(random.getstate()),
+                optimizer=opt_meta, config=self.cfg.to_dict(),
+                best_val_loss=self.best_val if math.isfinite(self.best_val) else None)
+            self.last_ckpt = ckpt.save_checkpoint(self.files.checkpoints, self.step, weights, tensors,
                                                   state, self.t.keep_checkpoints)
         distributed.barrier(self.dist)
         return self.last_ckpt
@@ -156,8 +158,10 @@ class Trainer:
         if self.step >= self.total_steps:
             raise GptossError(f"{self.p.run_dir} already trained {self.step} of {self.total_steps} steps; "
                               "raise train.max_steps (e.g. --set train.max_steps=N) to continue")
-        metrics = open(self.p.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None  # noqa: SIM115
-        memory = MemorySampler(self.p.run_dir / "memory.jsonl", self.device, rank=self.dist.rank)
+        if self.p.resumed_from is not None:
+            self.say(f"resuming from {self.p.resumed_from} (step {self.step})")
+        metrics = open(self.files.metrics, "a", encoding="utf-8") if main else None  # noqa: SIM115
+        memory = MemorySampler(self.files.memory, self.device, rank=self.dist.rank)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         world = self.dist.world
@@ -219,7 +223,7 @@ class Trainer:
                    "device": self.device.type, "precision": self.precision, "world_size": world,
                    "run_dir": str(self.p.run_dir), "checkpoint": str(self.last_ckpt) if self.last_ckpt else None}
         if main:
-            write_atomic(self.p.run_dir / "summary.json", json.dumps(summary, indent=1))
+            write_atomic(self.files.summary, json.dumps(summary, indent=1))
         return summary
 
     def _step(self, data: TokenBatches, window: _Window, stop_requested: bool) -> bool:

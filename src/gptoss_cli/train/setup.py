@@ -14,17 +14,19 @@ from pathlib import Path
 
 import torch
 
-from ..config import RunConfig, TrainConfig, save_config
+from ..config import RunConfig, TrainConfig
 from ..data.batches import TokenBatches, tokenize_stream
 from ..data.corpus import load_documents, split_documents
 from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
-from ..devices import native_bf16, pick_device
+from ..devices import apply_precision, native_bf16, pick_device, resolve_precision
 from ..errors import GptossError
 from ..model import Transformer
 from ..output import console, warn
 from ..run import checkpoint as ckpt
-from ..run.layout import new_run_dir, write_atomic
-from ..sizing import resolve_precision
+from ..run.atomic import write_atomic
+from ..run.checkpoint import CheckpointState
+from ..run.layout import RunDir
+from ..run.open import find_tokenizer
 from . import distributed
 from .optim import build_optimizer
 
@@ -32,8 +34,8 @@ from .optim import build_optimizer
 KERNEL_FIELDS = ("attention_backend", "moe_backend")
 
 
-def _check_same_model(cfg: RunConfig, state: dict, where: Path, flag: str) -> None:
-    saved = dict(state["config"]["model"])
+def _check_same_model(cfg: RunConfig, state: CheckpointState, where: Path, flag: str) -> None:
+    saved = dict((state.config or {}).get("model", {}))
     now = cfg.to_dict()["model"]
     for key in saved.keys() | now.keys():
         if key not in KERNEL_FIELDS and saved.get(key) != now.get(key):
@@ -56,8 +58,9 @@ class Prepared:
     grad_accum_steps: int
     precision: str = "fp32"  # resolved: fp32 | bf16-mixed | bf16
     dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
-    resume_state: dict | None = None
+    resume_state: CheckpointState | None = None
     resume_tensors: dict = field(default_factory=dict)
+    resumed_from: Path | None = None  # the checkpoint resume_state came from
 
 
 def _tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, train_docs, info):
@@ -68,10 +71,9 @@ def _tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, train_docs, info):
     if info.main:
         source = tokenizer_path or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
         if source is None and source_ckpt:  # the tokenizer the checkpoint was trained with
-            for candidate in (source_ckpt.parent.parent / "tokenizer.json", run_dir / "tokenizer.json"):
-                if candidate.is_file():
-                    source = candidate
-                    break
+            source = find_tokenizer(RunDir.of_checkpoint(source_ckpt), source_ckpt)
+            if source is None and RunDir(run_dir).tokenizer.is_file():
+                source = RunDir(run_dir).tokenizer
         if source is not None:
             if not Path(source).is_file():
                 raise GptossError(f"tokenizer: {source} does not exist")
@@ -131,19 +133,20 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
             raise GptossError("--resume needs --run DIR (or --resume-from PATH)")
         resume_ckpt = ckpt.resolve_checkpoint(source)
         if run_dir is None:
-            if resume_ckpt.parent.name != "checkpoints":
+            if RunDir.of_checkpoint(resume_ckpt).path == resume_ckpt:
                 raise GptossError(f"--resume-from {source}: not inside a run's checkpoints/ folder; "
                                   "say where the continued run goes with --run DIR")
-            run_dir = resume_ckpt.parent.parent
+            run_dir = RunDir.of_checkpoint(resume_ckpt).path
     if run_dir is None:
-        run_dir = distributed.broadcast_object(new_run_dir(cfg.name) if info.main else None, info)
+        run_dir = distributed.broadcast_object(RunDir.new(cfg.name).path if info.main else None, info)
     run_dir = Path(run_dir)
-    if resume_ckpt is None and ckpt.list_checkpoints(run_dir / "checkpoints"):
+    run = RunDir(run_dir)
+    if resume_ckpt is None and ckpt.list_checkpoints(run.checkpoints):
         raise GptossError(f"{run_dir} already holds checkpoints: add --resume to continue it, or pick another --run")
     state = ckpt.read_state(resume_ckpt) if resume_ckpt else None
     if state:
         _check_same_model(cfg, state, resume_ckpt, "--resume")
-        if "optimizer" not in state:
+        if state.optimizer is None:
             raise GptossError(f"--resume: {resume_ckpt} holds weights only (imported?); "
                               "use --init-from to train from it")
     init_ckpt = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
@@ -155,7 +158,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
     train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, t.seed)
     tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path, train_docs, info)
     tok_hash = tokenizer_hash(tok)
-    if state and state.get("tokenizer_hash") not in (None, tok_hash):
+    if state and state.tokenizer_hash not in (None, tok_hash):
         raise GptossError(f"--resume: the tokenizer differs from the one {resume_ckpt} was trained with")
 
     train_stream = tokenize_stream(train_docs, tok, tok_hash)
@@ -175,10 +178,10 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
 
     if info.main:
         if state:
-            _drop_metrics_after(run_dir / "metrics.jsonl", state["step"])
+            _drop_metrics_after(run.metrics, state.step)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        write_atomic(run_dir / "tokenizer.json", tok.to_str())
+        run.write_config(cfg)
+        write_atomic(run.tokenizer, tok.to_str())
     distributed.barrier(info)
 
     torch.manual_seed(t.seed)
@@ -193,28 +196,23 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         raise GptossError(f"train.precision: {torch.cuda.get_device_name(device)} has no native bf16; "
                           "use --set train.precision=fp32")
     precision = resolve_precision(t.precision, bf16_ok)
-    place_model(model, t, precision.name, device)
-    mixed = precision.name == "bf16-mixed" and device.type == "cuda"
+    place_model(model, t, precision, device)
+    mixed = precision == "bf16-mixed" and device.type == "cuda"
     wrapped = distributed.wrap(model, info, device, mixed_bf16=mixed)
     optimizer = build_optimizer(model, t, device)  # after fully_shard: FSDP2 parameters are DTensors
     tensors = {}
     if resume_ckpt:
         tensors = ckpt.read_trainer_tensors(resume_ckpt)
-        distributed.load_optimizer_state(model, optimizer, ckpt.optimizer_from_tensors(tensors, state["optimizer"]))
-        if info.main:
-            console.print(f"resuming from {resume_ckpt} (step {state['step']})")
+        distributed.load_optimizer_state(model, optimizer, ckpt.optimizer_from_tensors(tensors, state.optimizer))
     return Prepared(cfg, run_dir, device, model, wrapped, optimizer, train_data, val_data, tok_hash, accum,
-                    precision.name, info, state, tensors)
+                    precision, info, state, tensors, resume_ckpt)
 
 
 def place_model(model: Transformer, t: TrainConfig, precision: str, device: torch.device) -> None:
     """Dtype, device, activation checkpointing and compile, applied from outside the model in
     torchtitan's order (parallelism comes after, in distributed.wrap)."""
-    if precision == "bf16":  # bf16 weights, grads and AdamW state; the norm scales stay fp32
-        model.to(torch.bfloat16)
-        for name, p in model.named_parameters():
-            if name.endswith(".scale"):
-                p.data = p.data.float()
+    if precision == "bf16":  # bf16 weights, grads and AdamW state, but for what the precision policy keeps fp32
+        apply_precision(model, torch.bfloat16)
     model.to(device)
     if t.activation_checkpointing:
         checkpoint_blocks(model)
