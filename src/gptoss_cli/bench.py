@@ -165,7 +165,7 @@ def reset_peak_rss() -> bool:
 # ---- training ------------------------------------------------------------------------------------
 
 def build_train_model(cfg: RunConfig, device: torch.device, precision: str) -> Transformer:
-    """The model as train_setup.prepare builds it for one process: seed, init, dtype, checkpointing, compile."""
+    """The model as train.setup.prepare builds it for one process: seed, init, dtype, checkpointing, compile."""
     from .train.setup import place_model
 
     torch.manual_seed(cfg.train.seed)
@@ -179,7 +179,7 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
     from .train.optim import build_optimizer
 
     t, m = cfg.train, cfg.model
-    # As train_setup.prepare: bf16 by default only where the GPU computes it natively.
+    # As train.setup.prepare: bf16 by default only where the GPU computes it natively.
     precision = resolve_precision(t.precision, native_bf16(device)).name
     model = build_train_model(cfg, device, precision).train()
     optimizer = build_optimizer(model, t, device)

@@ -2,7 +2,7 @@
 
     RUN/config.yaml          the resolved config (every field)
     RUN/tokenizer.json       the byte-level BPE tokenizer
-    RUN/metrics.jsonl        one line per logged step / evaluation (see train.py)
+    RUN/metrics.jsonl        one line per logged step / evaluation (see train/loop.py)
     RUN/memory.jsonl         training memory samples (memory.py)
     RUN/inference-memory.jsonl
     RUN/checkpoints/step-N/  see checkpoint.py
