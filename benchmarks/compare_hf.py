@@ -1,11 +1,11 @@
 """gptoss against transformers' `GptOssForCausalLM`: training step, batch-1 decoding and peak training memory.
 
-Both models get issue 8's shapes (4 layers, hidden 256, intermediate 512, 8 experts top-2, 8 heads / 2 KV
-heads, head_dim 32, vocab 8000, window 64; compact layout: tied embeddings, no qkv/out/router bias), fp32,
-and the same weights, mapped by `hf_interop.to_hf_state_dict`. HF runs its defaults: eager attention (the
-only one it allows with sinks) and `grouped_mm` experts.
+Both models get the benchmark shapes of docs/performance.md (4 layers, hidden 256, intermediate 512, 8 experts
+top-2, 8 heads / 2 KV heads, head_dim 32, vocab 8000, window 64; compact layout: tied embeddings, no
+qkv/out/router bias), fp32, and the same weights, mapped by `interop.names.to_hf_state_dict`. HF runs its
+defaults: eager attention (the only one it allows with sinks) and `grouped_mm` experts.
 
-- training: fwd + cross-entropy + bwd + fused AdamW step (ours: `optim.build_optimizer` and the trainer's
+- training: fwd + cross-entropy + bwd + fused AdamW step (ours: `train.optim.build_optimizer` and the trainer's
   loss with the MoE aux term; HF: `torch.optim.AdamW(fused=True)`, what its Trainer uses by default on
   torch >= 2.8) on random 8 x 256 batches; both in this process, alternating rounds, medians. "% of
   matmul" = FLOPs per token (sizing.describe: 3x forward) x tokens/s / the measured fp32 GEMM throughput
@@ -54,7 +54,7 @@ from gptoss_cli.train.optim import build_optimizer
 BATCH, SEQ = 8, 256
 
 
-def issue_config(context: int = 1024) -> ModelConfig:
+def bench_config(context: int = 1024) -> ModelConfig:
     return ModelConfig(
         num_hidden_layers=4, num_experts=8, experts_per_token=2, vocab_size=8000, hidden_size=256,
         intermediate_size=512, head_dim=32, num_attention_heads=8, num_key_value_heads=2, sliding_window=64,
@@ -136,7 +136,7 @@ def memory_child(which: str, weights_path: str, steps: int, threads: int) -> Non
     import psutil
 
     torch.set_num_threads(threads)
-    cfg = issue_config()
+    cfg = bench_config()
     batches = random_batches(cfg.vocab_size)
     weights = load_file(weights_path)
     before = psutil.Process().memory_info().rss
@@ -218,7 +218,7 @@ def main() -> None:
         memory_child(args.memory_child, args.weights, args.memory_steps, args.threads)
         return
     torch.set_num_threads(args.threads)
-    cfg = issue_config()
+    cfg = bench_config()
     ours = build_ours(cfg)
     weights = saved_weights(ours)
     hf = build_hf(cfg, weights)
@@ -244,7 +244,7 @@ def main() -> None:
             fn()
     train_t = round_robin(train_fns, args.rounds)
 
-    run_cfg = RunConfig(model=cfg, train=TrainConfig(batch_size=BATCH, seq_len=SEQ), name="issue-8")
+    run_cfg = RunConfig(model=cfg, train=TrainConfig(batch_size=BATCH, seq_len=SEQ), name="bench-shapes")
     flops_tok = describe(run_cfg)["train_flops_per_token"]
     peak, peak_src = peak_flops(run_cfg, torch.device("cpu"), torch.float32)
 
@@ -274,7 +274,7 @@ def main() -> None:
           f"{transformers.__version__}, python {platform.python_version()}")
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s); "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"model: issue 8 shapes, fp32; training batch {BATCH} x {SEQ}; max |logit difference| {diff:.2e}")
+    print(f"model: benchmark shapes, fp32; training batch {BATCH} x {SEQ}; max |logit difference| {diff:.2e}")
     print(f"matmul ceiling: {peak / 1e9:.0f} GFLOP/s ({peak_src}); {flops_tok / 1e6:.1f} MFLOP per training token")
     tps = {}
     for name, ts in train_t.items():

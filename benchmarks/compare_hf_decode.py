@@ -1,9 +1,9 @@
 """Batch-1 greedy decode speed: gptoss's KV-cache loop against transformers' `GptOssForCausalLM.generate()`.
 
-Both models get the same shapes and the same weights (spec §6 name map), fp32, in one process. Each
-implementation generates 1 token and N tokens from the same prompt; decode ms/token is
-(t(N) - t(1)) / (N - 1), so the prefill and fixed costs cancel. Rounds alternate the two implementations
-and the medians are reported. The greedy tokens of both are compared as a correctness check.
+Both models get the same shapes and the same weights (the name map of docs/interop.md#the-weight-map), fp32,
+in one process. Each implementation generates 1 token and N tokens from the same prompt; decode ms/token is
+(t(N) - t(1)) / (N - 1), so the prefill and fixed costs cancel. Rounds alternate the two implementations and
+the medians are reported. The greedy tokens of both are compared as a correctness check.
 
     uv run python benchmarks/compare_hf_decode.py --new-tokens 128 --threads 1
 
@@ -29,7 +29,7 @@ from gptoss_cli.model import ModelConfig, Transformer
 
 
 def tiny_config(context: int) -> ModelConfig:
-    """The compact layout (tied embeddings, no qkv/out/router bias) at issue 8's tiny shapes."""
+    """The compact layout (tied embeddings, no qkv/out/router bias) at the benchmark shapes of docs/performance.md."""
     return ModelConfig(
         num_hidden_layers=4, num_experts=8, experts_per_token=2, vocab_size=8000, hidden_size=256,
         intermediate_size=512, head_dim=32, num_attention_heads=8, num_key_value_heads=2, sliding_window=64,

@@ -1,4 +1,5 @@
-"""One-shot GPU checks for issue 8, for a machine with a CUDA GPU (written for an H200; not run yet).
+"""One-shot GPU checks for the targets of docs/performance.md, for a machine with a CUDA GPU (written for an
+H200; not run yet).
 
 Installs nothing: the GPU machine already has torch and the project's dependencies. Run from the
 repository root, in well under 10 minutes:

@@ -2,8 +2,8 @@
 
 The reference is transformers itself: an exported run must load with AutoModelForCausalLM / AutoTokenizer
 and give our fp32 logits and token ids; an HF model saved with save_pretrained must import to a run whose
-logits equal HF's. MXFP4 is checked against the spec's table on hand-made bytes, and every bad input must
-fail with one GptossError and leave no run directory behind.
+logits equal HF's. MXFP4 is checked against the e2m1 table of openai/gpt-oss `gpt_oss/torch/weights.py` on
+hand-made bytes, and every bad input must fail with one GptossError and leave no run directory behind.
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def test_import_hf_save_pretrained_matches_hf_logits(tmp_path, case):
     src = tmp_path / "hf"
     hf.save_pretrained(src)
     train_tokenizer(TEXTS, 300).save(str(src / "tokenizer.json"))
-    if case == "hf-default-rope":  # an old-style config.json: HF then means YaRN x32 over 4096 (spec §9.5)
+    if case == "hf-default-rope":  # old-style config.json: HF then means YaRN x32 over 4096 (configuration_gpt_oss.py)
         config = json.loads((src / "config.json").read_text())
         del config["rope_parameters"]
         (src / "config.json").write_text(json.dumps(config))
@@ -267,7 +267,7 @@ def test_import_without_tokenizer_warns_and_writes_weights(tmp_path):
 
 # ---- MXFP4 --------------------------------------------------------------------------------------
 
-def test_mxfp4_decodes_the_spec_table():
+def test_mxfp4_decodes_the_e2m1_table():
     blocks = torch.zeros(1, 16, dtype=torch.uint8)  # one group of 32 values
     blocks[0, 0] = 0x21  # low nibble 1 -> 0.5 first, high nibble 2 -> 1.0
     blocks[0, 1] = 0xF8  # 8 -> -0.0, 15 -> -6.0

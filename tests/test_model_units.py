@@ -1,7 +1,7 @@
-"""Unit tests of the gpt-oss building blocks against the formulas of the architecture spec.
+"""Unit tests of the gpt-oss building blocks against the formulas of the openai/gpt-oss reference.
 
 Every expectation here is written out independently in the test (mostly in float64 with plain loops or
-explicit exponentials) from `/work/shared/spec/gptoss-architecture.md` §3-§8: RMSNorm, RoPE/YaRN, the
+explicit exponentials) from openai/gpt-oss `gpt_oss/torch/model.py` (docs/architecture.md): RMSNorm, RoPE/YaRN, the
 sliding window, attention sinks, the clamped interleaved SwiGLU, top-k-then-softmax routing, the MoE and
 attention backends, the KV cache, the load-balancing loss, parameter counts and config validation.
 """
@@ -68,7 +68,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------
-# RMSNorm (§3)
+# RMSNorm (gpt_oss/torch/model.py: RMSNorm)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -131,12 +131,12 @@ def test_rmsnorm_bf16_input_keeps_fp32_scale():
 
 
 # ---------------------------------------------------------------------------------------------------
-# RoPE / YaRN (§4)
+# RoPE / YaRN (gpt_oss/torch/model.py: _apply_rotary_emb, RotaryEmbedding)
 # ---------------------------------------------------------------------------------------------------
 
 
 def yarn_ref(theta: float, d: int, l0: int, s: float, beta: float = 32.0, alpha: float = 1.0):
-    """Spec §4 in float64: (concentration, low, high, inv_freq list)."""
+    """RotaryEmbedding._compute_concentration_and_inv_freq in float64: (concentration, low, high, inv_freq list)."""
     freq = [theta ** (2 * i / d) for i in range(d // 2)]
     if s <= 1:
         return 1.0, None, None, [1 / f for f in freq]
@@ -245,7 +245,7 @@ def test_rope_scores_depend_on_relative_position(factor):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Sliding window (§4: key j visible from query t iff t - W < j <= t)
+# Sliding window (gpt_oss/torch/model.py: sdpa; key j visible from query t iff t - W < j <= t)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -304,7 +304,7 @@ def test_full_layer_after_sliding_layer_sees_everything():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Attention sinks (§4)
+# Attention sinks (gpt_oss/torch/model.py: sdpa)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -425,7 +425,7 @@ def test_banded_sliding_attention_matches_sdpa(t, window):
 
 
 # ---------------------------------------------------------------------------------------------------
-# SwiGLU (§5)
+# SwiGLU (gpt_oss/torch/model.py: swiglu)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -460,7 +460,7 @@ def test_swiglu_interleaved_layout():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Router and MoE (§5)
+# Router and MoE (gpt_oss/torch/model.py: MLPBlock)
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -734,7 +734,7 @@ def test_model_aux_loss_is_mean_over_layers():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Parameter counts (§8)
+# Parameter counts (the 117B / 21B totals of openai/gpt-oss's README.md; compact: docs/configs.md)
 # ---------------------------------------------------------------------------------------------------
 
 RELEASE = dict(

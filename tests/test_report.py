@@ -1,6 +1,6 @@
 """`gptoss report` on hand-made run directories: CUDA and CPU memory records, several ranks, a killed run.
 
-The runs are synthesised here in the formats train.py and memory.py write (see report.py), with known
+The runs are synthesised here in the formats train/loop.py and memory.py write (see report/logs.py), with known
 answers planted in them: which experts are dead, the peak memory, the last complete step. The PNGs are
 checked as real images (signature, size, dimensions read back by PIL), not just as files.
 """

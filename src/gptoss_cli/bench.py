@@ -178,7 +178,7 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
     from .train.optim import build_optimizer
 
     t, m = cfg.train, cfg.model
-    # As train_setup.prepare: bf16 by default only where the GPU computes it natively.
+    # As train.setup.prepare: bf16 by default only where the GPU computes it natively.
     precision = resolve_precision(t.precision, native_bf16(device))
     model = build_train_model(cfg, device, precision).train()
     optimizer = build_optimizer(model, t, device)

@@ -36,8 +36,8 @@ class CompiledStep:
                 torch._dynamo.mark_static_address(buf)
         else:  # a CPU compile has no use for CUDA, but torch warns "No CUDA runtime is found" into the output
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel (-0.1 ms a step at
-        # issue 8's shapes; the first compile takes ~10 s longer, later runs hit inductor's disk cache).
+        # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel, for a longer first
+        # compile that inductor caches on disk (docs/performance.md).
         self._compiled = torch.compile(_step, mode="reduce-overhead" if cuda else None, dynamic=False,
                                        options=None if cuda else {"cpp_wrapper": True})
         self._checked = False
@@ -52,7 +52,7 @@ class CompiledStep:
             self._checked = True
             return self._compiled(model, self.cache, tokens, positions).clone()
         # Every later step of the generation has the same shapes, model and cache, so the graph chosen
-        # by the first step is the one: re-checking its guards on every token is overhead (~0.1 ms).
+        # by the first step is the one: re-checking its guards on every token is overhead (docs/performance.md).
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             # A CUDA graph replay overwrites its output buffer: keep a copy of each step's logits.
             return self._compiled(model, self.cache, tokens, positions).clone()

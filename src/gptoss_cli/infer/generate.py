@@ -161,7 +161,7 @@ def generate_tokens(
 
 
 def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """tokens (B, 1), positions (B, 1) -> next-token logits (B, V), eagerly (compiled: compiled_decode.py)."""
+    """tokens (B, 1), positions (B, 1) -> next-token logits (B, V), eagerly (compiled: compiled.py)."""
     return model(tokens, positions, cache).logits[:, -1]
 
 

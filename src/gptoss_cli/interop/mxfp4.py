@@ -1,4 +1,5 @@
-"""MXFP4 decoding for the released gpt-oss expert weights (spec §6).
+"""MXFP4 decoding for the released gpt-oss expert weights (openai/gpt-oss `gpt_oss/torch/weights.py`;
+transformers `integrations/mxfp4.py` decodes the same layout).
 
 Only the MoE matrices are quantised. A weight of logical shape (E, rows, cols) is stored as
     blocks  uint8 (E, rows, cols/32, 16)   two FP4 (e2m1) codes per byte, low nibble first

@@ -1,10 +1,12 @@
-"""The Hugging Face <-> gptoss map: weight names (spec §6) and config keys (spec §1), both ways.
+"""The Hugging Face <-> gptoss map: weight names and config keys, both ways (openai/gpt-oss
+`gpt_oss/torch/{model,weights}.py` <-> transformers `models/gpt_oss/{modeling,configuration}_gpt_oss.py`).
 
 Our weights use openai/gpt-oss names; transformers' `GptOssForCausalLM` splits the fused qkv rows into
 q/k/v, stores the expert matrices in x out (transposed), always has a router bias, and stores lm_head only
 when untied. Config-wise HF reads YaRN from `rope_parameters` and, when that is missing, silently uses
-YaRN x32 over 4096 tokens (spec §9.5): an export always writes it explicitly, an import mirrors the default.
-Reading and writing tensors is left to hf_export.py / hf_import.py; this module maps, and stages the
+YaRN x32 over 4096 tokens (`GptOssConfig.__post_init__`): an export always writes it explicitly, an import
+mirrors the default.
+Reading and writing tensors is left to export.py / import_.py; this module maps, and stages the
 output directory both of them write (built next to its target, then renamed into place).
 """
 
@@ -19,7 +21,7 @@ import torch
 from ..errors import GptossError
 from ..model.config import ModelConfig
 
-HF_SWIGLU_LIMIT = 7.0  # older transformers (5.18, spec §1) and its MXFP4 kernels hard-code these two
+HF_SWIGLU_LIMIT = 7.0  # older transformers (5.18: GptOssExperts, integrations/mxfp4.py) hard-codes these two
 HF_SWIGLU_ALPHA = 1.702
 HF_DEFAULT_THETA = 150000.0  # GptOssConfig.default_theta
 # What GptOssConfig fills in when config.json has neither rope_parameters nor rope_scaling.
@@ -119,7 +121,8 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def hf_rope_parameters(cfg: ModelConfig) -> dict:
     if cfg.rope_scaling_factor == 1:
         return {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    # truncate False: openai's YaRN uses the fractional correction range (spec §4); HF floors/ceils otherwise.
+    # truncate False: openai's YaRN uses the fractional correction range (gpt_oss/torch/model.py); HF's
+    # _compute_yarn_parameters (modeling_rope_utils.py) floors/ceils otherwise.
     return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling_factor,
             "beta_fast": cfg.rope_ntk_beta, "beta_slow": cfg.rope_ntk_alpha,
             "original_max_position_embeddings": cfg.initial_context_length, "truncate": False}
@@ -172,7 +175,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None])
 
 def _rope_from_hf(raw: dict, max_positions: int, source: str) -> dict:
     """HF rope keys -> our rope fields, with HF's semantics (defaults included) so the logits match."""
-    # GptOssConfig: a legacy `rope_scaling` wins over `rope_parameters`; neither means YaRN x32 (spec §9.5).
+    # GptOssConfig: a legacy `rope_scaling` wins over `rope_parameters`; neither means YaRN x32 (its __post_init__).
     rope = dict(raw.get("rope_scaling") or raw.get("rope_parameters") or HF_DEFAULT_ROPE)
     if {SLIDING, FULL} & set(rope):
         raise GptossError(f"{source}: per-layer-type rope_parameters are not supported (gptoss has one RoPE)")

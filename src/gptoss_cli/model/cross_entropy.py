@@ -34,14 +34,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe = targets.masked_fill(~valid, 0)[:, None]  # (N, 1) a gather index for every row
         w = weight.to(compute_dtype)
         # (H, V) for the logits' matmul: on CPU a contiguous copy (one pass over the weight) makes every
-        # chunk's matmul ~12% faster; GPU GEMMs take the transposed view as it is.
+        # chunk's matmul faster (docs/performance.md); GPU GEMMs take the transposed view as it is.
         w_t = w.t().contiguous() if x.device.type == "cpu" else w.t()
         acc = torch.promote_types(compute_dtype, torch.float32)  # logits and loss: fp32 (fp64 in tests)
         loss_sum = torch.zeros((), dtype=acc, device=x.device)
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
         dx = torch.empty_like(x) if want_dx else None
         # dW becomes weight.grad as it is. The first chunk writes it, the others add to it: zero-filling
-        # a fresh (V, H) buffer costs 3 ms at 8000 x 256 on CPU.
+        # a fresh (V, H) buffer is one more pass over it (docs/performance.md).
         dw = (torch.empty_like(weight) if n else torch.zeros_like(weight)) if want_dw else None
         buf = torch.empty(min(rows, n), weight.shape[0], dtype=acc, device=x.device)  # reused by every chunk
         with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen here, explicitly
@@ -54,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else:
                     logits.copy_(xc @ w_t)
                 # The softmax by hand, in place. Its row max also gives the accuracy (a target whose logit
-                # is the max; argmax is ~10x slower on CPU and differs only on exact ties).
+                # is the max; argmax is much slower on CPU and differs only on exact ties).
                 top = logits.amax(-1)  # (c,)
                 target = logits.gather(1, tc)[:, 0]  # (c,)
                 correct += ((target >= top) & vc).sum()

@@ -93,7 +93,8 @@ class _FusedExperts(torch.autograd.Function):
             torch.addmm(b2[e], a, w2[e].t(), alpha=1 / SWIGLU_ALPHA, out=ys[r])
             # d a/d glu = l1 (s + alpha g s (1 - s)), s = sigmoid(alpha g): silu_backward(l1, u), exactly.
             # d a/d lin = g s (kept as alpha g s = su). A clamped input passes no gradient: the masks are
-            # comparisons written as 0/1 floats, ~3x faster on CPU than bool masks and masked_fill.
+            # comparisons written as 0/1 floats, much cheaper on CPU than bool masks and masked_fill
+            # (docs/performance.md).
             d_glu = torch.ops.aten.silu_backward(l1, u).mul_(torch.le(glu, limit, out=u))  # u is done
             d_lin = su.mul_(torch.eq(l1, lin1, out=lin1))  # su, lin1 are done too
             saved += [a, d_glu, d_lin]
@@ -149,7 +150,7 @@ def _experts_per_token(tokens, top_idx, weights, w1, b1, w2, b2, limit):
     """tokens (N, H), top_idx / weights (N, k) -> (N, H) fp32: sum_j w_j expert_j(token), token by token."""
     if torch.compiler.is_compiling():
         # Traced (a compiled decode step): the expert ids stay tensors, so there is no host sync and no
-        # graph break (measured at issue 8's shapes: 1.43 ms/token, against 2.78 with the break).
+        # graph break (a break roughly doubles the compiled step's time per token; docs/performance.md).
         if top_idx.numel() < w1.shape[0]:  # fewer assignments than experts: read only the chosen ones
             h = torch.einsum("nh,nkoh->nko", tokens, w1[top_idx]) + b1[top_idx]  # (N, k, 2I)
             y = torch.einsum("nki,nkhi->nkh", swiglu(h, limit), w2[top_idx]) + b2[top_idx]  # (N, k, H)
@@ -206,7 +207,7 @@ def pick_backend(backend: str, x: torch.Tensor, hidden: int, inter: int) -> str:
         bf16 = x.dtype == torch.bfloat16 or (autocast and torch.get_autocast_dtype("cuda") == torch.bfloat16)
         if bf16 and hidden % 8 == 0 and inter % 8 == 0:  # the fast kernel wants 16-byte aligned rows
             return "grouped_mm"
-    # On CPU grouped_mm is a loop of mm calls (performance.md §1); the fused loop computes in the
+    # On CPU grouped_mm is a loop of mm calls (docs/performance.md); the fused loop computes in the
     # input's dtype with out= matmuls, which autocast does not cover.
     return "loop" if autocast else "fused_loop"
 
@@ -259,8 +260,8 @@ class MLPBlock(nn.Module):
             return x + y.view(b, t, hidden), RouterStats(zero, zero, counts)
 
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
-        # (N*k, H) token rows in expert order. index_select's backward (index_add_) is 1.6x faster than
-        # indexing's on CPU; on CUDA it would use atomics, so indexing keeps the backward deterministic.
+        # (N*k, H) token rows in expert order. index_select's backward (index_add_) is faster than indexing's
+        # on CPU (docs/performance.md); on CUDA it would use atomics, so indexing keeps the backward deterministic.
         xs = tokens.index_select(0, order // k) if tokens.device.type == "cpu" else tokens[order // k]
         if backend == "grouped_mm":
             ys = _experts_grouped(xs, counts, flat[order], *params, self.swiglu_limit)
@@ -272,8 +273,8 @@ class MLPBlock(nn.Module):
             ys = _experts_loop(xs, counts, *params, self.swiglu_limit)
         # Scatter back to assignment order (deterministic, unlike index_add_) and weight per token.
         per_slot = torch.empty_like(ys).index_copy_(0, order, ys).view(b * t, k, hidden)  # in place: no clone
-        # The k-way weighted sum as a batched (1, k) x (k, H) product: fwd+bwd 1.5x faster on CPU than
-        # multiply-and-sum, and deterministic.
+        # The k-way weighted sum as a batched (1, k) x (k, H) product: fwd+bwd faster on CPU than
+        # multiply-and-sum (docs/performance.md), and deterministic.
         with torch.autocast(x.device.type, enabled=False):  # fp32, as the router weights
             y = torch.bmm(weights[:, None, :], per_slot.float()).squeeze(1).to(x.dtype)  # (N, H)
 

@@ -65,6 +65,6 @@ def rotary_tables(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> t
 def apply_rotary_tables(x: torch.Tensor, cos_full: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """apply_rotary with rotary_tables: x * [cos, cos] + [x2, x1] * [-sin, sin]. x (B, T, heads, D)."""
     half = x.shape[-1] // 2
-    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x2, x1]; 1.7x faster than flip on CPU
+    swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x2, x1]; cat beats flip on CPU (docs/performance.md)
     # In x's dtype, as apply_rotary: under autocast the projections are bf16 while the tables are not.
     return torch.addcmul(x * cos_full.to(x.dtype), swapped, sin_signed.to(x.dtype))

@@ -61,7 +61,8 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        # Created empty (init_weights fills it): normal_ on the meta device would import torch._refs (~4 s).
+        # Created empty (init_weights fills it): normal_ on the meta device would import torch._refs,
+        # which takes seconds (docs/performance.md).
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size,
                                       _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.block = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))

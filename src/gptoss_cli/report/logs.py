@@ -49,7 +49,7 @@ def _tail_record(line: str) -> dict | None:
 def read_jsonl(path: Path, warn: Warn) -> list[dict]:
     """The JSON objects in `path`, one per line; lines that do not parse are skipped with one warning.
 
-    memory.py and train.py flush every line, so a killed run loses at most its last line, half-written:
+    memory.py and train/loop.py flush every line, so a killed run loses at most its last line, half-written:
     that one is reported as cut off rather than as corrupt.
     """
     if not path.is_file():

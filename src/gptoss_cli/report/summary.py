@@ -1,6 +1,6 @@
 """`gptoss report`: read a run's JSONL telemetry, summarise it, draw the PNGs and write a shareable report.md.
 
-Inputs (see run/layout.py): RUN/metrics.jsonl (train and eval lines, train.py), RUN/memory.jsonl and
+Inputs (see run/layout.py): RUN/metrics.jsonl (train and eval lines, train/loop.py), RUN/memory.jsonl and
 RUN/inference-memory.jsonl (memory.py), RUN/summary.json (written only when training ends) and
 RUN/config.yaml. Any of them may be missing or cut short by a killed run: the report plots what exists,
 names what is missing and skips unreadable lines with a warning. Bad data never crashes it; only "no run

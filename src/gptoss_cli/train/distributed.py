@@ -2,7 +2,7 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_*; with WORLD_SIZE > 1 a process group is created
 (nccl on CUDA, gloo on CPU) and the model is wrapped from outside, in torchtitan's order: activation
-checkpointing and compile first (train.py), then DDP, or FSDP2 `fully_shard` per block and then the root.
+checkpointing and compile first (setup.py), then DDP, or FSDP2 `fully_shard` per block and then the root.
 Checkpoints hold the full (unsharded) weights and optimizer state keyed by parameter name, exactly as a
 single process writes them, so a run trained on N processes resumes on M.
 """

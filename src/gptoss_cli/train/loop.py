@@ -1,9 +1,9 @@
-"""`gptoss train`: the training loop, from a prepared run (train_setup.py) to checkpoints and metrics.
+"""`gptoss train`: the training loop, from a prepared run (setup.py) to checkpoints and metrics.
 
 Gradient accumulation, autocast, clipping, the MoE auxiliary losses, logging, evaluation, checkpoints on
 schedule / at the end / on Ctrl-C or SIGTERM, and exact resume. Under torchrun every rank runs this loop
 on its slice of each global batch; rank 0 alone prints and writes metrics and checkpoints, and memory is
-sampled on every rank. The run directory layout is in rundir.py.
+sampled on every rank. The run directory layout is in run/layout.py.
 """
 
 from __future__ import annotations

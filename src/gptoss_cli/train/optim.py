@@ -28,7 +28,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
         (decay if _decays(name, p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one pass over each parameter's memory (a CUDA kernel, or torch's CPU kernel) instead of the
-    # ~10 passes foreach makes; on CPU it measured 3-4x faster (docs/performance.md). Other devices: foreach.
+    # ~10 passes foreach makes; on CPU it is several times faster (docs/performance.md). Other devices: foreach.
     fast = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **fast)
 
