@@ -30,7 +30,7 @@ from ..run.checkpoint import CheckpointState, save_checkpoint
 from ..run.layout import RunDir
 from . import mxfp4
 from .names import (
-    EXPERT_MATRICES,
+    LAYER_RULES,
     build_model_config,
     expected_hf_shapes,
     expected_shapes,
@@ -140,7 +140,7 @@ def read_hf(raw: dict, files: TensorFiles, source: str):
         fields["router_bias"] = not all(files.has(b) and not files.load(b).any() for b in biases)
     cfg = build_model_config(fields, source)
     shapes = expected_hf_shapes(cfg)
-    dense = {f"mlp.experts.{name}" for name in EXPERT_MATRICES.values()}
+    dense = {rule.hf[0] for rule in LAYER_RULES if rule.transpose}  # the expert matrices MXFP4 may quantise
 
     def get(name: str) -> torch.Tensor:
         if files.has(name) or not name.endswith(tuple(dense)) or not files.has(name + "_blocks"):

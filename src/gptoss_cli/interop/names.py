@@ -6,8 +6,8 @@ q/k/v, stores the expert matrices in x out (transposed), always has a router bia
 when untied. Config-wise HF reads YaRN from `rope_parameters` and, when that is missing, silently uses
 YaRN x32 over 4096 tokens (`GptOssConfig.__post_init__`): an export always writes it explicitly, an import
 mirrors the default.
-Reading and writing tensors is left to export.py / import_.py; this module maps, and stages the
-output directory both of them write (built next to its target, then renamed into place).
+Reading and writing tensors is left to export.py / import_.py; this module only maps, with one
+declarative table of weight rules used in both directions.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +29,6 @@ HF_DEFAULT_THETA = 150000.0  # GptOssConfig.default_theta
 HF_DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                    "original_max_position_embeddings": 4096}
 SLIDING, FULL = "sliding_attention", "full_attention"
-EXPERT_MATRICES = {"mlp1_weight": "gate_up_proj", "mlp2_weight": "down_proj"}  # transposed (1, 2) in HF
 # The openai/gpt-oss ModelConfig defaults (the 120b), used for keys an original config.json leaves out.
 OPENAI_DEFAULTS = dict(
     num_hidden_layers=36, num_experts=128, experts_per_token=4, vocab_size=201088, hidden_size=2880,
@@ -44,62 +44,75 @@ def layer_types(cfg: ModelConfig) -> list[str]:
 
 # ---- weights ------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Rule:
+    """One of our tensors and the HF tensor(s) it is. Several HF names: ours is their concatenation along
+    dim 0 (the fused qkv rows [q: NH*D | k: NKV*D | v: NKV*D], no permutation). `transpose`: the expert
+    matrices are (E, out, in) in ours and (E, in, out) in HF."""
+
+    ours: str
+    hf: tuple[str, ...]
+    transpose: bool = False
+    when: Callable[[ModelConfig], bool] = lambda cfg: True
+
+
+def _qkv(kind: str) -> tuple[str, ...]:
+    return tuple(f"self_attn.{p}_proj.{kind}" for p in "qkv")
+
+
+# The one map, used both ways, in HF's order (exports are sharded in this order). Layer rules are relative
+# to block.{i}. / model.layers.{i}.
+LAYER_RULES = (
+    Rule("attn.norm.scale", ("input_layernorm.weight",)),
+    Rule("attn.qkv.weight", _qkv("weight")),
+    Rule("attn.qkv.bias", _qkv("bias"), when=lambda cfg: cfg.attention_bias),
+    Rule("attn.out.weight", ("self_attn.o_proj.weight",)),
+    Rule("attn.out.bias", ("self_attn.o_proj.bias",), when=lambda cfg: cfg.attention_bias),
+    Rule("attn.sinks", ("self_attn.sinks",)),
+    Rule("mlp.norm.scale", ("post_attention_layernorm.weight",)),
+    Rule("mlp.gate.weight", ("mlp.router.weight",)),
+    Rule("mlp.gate.bias", ("mlp.router.bias",), when=lambda cfg: cfg.router_bias),
+    Rule("mlp.mlp1_weight", ("mlp.experts.gate_up_proj",), transpose=True),  # (E, 2I, H) <-> (E, H, 2I)
+    Rule("mlp.mlp1_bias", ("mlp.experts.gate_up_proj_bias",)),
+    Rule("mlp.mlp2_weight", ("mlp.experts.down_proj",), transpose=True),  # (E, H, I) <-> (E, I, H)
+    Rule("mlp.mlp2_bias", ("mlp.experts.down_proj_bias",)),
+)
+HEAD_RULES = (Rule("embedding.weight", ("model.embed_tokens.weight",)),)
+TAIL_RULES = (
+    Rule("norm.scale", ("model.norm.weight",)),
+    Rule("unembedding.weight", ("lm_head.weight",), when=lambda cfg: not cfg.tie_word_embeddings),
+)
+
+
+def rules(cfg: ModelConfig) -> list[Rule]:
+    """Every rule that applies to `cfg`, with full names, in HF's order."""
+    layers = [Rule(f"block.{i}.{r.ours}", tuple(f"model.layers.{i}.{h}" for h in r.hf), r.transpose, r.when)
+              for i in range(cfg.num_hidden_layers) for r in LAYER_RULES]
+    return [r for r in (*HEAD_RULES, *layers, *TAIL_RULES) if r.when(cfg)]
+
+
 def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our weights (as saved: a tied unembedding absent) -> HF names, in HF's order. Views, not copies."""
-    out = {"model.embed_tokens.weight": sd["embedding.weight"]}
-    split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]  # qkv rows are [q: NH*D | k: NKV*D | v: NKV*D], no permutation
-    for i in range(cfg.num_hidden_layers):
-        src, dst = f"block.{i}.", f"model.layers.{i}."
-        out[dst + "input_layernorm.weight"] = sd[src + "attn.norm.scale"]
-        for part, w in zip("qkv", sd[src + "attn.qkv.weight"].split(split, dim=0), strict=True):
-            out[dst + f"self_attn.{part}_proj.weight"] = w
-        if cfg.attention_bias:
-            for part, b in zip("qkv", sd[src + "attn.qkv.bias"].split(split, dim=0), strict=True):
-                out[dst + f"self_attn.{part}_proj.bias"] = b
-        out[dst + "self_attn.o_proj.weight"] = sd[src + "attn.out.weight"]
-        if cfg.attention_bias:
-            out[dst + "self_attn.o_proj.bias"] = sd[src + "attn.out.bias"]
-        out[dst + "self_attn.sinks"] = sd[src + "attn.sinks"]
-        out[dst + "post_attention_layernorm.weight"] = sd[src + "mlp.norm.scale"]
-        gate = sd[src + "mlp.gate.weight"]
-        out[dst + "mlp.router.weight"] = gate
-        # HF's router always adds a bias: zeros compute exactly what a bias-free router does.
-        out[dst + "mlp.router.bias"] = (sd[src + "mlp.gate.bias"] if cfg.router_bias
-                                        else torch.zeros(cfg.num_experts, dtype=gate.dtype, device=gate.device))
-        out[dst + "mlp.experts.gate_up_proj"] = sd[src + "mlp.mlp1_weight"].transpose(1, 2)  # (E, H, 2I)
-        out[dst + "mlp.experts.gate_up_proj_bias"] = sd[src + "mlp.mlp1_bias"]
-        out[dst + "mlp.experts.down_proj"] = sd[src + "mlp.mlp2_weight"].transpose(1, 2)  # (E, I, H)
-        out[dst + "mlp.experts.down_proj_bias"] = sd[src + "mlp.mlp2_bias"]
-    out["model.norm.weight"] = sd["norm.scale"]
-    if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = sd["unembedding.weight"]
+    split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
+    out = {}
+    for rule in rules(cfg):
+        t = sd[rule.ours].transpose(1, 2) if rule.transpose else sd[rule.ours]
+        for name, part in zip(rule.hf, t.split(split, dim=0) if len(rule.hf) > 1 else (t,), strict=True):
+            out[name] = part
+        if rule.ours.endswith("mlp.gate.weight") and not cfg.router_bias:
+            # HF's router always adds a bias: zeros compute exactly what a bias-free router does.
+            out[rule.hf[0].replace(".weight", ".bias")] = torch.zeros(cfg.num_experts, dtype=t.dtype, device=t.device)
     return out
 
 
 def from_hf_state_dict(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF tensors, fetched one by one through `get(hf_name)`, -> our names (contiguous, ready to save)."""
-    out = {"embedding.weight": get("model.embed_tokens.weight")}
-    for i in range(cfg.num_hidden_layers):
-        src, dst = f"model.layers.{i}.", f"block.{i}."
-        out[dst + "attn.norm.scale"] = get(src + "input_layernorm.weight")
-        out[dst + "attn.qkv.weight"] = torch.cat([get(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
-        if cfg.attention_bias:
-            out[dst + "attn.qkv.bias"] = torch.cat([get(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
-            out[dst + "attn.out.bias"] = get(src + "self_attn.o_proj.bias")
-        out[dst + "attn.out.weight"] = get(src + "self_attn.o_proj.weight")
-        out[dst + "attn.sinks"] = get(src + "self_attn.sinks")
-        out[dst + "mlp.norm.scale"] = get(src + "post_attention_layernorm.weight")
-        out[dst + "mlp.gate.weight"] = get(src + "mlp.router.weight")
-        if cfg.router_bias:
-            out[dst + "mlp.gate.bias"] = get(src + "mlp.router.bias")
-        for ours, theirs in EXPERT_MATRICES.items():
-            out[dst + f"mlp.{ours}"] = get(src + f"mlp.experts.{theirs}").transpose(1, 2)
-        out[dst + "mlp.mlp1_bias"] = get(src + "mlp.experts.gate_up_proj_bias")
-        out[dst + "mlp.mlp2_bias"] = get(src + "mlp.experts.down_proj_bias")
-    out["norm.scale"] = get("model.norm.weight")
-    if not cfg.tie_word_embeddings:
-        out["unembedding.weight"] = get("lm_head.weight")
-    return {k: v.contiguous() for k, v in out.items()}
+    out = {}
+    for rule in rules(cfg):
+        parts = [get(name) for name in rule.hf]
+        t = torch.cat(parts) if len(parts) > 1 else parts[0]
+        out[rule.ours] = (t.transpose(1, 2) if rule.transpose else t).contiguous()
+    return out
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
