@@ -11,7 +11,6 @@ import pytest
 
 from gptoss_cli.config import (
     ConfigError,
-    RunConfig,
     config_from_dict,
     load_config,
     parse_override,
@@ -54,9 +53,10 @@ def test_unknown_section(tmp_path):
     assert "model: expected a mapping of keys" in error(write_yaml(tmp_path, "model: 3\n", "scalar.yaml"))
 
 
-def test_empty_file_is_all_defaults(tmp_path):
-    cfg = load_config(write_yaml(tmp_path, "# nothing\n", "empty.yaml"))
-    assert cfg == RunConfig(name="empty")
+def test_empty_file_is_refused_not_all_defaults(tmp_path):
+    # All defaults would be the 1.4B compact model: an empty file is a mistake, not a request for it.
+    with pytest.raises(ConfigError, match=r"^empty.yaml: the config is empty; give at least one section"):
+        load_config(write_yaml(tmp_path, "# nothing\n", "empty.yaml"))
 
 
 # ---- types ----------------------------------------------------------------------------------------

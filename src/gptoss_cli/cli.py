@@ -53,7 +53,8 @@ def root(
 
 def main() -> None:
     """Entry point. Usage errors are click's (usage line, exit 2); our known errors become one line on
-    stderr and exit 2; anything unexpected one line and exit 1 (GPTOSS_DEBUG=1 re-raises both)."""
+    stderr and exit 2; an OS error (disk full, read-only file system, permission) one line naming the path,
+    exit 1; anything unforeseen one line saying it is a bug, exit 1 (GPTOSS_DEBUG=1 re-raises all three)."""
     from .errors import GptossError
 
     debug = os.environ.get("GPTOSS_DEBUG", "") not in ("", "0")
@@ -64,8 +65,22 @@ def main() -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if debug:
+            raise
+        print(f"error: {os_error_line(err)}", file=sys.stderr)
+        sys.exit(1)
     except Exception as err:
         if debug:
             raise
-        print(f"error: {type(err).__name__}: {err} (set GPTOSS_DEBUG=1 for the traceback)", file=sys.stderr)
+        first = (str(err).splitlines() or [""])[0][:300]
+        print(f"error: unexpected {type(err).__name__}: {first} -- this is a bug in gptoss; run again with "
+              "GPTOSS_DEBUG=1 to see the traceback, and report it", file=sys.stderr)
         sys.exit(1)
+
+
+def os_error_line(err: OSError) -> str:
+    """'PATH: reason' for an OSError from any library (the path when it carries one)."""
+    reason = err.strerror or str(err) or type(err).__name__
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {reason}" if paths else f"{type(err).__name__}: {reason}"

@@ -148,6 +148,16 @@ class RunConfig:
         self.infer.validate()
         _require(self.train.seq_len <= self.model.max_context_length, "train.seq_len",
                  f"{self.train.seq_len} exceeds model.max_context_length={self.model.max_context_length}")
+        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                 f"must be a plain name (it names the run directory runs/NAME-DATE), got {self.name!r}")
+
+    def validate_for_training(self) -> None:
+        """What only training needs (other stages, e.g. bench, run any model shape): the byte-level tokenizer
+        it trains holds every byte plus the special tokens, so the vocabulary must have room for them."""
+        need = 256 + 2  # data/tokenizer.py: 256 byte tokens + <|endoftext|> + <|pad|>
+        _require(self.model.vocab_size >= need, "model.vocab_size",
+                 f"{self.model.vocab_size} is too small for the byte-level tokenizer: it needs at least {need} "
+                 "(256 bytes + 2 special tokens)")
 
 
 # ---- locating configs ----------------------------------------------------------------------------
@@ -324,6 +334,9 @@ def load_config(name: str | Path = "tiny", overrides: list[str] | None = None) -
     """Load a config by path or shipped name, apply `--set` overrides, validate everything."""
     path = resolve_config_path(str(name))
     raw = read_yaml(path)
+    if raw == {}:  # an empty file would silently mean every default: the 1.4B compact model
+        raise ConfigError(f"{path.name}: the config is empty; give at least one section (model, data, train, "
+                          f"infer) or a shipped config: {', '.join(shipped_configs())}")
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides or [])
         raw.setdefault("name", path.stem)

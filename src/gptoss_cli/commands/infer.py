@@ -21,7 +21,7 @@ PenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.")]
 PromptsFileOpt = Annotated[Path | None, typer.Option(
-    "--prompts-file", help="One prompt per line (blank lines skipped), generated as one batch.")]
+    "--prompts-file", help="One prompt per line (blank lines skipped), generated as one batch; - reads stdin.")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="Compile the decode step (CUDA graphs on CUDA); "
                                           "pays a one-time compile for faster long generations.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt (JSON Lines) on stdout.")]
@@ -49,7 +49,8 @@ def command(
     prompts = [p for p in (prompt, prompt_opt) if p is not None]
     if prompts_file is not None:
         try:
-            lines = prompts_file.read_text(encoding="utf-8").splitlines()
+            text = sys.stdin.read() if str(prompts_file) == "-" else prompts_file.read_text(encoding="utf-8")
+            lines = text.splitlines()
         except OSError as err:
             raise GptossError(f"--prompts-file {prompts_file}: cannot read ({err.strerror or err})") from None
         prompts += [line for line in lines if line.strip()]
@@ -67,6 +68,9 @@ def command(
             sys.stdout.flush()
             echoed.append(True)
 
+    if compile:
+        console.print("compiling the decode step (torch.compile): the first generation waits for it, "
+                      "up to a minute or more", highlight=False)
     result = infer(prompts, run=run, checkpoint=checkpoint, device=device, dtype=dtype, on_text=on_text,
                    compile_decode=compile,
                    max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -93,6 +97,6 @@ def command(
     batch = f" | batch {s.batch}" if s.batch > 1 else ""
     console.print(
         f"prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | prefill {s.prefill_s * 1e3:.1f} ms | "
-        f"{decode} | {peak} | {loaded.checkpoint.name} on {loaded.device.type} {dtype_name}{batch}",
+        f"{decode} | {peak} | {loaded.checkpoint} on {loaded.device.type} {dtype_name}{batch}",
         markup=False, highlight=False, soft_wrap=True,
     )

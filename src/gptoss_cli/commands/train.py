@@ -25,30 +25,43 @@ def command(
     """Train from scratch on a text corpus (the built-in sample corpus when data.paths is empty).
 
     Examples: gptoss train --config tiny --run runs/demo;  gptoss train --run runs/demo --resume
+
+    Exit status: 0 finished, 2 refused (bad config or input, run locked, divergence), 130 / 143 stopped by
+    Ctrl-C / SIGTERM after saving a checkpoint (summary.json says "interrupted").
     """
     from ..config import load_config
-    from ..output import console, print_json
+    from ..output import console, print_json, warn
     from ..run.layout import RunDir
 
+    default_model = False
     if config is None:  # resuming or starting from weights: that run's config; otherwise the reference model
         source = init_from or resume_from or (run if resume else None)
-        saved = RunDir.of_checkpoint(Path(source)).config if source is not None else None
-        config = str(saved) if saved and saved.is_file() else "compact"
+        saved = _saved_config(RunDir, Path(source)) if source is not None else None
+        default_model = saved is None
+        config = str(saved) if saved is not None else "compact"
     cfg = load_config(config, set_)  # before torch is imported: a bad config fails in an instant
+    cfg.validate_for_training()
+    if default_model:
+        warn("no --config: training the compact reference model (~1.4 billion parameters), which needs a GPU; "
+             "for a first run on a CPU use --config tiny")
     from ..train.distributed import shutdown
     from ..train.loop import Trainer, prepare
 
     try:
         prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer,
                            init_from=init_from)
-        summary = Trainer(prepared).run()
+        try:
+            summary = Trainer(prepared).run()
+        finally:
+            prepared.release()
     finally:
         shutdown()
     if not prepared.dist.main:  # under torchrun only rank 0 reports
         return
+    code = {"SIGINT": 130, "SIGTERM": 143}.get(summary.get("signal"), 0) if summary["status"] == "interrupted" else 0
     if json:
         print_json(summary)
-        return
+        raise typer.Exit(code)
     best = summary["best_val_loss"]
     console.print(f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
                   f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)", highlight=False)
@@ -56,3 +69,12 @@ def command(
                   + (f", best validation loss {best:.4f}" if best is not None else ""), highlight=False)
     console.print(f"run: {summary['run_dir']}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _saved_config(run_dir, source: Path) -> Path | None:
+    """The config.yaml of the run that `source` (a run, its checkpoints/ folder or a step directory) belongs to."""
+    for candidate in (run_dir(source), run_dir(source.parent), run_dir.of_checkpoint(source)):
+        if candidate.config.is_file():
+            return candidate.config
+    return None

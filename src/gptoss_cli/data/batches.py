@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..run.atomic import umask_mode
 from .tokenizer import EOS
 
 
@@ -44,6 +45,7 @@ def tokenize_stream(docs: list[str], tokenizer, tok_hash: str) -> torch.Tensor:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         save_file({"tokens": stream}, str(tmp))
+        umask_mode(tmp)  # safetensors creates 0600 files
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old entry or the new one
     except OSError:
         pass  # the cache is an optimisation; a read-only home must not stop training

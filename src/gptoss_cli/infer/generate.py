@@ -30,7 +30,7 @@ from ..run.checkpoint import load_weights
 from ..run.layout import RunDir
 from ..run.open import open_run
 from .compiled import compiled_step
-from .sampling import TextStream, option_label, sample
+from .sampling import NON_FINITE, TextStream, option_label, sample
 
 MEMORY_EVERY = 16  # decode steps between inference memory samples
 
@@ -126,6 +126,8 @@ def generate_tokens(
             on_logits(logits)
         nxt = sample(logits, params, generator, seen)  # (B,)
         ids = nxt.tolist()  # the one host sync per step
+        if min(ids) < 0:  # greedy marks rows with non-finite logits (sampling raises itself)
+            raise GptossError(NON_FINITE)
         if step == 0:
             decode_start = time.perf_counter()
             prefill_s = decode_start - start

@@ -15,6 +15,8 @@ from ..errors import GptossError
 
 # ---- sampling ------------------------------------------------------------------------------------
 
+NON_FINITE = "the model produced non-finite logits (NaN or inf): the checkpoint's weights are diverged or damaged"
+
 def option_label(key: str) -> str:
     """How an infer setting is named in errors from the command line: its flag."""
     return "-n/--max-new-tokens" if key == "max_new_tokens" else "--" + key.replace("_", "-")
@@ -22,12 +24,15 @@ def option_label(key: str) -> str:
 
 def sample(logits: torch.Tensor, params: InferConfig, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None) -> torch.Tensor:
-    """logits (B, V) fp32 -> next ids (B,). `seen` (B, V) bool marks tokens the penalty applies to."""
+    """logits (B, V) fp32 -> next ids (B,). `seen` (B, V) bool marks tokens the penalty applies to.
+
+    Greedy: a row whose logits are not all finite gets id -1 (argmax of NaN is an arbitrary id, often EOS,
+    which would end generation silently); the caller checks with the ids it syncs anyway."""
     if seen is not None and params.repetition_penalty != 1.0:
         p = params.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
+        return torch.where(torch.isfinite(logits).all(dim=-1), logits.argmax(dim=-1), -1)
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest logit
@@ -42,7 +47,7 @@ def sample(logits: torch.Tensor, params: InferConfig, generator: torch.Generator
     try:
         return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
     except RuntimeError as err:  # NaN/inf probabilities: checked only on failure, so no per-step host sync
-        raise GptossError(f"the model produced non-finite logits; is the checkpoint diverged? ({err})") from None
+        raise GptossError(f"{NON_FINITE} ({err})") from None
 
 
 

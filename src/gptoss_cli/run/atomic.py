@@ -63,10 +63,19 @@ def write_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def umask_mode(path: Path) -> None:
+    """Give a file the mode an ordinary open() would (0666 minus the umask): safetensors and mkstemp-style
+    writers create 0600 files, which another user or container cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def fsync_tree(path: Path) -> None:
-    """fsync every file directly in `path`, then `path` itself."""
+    """fsync every file directly in `path`, then `path` itself; files get the user's umask mode."""
     for child in path.iterdir():
         if child.is_file():
+            umask_mode(child)
             with open(child, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(path)

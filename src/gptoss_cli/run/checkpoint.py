@@ -111,16 +111,32 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             p.copy_(tensors[name])
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
 def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor],
                     trainer_tensors: dict[str, torch.Tensor], state: CheckpointState, keep: int) -> Path:
-    """Write one checkpoint atomically and keep the newest `keep`. Returns its directory."""
+    """Write one checkpoint atomically and keep the newest `keep`. Returns its directory.
+
+    Weights holding a NaN or an infinity are refused before anything is written, so every checkpoint on
+    disk is finite and rotation (which only ever deletes checkpoints older than the one just written)
+    never removes the newest finite one."""
+    final = ckpt_root / step_dir_name(step)
+    bad = first_non_finite(weights)
+    if bad is not None:
+        raise CheckpointError(f"refusing to save {final}: tensor {bad} holds non-finite values; "
+                              f"{newest_finite_text(ckpt_root)}")
     ckpt_root.mkdir(parents=True, exist_ok=True)
     remove_stale(ckpt_root)  # hidden directories of writers that were killed
-    final = ckpt_root / step_dir_name(step)
     try:
         with staged_directory(final, force=True, flag="checkpoint") as tmp:
             try:
@@ -134,10 +150,27 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
         previous = list_checkpoints(ckpt_root)
         kept = (f"the previous checkpoint is intact ({previous[-1].name})" if previous
                 else "no checkpoint was saved before this one")
-        raise CheckpointError(f"could not save checkpoint {final.name} ({err.reason}); {kept}") from None
+        raise CheckpointError(f"could not save checkpoint {final} ({err.reason}); {kept}") from None
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def newest_finite(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint whose weights are all finite (read and checked), else None."""
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            if first_non_finite(load_file(str(path / MODEL))) is None:
+                return path
+        except (SafetensorError, OSError, ValueError):
+            continue
+    return None
+
+
+def newest_finite_text(ckpt_root: Path) -> str:
+    """How an error names what survives: 'the newest finite checkpoint is ...' or that there is none."""
+    found = newest_finite(ckpt_root)
+    return f"the newest finite checkpoint is {found}" if found else "no finite checkpoint was saved"
 
 
 def _is_valid(path: Path) -> bool:

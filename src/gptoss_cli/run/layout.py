@@ -7,6 +7,7 @@
     RUN/inference-memory.jsonl  inference memory samples
     RUN/checkpoints/step-N/     run/checkpoint.py
     RUN/summary.json            written when training ends
+    RUN/train.lock              held (flock) by the one trainer of this run (run/lock.py)
     RUN/report/                 gptoss report's PNGs and report.md
 
 Every stage reads and writes a run through RunDir, so a file name is spelled once. This module imports
@@ -25,6 +26,7 @@ from ..errors import GptossError
 RUNS_ROOT = Path("runs")
 CONFIG, TOKENIZER, CHECKPOINTS, SUMMARY = "config.yaml", "tokenizer.json", "checkpoints", "summary.json"
 METRICS, MEMORY, INFER_MEMORY, REPORT = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "report"
+LOCK = "train.lock"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,10 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / REPORT
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK
 
     def __str__(self) -> str:
         return str(self.path)

@@ -8,6 +8,7 @@ sampled on every rank. The run directory layout is in run/layout.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -22,10 +23,11 @@ import torch
 from ..data.batches import TokenBatches
 from ..errors import GptossError
 from ..memory import MemorySampler
-from ..output import console
+from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.atomic import write_atomic
 from ..run.layout import RunDir
+from ..run.metrics import MetricsFile
 from . import distributed
 from .loss import objective
 from .optim import lr_at
@@ -39,6 +41,7 @@ class StopRequest:
 
     def __init__(self, announce: bool):
         self.requested = False
+        self.signal: str | None = None  # SIGINT or SIGTERM: the exit status is 128 + its number
         self.announce = announce
         self._previous = {}
 
@@ -46,6 +49,7 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signal = signal.Signals(signum).name
         if self.announce:
             console.print("[yellow]stop requested: finishing this step and saving a checkpoint "
                           "(Ctrl-C again to abort without saving)[/]")
@@ -91,6 +95,26 @@ class Trainer:
         if p.resume_state:
             self._restore_rng(p.resume_state, p.resume_tensors)
         self.last_ckpt: Path | None = None
+        if self.dist.main:
+            self._warn_schedule(per_epoch)
+
+    def _warn_schedule(self, per_epoch: int) -> None:
+        """The LR schedule is a function of (step, total steps): say when that surprises (docs/training.md)."""
+        t = self.t
+        if t.warmup_steps >= self.total_steps:
+            warn(f"train.warmup_steps={t.warmup_steps} is not below the run's {self.total_steps} steps: the "
+                 f"learning rate never reaches train.lr={t.lr:g} (lower train.warmup_steps)")
+        s = self.p.resume_state
+        old = (s.config or {}).get("train", {}) if s else {}
+        if not old:
+            return
+        old_t = dataclasses.replace(t, **{k: old[k] for k in ("lr", "warmup_steps", "min_lr_ratio") if k in old})
+        old_total = old.get("max_steps") or max(1, old.get("epochs", t.epochs) * per_epoch // self.accum)
+        before, now = lr_at(s.step, old_t, old_total), lr_at(s.step, t, self.total_steps)
+        if old_total != self.total_steps and not math.isclose(before, now, rel_tol=1e-6):
+            warn(f"resuming with {self.total_steps} total steps instead of {old_total}: the cosine schedule is "
+                 f"stretched over the new total, so the learning rate at step {s.step} moves from {before:.2e} "
+                 f"to {now:.2e}")
 
     def _restore_rng(self, state: ckpt.CheckpointState, tensors: dict) -> None:
         torch.set_rng_state(tensors["rng.torch"])
@@ -129,11 +153,20 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Every rank takes part in gathering the state; rank 0 writes it."""
+        """Every rank takes part in gathering the state; rank 0 writes it. Non-finite weights are never
+        saved: every rank checks its own (shard of the) parameters and all agree before any gather."""
+        bad = next((name for name, param in self.model.named_parameters()
+                    if not bool(torch.isfinite(param.to_local() if hasattr(param, "to_local") else param).all())),
+                   None)
+        if distributed.all_reduce(torch.tensor([float(bad is not None)]), self.dist)[0] > 0:
+            raise GptossError(f"refusing to save a checkpoint at step {self.step}: the weights hold non-finite "
+                              f"values ({bad or 'on another rank'}); "
+                              f"{ckpt.newest_finite_text(self.files.checkpoints)}")
         # Both gathers are collectives under FSDP; with cpu_offload only rank 0 receives the tensors.
         weights = distributed.full_weights(self.model, self.cfg.model.tie_word_embeddings)
         osd = distributed.full_optimizer_state(self.model, self.p.optimizer)
         if self.dist.main:
+            self.p.commit_files()  # a resume's deferred config.yaml / tokenizer.json, before its first checkpoint
             tensors, opt_meta = ckpt.optimizer_to_tensors(osd)
             tensors["rng.torch"] = torch.get_rng_state()
             if self.device.type == "cuda":
@@ -151,6 +184,14 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to the end (or to a stop request) and write summary.json; the run's lock is released after
+        the last write, or when an error ends the run."""
+        try:
+            return self._run()
+        finally:
+            self.p.release()
+
+    def _run(self) -> dict:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         t, data, main = self.t, self.p.train_data, self.dist.main
@@ -160,7 +201,8 @@ class Trainer:
                               "raise train.max_steps (e.g. --set train.max_steps=N) to continue")
         if self.p.resumed_from is not None:
             self.say(f"resuming from {self.p.resumed_from} (step {self.step})")
-        metrics = open(self.files.metrics, "a", encoding="utf-8") if main else None  # noqa: SIM115
+        resumed = self.p.resume_state.step if self.p.resume_state else None
+        metrics = MetricsFile(self.files.metrics, cut_after=resumed) if main else None  # cut at the first line
         memory = MemorySampler(self.files.memory, self.device, rank=self.dist.rank)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -170,7 +212,7 @@ class Trainer:
                  f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
                  f"{', ' + self.dist.parallel if world > 1 else ''})")
         window = _Window(self.cfg.model.num_hidden_layers, self.cfg.model.num_experts, self.device)
-        status = "completed"
+        status, stop_signal = "completed", None
         columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), TimeRemainingColumn())
@@ -180,7 +222,7 @@ class Trainer:
                                                                disable=not main) as bar:
                 task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
                 while self.step < self.total_steps:
-                    stopping = self._step(data, window, stop.requested)
+                    stopping = self._step(data, window, stop)
                     memory.sample(self.step)
                     bar.update(task, completed=self.step,
                                info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s")
@@ -200,7 +242,7 @@ class Trainer:
                             bar.console.print(f"  validation: loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}",
                                               highlight=False)
                     if stopping or (self.stop_after is not None and self.step >= self.stop_after):
-                        status = "interrupted"
+                        status, stop_signal = "interrupted", stop.signal or "SIGTERM" if stopping else None
                         break
                     if self.step % t.save_every == 0 and self.step < self.total_steps:
                         self.save()
@@ -216,7 +258,8 @@ class Trainer:
                 metrics.close()
             peak = memory.peak_bytes()
             memory.close()
-        summary = {"status": status, "steps": self.step, "epochs": self.epoch, "elapsed_s": self.elapsed(),
+        summary = {"status": status, "signal": stop_signal, "steps": self.step, "epochs": self.epoch,
+                   "elapsed_s": self.elapsed(),
                    "tokens": self.tokens, "tokens_per_s": self.tokens / max(self.elapsed(), 1e-9),
                    "final_loss": window.final_loss, "best_val_loss": self.best_val if math.isfinite(self.best_val)
                    else None, "final_val_loss": self.final_val, "peak_memory_bytes": peak,
@@ -226,8 +269,11 @@ class Trainer:
             write_atomic(self.files.summary, json.dumps(summary, indent=1))
         return summary
 
-    def _step(self, data: TokenBatches, window: _Window, stop_requested: bool) -> bool:
-        """One optimizer step over `accum` micro-batches. Returns whether any rank asked to stop."""
+    def _step(self, data: TokenBatches, window: _Window, stop: StopRequest) -> bool:
+        """One optimizer step over `accum` micro-batches. Returns whether any rank asked to stop.
+
+        Nothing non-finite reaches the weights: a NaN/inf loss or gradient norm (the global norm, the same
+        on every rank) ends training before optimizer.step, naming the newest finite checkpoint."""
         t, opt, info = self.t, self.p.optimizer, self.dist
         lr = lr_at(self.step, t, self.total_steps)
         for group in opt.param_groups:
@@ -248,20 +294,32 @@ class Trainer:
             self.tokens += targets.numel() * info.world
             if self.batch_idx >= data.batches_per_epoch:
                 self._end_epoch()
-        # One small collective per step: the global loss, any non-finite loss, any stop request.
-        agreed = distributed.all_reduce(torch.tensor([lm_sum, float(bad), float(stop_requested)]), info)
+        # One small collective per step: the global loss, any non-finite loss, any stop request (read now,
+        # after this step's micro-batches, so a signal during the step stops at this step, not the next).
+        agreed = distributed.all_reduce(torch.tensor([lm_sum, float(bad), float(stop.requested)]), info)
         if agreed[1] > 0:
-            where = f"; the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else ""
             value = bad_value if bad_value is not None else "on another rank"
-            raise GptossError(f"non-finite loss ({value}) at step {self.step + 1}{where}")
+            self._diverged(f"non-finite loss ({value})")
         step_loss = agreed[0].item() / (self.accum * info.world)
+        # The norm is computed even when clipping is off (max_norm=inf); it is global under DDP and FSDP,
+        # so every rank takes the same decision. A finite loss can still have non-finite gradients.
+        grad_norm = distributed.unwrap_norm(
+            torch.nn.utils.clip_grad_norm_(self.p.wrapped.parameters(), t.grad_clip or float("inf")))
+        norm_value = float(grad_norm)
+        if not math.isfinite(norm_value):
+            opt.zero_grad(set_to_none=True)
+            self._diverged(f"non-finite gradient norm ({norm_value}; loss {step_loss:.4g})")
         self.epoch_loss = [self.epoch_loss[0] + step_loss * self.accum, self.epoch_loss[1] + self.accum]
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.p.wrapped.parameters(), t.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.step += 1
-        window.end_step(step_loss, self.accum, lr, distributed.unwrap_norm(grad_norm))
+        window.end_step(step_loss, self.accum, lr, norm_value)
         return bool(agreed[2] > 0)
+
+    def _diverged(self, what: str) -> None:
+        """Training diverged before this step's update: name the step and what survives on disk."""
+        raise GptossError(f"{what} at step {self.step + 1}; no update was applied; "
+                          f"{ckpt.newest_finite_text(self.files.checkpoints)}")
 
     def _end_epoch(self) -> None:
         total, n = self.epoch_loss

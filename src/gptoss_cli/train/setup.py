@@ -8,7 +8,6 @@ system), builds the same model from the same seed and then wraps it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..run import checkpoint as ckpt
 from ..run.atomic import write_atomic
 from ..run.checkpoint import CheckpointState
 from ..run.layout import RunDir
+from ..run.lock import RunLock
 from ..run.open import find_tokenizer
 from . import distributed
 from .optim import build_optimizer
@@ -61,6 +61,19 @@ class Prepared:
     resume_state: CheckpointState | None = None
     resume_tensors: dict = field(default_factory=dict)
     resumed_from: Path | None = None  # the checkpoint resume_state came from
+    lock: RunLock | None = None  # rank 0's hold on RUN/train.lock, released when the Trainer ends
+    pending: list = field(default_factory=list)  # writes a resume defers to its first save (commit_files)
+
+    def commit_files(self) -> None:
+        """Write what a resume deferred (config.yaml, tokenizer.json): called before its first checkpoint, so
+        a resume that fails earlier leaves the run directory as it was."""
+        for write in self.pending:
+            write()
+        self.pending = []
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, train_docs, info):
@@ -88,20 +101,6 @@ def _tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, train_docs, info):
     return Tokenizer.from_str(distributed.broadcast_object(text, info))
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """A run resumed from step N re-logs the steps after N: drop their old lines (and a cut-off last line)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except ValueError:
-            continue
-    write_atomic(path, "".join(f"{line}\n" for line in kept))
-
-
 def _accumulation(cfg: RunConfig, world: int) -> int:
     t = cfg.train
     if t.global_batch_size is None:
@@ -113,13 +112,46 @@ def _accumulation(cfg: RunConfig, world: int) -> int:
     return t.global_batch_size // per_step
 
 
+def _take_lock(run: RunDir, info: distributed.DistInfo) -> RunLock | None:
+    """Rank 0 locks the run directory (run/lock.py); every rank learns whether it could."""
+    lock, error = None, None
+    if info.main:
+        try:
+            lock = RunLock(run).acquire()
+        except GptossError as err:
+            error = str(err)
+        except OSError as err:
+            error = f"cannot create {run.lock} ({err.strerror or err})"
+    error = distributed.broadcast_object(error, info)
+    if error:
+        raise GptossError(error)
+    return lock
+
+
 def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_from: Path | None = None,
             tokenizer_path: Path | None = None, init_from: Path | None = None) -> Prepared:
     """Set up a run. `resume`/`resume_from` continue a checkpoint exactly (weights, optimizer, data
-    position); `init_from` starts a new run (step 0, fresh optimizer) from a checkpoint's weights."""
+    position); `init_from` starts a new run (step 0, fresh optimizer) from a checkpoint's weights.
+
+    The run directory is locked (RUN/train.lock) from here until the Trainer ends (Prepared.release); a
+    resume changes nothing in it until everything it needs is loaded and verified."""
+    held: list[RunLock | None] = []
+    try:
+        return _prepare(cfg, run_dir, resume, resume_from, tokenizer_path, init_from, held)
+    except BaseException:
+        for lock in held:
+            if lock is not None:
+                lock.release()
+        raise
+
+
+def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Path | None,
+             tokenizer_path: Path | None, init_from: Path | None, held: list) -> Prepared:
     t = cfg.train
     if init_from is not None and (resume or resume_from):
         raise GptossError("--init-from starts a new run from weights; it cannot be combined with --resume")
+    cfg.validate_for_training()
+    flag = "--resume-from" if resume_from else "--resume"
     device = pick_device(t.device, "train.device")
     info = distributed.init(device.type, t.parallel)
     if info.enabled and device.type == "cuda":
@@ -140,14 +172,18 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
     if run_dir is None:
         run_dir = distributed.broadcast_object(RunDir.new(cfg.name).path if info.main else None, info)
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise GptossError(f"--run {run_dir} exists and is not a directory")
     run = RunDir(run_dir)
+    if run_dir.is_dir():  # an existing run: locked before anything else looks at it
+        held.append(_take_lock(run, info))
     if resume_ckpt is None and ckpt.list_checkpoints(run.checkpoints):
         raise GptossError(f"{run_dir} already holds checkpoints: add --resume to continue it, or pick another --run")
     state = ckpt.read_state(resume_ckpt) if resume_ckpt else None
     if state:
-        _check_same_model(cfg, state, resume_ckpt, "--resume")
+        _check_same_model(cfg, state, resume_ckpt, flag)
         if state.optimizer is None:
-            raise GptossError(f"--resume: {resume_ckpt} holds weights only (imported?); "
+            raise GptossError(f"{flag}: {resume_ckpt} holds weights only (imported?); "
                               "use --init-from to train from it")
     init_ckpt = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
     if init_ckpt:
@@ -159,7 +195,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
     tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path, train_docs, info)
     tok_hash = tokenizer_hash(tok)
     if state and state.tokenizer_hash not in (None, tok_hash):
-        raise GptossError(f"--resume: the tokenizer differs from the one {resume_ckpt} was trained with")
+        raise GptossError(f"{flag}: the tokenizer differs from the one {resume_ckpt} was trained with")
 
     train_stream = tokenize_stream(train_docs, tok, tok_hash)
     # Every rank walks the same global order and takes its own slice of each global micro-batch.
@@ -176,12 +212,18 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         if val_len >= 2:
             val_data = TokenBatches(val_stream, val_len, t.batch_size, t.seed)
 
-    if info.main:
-        if state:
-            _drop_metrics_after(run.metrics, state.step)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        run.write_config(cfg)
-        write_atomic(run.tokenizer, tok.to_str())
+    if not held:  # a new directory: created by taking its lock, then checked again under it
+        held.append(_take_lock(run, info))
+        if resume_ckpt is None and ckpt.list_checkpoints(run.checkpoints):
+            raise GptossError(f"{run_dir} already holds checkpoints: add --resume to continue it, "
+                              "or pick another --run")
+    # A new run writes its config and tokenizer now; a resume only once it saves (Prepared.commit_files),
+    # so a resume that fails (bad weights, divergence) leaves RUN/ exactly as it was.
+    pending = [lambda: run.write_config(cfg), lambda: write_atomic(run.tokenizer, tok.to_str())] if info.main else []
+    if not state:
+        for write in pending:
+            write()
+        pending = []
     distributed.barrier(info)
 
     torch.manual_seed(t.seed)
@@ -189,6 +231,12 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
     model.init_weights(torch.Generator().manual_seed(t.seed))  # same seed, same weights on every rank
     if resume_ckpt or init_ckpt:
         ckpt.load_weights(model, (resume_ckpt or init_ckpt) / "model.safetensors")
+        bad = ckpt.first_non_finite(dict(model.named_parameters()))
+        if bad is not None:
+            where = flag if resume_ckpt else "--init-from"
+            raise GptossError(f"{where}: {resume_ckpt or init_ckpt} holds non-finite weights ({bad}); "
+                              f"{ckpt.newest_finite_text(RunDir.of_checkpoint(resume_ckpt or init_ckpt).checkpoints)}"
+                              " (pass it to --resume-from)")
         if init_ckpt and info.main:
             console.print(f"starting from the weights of {init_ckpt}")
     bf16_ok = native_bf16(device)
@@ -205,7 +253,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         tensors = ckpt.read_trainer_tensors(resume_ckpt)
         distributed.load_optimizer_state(model, optimizer, ckpt.optimizer_from_tensors(tensors, state.optimizer))
     return Prepared(cfg, run_dir, device, model, wrapped, optimizer, train_data, val_data, tok_hash, accum,
-                    precision, info, state, tensors, resume_ckpt)
+                    precision, info, state, tensors, resume_ckpt, held[0], pending)
 
 
 def place_model(model: Transformer, t: TrainConfig, precision: str, device: torch.device) -> None:

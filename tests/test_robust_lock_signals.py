@@ -1,0 +1,130 @@
+"""One trainer per run directory, and Ctrl-C / SIGTERM, with real `gptoss train` processes.
+
+A trainer holds RUN/train.lock (flock) for its whole life: a second one gets one line naming the holder;
+a lock left by a killed process is taken over. SIGINT / SIGTERM stop at the current step, save a
+checkpoint, write summary.json with status "interrupted" and exit 130 / 143.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gptoss_cli.run import checkpoint as ckpt
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def gptoss_process(run: Path, cache: Path, *overrides: str, small: list[str]) -> subprocess.Popen:
+    sets = [a for o in [*small, *overrides] for a in ("--set", o)]
+    env = dict(os.environ, GPTOSS_CACHE=str(cache), OMP_NUM_THREADS="1")
+    env.pop("GPTOSS_DEBUG", None)
+    return subprocess.Popen([sys.executable, "-m", "gptoss_cli", "train", "--config", "tiny", *sets, "--run", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_steps(proc: subprocess.Popen, run: Path, steps: int, timeout: float = 180) -> None:
+    """Until metrics.jsonl holds `steps` train lines (the loop and its signal handlers are running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        metrics = run / "metrics.jsonl"
+        if metrics.is_file() and metrics.read_text(encoding="utf-8").count('"kind": "train"') >= steps:
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("the trainer did not reach its first steps in time")
+
+
+LONG = ("train.max_steps=100000", "train.save_every=100000", "train.eval_every=100000", "train.log_every=1")
+
+
+def test_second_trainer_is_refused_naming_the_holder_then_sigterm_saves_and_exits_143(
+        small_overrides, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    first = gptoss_process(run, cache, *LONG, small=small_overrides)
+    try:
+        wait_for_steps(first, run, 2)
+        holder = json.loads((run / "train.lock").read_text(encoding="utf-8"))
+        assert holder["pid"] == first.pid
+
+        second = gptoss_process(run, cache, "train.max_steps=2", small=small_overrides)
+        out, err = second.communicate(timeout=180)
+        assert second.returncode == 2 and out == ""
+        assert err.count("\n") == 1, err
+        assert err.startswith(f"error: {run} is being trained by another process (pid {first.pid} on ")
+        assert first.poll() is None  # the holder trains on, undisturbed
+
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=180)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 143, err
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    saved = ckpt.resolve_checkpoint(run)
+    assert saved.name == ckpt.step_dir_name(summary["steps"]) and summary["checkpoint"] == str(saved)
+    assert (run / "train.lock").read_text(encoding="utf-8") == ""  # released: nobody holds it
+
+
+def test_ctrl_c_saves_and_exits_130(small_overrides, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    proc = gptoss_process(run, cache, *LONG, small=small_overrides)
+    try:
+        wait_for_steps(proc, run, 2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "stop requested" in err and "interrupted" in err
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
+    assert ckpt.read_state(ckpt.resolve_checkpoint(run)).step == summary["steps"]
+
+
+def test_lock_of_a_killed_trainer_is_taken_over(small_overrides, tmp_path):
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    dead = gptoss_process(run, cache, *LONG, small=small_overrides)
+    try:
+        wait_for_steps(dead, run, 1)
+    finally:
+        dead.kill()  # SIGKILL: no handler runs, the lock file keeps its pid
+        dead.communicate(timeout=60)
+    assert json.loads((run / "train.lock").read_text(encoding="utf-8"))["pid"] == dead.pid
+    assert ckpt.list_checkpoints(run / "checkpoints") == []
+
+    after = gptoss_process(run, cache, "train.max_steps=2", small=small_overrides)
+    out, err = after.communicate(timeout=180)
+    assert after.returncode == 0, err
+    assert json.loads((run / "summary.json").read_text(encoding="utf-8"))["status"] == "completed"
+
+
+def test_a_signal_during_a_step_stops_at_that_step(small_cfg, tmp_path, monkeypatch):
+    """The stop request is read after the step's micro-batches, so the step in progress is the last one."""
+    from gptoss_cli.train import loop
+
+    real = loop.objective
+    calls = []
+
+    def objective_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # step 2 of 2 micro-batches each: the signal arrives mid-step
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "objective", objective_then_ctrl_c)
+    run = tmp_path / "run"
+    p = loop.prepare(small_cfg("train.grad_accum_steps=2"), run)
+    summary = loop.Trainer(p).run()
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT" and summary["steps"] == 2
+    assert ckpt.resolve_checkpoint(run).name == ckpt.step_dir_name(2)
