@@ -85,6 +85,9 @@ class TrainConfig:
                     "eval_batches", "save_every", "keep_checkpoints"):
             _require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
         if self.global_batch_size is not None:
+            _require(self.grad_accum_steps == 1, "train.grad_accum_steps",
+                     f"{self.grad_accum_steps} would be ignored: train.global_batch_size={self.global_batch_size} "
+                     "derives it; set one of the two")
             _require(self.global_batch_size > 0 and self.global_batch_size % self.batch_size == 0,
                      "train.global_batch_size",
                      f"must be a positive multiple of train.batch_size={self.batch_size}, got {self.global_batch_size}")
