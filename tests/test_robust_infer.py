@@ -1,0 +1,54 @@
+"""`gptoss infer` for a first-time user: --prompts-file - reads stdin, the summary line names the checkpoint
+(and so the run) it chose, --compile says it is compiling, and NaN weights end in one error line, exit 2.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from test_infer_cli import make_run
+
+
+@pytest.fixture
+def demo(tmp_path) -> Path:
+    return make_run(tmp_path / "demo")
+
+
+def test_prompts_file_dash_reads_stdin(gptoss, demo, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first prompt\n\nsecond prompt\n"))
+    code, out, err = gptoss("infer", "--prompts-file", "-", "--run", demo, "-n", "3", "--temperature", "0",
+                            "--json")
+    assert code == 0, err
+    assert [line.split('"prompt": ')[1].split('",')[0] for line in out.splitlines()] == [
+        '"first prompt', '"second prompt']
+    assert f"{demo / 'checkpoints' / 'step-00000010'} on cpu" in err  # the run it chose, in full
+
+
+def test_compile_says_so_before_it_waits(gptoss, demo, monkeypatch):
+    from gptoss_cli.infer import generate
+
+    real = generate.infer
+
+    def eager(*args, compile_decode=False, **kwargs):  # the message, not a minute of torch.compile
+        return real(*args, compile_decode=False, **kwargs)
+
+    monkeypatch.setattr(generate, "infer", eager)
+    code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "2", "--compile")
+    assert code == 0 and err.startswith("compiling the decode step (torch.compile)"), err
+
+
+def test_greedy_on_nan_weights_is_one_error_line(gptoss, demo):
+    path = demo / "checkpoints" / "step-00000010" / "model.safetensors"
+    weights = load_file(str(path))
+    weights = {k: torch.full_like(v, float("nan")) if k == "norm.scale" else v for k, v in weights.items()}
+    save_file(weights, str(path))
+    code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "5", "--temperature", "0")
+    assert code == 2 and out == ""
+    assert err == ("error: the model produced non-finite logits (NaN or inf): the checkpoint's weights are "
+                   "diverged or damaged\n")
