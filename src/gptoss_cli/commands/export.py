@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from .options import CheckpointOpt, JsonOpt, RunOpt
+from .options import CheckpointOpt, JsonOpt, ReadRunOpt
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The Hugging Face directory to write.")]
 ExportDtypeOpt = Annotated[Literal["bf16", "fp32"], typer.Option(
@@ -17,7 +17,7 @@ ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Split model.saf
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
 
 
-def command(out: OutOpt, run: RunOpt = None, dtype: ExportDtypeOpt = "bf16", checkpoint: CheckpointOpt = None,
+def command(out: OutOpt, run: ReadRunOpt = None, dtype: ExportDtypeOpt = "bf16", checkpoint: CheckpointOpt = None,
             max_shard_size: ShardOpt = "5GB", force: ForceOpt = False, json: JsonOpt = False) -> None:
     """Export a run for transformers: config.json, safetensors, generation and tokenizer files.
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .options import CheckpointOpt, DeviceOpt, DtypeOpt, RunOpt
+from .options import CheckpointOpt, DeviceOpt, DtypeOpt, ReadRunOpt
 
 PromptArg = Annotated[str | None, typer.Argument(help="Text to continue.", show_default=False)]
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue (instead of the argument).")]
@@ -28,7 +28,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per promp
 
 
 def command(
-    prompt: PromptArg = None, prompt_opt: PromptOpt = None, max_new_tokens: TokensOpt = None, run: RunOpt = None,
+    prompt: PromptArg = None, prompt_opt: PromptOpt = None, max_new_tokens: TokensOpt = None, run: ReadRunOpt = None,
     checkpoint: CheckpointOpt = None, temperature: TemperatureOpt = None, top_k: TopKOpt = None,
     top_p: TopPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
     prompts_file: PromptsFileOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",

@@ -29,6 +29,8 @@ RUN_FLAGS = ("--run", "--run-dir", "-r")
 RunOpt = Annotated[Path | None, typer.Option(
     *RUN_FLAGS, help="Run directory (default: a new one, or the newest, under ./runs). Under torchrun write "
                      "--run-dir or -r: torchrun takes --run for its --run-path.")]
+ReadRunOpt = Annotated[Path | None, typer.Option(
+    *RUN_FLAGS, help="The run to read (its newest complete checkpoint; default: the newest run under ./runs).")]
 RunsOpt = Annotated[list[Path] | None, typer.Option(
     *RUN_FLAGS, metavar="DIR", help="Run directory (default: the newest under ./runs); repeat to compare.")]
 NewRunOpt = Annotated[Path, typer.Option(*RUN_FLAGS, help="The run directory to create (must not exist, or be empty).")]

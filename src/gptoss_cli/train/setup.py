@@ -175,7 +175,9 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
     if run_dir.exists() and not run_dir.is_dir():
         raise GptossError(f"--run {run_dir} exists and is not a directory")
     run = RunDir(run_dir)
-    if run_dir.is_dir():  # an existing run: locked before anything else looks at it
+    # An existing run is locked before anything else looks at it (rank 0 decides: every rank must take part
+    # in _take_lock's broadcast at the same point).
+    if distributed.broadcast_object(run_dir.is_dir() if info.main else None, info):
         held.append(_take_lock(run, info))
     if resume_ckpt is None and ckpt.list_checkpoints(run.checkpoints):
         raise GptossError(f"{run_dir} already holds checkpoints: add --resume to continue it, or pick another --run")
