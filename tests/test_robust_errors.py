@@ -81,6 +81,15 @@ def test_a_vocabulary_too_small_for_the_tokenizer_is_refused_before_any_file(gpt
     assert not run.exists()
 
 
+@pytest.fixture
+def never_prepared(monkeypatch):
+    """These configs would otherwise build the 1.4B compact model: fail the test instead if they get that far."""
+    from gptoss_cli.train import loop
+
+    monkeypatch.setattr(loop, "prepare", lambda *a, **k: pytest.fail("the config was accepted"))
+
+
+@pytest.mark.usefixtures("never_prepared")
 def test_a_run_name_that_is_a_path_is_refused(gptoss, tmp_path):
     config = tmp_path / "mine.yaml"
     config.write_text("name: ../elsewhere\nmodel:\n  vocab_size: 512\n", encoding="utf-8")
@@ -88,6 +97,7 @@ def test_a_run_name_that_is_a_path_is_refused(gptoss, tmp_path):
     assert code == 2 and one_line(err).startswith("mine.yaml: name: must be a plain name (it names the run")
 
 
+@pytest.mark.usefixtures("never_prepared")
 def test_empty_config_file_is_refused(gptoss, tmp_path):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# only a comment\n", encoding="utf-8")
