@@ -75,8 +75,11 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def __del__(self) -> None:
-        self.release()
+    def __del__(self) -> None:  # a Prepared dropped without running (tests, errors) lets go of its lock
+        try:
+            self.release()
+        except Exception:  # at interpreter exit os may already be torn down; the kernel releases it anyway
+            pass
 
 
 def _describe(raw: bytes) -> str:
