@@ -126,5 +126,6 @@ def test_a_signal_during_a_step_stops_at_that_step(small_cfg, tmp_path, monkeypa
     run = tmp_path / "run"
     p = loop.prepare(small_cfg("train.grad_accum_steps=2"), run)
     summary = loop.Trainer(p).run()
-    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT" and summary["steps"] == 2
+    assert summary["steps"] == 2 and summary["status"] == "interrupted"  # not step 3
+    assert summary["signal"] == "SIGINT"
     assert ckpt.resolve_checkpoint(run).name == ckpt.step_dir_name(2)
