@@ -120,7 +120,8 @@ def summarize(run: RunData) -> dict[str, Any]:
         "name": run.name,
         "path": str(run.path),
         "config": run.config.get("name"),
-        "status": s.get("status") or ("unfinished (no summary.json)" if run.train else "not trained"),
+        "status": (f"{s['status']} ({s['signal']})" if s.get("signal") else s.get("status"))
+        or ("unfinished (no summary.json)" if run.train else "not trained"),
         "device": s.get("device") or ", ".join(devices) or None,
         "precision": s.get("precision") or train_cfg.get("precision"),
         "steps": first_number(s.get("steps"), last.get("step")),

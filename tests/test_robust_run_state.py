@@ -1,5 +1,6 @@
-"""Hidden temporary checkpoint directories of processes that died mid-save are removed by the next save;
-those of a live writer are left alone."""
+"""What a run directory tells after a stop: hidden temporary checkpoint directories of processes that died
+mid-save are removed by the next save (a live writer's are left alone), and the report names the signal
+that interrupted a run."""
 
 from __future__ import annotations
 
@@ -24,3 +25,16 @@ def test_next_save_removes_temporary_dirs_of_dead_writers_only(tmp_path):
     ckpt.save_checkpoint(root, 5, {"w": torch.ones(2)}, {}, ckpt.CheckpointState(step=5), keep=3)
     assert not stale.exists() and live.is_dir()
     assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-00000005"]
+
+
+def test_report_shows_which_signal_interrupted_a_run(tmp_path):
+    import json
+
+    from gptoss_cli.report.logs import load_run
+    from gptoss_cli.report.summary import summarize
+    from test_report import make_run
+
+    run = make_run(tmp_path, device="cpu")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps(summary | {"status": "interrupted", "signal": "SIGTERM"}))
+    assert summarize(load_run(run, "demo", warn=lambda *a: None))["status"] == "interrupted (SIGTERM)"
