@@ -32,17 +32,15 @@ from gptoss_cli.run.checkpoint import (  # noqa: E402
     save_checkpoint,
     weights_state_dict,
 )
+from tests.conftest import assert_close, randomise, tiny_model_config  # noqa: E402
 
+# TOL is absolute on purpose: randomise's 0.08 weights keep the logits O(1) (assert_close prints max|ref|).
 VOCAB, SEQ, TOL = 320, 20, 1e-5
 TEXTS = ["GPT models are trained on text.", "The quick brown fox jumps over the lazy dog.",
          "Mixture of experts routes every token to a few experts.", "Sliding windows keep attention local."] * 8
 LUT = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-LAYOUTS = {
-    "released": dict(tie_word_embeddings=False, attention_bias=True, router_bias=True, rope_theta=150000.0,
-                     rope_scaling_factor=4.0, initial_context_length=512, max_context_length=2048),
-    "compact": dict(tie_word_embeddings=True, attention_bias=False, router_bias=False, rope_theta=10000.0,
-                    rope_scaling_factor=1.0, initial_context_length=4096, max_context_length=512),
-}
+# The context each layout's config allows (transformers' max_position_embeddings follows it).
+MAX_CONTEXT = {"released": 2048, "compact": 512}
 
 app = typer.Typer()
 app.command("export")(export.command)
@@ -70,28 +68,7 @@ def fails(*args: str) -> str:
 # ---- tiny models --------------------------------------------------------------------------------
 
 def tiny_config(layout: str, **over) -> ModelConfig:
-    return ModelConfig(**(dict(
-        num_hidden_layers=4, num_experts=4, experts_per_token=2, vocab_size=VOCAB, hidden_size=64,
-        intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-        attention_backend="eager", moe_backend="loop") | LAYOUTS[layout] | over))
-
-
-@torch.no_grad()
-def randomise(model: torch.nn.Module, seed: int = 0, hf: bool = False) -> None:
-    """Every weight random and non-zero (norms near 1, sinks and biases spread), so each map is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if name.endswith((".scale", "layernorm.weight", "norm.weight")):
-            p.copy_(1.0 + 0.2 * noise)
-        elif name.endswith("sinks"):
-            p.copy_(noise)
-        elif "bias" in name:
-            p.copy_(0.3 * noise)
-        elif name.endswith(("mlp1_weight", "gate_up_proj")):
-            p.copy_(0.4 * noise)  # the swiglu clamp at 7 fires
-        else:
-            p.copy_(0.08 * noise)
+    return tiny_model_config(layout, vocab_size=VOCAB, max_context_length=MAX_CONTEXT[layout], **over)
 
 
 def tokens(seed: int = 1) -> torch.Tensor:
@@ -161,7 +138,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, layout):
     assert type(hf).__name__ == "GptOssForCausalLM" and hf.dtype == torch.float32
     ref, got = logits(hf), logits(ours)
     assert ref.abs().max() > 0.1
-    assert (got - ref).abs().max().item() <= TOL
+    assert_close(got, ref, rtol=0, atol=TOL)
 
 
 def test_export_tokenizer_matches_autotokenizer(tmp_path):
@@ -188,7 +165,7 @@ def test_bf16_export_is_close_and_keeps_norms_fp32(tmp_path):
             if not name.endswith(".scale"):
                 p.copy_(p.to(torch.bfloat16))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert (logits(hf) - logits(ours)).abs().max().item() <= TOL
+    assert_close(logits(hf), logits(ours), rtol=0, atol=TOL)
 
 
 def test_export_refuses_what_hf_would_compute_differently_and_overwrites_only_with_force(tmp_path):
@@ -233,7 +210,7 @@ def test_import_hf_save_pretrained_matches_hf_logits(tmp_path, case):
     assert ours.config.tie_word_embeddings == (case == "compact")
     assert ours.config.rope_scaling_factor == {"released": 4.0, "compact": 1.0, "hf-default-rope": 32.0}[case]
     ref = logits(hf)
-    assert (logits(ours) - ref).abs().max().item() <= TOL
+    assert_close(logits(ours), ref, rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("layout", ["released", "compact"])
@@ -251,7 +228,7 @@ def test_sharded_export_import_round_trip(tmp_path, layout):
     for key in ("tie_word_embeddings", "attention_bias", "rope_scaling_factor", "initial_context_length",
                 "sliding_window", "max_context_length"):
         assert getattr(back.config, key) == getattr(ours.config, key), key
-    assert (logits(back) - logits(ours)).abs().max().item() <= TOL
+    assert_close(logits(back), logits(ours), rtol=0, atol=TOL)
 
 
 def test_import_without_tokenizer_warns_and_writes_weights(tmp_path):
@@ -317,7 +294,7 @@ def test_import_hf_mxfp4_experts(tmp_path):
     weights = load_file(resolve_checkpoint(tmp_path / "run") / "model.safetensors")
     for name, values in expected.items():
         assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name].float(), values), name
-    assert (logits(load_run(tmp_path / "run")) - logits(hf)).abs().max().item() <= TOL
+    assert_close(logits(load_run(tmp_path / "run")), logits(hf), rtol=0, atol=TOL)
 
 
 def test_import_openai_original_layout(tmp_path):
@@ -346,7 +323,7 @@ def test_import_openai_original_layout(tmp_path):
     assert (back.config.tie_word_embeddings, back.config.attention_bias, back.config.router_bias) == (False, True, True)
     assert back.config.max_context_length == 2048 and (tmp_path / "run" / "tokenizer.json").is_file()
     assert torch.equal(back.block[1].mlp.mlp1_weight, values)
-    assert (logits(back) - logits(ours)).abs().max().item() <= TOL
+    assert_close(logits(back), logits(ours), rtol=0, atol=TOL)
 
 
 # ---- bad input ----------------------------------------------------------------------------------
