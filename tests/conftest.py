@@ -182,6 +182,15 @@ def small_corpus(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def builtin_tok():
+    """A 400-token BPE tokenizer trained on the built-in corpus (once per session)."""
+    from gptoss_cli.data.corpus import load_documents
+    from gptoss_cli.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(load_documents([]), 400)
+
+
 @pytest.fixture
 def torch_one_thread():
     """One intra-op thread: the shapes are tiny and the machine is shared."""

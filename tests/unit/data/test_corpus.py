@@ -1,6 +1,5 @@
-"""The data pipeline and the tokenizer: what a document is (.txt paragraphs, .jsonl `text`), directories
-and globs, the built-in corpus, the deterministic train/validation split, the cached token stream, and the
-byte-level BPE tokenizer (lossless round trip, single-id special tokens, small corpora).
+"""The document readers (data/corpus.py): what a document is (.txt paragraphs, .jsonl `text`), directories
+and globs, bad paths, the built-in corpus, and the deterministic train/validation split.
 """
 
 from __future__ import annotations
@@ -9,20 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from gptoss_cli.data.batches import TokenBatches, tokenize_stream
 from gptoss_cli.data.corpus import load_documents, split_documents
-from gptoss_cli.data.tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 from gptoss_cli.errors import GptossError
-
-DOCS = ["The router picks two experts per token.", "Sliding windows keep the cache small.",
-        "Attention sinks absorb probability mass.", "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 \u65e5\u672c\u8a9e."]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer(load_documents([]), 400)
 
 
 def write(path: Path, text: str) -> Path:
@@ -108,116 +96,3 @@ def test_split_is_deterministic_disjoint_and_complete():
     assert split_documents(docs, 0.2, seed=2)[1] != val
     assert split_documents(docs[:2], 0.01, seed=1)[1] != []  # at least one validation document
     assert split_documents(docs, 0.0, seed=1) == (docs, [])
-
-
-# ---- the token stream and its cache ---------------------------------------------------------------
-
-class ExplodingTokenizer:
-    """Delegates to a real tokenizer but fails if anything is encoded: proves a cache hit."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def token_to_id(self, token):
-        return self.inner.token_to_id(token)
-
-    def encode_batch(self, docs):
-        raise AssertionError("encode_batch called: the token cache was not used")
-
-
-def test_token_stream_ends_each_document_with_eos_and_is_cached(tok, isolated_cache):
-    h = tokenizer_hash(tok)
-    stream = tokenize_stream(DOCS, tok, h)
-    eos = tok.token_to_id(EOS)
-    assert stream.dtype == torch.int32 and int(stream[-1]) == eos
-    assert (stream == eos).sum().item() == len(DOCS)
-    expected = [i for d in DOCS for i in [*tok.encode(d).ids, eos]]
-    assert stream.tolist() == expected
-    assert len(list((isolated_cache / "tokens").glob("*.safetensors"))) == 1
-
-    again = tokenize_stream(DOCS, ExplodingTokenizer(tok), h)
-    assert torch.equal(again, stream)
-    with pytest.raises(AssertionError, match="not used"):  # the key includes the tokenizer ...
-        tokenize_stream(DOCS, ExplodingTokenizer(tok), "another-tokenizer")
-    with pytest.raises(AssertionError, match="not used"):  # ... and the documents
-        tokenize_stream(DOCS[:-1], ExplodingTokenizer(tok), h)
-
-
-def test_damaged_cache_entry_is_rebuilt(tok, isolated_cache):
-    h = tokenizer_hash(tok)
-    stream = tokenize_stream(DOCS, tok, h)
-    (entry,) = (isolated_cache / "tokens").glob("*.safetensors")
-    entry.write_bytes(b"not a safetensors file")
-    assert torch.equal(tokenize_stream(DOCS, tok, h), stream)
-    assert torch.equal(tokenize_stream(DOCS, ExplodingTokenizer(tok), h), stream)  # rewritten
-
-
-def test_token_batches_are_next_token_windows():
-    stream = torch.arange(50, dtype=torch.int32)
-    data = TokenBatches(stream, seq_len=4, batch_size=3, seed=0)
-    assert (data.num_samples, data.batches_per_epoch) == (12, 4)
-    inputs, targets = data.batch(epoch=0, index=1)
-    assert inputs.shape == targets.shape == (3, 4) and inputs.dtype == torch.int64
-    assert torch.equal(targets, inputs + 1) and all(int(row[0]) % 4 == 0 for row in inputs)
-    assert torch.equal(data.batch(0, 1)[0], inputs)  # a pure function of (seed, epoch, index)
-    seen = torch.cat([data.batch(0, i)[0][:, 0] for i in range(4)])
-    assert sorted(seen.tolist()) == list(range(0, 48, 4))  # one epoch visits every window once
-    assert not torch.equal(torch.cat([data.batch(1, i)[0] for i in range(4)]),
-                           torch.cat([data.batch(0, i)[0] for i in range(4)]))
-
-
-# ---- the tokenizer --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text", [
-    "plain ascii text",
-    "  leading spaces and trailing  ",
-    "multiple     spaces\tand\ttabs\t\t",
-    "line one\nline two\n\n\nafter blank lines\r\nwindows line\n",
-    "caf\u00e9 na\u00efve \u00fcber \u00c5ngstr\u00f6m fa\u00e7ade",
-    "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3068\u4e2d\u6587\u5b57\u7b26",
-    "emoji \U0001f600\U0001f680 family \U0001f468\u200d\U0001f469\u200d\U0001f467 flag \U0001f1e9\U0001f1ea",
-    "\u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947",
-    "\x00control\x07chars\x1b[0m and \u00a0nbsp",
-    "",
-])
-def test_round_trip_is_lossless(tok, text):
-    assert tok.decode(tok.encode(text).ids) == text
-
-
-def test_special_tokens_are_single_ids(tok):
-    eos, pad = tok.token_to_id(EOS), tok.token_to_id(PAD)
-    assert eos is not None and pad is not None and eos != pad
-    assert tok.encode(EOS).ids == [eos] and tok.encode(PAD).ids == [pad]
-    ids = tok.encode(f"one{EOS}two").ids
-    assert ids.count(eos) == 1
-    assert tok.decode(ids, skip_special_tokens=False) == f"one{EOS}two"
-
-
-def test_saved_tokenizer_loads_and_checks_the_vocabulary(tok, tmp_path):
-    path = tmp_path / "tokenizer.json"
-    tok.save(str(path))
-    loaded = load_tokenizer(path)
-    assert tokenizer_hash(loaded) == tokenizer_hash(tok) and loaded.encode("expert").ids == tok.encode("expert").ids
-    check_vocab(loaded, 400, str(path))
-    with pytest.raises(GptossError, match="tokenizer has 400 tokens but model.vocab_size is 399"):
-        check_vocab(loaded, 399, str(path))
-    write(tmp_path / "bad.json", "{}")
-    with pytest.raises(GptossError, match="not a valid tokenizer.json"):
-        load_tokenizer(tmp_path / "bad.json")
-
-
-def test_tiny_corpus_fills_fewer_tokens_than_asked_and_prepare_warns_once(small_cfg, small_corpus, tmp_path,
-                                                                            capsys, torch_one_thread):
-    docs = load_documents([str(small_corpus)])
-    small = train_tokenizer(docs, 5000)
-    assert 258 < small.get_vocab_size() < 5000  # 256 bytes + 2 specials, then the merges the text supports
-
-    from gptoss_cli.train.loop import prepare
-
-    capsys.readouterr()
-    p = prepare(small_cfg(f"data.paths={small_corpus}", "model.vocab_size=5000"), tmp_path / "run")
-    err = " ".join(capsys.readouterr().err.split())  # rich may wrap the line
-    assert err.count("warning:") == 1
-    filled = load_tokenizer(tmp_path / "run" / "tokenizer.json").get_vocab_size()
-    assert f"the corpus fills only {filled} of 5000 vocabulary entries" in err
-    assert filled < 5000 and p.model.embedding.weight.shape[0] == 5000  # the model keeps model.vocab_size
