@@ -23,7 +23,6 @@ from gptoss_cli.commands import export, import_  # noqa: E402
 from gptoss_cli.config import RunConfig, config_from_dict, read_yaml, save_config  # noqa: E402
 from gptoss_cli.data.tokenizer import EOS, PAD, tokenizer_hash, train_tokenizer  # noqa: E402
 from gptoss_cli.errors import GptossError  # noqa: E402
-from gptoss_cli.interop.mxfp4 import dequantize  # noqa: E402
 from gptoss_cli.model import ModelConfig, Transformer  # noqa: E402
 from gptoss_cli.run.checkpoint import (  # noqa: E402
     load_weights,
@@ -33,12 +32,12 @@ from gptoss_cli.run.checkpoint import (  # noqa: E402
     weights_state_dict,
 )
 from tests.conftest import assert_close, randomise, tiny_model_config  # noqa: E402
+from tests.unit.interop.test_mxfp4 import quantize_by_hand  # noqa: E402
 
 # TOL is absolute on purpose: randomise's 0.08 weights keep the logits O(1) (assert_close prints max|ref|).
 VOCAB, SEQ, TOL = 320, 20, 1e-5
 TEXTS = ["GPT models are trained on text.", "The quick brown fox jumps over the lazy dog.",
          "Mixture of experts routes every token to a few experts.", "Sliding windows keep attention local."] * 8
-LUT = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 # The context each layout's config allows (transformers' max_position_embeddings follows it).
 MAX_CONTEXT = {"released": 2048, "compact": 512}
 
@@ -240,32 +239,6 @@ def test_import_without_tokenizer_warns_and_writes_weights(tmp_path):
 
 
 # ---- MXFP4 --------------------------------------------------------------------------------------
-
-def test_mxfp4_decodes_the_spec_table():
-    blocks = torch.zeros(1, 16, dtype=torch.uint8)  # one group of 32 values
-    blocks[0, 0] = 0x21  # low nibble 1 -> 0.5 first, high nibble 2 -> 1.0
-    blocks[0, 1] = 0xF8  # 8 -> -0.0, 15 -> -6.0
-    blocks[0, 2] = 0x7E  # 14 -> -4.0, 7 -> 6.0
-    for scale in (127, 130, 120):
-        out = dequantize(blocks, torch.tensor([scale], dtype=torch.uint8), torch.float32)
-        factor = 2.0 ** (scale - 127)
-        assert out.shape == (32,)
-        assert out[:6].tolist() == [v * factor for v in (0.5, 1.0, -0.0, -6.0, -4.0, 6.0)]
-        assert not out[6:].any()
-    every = torch.tensor([[lo | (hi << 4) for lo, hi in zip(range(0, 16, 2), range(1, 16, 2), strict=True)] * 2],
-                         dtype=torch.uint8)
-    assert dequantize(every, torch.tensor([127], dtype=torch.uint8), torch.float32).tolist() == LUT * 2
-
-
-def quantize_by_hand(shape: tuple[int, int, int], seed: int):
-    """Random codes and scales for a logical (E, rows, cols) matrix -> (blocks, scales, expected values)."""
-    e, rows, cols = shape
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, shape, generator=g)
-    scales = torch.randint(122, 128, (e, rows, cols // 32), generator=g).to(torch.uint8)
-    expected = torch.tensor(LUT)[codes] * 2.0 ** (scales.float() - 127).repeat_interleave(32, dim=-1)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # low nibble = even position
-    return packed.view(e, rows, cols // 32, 16), scales, expected
 
 
 def test_import_hf_mxfp4_experts(tmp_path):

@@ -1,8 +1,7 @@
 """The fused unembedding + cross-entropy (model/cross_entropy.py) against `F.cross_entropy(x @ w.T)`.
 
 Loss, accuracy and both gradients, in float64 (tight) and under the precisions training uses (bf16
-weights, bf16 autocast over fp32 weights), with ignored targets and chunk sizes that do not divide the rows;
-then the whole training objective with `train.fused_loss` on and off.
+weights, bf16 autocast over fp32 weights), with ignored targets and chunk sizes that do not divide the rows.
 """
 
 from __future__ import annotations
@@ -11,10 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptoss_cli.config import TrainConfig
-from gptoss_cli.model import ModelConfig, Transformer
 from gptoss_cli.model.cross_entropy import chunk_rows, linear_cross_entropy
-from gptoss_cli.train.loss import objective
 from tests.conftest import assert_close, rtol_for
 
 FP64_RTOL = 1e-12  # float64 on both sides: ~4500 eps, a check of the algorithm, not of the rounding
@@ -120,25 +116,3 @@ def test_chunks_follow_the_device():
     assert chunk_rows(10**7, "cpu") == 32  # a floor, so a huge vocabulary still makes real matmuls
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_objective_fused_equals_unfused(tied):
-    """The whole training objective, both ways: loss, accuracy and every parameter's gradient."""
-    cfg = ModelConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=64, hidden_size=32,
-                      intermediate_size=16, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
-                      sliding_window=4, max_context_length=64, tie_word_embeddings=tied)
-    ids = torch.randint(0, 64, (3, 13), generator=torch.Generator().manual_seed(2))
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    results = {}
-    for fused in (True, False):
-        model = Transformer(cfg).double()
-        model.init_weights(torch.Generator().manual_seed(0))
-        got = objective(model, inputs, targets, TrainConfig(fused_loss=fused, z_loss_coef=1e-3))
-        got.loss.backward()
-        assert (got.out.logits is None) == fused
-        results[fused] = got, {n: p.grad for n, p in model.named_parameters()}
-    (fused, fused_grads), (plain, plain_grads) = results[True], results[False]
-    assert_close(fused.loss, plain.loss, rtol=FP64_RTOL)
-    assert_close(fused.lm, plain.lm, rtol=FP64_RTOL)
-    assert fused.accuracy.item() == pytest.approx(plain.accuracy.item(), abs=1e-12)
-    for name, grad in plain_grads.items():
-        assert_close(fused_grads[name], grad, rtol=FP64_RTOL, what=name)
