@@ -191,9 +191,11 @@ def builtin_tok():
     return train_tokenizer(load_documents([]), 400)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def torch_one_thread():
-    """One intra-op thread: the shapes are tiny and the machine is shared."""
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("torch_one_thread")`
+    or a test's argument): the shapes are tiny, and a second OpenMP thread only adds contention on a shared
+    machine (10x slower on two cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

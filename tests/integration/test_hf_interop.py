@@ -2,8 +2,8 @@
 
 The reference is transformers itself: an exported run must load with AutoModelForCausalLM / AutoTokenizer
 and give our fp32 logits and token ids; an HF model saved with save_pretrained must import to a run whose
-logits equal HF's. MXFP4 is checked against the spec's table on hand-made bytes, and every bad input must
-fail with one GptossError and leave no run directory behind.
+logits equal HF's. MXFP4-quantized experts import to the values packed by hand,
+and every bad input must fail with one GptossError and leave no run directory behind.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def test_import_hf_save_pretrained_matches_hf_logits(tmp_path, case):
     src = tmp_path / "hf"
     hf.save_pretrained(src)
     train_tokenizer(TEXTS, 300).save(str(src / "tokenizer.json"))
-    if case == "hf-default-rope":  # an old-style config.json: HF then means YaRN x32 over 4096 (spec §9.5)
+    if case == "hf-default-rope":  # an old-style config.json: HF then means YaRN x32 over 4096 (GptOssConfig's default)
         config = json.loads((src / "config.json").read_text())
         del config["rope_parameters"]
         (src / "config.json").write_text(json.dumps(config))

@@ -2,7 +2,7 @@
 
 A tiny random model is built with our `ModelConfig`, every parameter (norm scales, sinks and every bias
 included) is randomised, the weights are copied into an HF model of the same shape through the name map of
-spec §6 (qkv rows split into q/k/v, expert matrices transposed), and fp32 logits are compared on sequences
+docs/interop.md (qkv rows split into q/k/v, expert matrices transposed), and fp32 logits are compared on sequences
 longer than the sliding window. Two layouts are covered: the released one (untied, all biases, YaRN x4) and
 the compact one (tied, no biases, plain RoPE; HF's router bias cannot be disabled, so it gets zeros). Both of
 our attention backends are compared, and so are cached incremental decoding and greedy generation.
@@ -38,7 +38,7 @@ def hf_config(cfg: ModelConfig) -> GptOssConfig:
             "beta_fast": cfg.rope_ntk_beta, "beta_slow": cfg.rope_ntk_alpha,
             "original_max_position_embeddings": cfg.initial_context_length, "truncate": False,
         }
-    else:  # without rope_parameters HF silently uses YaRN x32 (spec §9.5)
+    else:  # without rope_parameters HF silently uses YaRN x32 (GptOssConfig's default)
         rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     hcfg = GptOssConfig(
         num_hidden_layers=cfg.num_hidden_layers, num_local_experts=cfg.num_experts,
@@ -57,7 +57,7 @@ def hf_config(cfg: ModelConfig) -> GptOssConfig:
 
 
 def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Our (openai-named) weights under HF names, spec §6."""
+    """Our (openai-named) weights under HF names (docs/interop.md)."""
     cfg = model.config
     sd = model.state_dict()
     out = {"model.embed_tokens.weight": sd["embedding.weight"], "model.norm.weight": sd["norm.scale"],

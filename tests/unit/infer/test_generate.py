@@ -29,16 +29,9 @@ PAD = 95
 # fp32 logits of a 4-layer model (cached decoding against a full forward: other shapes, other summation
 # orders): per layer attention (3) and MoE (4) reductions over H = 64, then the unembedding.
 LOGITS_RTOL = rtol_for(torch.float32, 64, 4 * 7 + 1)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny shapes on a shared machine
+
 GREEDY = SamplingParams(max_new_tokens=30, temperature=0.0)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes: a second OpenMP thread only adds contention (10x slower on a shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

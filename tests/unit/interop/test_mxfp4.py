@@ -11,7 +11,7 @@ from gptoss_cli.interop.mxfp4 import dequantize
 LUT = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
 
-def test_mxfp4_decodes_the_spec_table():
+def test_mxfp4_decodes_the_format_table():
     blocks = torch.zeros(1, 16, dtype=torch.uint8)  # one group of 32 values
     blocks[0, 0] = 0x21  # low nibble 1 -> 0.5 first, high nibble 2 -> 1.0
     blocks[0, 1] = 0xF8  # 8 -> -0.0, 15 -> -6.0
