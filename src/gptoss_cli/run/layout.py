@@ -7,6 +7,8 @@
     RUN/inference-memory.jsonl
     RUN/checkpoints/step-N/  see checkpoint.py
     RUN/summary.json         written when training ends
+    RUN/eval/*.json          one result of `gptoss eval` per checkpoint and text (evaluate/evaluator.py)
+    RUN/tensorboard/         TensorBoard event files, RUN/csv/{train,eval}.csv (train/loggers.py)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from ..errors import GptossError
 
 RUNS_ROOT = Path("runs")
+EVAL_DIR = "eval"
 
 
 def write_atomic(path: Path, text: str) -> None:
