@@ -51,7 +51,8 @@ class EvalProgress:
 
     def __init__(self, console: Console):
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("tokens"), TimeRemainingColumn(), console=console, transient=True)
+                             TextColumn("tokens"), TimeRemainingColumn(), console=console, transient=True,
+                             disable=not console.is_terminal)
         self._task = None
         self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)
 
