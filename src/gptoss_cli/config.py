@@ -63,6 +63,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fused_loss: bool = True  # unembedding + cross-entropy chunk by chunk, no (B, T, V) logits
     parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun only
+    loggers: list[Literal["tensorboard", "wandb", "csv"]] = field(default_factory=list)  # metrics.jsonl always
+    wandb_project: str = "gptoss"
+    wandb_name: str | None = None  # the W&B run name; null = the run directory's name
 
 
 @dataclass
@@ -218,6 +221,8 @@ def _check_run(cfg: RunConfig) -> None:
     for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}: must be >= 0, got {getattr(t, key)}")
+    if not t.wandb_project.strip():
+        raise ConfigError("train.wandb_project: must not be empty")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
     if t.seq_len > cfg.model.max_context_length:

@@ -22,10 +22,11 @@ import torch
 from ..data.batches import TokenBatches
 from ..errors import GptossError
 from ..memory import MemorySampler
-from ..output import console
+from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.layout import write_atomic
 from . import distributed
+from .loggers import Loggers
 from .loss import objective
 from .optim import lr_at
 from .setup import Prepared, prepare
@@ -158,6 +159,7 @@ class Trainer:
                               "raise train.max_steps (e.g. --set train.max_steps=N) to continue")
         metrics = open(self.p.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None  # noqa: SIM115
         memory = MemorySampler(self.p.run_dir / "memory.jsonl", self.device, rank=self.dist.rank)
+        trackers = Loggers(self.cfg, self.p.run_dir, self.step, warn, enabled=main)  # train.loggers, rank 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         world = self.dist.world
@@ -177,7 +179,7 @@ class Trainer:
                 task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
                 while self.step < self.total_steps:
                     stopping = self._step(data, window, stop.requested)
-                    memory.sample(self.step)
+                    sample = memory.sample(self.step)
                     bar.update(task, completed=self.step,
                                info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s")
                     if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -185,6 +187,7 @@ class Trainer:
                         if main:
                             metrics.write(json.dumps(line) + "\n")
                             metrics.flush()
+                            trackers.log(line, sample)
                             bar.console.print(f"Epoch {line['epoch']}, Step {line['step']}: Loss={line['loss']:.4f}, "
                                               f"PPL={line['ppl']:.2f}, Acc={line['accuracy']:.3f}, "
                                               f"LR={line['lr']:.2e}", highlight=False)
@@ -193,6 +196,7 @@ class Trainer:
                         if ev and main:
                             metrics.write(json.dumps(ev) + "\n")
                             metrics.flush()
+                            trackers.log(ev)
                             bar.console.print(f"  validation: loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}",
                                               highlight=False)
                     if stopping or (self.stop_after is not None and self.step >= self.stop_after):
@@ -210,6 +214,7 @@ class Trainer:
         finally:
             if metrics:
                 metrics.close()
+            trackers.close()
             peak = memory.peak_bytes()
             memory.close()
         summary = {"status": status, "steps": self.step, "epochs": self.epoch, "elapsed_s": self.elapsed(),
