@@ -288,3 +288,31 @@ def test_an_unwritable_run_still_prints_the_numbers(tmp_path, gptoss, isolated_c
     (run / "eval").write_text("a file where the folder would go")
     [r] = eval_json(gptoss, "--run", run, "--data", held_out(tmp_path, TEXTS[:3]))
     assert r["saved"] is None and r["tokens"] > 0
+
+
+# ---- gptoss report --------------------------------------------------------------------------------
+
+def test_report_shows_the_eval_results_as_a_table(tmp_path, gptoss, isolated_cache):
+    a = make_run(tmp_path, "a", seed=1)
+    data = held_out(tmp_path, TEXTS[:6])
+    [r] = eval_json(gptoss, "--run", a, "--data", data)
+    code, out, err = gptoss("report", "--run", a, "--json")
+    assert code == 0, err
+    [summary] = json.loads(out)["runs"]
+    assert [e["bits_per_byte"] for e in summary["eval_results"]] == [r["bits_per_byte"]]
+    text = (a / "report" / "report.md").read_text()
+    assert "## Evaluation" in text
+    [row] = [line for line in text.splitlines() if line.startswith("| a | step-00000005 |")]
+    assert f"{r['loss']:.4f}" in row and f"{r['bits_per_byte']:.4f}" in row and f"{r['tokens']:,}" in row
+    assert r["text_digest"] in row
+
+
+def test_eval_and_report_stay_light_before_any_work():
+    """`gptoss eval --help` must not import torch; report never imports torch at all."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gptoss_cli.commands.eval, gptoss_cli.report.summary, gptoss_cli.report.logs; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
