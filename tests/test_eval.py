@@ -133,13 +133,13 @@ def _hf_per_token(hf, tok, docs: list[str], context: int) -> tuple[float, int, i
 
 def test_stride_one_equals_transformers_token_by_token(exported, tmp_path, gptoss):
     run, hf, tok = exported
-    docs = [TEXTS[3] + " " + TEXTS[17], TEXTS[8], "naïve café, déjà vu: ünïcödé text."]
+    docs = [TEXTS[3] + " " + TEXTS[17], "naïve café, déjà vu: ünïcödé text."]
     data = held_out(tmp_path, docs)
     [r] = eval_json(gptoss, "--run", run, "--data", data, "--stride", "1", "--batch-size", "5")
     loss, count, hits = _hf_per_token(hf, tok, docs, CONTEXT)
-    assert count > 3 * CONTEXT  # long documents: most tokens are scored past the first window
+    assert count > 2 * CONTEXT  # long documents: many tokens are scored past the first window
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    assert (r["tokens"], r["bytes"], r["documents"]) == (count, n_bytes, 3)
+    assert (r["tokens"], r["bytes"], r["documents"]) == (count, n_bytes, 2)
     assert r["loss"] == pytest.approx(loss / count, rel=1e-5)
     assert r["bits_per_byte"] == pytest.approx(loss / math.log(2) / n_bytes, rel=1e-5)
     assert r["ppl"] == pytest.approx(math.exp(loss / count), rel=1e-5)
