@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_cli.config import RunConfig, TrainConfig, save_config
+from gptoss_cli.config import RunConfig, TrainConfig, config_from_dict, read_yaml, save_config
 from gptoss_cli.data.tokenizer import EOS, tokenizer_hash, train_tokenizer
 from gptoss_cli.evaluate.score import plan_windows, score_sequences
 from gptoss_cli.model import ModelConfig, Transformer
-from gptoss_cli.run.checkpoint import save_checkpoint, weights_state_dict
+from gptoss_cli.run.checkpoint import load_weights, resolve_checkpoint, save_checkpoint, weights_state_dict
 
 VOCAB, CONTEXT = 320, 12
 WORDS = ("gpt models are trained on text while the router sends every token to a few experts and sliding "
@@ -106,7 +106,7 @@ def test_windows_score_every_target_once_with_the_left_context_the_stride_allows
 def exported(tmp_path, gptoss, isolated_cache):
     """(run, transformers model of its export, tokenizer) for a random tiny run."""
     transformers = pytest.importorskip("transformers")
-    run = make_run(tmp_path, "demo")
+    run = make_run(tmp_path, "demo", attention_backend="sdpa", moe_backend="auto")  # the kernels a run uses
     code, _, err = gptoss("export", "--run", run, "--out", tmp_path / "hf", "--dtype", "fp32")
     assert code == 0, err
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
@@ -169,9 +169,9 @@ def test_strided_windows_equal_transformers_sliding_window_recipe(exported):
     """transformers' documented strided perplexity loop, with windows of context + 1 tokens (the inputs and
     the last target), on sequences whose last window ends on the stride, against score_sequences."""
     run, hf, _ = exported
-    from gptoss_cli.infer.generate import load_run
-
-    ours = load_run(run, None, "cpu", "fp32").model
+    cfg = config_from_dict(read_yaml(run / "config.yaml"), "config.yaml")
+    ours = Transformer(cfg.model).eval()
+    load_weights(ours, resolve_checkpoint(run) / "model.safetensors")
     context, stride = 10, 4
     g = torch.Generator().manual_seed(7)
     sequences = [torch.randint(0, 300, (1 + context + k * stride,), generator=g).tolist() for k in (0, 1, 5)]
