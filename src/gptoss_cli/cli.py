@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import bench, build, env, export, import_, infer, report, train
+from .commands import bench, build, env, eval, export, import_, infer, report, train
 
 app = typer.Typer(
     name="gptoss",
@@ -32,6 +32,7 @@ app.command("build")(build.command)
 app.command("train")(train.command)
 app.command("infer")(infer.command)
 app.command("report")(report.command)
+app.command("eval")(eval.command)
 app.command("export")(export.command)
 app.command("import")(import_.command)
 app.command("bench")(bench.command)

@@ -79,6 +79,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fused_loss: bool = True  # unembedding + cross-entropy chunk by chunk, no (B, T, V) logits
     parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun only
+    loggers: list[Literal["tensorboard", "wandb", "csv"]] = field(default_factory=list)  # metrics.jsonl always
+    wandb_project: str = "gptoss"
+    wandb_name: str | None = None  # the W&B run name; null = the run directory's name
 
     def validate(self) -> None:
         for key in ("batch_size", "seq_len", "grad_accum_steps", "epochs", "log_every", "eval_every",
@@ -96,6 +99,7 @@ class TrainConfig:
         for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(bool(self.wandb_project.strip()), "train.wandb_project", "must not be empty")
 
 
 @dataclass

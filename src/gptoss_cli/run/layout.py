@@ -8,6 +8,8 @@
     RUN/checkpoints/step-N/     run/checkpoint.py
     RUN/summary.json            written when training ends
     RUN/report/                 gptoss report's PNGs and report.md
+    RUN/eval/*.json             one result of `gptoss eval` per checkpoint and text (evaluate/evaluator.py)
+    RUN/tensorboard/            TensorBoard event files; RUN/csv/{train,eval}.csv; RUN/wandb/ (train/loggers.py)
 
 Every stage reads and writes a run through RunDir, so a file name is spelled once. This module imports
 neither torch nor the tokenizer: `gptoss report` uses it too.
@@ -25,6 +27,7 @@ from ..errors import GptossError
 RUNS_ROOT = Path("runs")
 CONFIG, TOKENIZER, CHECKPOINTS, SUMMARY = "config.yaml", "tokenizer.json", "checkpoints", "summary.json"
 METRICS, MEMORY, INFER_MEMORY, REPORT = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "report"
+EVAL_DIR, TENSORBOARD, CSV_DIR, WANDB_DIR = "eval", "tensorboard", "csv", "wandb"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,22 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.path / REPORT
+
+    @property
+    def eval(self) -> Path:
+        return self.path / EVAL_DIR
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def csv(self) -> Path:
+        return self.path / CSV_DIR
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / WANDB_DIR
 
     def __str__(self) -> str:
         return str(self.path)

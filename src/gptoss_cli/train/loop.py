@@ -22,11 +22,12 @@ import torch
 from ..data.batches import TokenBatches
 from ..errors import GptossError
 from ..memory import MemorySampler
-from ..output import console
+from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.atomic import write_atomic
 from ..run.layout import RunDir
 from . import distributed
+from .loggers import Loggers
 from .loss import objective
 from .optim import lr_at
 from .setup import Prepared, prepare
@@ -162,6 +163,9 @@ class Trainer:
             self.say(f"resuming from {self.p.resumed_from} (step {self.step})")
         metrics = open(self.files.metrics, "a", encoding="utf-8") if main else None  # noqa: SIM115
         memory = MemorySampler(self.files.memory, self.device, rank=self.dist.rank)
+        metrics = open(self.p.run_dir / "metrics.jsonl", "a", encoding="utf-8") if main else None  # noqa: SIM115
+        memory = MemorySampler(self.p.run_dir / "memory.jsonl", self.device, rank=self.dist.rank)
+        trackers = Loggers(self.cfg, self.p.run_dir, self.step, warn, enabled=main)  # train.loggers, rank 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         world = self.dist.world
@@ -181,7 +185,7 @@ class Trainer:
                 task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
                 while self.step < self.total_steps:
                     stopping = self._step(data, window, stop.requested)
-                    memory.sample(self.step)
+                    sample = memory.sample(self.step)
                     bar.update(task, completed=self.step,
                                info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s")
                     if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -189,6 +193,7 @@ class Trainer:
                         if main:
                             metrics.write(json.dumps(line) + "\n")
                             metrics.flush()
+                            trackers.log(line, sample)
                             bar.console.print(f"Epoch {line['epoch']}, Step {line['step']}: Loss={line['loss']:.4f}, "
                                               f"PPL={line['ppl']:.2f}, Acc={line['accuracy']:.3f}, "
                                               f"LR={line['lr']:.2e}", highlight=False)
@@ -197,6 +202,7 @@ class Trainer:
                         if ev and main:
                             metrics.write(json.dumps(ev) + "\n")
                             metrics.flush()
+                            trackers.log(ev)
                             bar.console.print(f"  validation: loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}",
                                               highlight=False)
                     if stopping or (self.stop_after is not None and self.step >= self.stop_after):
@@ -214,6 +220,7 @@ class Trainer:
         finally:
             if metrics:
                 metrics.close()
+            trackers.close()
             peak = memory.peak_bytes()
             memory.close()
         summary = {"status": status, "steps": self.step, "epochs": self.epoch, "elapsed_s": self.elapsed(),
