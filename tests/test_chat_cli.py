@@ -173,3 +173,12 @@ def test_fine_tuning_an_old_run_adds_the_conversation_tokens(small_corpus, small
     assert load_tokenizer(tmp_path / "sft" / "tokenizer.json").token_to_id("<|return|>") is not None
     out, _ = chat(tmp_path / "sft", "Hello!\n", max_new_tokens=4)
     assert len(out.splitlines()) == 1
+
+
+def test_a_run_trained_on_text_only_chats_with_a_warning(small_corpus, small_overrides, isolated_cache, tmp_path,
+                                                         chat_run, capsys):
+    run = _train(tmp_path, "text", [str(small_corpus)], small_overrides)
+    chat(run, "Hello!\n", max_new_tokens=3)
+    assert "trained on text, not on conversations" in capsys.readouterr().err
+    chat(chat_run, "Hello!\n", max_new_tokens=3)
+    assert "trained on text" not in capsys.readouterr().err

@@ -13,7 +13,9 @@ def open_chat(run: Path | None = None, checkpoint: Path | None = None, system: s
     from ..config import InferConfig
     from ..infer.generate import load_run
     from ..infer.sampling import SamplingParams
-    from .format import chat_format
+    from ..output import warn
+    from ..run.checkpoint import read_state
+    from .format import ChatFormat, chat_format
     from .session import ChatSession
 
     SamplingParams.from_config(InferConfig(), **overrides)  # bad options fail before the weights load
@@ -25,4 +27,20 @@ def open_chat(run: Path | None = None, checkpoint: Path | None = None, system: s
             f"`gptoss infer --run {loaded.run_dir}`, or fine-tune it on conversations first: gptoss train "
             f"--init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl] (see docs/chat.md)")
     params = SamplingParams.from_config(loaded.config.infer, **overrides)
+    if type(fmt) is ChatFormat and not _trained_on_conversations(loaded.config.data.paths) \
+            and "imported_from" not in read_state(loaded.checkpoint):
+        warn(f"{loaded.run_dir} was trained on text, not on conversations: expect replies that ignore the format "
+             f"until it is fine-tuned (gptoss train --init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl])")
     return ChatSession(loaded, fmt, params, system)
+
+
+def _trained_on_conversations(paths: list[str]) -> bool:
+    """Whether the run config's data.paths name conversation files; paths that no longer resolve (moved, or
+    relative to another directory) give the benefit of the doubt."""
+    from ..data.conversations import is_conversation_file
+    from ..data.corpus import expand_paths
+
+    try:
+        return any(is_conversation_file(f) for spec in paths for f in expand_paths(spec))
+    except GptossError:
+        return True
