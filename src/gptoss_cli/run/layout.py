@@ -2,6 +2,7 @@
 
     RUN/config.yaml             the resolved config (every field)
     RUN/tokenizer.json          the byte-level BPE tokenizer
+    RUN/chat_template.json      an imported run's own chat template (data/chat_format.py)
     RUN/metrics.jsonl           one line per logged step / evaluation (train/loop.py)
     RUN/memory.jsonl            training memory samples (memory.py)
     RUN/inference-memory.jsonl  inference memory samples
@@ -27,6 +28,7 @@ from ..errors import GptossError
 RUNS_ROOT = Path("runs")
 CONFIG, TOKENIZER, CHECKPOINTS, SUMMARY = "config.yaml", "tokenizer.json", "checkpoints", "summary.json"
 METRICS, MEMORY, INFER_MEMORY, REPORT = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "report"
+CHAT_TEMPLATE = "chat_template.json"  # an imported run's own chat template and its special tokens
 EVAL_DIR, TENSORBOARD, CSV_DIR, WANDB_DIR = "eval", "tensorboard", "csv", "wandb"
 
 
@@ -44,6 +46,10 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.path / TOKENIZER
+
+    @property
+    def chat_template(self) -> Path:
+        return self.path / CHAT_TEMPLATE
 
     @property
     def checkpoints(self) -> Path:
