@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import bench, build, env, export, import_, infer, report, train
+from .commands import bench, build, env, export, import_, infer, report, serve, train
 
 app = typer.Typer(
     name="gptoss",
@@ -35,6 +35,7 @@ app.command("report")(report.command)
 app.command("export")(export.command)
 app.command("import")(import_.command)
 app.command("bench")(bench.command)
+app.command("serve")(serve.command)
 
 
 def _version(value: bool) -> None:
