@@ -1,4 +1,4 @@
-"""The HTTP side of `gptoss serve`: OpenAI-compatible routes on Starlette, errors, auth and the request log.
+"""The HTTP side of `gptoss serve`: OpenAI-compatible routes on FastAPI, errors, auth and the request log.
 
     GET  /health                 {"status": "ok", running, waiting, ...}
     GET  /v1/models              the one model this server holds
@@ -22,8 +22,8 @@ import time
 import uuid
 from typing import Any
 
+from fastapi import FastAPI
 from pydantic import BaseModel, ValidationError
-from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -46,7 +46,7 @@ class Served:
         self.created = int(time.time())
 
 
-def create_app(served: Served, api_key: str | None = None) -> Starlette:
+def create_app(served: Served, api_key: str | None = None):
     async def health(request: HttpRequest) -> Response:
         return JSONResponse({"status": "ok", "model": served.model_name, **served.engine.load()})
 
@@ -102,8 +102,10 @@ def create_app(served: Served, api_key: str | None = None) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
+    # Plain routes that parse their own bodies, so every error is the OpenAI error object (FastAPI's own
+    # validation answers 422 in another shape); no generated docs pages.
+    app = FastAPI(routes=routes, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
+                  exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
     return RequestLog(Auth(app, api_key))
 
 
