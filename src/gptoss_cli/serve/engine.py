@@ -115,6 +115,8 @@ class Engine:
         self._wake = threading.Condition()
         self._closed = False
         self._stop = False
+        # Totals since start, for /health: requests done, cancelled (client gone), failed; the widest step.
+        self.counts = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0}
         self._thread = threading.Thread(target=self._run, name="gptoss-decode", daemon=True)
 
     # ---- the HTTP side ---------------------------------------------------------------------------
@@ -147,7 +149,7 @@ class Engine:
 
     def load(self) -> dict[str, int]:
         return {"running": len(self._decoding) + (self._joining is not None), "waiting": len(self._waiting),
-                "max_batch": self.max_batch, "max_queue": self.max_queue}
+                "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counts}
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -164,7 +166,7 @@ class Engine:
                 except Exception as err:  # a bug must not take the server down: fail what ran, go on
                     print(f"serve: decode step failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
                     for run in [*self._decoding, *([self._joining] if self._joining else [])]:
-                        run.request.emit(Failed(f"generation failed: {type(err).__name__}: {err}"))
+                        self._fail(run.request, _failure(err))
                     self._decoding, self._joining = [], None
         for run in [*self._decoding, *([self._joining] if self._joining else [])]:
             run.request.emit(Failed("the server shut down before this request finished"))
@@ -189,13 +191,17 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         with self._wake:
-            if any(r.cancelled for r in self._waiting):
+            gone = sum(r.cancelled for r in self._waiting)
+            if gone:
                 self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+                self.counts["cancelled"] += gone
         if self._joining is not None and self._joining.request.cancelled:
             self._joining = None
+            self.counts["cancelled"] += 1
         for i in reversed(range(len(self._decoding))):
             if self._decoding[i].request.cancelled:
                 self._leave(i)
+                self.counts["cancelled"] += 1
 
     def _leave(self, row: int) -> None:
         """Remove decoding row `row`; the last decoding row and then the joining one move down a slot."""
@@ -222,7 +228,7 @@ class Engine:
             token = sample(logits, run.params, run.generator, run.seen).item()
         except Exception as err:
             self._joining = None
-            run.request.emit(Failed(_failure(err)))
+            self._fail(run.request, _failure(err))
             return
         self._joining = None
         self._decoding.append(run)  # slot D becomes decoding row D
@@ -231,6 +237,7 @@ class Engine:
 
     def _decode(self) -> None:
         rows = self._decoding
+        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(rows))
         tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
         positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
         self.cache.select(0, len(rows), max(r.pos for r in rows) + 1)
@@ -255,7 +262,7 @@ class Engine:
         finished = []
         for i, r in enumerate(rows):
             if i in failed:
-                r.request.emit(Failed(failed[i]))
+                self._fail(r.request, failed[i])
                 finished.append(i)
             elif self._accept(r, picked[i]):
                 finished.append(i)
@@ -286,7 +293,12 @@ class Engine:
         if tail:
             request.emit(Token(tail, token))
         request.emit(Done(reason, len(request.prompt), len(run.out), run.out, run.stream.text))
+        self.counts["finished"] += 1
         return True
+
+    def _fail(self, request: Request, message: str) -> None:
+        self.counts["failed"] += 1
+        request.emit(Failed(message))
 
 
 def _failure(err: Exception) -> str:
