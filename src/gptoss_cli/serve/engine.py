@@ -134,11 +134,6 @@ class Engine:
             self._waiting.extend(requests)
             self._wake.notify()
 
-    def close(self) -> None:
-        """Take no new requests; those already queued or running still finish."""
-        with self._wake:
-            self._closed = True
-
     def stop(self, timeout: float = 10.0) -> None:
         """End the loop: whatever still runs is answered with an error."""
         with self._wake:
