@@ -185,6 +185,9 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
                 loop.call_soon_threadsafe(queue.put_nowait, (index, event))
         return emit
 
+    if len(prompts) * body.n > served.engine.max_queue:
+        raise ApiError(400, f"{len(prompts)} prompts x n={body.n} exceed what the queue holds "
+                       f"({served.engine.max_queue}, --max-queue)", param="n" if body.n > 1 else "prompt")
     jobs = []
     for ids in prompts:
         for j in range(body.n):

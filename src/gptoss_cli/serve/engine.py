@@ -164,10 +164,10 @@ class Engine:
                         self._fail(run.request, _failure(err))
                     self._decoding, self._joining = [], None
         for run in [*self._decoding, *([self._joining] if self._joining else [])]:
-            run.request.emit(Failed("the server shut down before this request finished"))
+            self._fail(run.request, "the server shut down before this request finished")
         with self._wake:
             for request in self._waiting:
-                request.emit(Failed("the server shut down before this request started"))
+                self._fail(request, "the server shut down before this request started")
             self._waiting.clear()
 
     def _step(self) -> None:
@@ -227,7 +227,7 @@ class Engine:
             return
         self._joining = None
         self._decoding.append(run)  # slot D becomes decoding row D
-        if self._accept(run, token):
+        if self._accept_or_fail(run, token):
             self._leave(len(self._decoding) - 1)
 
     def _decode(self) -> None:
@@ -259,10 +259,18 @@ class Engine:
             if i in failed:
                 self._fail(r.request, failed[i])
                 finished.append(i)
-            elif self._accept(r, picked[i]):
+            elif self._accept_or_fail(r, picked[i]):
                 finished.append(i)
         for i in reversed(finished):
             self._leave(i)
+
+    def _accept_or_fail(self, run: _Running, token: int) -> bool:
+        """_accept, with a failure (in detokenising, in the request's own callback) failing only this request."""
+        try:
+            return self._accept(run, token)
+        except Exception as err:
+            self._fail(run.request, _failure(err))
+            return True
 
     def _accept(self, run: _Running, token: int) -> bool:
         """Hand one sampled token to its request; True when the request is done."""
@@ -293,7 +301,10 @@ class Engine:
 
     def _fail(self, request: Request, message: str) -> None:
         self.counts["failed"] += 1
-        request.emit(Failed(message))
+        try:
+            request.emit(Failed(message))
+        except Exception as err:  # nothing more can be told to this request; the others go on
+            print(f"serve: request {request.id}: {message}; and its callback failed: {err}", file=sys.stderr)
 
 
 def _failure(err: Exception) -> str:
