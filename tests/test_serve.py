@@ -319,6 +319,20 @@ def test_one_failing_request_leaves_the_others_alone(runs):
     assert engine.counts["failed"] == 1 and engine.counts["finished"] == 2
 
 
+def test_command_errors_are_one_line(gptoss, runs, tmp_path):
+    code, out, err = gptoss("serve", "--run", tmp_path / "nowhere")
+    assert (code, out) == (2, "") and err.startswith("error: ") and "does not exist" in err
+    code, _, err = gptoss("serve", "--run", runs["demo"], "--max-batch", "0")
+    assert code == 2 and err.strip() == "error: --max-batch must be >= 1, got 0"
+    code, _, err = gptoss("serve", "--run", runs["demo"], "--max-length", CONTEXT + 1)
+    assert code == 2 and "exceeds the model's context" in err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, _, err = gptoss("serve", "--run", runs["demo"], "--port", busy.getsockname()[1])
+    assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:")
+
+
 @pytest.mark.parametrize("body, param", [
     (b"{not json", None),
     (b"[1, 2]", None),
