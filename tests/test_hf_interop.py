@@ -174,7 +174,9 @@ def test_export_tokenizer_matches_autotokenizer(tmp_path):
         assert hf_tok(text)["input_ids"] == ours.encode(text).ids, text
     assert hf_tok.eos_token == EOS and hf_tok.pad_token == PAD
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == ours.token_to_id(EOS) == hf_tok.eos_token_id
+    # <|endoftext|> first, then the tokens that end an assistant turn (the run has a conversation format)
+    assert generation["eos_token_id"][0] == ours.token_to_id(EOS) == hf_tok.eos_token_id
+    assert set(generation["eos_token_id"][1:]) == {ours.token_to_id("<|return|>"), ours.token_to_id("<|end|>")}
 
 
 def test_bf16_export_is_close_and_keeps_norms_fp32(tmp_path):

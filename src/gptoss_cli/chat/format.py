@@ -77,6 +77,8 @@ class ChatFormat:
             raise GptossError(f"the tokenizer has no {', '.join(missing)} token: it has no conversation format")
         self.start, self.message, self.end, self.ret = ids[START], ids[MESSAGE], ids[END], ids[RETURN]
         self.stop_ids: frozenset[int] = frozenset({self.ret, self.end})
+        self.reply_ends = self.stop_ids | {self.start}  # a model that goes on to write the next turn is cut
+        self.streams = True  # the reply is plain text from its first token: it can be shown as it is decoded
         self.template = CHAT_TEMPLATE
 
     def _encode(self, text: str) -> list[int]:
@@ -132,6 +134,8 @@ class TemplateFormat(ChatFormat):
         if not self.stop_ids:
             raise GptossError(f"{source}: none of the tokens {', '.join(names)} that end a reply is in the tokenizer")
         self.start = tokenizer.token_to_id(START)
+        self.reply_ends = self.stop_ids
+        self.streams = CHANNEL not in template  # harmony channels: only the final one is the answer
 
         def raise_exception(message: str):
             raise TemplateError(message)

@@ -3,7 +3,7 @@
     HF_DIR/config.json                      model_type gpt_oss, explicit rope_parameters and layer_types
     HF_DIR/model.safetensors                HF names (or model-0000X-of-0000N.safetensors + the index)
     HF_DIR/generation_config.json           token ids and the run's sampling defaults
-    HF_DIR/tokenizer.json, tokenizer_config.json
+    HF_DIR/tokenizer.json, tokenizer_config.json   with the run's chat_template, when it has a conversation format
 
 The directory is built next to HF_DIR and renamed into place, so a failure leaves nothing half-written.
 """
@@ -25,6 +25,7 @@ from ..errors import GptossError
 from ..output import warn
 from ..run.checkpoint import read_state, resolve_checkpoint
 from ..run.layout import newest_run_dir
+from .chat_template import export_chat
 from .names import expected_shapes, staged_directory, to_hf_config, to_hf_state_dict
 
 DTYPES = {"bf16": (torch.bfloat16, "bfloat16"), "fp32": (torch.float32, "float32")}
@@ -162,20 +163,27 @@ def export_run(run: Path | None, out: Path, dtype: str = "bf16", checkpoint: Pat
         bos = next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None)
         pad = PAD if tok.token_to_id(PAD) is not None else EOS
         token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
+        chat = export_chat(tok, run_dir)
     hf_config = to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently
     hf_tensors = to_hf_state_dict(cfg.model, read_weights(cfg, ckpt / "model.safetensors"))
 
     with staged_directory(out, force=force) as tmp:
         files = write_safetensors(tmp, hf_tensors, torch_dtype, limit)
         _dump(tmp / "config.json", hf_config)
-        _dump(tmp / "generation_config.json", generation_config(cfg, token_ids))
+        gen = generation_config(cfg, token_ids)
+        if tok_path is not None and chat is not None:  # generate() stops at the end of an assistant turn too
+            gen["eos_token_id"] = [gen["eos_token_id"], *(i for i in chat["stop_ids"] if i != gen["eos_token_id"])]
+        _dump(tmp / "generation_config.json", gen)
         files += ["config.json", "generation_config.json"]
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
-            _dump(tmp / "tokenizer_config.json", {
+            tok_config = {
                 "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
                 "model_max_length": cfg.model.max_context_length, "clean_up_tokenization_spaces": False,
-            })
+            }
+            if chat is not None:  # an imported template keeps the special tokens it was written for
+                tok_config |= chat["special"] | {"chat_template": chat["template"]}
+            _dump(tmp / "tokenizer_config.json", tok_config)
             files += ["tokenizer.json", "tokenizer_config.json"]
     return {"out": str(out), "checkpoint": str(ckpt), "step": int(state.get("step", 0)), "dtype": dtype,
             "files": files, "tensors": len(hf_tensors),

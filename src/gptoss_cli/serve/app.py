@@ -29,6 +29,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..chat.format import ChatFormat, MessageError
 from ..infer.sampling import SamplingParams
 from .engine import Done, Engine, EngineClosed, Event, Failed, QueueFull, Request, Token
 from .protocol import ApiError, ChatRequest, CompletionRequest
@@ -40,9 +41,9 @@ class Served:
     """What the routes need: the engine, the tokenizer, the model's name, its conversation format."""
 
     def __init__(self, engine: Engine, tokenizer, *, model_name: str, defaults: SamplingParams,
-                 chat_format=None, message_error: type[Exception] | None = None):
+                 chat_format: ChatFormat | None = None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
-        self.defaults, self.chat_format, self.message_error = defaults, chat_format, message_error
+        self.defaults, self.chat_format = defaults, chat_format
         self.created = int(time.time())
 
 
@@ -69,10 +70,8 @@ def create_app(served: Served, api_key: str | None = None):
                            "chat template): use /v1/completions", param="messages", code="no_chat_format")
         try:
             ids = fmt.render(body.plain_messages(), add_generation_prompt=True)
-        except Exception as err:
-            if served.message_error is not None and isinstance(err, served.message_error):
-                raise ApiError(400, str(err), param="messages") from None
-            raise
+        except MessageError as err:
+            raise ApiError(400, str(err), param="messages") from None
         return await _generate(request, served, body, [ids], chat=True)
 
     async def api_error(request: HttpRequest, exc: ApiError) -> Response:

@@ -42,19 +42,11 @@ class ServeOptions:
                 raise GptossError(message)
 
 
-def _conversation_format(loaded):
-    """(ChatFormat or None, its MessageError class or None) for the loaded run."""
-    try:
-        from ..chat.format import MessageError, chat_format
-    except ImportError:  # a build without the chat package: completions only
-        return None, None
-    return chat_format(loaded.tokenizer, loaded.run_dir), MessageError
-
-
 def serve(run: Path | None, checkpoint: Path | None, options: ServeOptions, device: str = "auto",
           dtype: str = "auto") -> None:
     import uvicorn
 
+    from ..chat.format import chat_format
     from ..data.tokenizer import EOS
     from ..infer.generate import load_run
     from ..infer.sampling import SamplingParams
@@ -71,11 +63,10 @@ def serve(run: Path | None, checkpoint: Path | None, options: ServeOptions, devi
     engine = Engine(loaded.model, loaded.tokenizer, eos_id=loaded.tokenizer.token_to_id(EOS),
                     max_batch=options.max_batch, max_queue=options.max_queue, max_length=options.max_length,
                     prefill_chunk=options.prefill_chunk)
-    fmt, message_error = _conversation_format(loaded)
+    fmt = chat_format(loaded.tokenizer, loaded.run_dir)  # None: completions only, chat answers 400
     defaults = SamplingParams.from_config(loaded.config.infer)
     name = options.model_name or loaded.run_dir.resolve().name
-    served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt,
-                    message_error=message_error)
+    served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt)
     app = create_app(served, options.api_key)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=options.drain_s,
                             lifespan="on")

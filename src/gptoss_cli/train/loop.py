@@ -108,12 +108,16 @@ class Trainer:
             return None
         self.p.wrapped.eval()
         total, count, correct = 0.0, 0, 0.0
-        for inputs, targets in self.p.val_data.eval_batches(self.t.eval_batches):
+        for inputs, targets, *layout in self.p.val_data.eval_batches(self.t.eval_batches):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            _, lm, acc, _ = objective(self.p.wrapped, inputs, targets, self.t, self.autocast)
-            total += lm.item() * targets.numel()
-            correct += acc.item() * targets.numel()
-            count += targets.numel()
+            layout = [x.to(self.device) for x in layout]  # conversations: positions, segments
+            _, lm, acc, _ = objective(self.p.wrapped, inputs, targets, self.t, self.autocast, *layout)
+            counted = int((targets != -100).sum())  # every target, except the masked ones of conversations
+            if not counted:
+                continue
+            total += lm.item() * counted
+            correct += acc.item() * counted
+            count += counted
         self.p.wrapped.train()
         loss = total / count
         self.best_val = min(self.best_val, loss)
@@ -230,9 +234,10 @@ class Trainer:
             group["lr"] = lr
         lm_sum, bad, bad_value = 0.0, 0, None
         for micro in range(self.accum):
-            inputs, targets = data.batch(self.epoch, self.batch_idx, info.rank, info.world)
+            inputs, targets, *layout = data.batch(self.epoch, self.batch_idx, info.rank, info.world)
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            loss, lm, acc, out = objective(self.p.wrapped, inputs, targets, self.t, self.autocast)
+            layout = [x.to(self.device, non_blocking=True) for x in layout]  # conversations: positions, segments
+            loss, lm, acc, out = objective(self.p.wrapped, inputs, targets, self.t, self.autocast, *layout)
             with distributed.gradient_sync(self.p.wrapped, info, sync=micro == self.accum - 1):
                 (loss / self.accum).backward()
             lm_value = lm.item()  # one host sync per micro-batch: catches a NaN before it reaches the weights
