@@ -261,12 +261,12 @@ def _chat_reference(run: Path, messages: list[dict], max_tokens: int) -> str:
     """The reply generate_tokens gives for the rendered conversation, cut at the format's stop ids."""
     from gptoss_cli.chat.format import chat_format
     from gptoss_cli.infer.generate import generate_tokens, load_run
-    from gptoss_cli.infer.sampling import SamplingParams
+    from gptoss_cli.serve.engine import Sampling
 
     loaded = load_run(run, device="cpu")
     fmt = chat_format(loaded.tokenizer, loaded.run_dir)
     ids = fmt.render(messages)
-    params = SamplingParams(max_new_tokens=max_tokens, temperature=0)
+    params = Sampling(max_new_tokens=max_tokens, temperature=0)  # the fields generate_tokens reads
     out, _, _ = generate_tokens(loaded.model, [ids], params, pad_id=loaded.tokenizer.token_to_id(PAD),
                                 eos_id=loaded.tokenizer.token_to_id(EOS), on_token=lambda row, t: t in fmt.stop_ids)
     return fmt.parse_reply(out[0])["content"]
@@ -286,8 +286,7 @@ def test_one_failing_request_leaves_the_others_alone(runs):
     """In process, on the engine alone: a request whose own callback breaks is failed; the loop and the
     requests decoding beside it go on to infer's text."""
     from gptoss_cli.infer.generate import load_run
-    from gptoss_cli.infer.sampling import SamplingParams
-    from gptoss_cli.serve.engine import Done, Engine, Failed, Request, Token
+    from gptoss_cli.serve.engine import Done, Engine, Failed, Request, Sampling, Token
 
     loaded = load_run(runs["demo"], device="cpu")
     tok = loaded.tokenizer
@@ -301,7 +300,7 @@ def test_one_failing_request_leaves_the_others_alone(runs):
             events[i].append(event)
         return emit
 
-    params = SamplingParams(max_new_tokens=12, temperature=0)
+    params = Sampling(max_new_tokens=12, temperature=0)
     prompts = PROMPTS[5:8]
     engine.start()
     try:
@@ -345,6 +344,10 @@ def test_command_errors_are_one_line(gptoss, runs, tmp_path):
     (json.dumps({"model": "demo", "prompt": [99999]}).encode(), "prompt"),
     (json.dumps({"model": "demo", "prompt": "x", "logprobs": 3}).encode(), None),
     (json.dumps({"model": "demo", "messages": []}).encode(), "messages"),
+    (json.dumps({"model": "demo", "messages": [{"role": "tool", "content": "x"}]}).encode(), "messages"),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": ""}]}).encode(), "messages"),
+    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi " * CONTEXT}]}).encode(),
+     "messages"),
 ])
 def test_bad_requests_are_400_error_objects(server, body, param):
     path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"

@@ -30,8 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..chat.format import ChatFormat, MessageError
-from ..infer.sampling import SamplingParams
-from .engine import Done, Engine, EngineClosed, Event, Failed, QueueFull, Request, Token
+from .engine import Done, Engine, EngineClosed, Event, Failed, QueueFull, Request, Sampling, Token
 from .protocol import ApiError, ChatRequest, CompletionRequest
 
 POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
@@ -40,7 +39,7 @@ POLL_S = 0.5  # how often a non-streaming request checks whether its client is s
 class Served:
     """What the routes need: the engine, the tokenizer, the model's name, its conversation format."""
 
-    def __init__(self, engine: Engine, tokenizer, *, model_name: str, defaults: SamplingParams,
+    def __init__(self, engine: Engine, tokenizer, *, model_name: str, defaults: Sampling,
                  chat_format: ChatFormat | None = None):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.defaults, self.chat_format = defaults, chat_format
@@ -154,7 +153,7 @@ def _encode_prompts(served: Served, prompt: Any) -> list[list[int]]:
     return prompts
 
 
-def _sampling(served: Served, body, prompt_len: int, chat: bool, choice: int) -> SamplingParams:
+def _sampling(served: Served, body, prompt_len: int, chat: bool, choice: int) -> Sampling:
     limit = served.engine.max_length
     if prompt_len >= limit:
         raise ApiError(400, f"the prompt has {prompt_len} tokens; this model's context is {limit} tokens, leaving "
@@ -164,7 +163,7 @@ def _sampling(served: Served, body, prompt_len: int, chat: bool, choice: int) ->
     if max_tokens is None:  # completions: the run's infer.max_new_tokens; chat: the rest of the context
         max_tokens = limit if chat else d.max_new_tokens
     seed = body.seed if body.seed is None else body.seed + choice  # n choices of one seed differ
-    return SamplingParams(
+    return Sampling(
         max_new_tokens=max_tokens, temperature=d.temperature if body.temperature is None else body.temperature,
         top_k=d.top_k if body.top_k is None else body.top_k, top_p=d.top_p if body.top_p is None else body.top_p,
         repetition_penalty=d.repetition_penalty if body.repetition_penalty is None else body.repetition_penalty,

@@ -27,7 +27,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ..errors import GptossError
-from ..infer.sampling import SamplingParams, TextStream, sample
+from ..infer.sampling import TextStream, sample
 from ..model import Transformer
 from .slots import SlotKVCache
 
@@ -38,6 +38,25 @@ class QueueFull(GptossError):
 
 class EngineClosed(GptossError):
     """The server is shutting down and takes no new requests."""
+
+
+@dataclass
+class Sampling:
+    """One request's settings: the fields infer's sample() reads, its token budget, seed and stop strings."""
+
+    max_new_tokens: int = 16  # the request's max_tokens
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    seed: int | None = None  # None = a fresh random seed
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def defaults(cls, infer) -> Sampling:
+        """A run config's `infer` section as the settings a request leaves out."""
+        names = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+        return cls(**{name: getattr(infer, name) for name in names})
 
 
 @dataclass
@@ -66,7 +85,7 @@ Event = Token | Done | Failed
 @dataclass(eq=False)
 class Request:
     prompt: list[int]
-    params: SamplingParams  # max_new_tokens is the request's max_tokens
+    params: Sampling
     emit: Callable[[Event], None]
     stop_ids: frozenset[int] = frozenset()  # besides EOS: e.g. the chat format's end-of-turn ids
     cancelled: bool = False  # set from the HTTP side when the client disconnects

@@ -49,10 +49,9 @@ def serve(run: Path | None, checkpoint: Path | None, options: ServeOptions, devi
     from ..chat.format import chat_format
     from ..data.tokenizer import EOS
     from ..infer.generate import load_run
-    from ..infer.sampling import SamplingParams
     from ..output import err_console
     from .app import Served, create_app
-    from .engine import Engine
+    from .engine import Engine, Sampling
 
     options.validate()
     listener = _listen(options.host, options.port)  # before loading: a busy port fails fast
@@ -64,7 +63,7 @@ def serve(run: Path | None, checkpoint: Path | None, options: ServeOptions, devi
                     max_batch=options.max_batch, max_queue=options.max_queue, max_length=options.max_length,
                     prefill_chunk=options.prefill_chunk)
     fmt = chat_format(loaded.tokenizer, loaded.run_dir)  # None: completions only, chat answers 400
-    defaults = SamplingParams.from_config(loaded.config.infer)
+    defaults = Sampling.defaults(loaded.config.infer)  # what a request leaves out
     name = options.model_name or loaded.run_dir.resolve().name
     served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt)
     app = create_app(served, options.api_key)
