@@ -2,7 +2,8 @@
 
 Requests wait in a bounded queue and join the running batch between decode steps. Each loop iteration
 1. drops requests whose client went away (their slot is free for the next one at once),
-2. prefills one chunk (at most `prefill_chunk` tokens) of the request that is joining, in its own slot,
+2. prefills at most `prefill_chunk` prompt tokens in chunks: the rest of the joining request's prompt,
+   then (while tokens are left) the next waiting requests', each in its own slot and its own forward,
 3. runs one (R, 1) decode forward over every running request, each at its own position, and samples
    each row with that request's settings and its own torch.Generator,
 so a long prompt delays the others by one chunk per step, not by its whole prefill. A request leaves
@@ -191,15 +192,18 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        if self._joining is None and len(self._decoding) < self.max_batch:
-            with self._wake:
-                request = self._waiting.popleft() if self._waiting else None
-            if request is not None:
-                self._joining = _Running(request, self.tokenizer, self.device, self.max_length,
-                                         self.model.config.vocab_size)
-                self.cache.reset(len(self._decoding))
-        if self._joining is not None:
-            self._prefill_chunk()
+        budget = self.prefill_chunk  # prompt tokens this step may prefill, over one or more joining requests
+        while budget > 0:
+            if self._joining is None and len(self._decoding) < self.max_batch:
+                with self._wake:
+                    request = self._waiting.popleft() if self._waiting else None
+                if request is not None:
+                    self._joining = _Running(request, self.tokenizer, self.device, self.max_length,
+                                             self.model.config.vocab_size)
+                    self.cache.reset(len(self._decoding))
+            if self._joining is None:
+                break
+            budget -= self._prefill_chunk(budget)
         if self._decoding:
             self._decode()
 
@@ -227,10 +231,12 @@ class Engine:
         if self._joining is not None:
             self.cache.move(last + 1, last, self._joining.prefilled)
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self, limit: int) -> int:
+        """Prefill up to `limit` more prompt tokens of the joining request; returns how many it took. Once the
+        prompt is in, its first token is sampled and it joins the decoding rows."""
         run, slot = self._joining, len(self._decoding)
         prompt = run.request.prompt
-        start, end = run.prefilled, min(run.prefilled + self.prefill_chunk, len(prompt))
+        start, end = run.prefilled, min(run.prefilled + limit, len(prompt))
         try:
             tokens = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)  # (1, C)
             positions = torch.arange(start, end, device=self.device)[None]  # (1, C)
@@ -238,16 +244,17 @@ class Engine:
             logits = self.model(tokens, positions, self.cache, last_only=True).logits[:, -1]  # (1, V)
             run.prefilled = end
             if end < len(prompt):
-                return
+                return end - start
             token = sample(logits, run.params, run.generator, run.seen).item()
         except Exception as err:
             self._joining = None
             self._fail(run.request, _failure(err))
-            return
+            return end - start
         self._joining = None
         self._decoding.append(run)  # slot D becomes decoding row D
         if self._accept_or_fail(run, token):
             self._leave(len(self._decoding) - 1)
+        return end - start
 
     def _decode(self) -> None:
         rows = self._decoding
