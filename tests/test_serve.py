@@ -183,6 +183,9 @@ def reference(run: Path, prompt: str, **settings) -> str:
 
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["demo"]
+    assert client.models.retrieve("demo").id == "demo"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 16
 

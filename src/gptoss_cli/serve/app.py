@@ -1,7 +1,7 @@
 """The HTTP side of `gptoss serve`: OpenAI-compatible routes on FastAPI, errors, auth and the request log.
 
     GET  /health                 {"status": "ok", running, waiting, ...}
-    GET  /v1/models              the one model this server holds
+    GET  /v1/models[/ID]         the one model this server holds
     POST /v1/completions         text in, text out; `stream: true` sends server-sent events ending in [DONE]
     POST /v1/chat/completions    messages rendered through the run's conversation format
 
@@ -50,9 +50,14 @@ def create_app(served: Served, api_key: str | None = None):
     async def health(request: HttpRequest) -> Response:
         return JSONResponse({"status": "ok", "model": served.model_name, **served.engine.load()})
 
+    card = {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "gptoss"}
+
     async def models(request: HttpRequest) -> Response:
-        card = {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "gptoss"}
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def model(request: HttpRequest) -> Response:
+        _check_model(served, request.path_params["model"])
+        return JSONResponse(card)
 
     async def completions(request: HttpRequest) -> Response:
         body = await _parse(request, CompletionRequest)
@@ -97,6 +102,7 @@ def create_app(served: Served, api_key: str | None = None):
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
