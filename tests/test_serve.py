@@ -143,7 +143,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def servers(runs):
     """Both servers of this module, started together (most of a start is importing torch)."""
-    main = Server(runs["demo"], "--prefill-chunk", str(CHUNK), "--max-batch", "16")
+    main = Server(runs["demo"], "--prefill-chunk", str(CHUNK), "--max-batch", "16", "--drain-timeout", "0")
     # A run without a conversation format, one slot, a queue of one, an API key.
     guarded = Server(runs["plain"], "--max-batch", "1", "--max-queue", "1", "--api-key", "sesame")
     try:
@@ -449,3 +449,16 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(guarded):
     assert guarded.proc.wait(60) == 0, guarded.stderr()
     with pytest.raises(httpx.TransportError):  # no longer listening
         httpx.get(guarded.url + "/health", timeout=2)
+
+
+def test_sigterm_past_the_drain_limit_answers_with_an_error_and_exits_0(server):
+    """Last in this module: it ends the main server, whose --drain-timeout is 0."""
+    body = {"model": "demo", "prompt": "GPT", "max_tokens": CONTEXT - 10, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        server.proc.send_signal(signal.SIGTERM)
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
+    assert server.proc.wait(60) == 0, server.stderr()

@@ -225,7 +225,7 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
                     return Response(status_code=499)  # nobody reads it; the finally frees the slots
                 continue
             if isinstance(event, Failed):
-                raise ApiError(500, event.message, type="server_error", code="generation_failed")
+                raise _failure(event)
             if isinstance(event, Done):
                 results[index] = event
     finally:
@@ -273,8 +273,7 @@ async def _stream(queue: asyncio.Queue, jobs: list[Request], head: dict, chat: b
                 info["tokens"][1] += event.completion_tokens
                 yield chunk(index, None, event.reason)
             else:
-                error = ApiError(500, event.message, type="server_error", code="generation_failed")
-                yield _sse(error.body())
+                yield _sse(_failure(event).body())
                 break
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(info["tokens"])})
@@ -282,6 +281,12 @@ async def _stream(queue: asyncio.Queue, jobs: list[Request], head: dict, chat: b
     finally:  # also when the client disconnects mid-stream (the generator is cancelled)
         for job in jobs:
             job.cancel()
+
+
+def _failure(event: Failed) -> ApiError:
+    if event.shutdown:
+        return ApiError(503, event.message, type="server_error", code="shutting_down")
+    return ApiError(500, event.message, type="server_error", code="generation_failed")
 
 
 def _sse(data: dict) -> str:
@@ -331,9 +336,13 @@ class RequestLog:
 
         try:
             await self.app(scope, receive, send_and_watch)
+        except asyncio.CancelledError:  # uvicorn cancels what outlives the drain: the log line says so
+            status[0] = status[0] or 503
+            info["cancelled"] = True
         finally:
             tokens = info.get("tokens")
             count = f" tokens {tokens[0]}+{tokens[1]}" if tokens else ""
             client = scope.get("client") or ("-", 0)
+            cut = " (cut off at shutdown)" if info.get("cancelled") else ""
             print(f"{client[0]} {scope['method']} {scope['path']} {status[0] or 499}{count} "
-                  f"{(time.perf_counter() - start) * 1e3:.0f} ms", file=sys.stderr, flush=True)
+                  f"{(time.perf_counter() - start) * 1e3:.0f} ms{cut}", file=sys.stderr, flush=True)

@@ -78,6 +78,7 @@ class Done:
 @dataclass
 class Failed:
     message: str
+    shutdown: bool = False  # the server stopped before the request finished (not the request's fault)
 
 
 Event = Token | Done | Failed
@@ -184,10 +185,10 @@ class Engine:
                         self._fail(run.request, _failure(err))
                     self._decoding, self._joining = [], None
         for run in [*self._decoding, *([self._joining] if self._joining else [])]:
-            self._fail(run.request, "the server shut down before this request finished")
+            self._fail(run.request, "the server shut down before this request finished", shutdown=True)
         with self._wake:
             for request in self._waiting:
-                self._fail(request, "the server shut down before this request started")
+                self._fail(request, "the server shut down before this request started", shutdown=True)
             self._waiting.clear()
 
     def _step(self) -> None:
@@ -325,10 +326,10 @@ class Engine:
         self.counts["finished"] += 1
         return True
 
-    def _fail(self, request: Request, message: str) -> None:
+    def _fail(self, request: Request, message: str, shutdown: bool = False) -> None:
         self.counts["failed"] += 1
         try:
-            request.emit(Failed(message))
+            request.emit(Failed(message, shutdown))
         except Exception as err:  # nothing more can be told to this request; the others go on
             print(f"serve: request {request.id}: {message}; and its callback failed: {err}", file=sys.stderr)
 

@@ -1,7 +1,8 @@
 """`gptoss serve` as one call: load the run, start the decode loop, listen on a socket with uvicorn.
 
 SIGTERM and Ctrl-C drain (exit 0): the listening socket closes, requests in flight (queued ones too) finish
-within `drain_s`, then whatever is left is cancelled and the process exits 0.
+within `drain_s`; then the decode loop stops and answers whatever is left with a 503 (an error event in
+a stream), and the process exits 0. uvicorn cancels any response still open a few seconds later.
 """
 
 from __future__ import annotations
@@ -9,10 +10,13 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GptossError
+
+FINAL_WRITES_S = 3.0  # after the drain, time for the answers of stopped requests to go out
 
 
 @dataclass
@@ -67,15 +71,15 @@ def serve(run: Path | None, checkpoint: Path | None, options: ServeOptions, devi
     name = options.model_name or loaded.run_dir.resolve().name
     served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt)
     app = create_app(served, options.api_key)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=options.drain_s,
-                            lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=options.drain_s + FINAL_WRITES_S)
     host, port = listener.getsockname()[:2]
     err_console.print(
         f"serving {name} ({loaded.checkpoint.name} on {loaded.device.type}) at http://{host}:{port}/v1 | "
         f"max batch {options.max_batch} | context {engine.max_length} | chat "
         f"{'yes' if fmt is not None else 'no'}{' | API key required' if options.api_key else ''}",
         markup=False, highlight=False, soft_wrap=True)
-    server = _draining_server(config)
+    server = _draining_server(config, lambda: engine.stop(), options.drain_s)
     server.run(sockets=[listener])
     if server.started is False:
         raise GptossError("the server did not start (see the message above)")
@@ -96,15 +100,22 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _draining_server(config):
-    """A uvicorn.Server that treats SIGTERM and Ctrl-C as a normal end: it drains and returns (exit 0)
+def _draining_server(config, stop_engine, drain_s: float):
+    """A uvicorn.Server whose SIGTERM or Ctrl-C drains: after `drain_s` the engine stops (what still runs
+    is answered with an error, so responses end cleanly), and the process returns normally (exit 0)
     instead of re-raising the signal after shutdown, as uvicorn does by default."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        timer: threading.Timer | None = None
+
         def handle_exit(self, sig, frame):
             super().handle_exit(sig, frame)
             if sig in (signal.SIGTERM, signal.SIGINT) and sig in self._captured_signals:
                 self._captured_signals.remove(sig)
+            if self.timer is None:
+                self.timer = threading.Timer(drain_s, stop_engine)
+                self.timer.daemon = True
+                self.timer.start()
 
     return Server(config)
