@@ -181,7 +181,10 @@ def _sampling(served: Served, body, prompt_len: int, chat: bool, choice: int) ->
 async def _generate(request: HttpRequest, served: Served, body, prompts: list[list[int]], chat: bool) -> Response:
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-    stop_ids = frozenset(served.chat_format.stop_ids) if chat else frozenset()
+    stop_ids = frozenset()
+    if chat:  # a reply ends at the format's end-of-turn ids; gptoss's own format also cuts at a new turn's start
+        start = getattr(served.chat_format, "start", None)
+        stop_ids = frozenset(served.chat_format.stop_ids) | ({start} if start is not None else set())
 
     def emitter(index: int):
         def emit(event: Event) -> None:
