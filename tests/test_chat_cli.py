@@ -37,6 +37,19 @@ def _train(tmp: Path, name: str, data: list[str], overrides: list[str], tokenize
     return tmp / name
 
 
+def old_tokenizer(text: str, path: Path) -> Path:
+    """A tokenizer as gptoss trained them before the conversation tokens: <|endoftext|> and <|pad|> only."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    old = Tokenizer(models.BPE())
+    old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    old.decoder = decoders.ByteLevel()
+    old.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    old.save(str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory, small_overrides) -> Path:
     tmp = tmp_path_factory.mktemp("chat")
@@ -136,17 +149,27 @@ def test_interactive_prompt_in_a_pseudo_terminal(chat_run):
 
 
 def test_a_run_without_a_conversation_format_says_so(small_corpus, small_overrides, isolated_cache, tmp_path, gptoss):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    old = Tokenizer(models.BPE())
-    old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    old.decoder = decoders.ByteLevel()
-    old.train_from_iterator([small_corpus.read_text()], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    old.save(str(tmp_path / "old.json"))
+    old_tokenizer(small_corpus.read_text(), tmp_path / "old.json")
     run = _train(tmp_path, "old", [str(small_corpus)], small_overrides, tokenizer=tmp_path / "old.json")
     code, out, err = gptoss("chat", "--run", run)
     assert code == 2 and out == ""
     assert "has no conversation format" in err and "gptoss infer" in err and "--init-from" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_fine_tuning_an_old_run_adds_the_conversation_tokens(small_corpus, small_overrides, isolated_cache,
+                                                             tmp_path, capsys):
+    from gptoss_cli.config import load_config
+    from gptoss_cli.data.tokenizer import load_tokenizer
+    from gptoss_cli.train.loop import Trainer, prepare
+
+    old_tokenizer(small_corpus.read_text(), tmp_path / "old.json")
+    base = _train(tmp_path, "old", [str(small_corpus)], small_overrides, tokenizer=tmp_path / "old.json")
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS * 8), encoding="utf-8")
+    cfg = load_config(str(base / "config.yaml"), [f"data.paths=[{chats}]", "train.max_steps=2"])
+    Trainer(prepare(cfg, tmp_path / "sft", init_from=base)).run()
+    assert "added 5" in capsys.readouterr().err
+    assert load_tokenizer(tmp_path / "sft" / "tokenizer.json").token_to_id("<|return|>") is not None
+    out, _ = chat(tmp_path / "sft", "Hello!\n", max_new_tokens=4)
+    assert len(out.splitlines()) == 1

@@ -23,6 +23,6 @@ def open_chat(run: Path | None = None, checkpoint: Path | None = None, system: s
         raise GptossError(
             f"{loaded.run_dir} has no conversation format (its tokenizer predates it): continue text with "
             f"`gptoss infer --run {loaded.run_dir}`, or fine-tune it on conversations first: gptoss train "
-            f"--init-from {loaded.run_dir} --set data.paths=[src/gptoss_cli/assets/conversations.jsonl]")
+            f"--init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl] (see docs/chat.md)")
     params = SamplingParams.from_config(loaded.config.infer, **overrides)
     return ChatSession(loaded, fmt, params, system)

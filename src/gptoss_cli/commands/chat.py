@@ -32,8 +32,11 @@ def command(
 ) -> None:
     """Chat with a run in its conversation format (default: the newest run under ./runs).
 
-    From a terminal: an interactive prompt; /reset, /system TEXT, /exit; Ctrl-C stops a reply. From a pipe:
-    one user message per line in, one reply per line out. Sampling defaults come from the run's infer section.
+    From a terminal: an interactive prompt; /reset, /system TEXT, /exit; Ctrl-C stops a reply.
+
+    From a pipe: one user message per line in, one reply per line out.
+
+    Sampling defaults come from the run's infer section; options override them.
 
     Example: gptoss chat --run runs/demo-chat --system "You are terse."
     """
