@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import bench, build, chat, env, eval, export, import_, infer, report, train
+from .commands import bench, build, chat, env, eval, export, import_, infer, report, serve, train
 
 app = typer.Typer(
     name="gptoss",
@@ -37,6 +37,7 @@ app.command("eval")(eval.command)
 app.command("export")(export.command)
 app.command("import")(import_.command)
 app.command("bench")(bench.command)
+app.command("serve")(serve.command)
 
 
 def _version(value: bool) -> None:
