@@ -1,11 +1,15 @@
-"""Shared fixtures for the training, data, CLI and config tests: a very small model config, an isolated
-token cache, a small text corpus, and single-threaded torch for the tiny shapes used here.
+"""What every test shares, defined once: the tiny run config (SMALL_OVERRIDES, small_cfg) and the tiny
+model config of the transformers comparisons (tiny_model_config), randomised weights (randomise), the float
+comparison (assert_close, rtol_for), an isolated token cache, a small text corpus, single-threaded torch,
+the in-process CLI, and the hook that skips `gpu`-marked tests on a machine without CUDA.
 
-Fixture names are specific (small_cfg, isolated_cache, ...) because other test modules share this folder.
+Test modules import the helpers as `from tests.conftest import ...` (tests/ is a package, so test files in
+different folders may share a basename). Fixture names are specific (small_cfg, isolated_cache, ...).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +18,118 @@ import pytest
 import torch
 
 from gptoss_cli import cli
+
+# ---- float comparisons ----------------------------------------------------------------------------
+# The rule for every float comparison in this suite: a result computed in a finite precision is compared to
+# its reference as max|got - ref| <= atol + rtol * max|ref|, so the bound grows with the size of the values
+# compared (an absolute 1e-5 is 80 ulps at magnitude 1 but under 3 ulps at magnitude 37, where a different
+# but equally correct summation order, e.g. AVX2 against AVX-512 kernels, already exceeds it). rtol comes
+# from the dtype and the computation, never from a machine: rounding one sum of n terms in a dtype of
+# machine epsilon eps errs by about eps * sqrt(n) relative to its terms (random-walk accumulation), a
+# computation of k chained such reductions (norm, projections, softmax, ...; a backward pass counts double)
+# by k times that, and a factor 4 covers the tail over the elements compared: rtol_for(dtype, n, k) =
+# 4 * k * sqrt(n) * eps. A float64 reference (or a float64 run of both sides) makes that the error of the
+# lower-precision side alone. atol is a small absolute term only where the reference can be ~0. Where values
+# span orders of magnitude (frequencies, exponentials) the comparison is per element (elementwise=True).
+# Checks that two results must DIFFER (a wrong formula gives "> 1e-2") are lower bounds, not rounding
+# bounds, and stay as written.
+
+
+def rtol_for(dtype: torch.dtype, reduction: int = 1, stages: int = 1) -> float:
+    """Relative rounding budget of `stages` chained reductions of length `reduction` in `dtype`."""
+    return 4 * stages * math.sqrt(reduction) * torch.finfo(dtype).eps
+
+
+def assert_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float = 0.0, *,
+                 elementwise: bool = False, what: str = "") -> None:
+    """max|got - ref| <= atol + rtol * max|ref| (or |got - ref| <= atol + rtol * |ref| per element), in
+    float64; the message gives the error, the reference's magnitude and the bound."""
+    got, ref = torch.as_tensor(got), torch.as_tensor(ref)
+    assert got.shape == ref.shape, f"{what} shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = (got.detach().double() - ref.detach().double()).abs()
+    magnitude = ref.detach().double().abs()
+    if elementwise:
+        excess = err - (atol + rtol * magnitude)
+        worst = int(excess.flatten().argmax()) if excess.numel() else 0
+        assert excess.numel() == 0 or excess.max().item() <= 0, (
+            f"{what} error {err.flatten()[worst].item():.3g} at an element of magnitude "
+            f"{magnitude.flatten()[worst].item():.3g} > {atol:.3g} + {rtol:.3g} * |ref| "
+            f"(max error {err.max().item():.3g})")
+        return
+    max_err = err.max().item() if err.numel() else 0.0
+    max_ref = magnitude.max().item() if magnitude.numel() else 0.0
+    bound = atol + rtol * max_ref
+    assert max_err <= bound, (f"{what} max|got - ref| = {max_err:.3g} > {atol:.3g} + {rtol:.3g} * max|ref| "
+                              f"= {bound:.3g} (max|ref| = {max_ref:.3g}, "
+                              f"relative error {max_err / max(max_ref, 1e-300):.3g})")
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| in float64: for the checks that two results must differ."""
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+# ---- randomised weights and the tiny model ---------------------------------------------------------
+
+
+@torch.no_grad()
+def randomise(module: torch.nn.Module, seed: int = 0, *, std: float = 0.08, bias_std: float = 0.3,
+              mlp1_std: float = 0.4) -> None:
+    """Every parameter random and non-zero, one normal draw per parameter in named_parameters order: norm
+    scales 1 + 0.2 N, sinks N (spread, so they matter), biases bias_std N, the expert up-projections
+    mlp1_std N (large enough that the SwiGLU clamp at 7 fires), everything else std N. Our names and
+    transformers' (layernorm.weight, gate_up_proj) both. The scales differ per test module on purpose: each
+    picks them so its clamp and sink checks fire while its logits stay O(1)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        if name.endswith((".scale", "layernorm.weight", "norm.weight")):
+            p.copy_(1.0 + 0.2 * noise)
+        elif name.endswith("sinks"):
+            p.copy_(noise)
+        elif "bias" in name:
+            p.copy_(bias_std * noise)
+        elif name.endswith(("mlp1_weight", "gate_up_proj")):
+            p.copy_(mlp1_std * noise)
+        else:
+            p.copy_(std * noise)
+
+
+# The two layouts the transformers comparisons cover.
+TINY_LAYOUTS = {
+    # The released checkpoints' layout: untied, qkv/out/router biases, YaRN (factor 4 over L0 = 512).
+    "released": dict(tie_word_embeddings=False, attention_bias=True, router_bias=True,
+                     rope_theta=150000.0, rope_scaling_factor=4.0, initial_context_length=512),
+    # The compact reference layout: tied embeddings, no qkv/out/router bias, plain RoPE.
+    "compact": dict(tie_word_embeddings=True, attention_bias=False, router_bias=False,
+                    rope_theta=10000.0, rope_scaling_factor=1.0, initial_context_length=4096),
+}
+
+
+def tiny_model_config(layout: str = "released", **overrides):
+    """A 4-layer model (hidden 64, 4 experts top-2, window 8) in one of TINY_LAYOUTS, then `overrides`."""
+    from gptoss_cli.model import ModelConfig
+
+    return ModelConfig(**(dict(
+        num_hidden_layers=4, num_experts=4, experts_per_token=2, vocab_size=256, hidden_size=64,
+        intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
+        max_context_length=64, attention_backend="eager", moe_backend="loop") | TINY_LAYOUTS[layout] | overrides))
+
+
+# ---- GPU tests ---------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests are skipped, with the reason, where torch sees no CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# ---- the tiny run ------------------------------------------------------------------------------------
 
 # A model of a few thousand parameters that trains a step in milliseconds on one CPU thread.
 SMALL_OVERRIDES = [
@@ -66,9 +182,20 @@ def small_corpus(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def builtin_tok():
+    """A 400-token BPE tokenizer trained on the built-in corpus (once per session)."""
+    from gptoss_cli.data.corpus import load_documents
+    from gptoss_cli.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(load_documents([]), 400)
+
+
+@pytest.fixture(scope="module")
 def torch_one_thread():
-    """One intra-op thread: the shapes are tiny and the machine is shared."""
+    """One intra-op thread for a module's tests (`pytestmark = pytest.mark.usefixtures("torch_one_thread")`
+    or a test's argument): the shapes are tiny, and a second OpenMP thread only adds contention on a shared
+    machine (10x slower on two cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -76,9 +76,18 @@ def test_a_vocabulary_too_small_for_the_tokenizer_is_refused_before_any_file(gpt
     run = tmp_path / "run"
     code, out, err = gptoss("train", *small_args(small_overrides, "model.vocab_size=200"), "--run", run)
     assert code == 2 and out == "" and one_line(err) == (
-        "model.vocab_size: 200 is too small for the byte-level tokenizer: it needs at least 258 "
-        "(256 bytes + 2 special tokens)")
+        "model.vocab_size: 200 is too small for the byte-level tokenizer: it needs at least 263 "
+        "(256 bytes + 7 special tokens)")
     assert not run.exists()
+
+
+def test_the_minimum_vocabulary_is_the_tokenizers_own():
+    from gptoss_cli.config import TOKENIZER_MIN_VOCAB
+    from gptoss_cli.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+    assert TOKENIZER_MIN_VOCAB == 256 + len(SPECIAL_TOKENS)
+    tok = train_tokenizer(["abc abc abc"], TOKENIZER_MIN_VOCAB)  # every byte and special token fits
+    assert tok.get_vocab_size() <= TOKENIZER_MIN_VOCAB
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_infer_cli import make_run
+from tests.integration.test_infer_cli import make_run
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def test_report_shows_which_signal_interrupted_a_run(tmp_path):
 
     from gptoss_cli.report.logs import load_run
     from gptoss_cli.report.summary import summarize
-    from test_report import make_run
+    from tests.unit.report.test_report import make_run
 
     run = make_run(tmp_path, device="cpu")
     summary = json.loads((run / "summary.json").read_text())

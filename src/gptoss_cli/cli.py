@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import bench, build, env, export, import_, infer, report, train
+from .commands import bench, build, chat, env, eval, export, import_, infer, report, serve, train
 
 app = typer.Typer(
     name="gptoss",
@@ -31,10 +31,13 @@ app.command("env")(env.command)
 app.command("build")(build.command)
 app.command("train")(train.command)
 app.command("infer")(infer.command)
+app.command("chat")(chat.command)
 app.command("report")(report.command)
+app.command("eval")(eval.command)
 app.command("export")(export.command)
 app.command("import")(import_.command)
 app.command("bench")(bench.command)
+app.command("serve")(serve.command)
 
 
 def _version(value: bool) -> None:

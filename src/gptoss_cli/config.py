@@ -23,6 +23,10 @@ from .errors import GptossError
 from .model.config import ModelConfig, ModelConfigError
 from .run.atomic import write_atomic
 
+# data/tokenizer.py's 256 byte tokens + its SPECIAL_TOKENS (a test keeps the two in step; importing the
+# tokenizer here would load `tokenizers` for every config read).
+TOKENIZER_MIN_VOCAB = 256 + 7
+
 
 class ConfigError(GptossError):
     """A config problem the user can fix; the message is one line."""
@@ -79,6 +83,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fused_loss: bool = True  # unembedding + cross-entropy chunk by chunk, no (B, T, V) logits
     parallel: Literal["ddp", "fsdp"] = "ddp"  # used under torchrun only
+    loggers: list[Literal["tensorboard", "wandb", "csv"]] = field(default_factory=list)  # metrics.jsonl always
+    wandb_project: str = "gptoss"
+    wandb_name: str | None = None  # the W&B run name; null = the run directory's name
 
     def validate(self) -> None:
         for key in ("batch_size", "seq_len", "grad_accum_steps", "epochs", "log_every", "eval_every",
@@ -99,6 +106,7 @@ class TrainConfig:
         for key in ("warmup_steps", "weight_decay", "grad_clip", "aux_loss_coef", "z_loss_coef"):
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(bool(self.wandb_project.strip()), "train.wandb_project", "must not be empty")
 
 
 @dataclass
@@ -157,10 +165,10 @@ class RunConfig:
     def validate_for_training(self) -> None:
         """What only training needs (other stages, e.g. bench, run any model shape): the byte-level tokenizer
         it trains holds every byte plus the special tokens, so the vocabulary must have room for them."""
-        need = 256 + 2  # data/tokenizer.py: 256 byte tokens + <|endoftext|> + <|pad|>
+        need = TOKENIZER_MIN_VOCAB
         _require(self.model.vocab_size >= need, "model.vocab_size",
                  f"{self.model.vocab_size} is too small for the byte-level tokenizer: it needs at least {need} "
-                 "(256 bytes + 2 special tokens)")
+                 f"(256 bytes + {need - 256} special tokens)")
 
 
 # ---- locating configs ----------------------------------------------------------------------------

@@ -27,5 +27,6 @@ def command(source: SourceArg, run: NewRunOpt, json: JsonOpt = False) -> None:
         print_json(summary)
         return
     quant = f", {summary['quantized_tensors']} MXFP4 tensors decoded" if summary["quantized_tensors"] else ""
+    quant += ", its chat template kept" if summary["chat_template"] else ""
     console.print(f"imported {source} ({summary['layout']} layout{quant}): {summary['params']:,} parameters "
                   f"-> [bold]{summary['checkpoint']}[/]", highlight=False)

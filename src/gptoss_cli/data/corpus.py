@@ -108,3 +108,8 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     val = sorted(order[:n_val])
     train = sorted(order[n_val:])
     return [docs[i] for i in train], [docs[i] for i in val]
+
+
+def expand_paths(spec: str) -> list[Path]:
+    """One data.paths entry -> its files (data/conversations.py reads the same paths)."""
+    return _expand(spec)

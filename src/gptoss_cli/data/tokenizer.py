@@ -1,7 +1,9 @@
 """The byte-level BPE tokenizer, trained with `tokenizers` on the training text and saved as tokenizer.json.
 
 Byte-level pre-tokenization without a prefix space and a ByteLevel decoder make decode(encode(x)) == x
-for any UTF-8 text. `<|endoftext|>` separates documents; `<|pad|>` pads batched prompts.
+for any UTF-8 text. `<|endoftext|>` separates documents; `<|pad|>` pads batched prompts; the conversation
+tokens (`<|start|>`, `<|message|>`, `<|end|>`, `<|return|>`, `<|channel|>`, as in openai's harmony format) are
+reserved so a run can later be fine-tuned on conversations (data/chat_format.py is what uses them).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from ..errors import GptossError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-SPECIAL_TOKENS = [EOS, PAD]
+CHAT_TOKENS = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>"]  # see data/chat_format.py
+SPECIAL_TOKENS = [EOS, PAD, *CHAT_TOKENS]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:

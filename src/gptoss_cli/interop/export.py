@@ -3,7 +3,7 @@
     HF_DIR/config.json                      model_type gpt_oss, explicit rope_parameters and layer_types
     HF_DIR/model.safetensors                HF names (or model-0000X-of-0000N.safetensors + the index)
     HF_DIR/generation_config.json           token ids and the run's sampling defaults
-    HF_DIR/tokenizer.json, tokenizer_config.json
+    HF_DIR/tokenizer.json, tokenizer_config.json   with the run's chat_template, when it has a conversation format
 
 The directory is built next to HF_DIR and renamed into place, so a failure leaves nothing half-written.
 """
@@ -26,6 +26,7 @@ from ..output import warn
 from ..run.atomic import staged_directory
 from ..run.checkpoint import read_weights
 from ..run.open import open_run
+from .chat_template import export_chat
 from .names import expected_shapes, to_hf_config, to_hf_state_dict
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -104,6 +105,7 @@ def export_run(run: Path | None, out: Path, dtype: str = "bf16", checkpoint: Pat
         raise GptossError(f"--out {out} is not empty (add --force to replace it)")
 
     token_ids: dict[str, int | None] = {}
+    chat = None
     if tok is None:
         warn(f"{opened.run} has no tokenizer.json: exporting the weights without a tokenizer")
     else:
@@ -111,6 +113,7 @@ def export_run(run: Path | None, out: Path, dtype: str = "bf16", checkpoint: Pat
         bos = next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None)
         pad = PAD if tok.token_to_id(PAD) is not None else EOS
         token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
+        chat = export_chat(tok, opened.run.path)
     hf_config = to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently
     weights = read_weights(opened.weights, expected_shapes(cfg.model))
     dtypes = param_dtypes(weights, torch_dtype)  # the precision policy: norms and router stay fp32, losslessly
@@ -119,14 +122,20 @@ def export_run(run: Path | None, out: Path, dtype: str = "bf16", checkpoint: Pat
     with staged_directory(out, force=force) as tmp:
         files = write_safetensors(tmp, hf_tensors, limit)
         _dump(tmp / "config.json", hf_config)
-        _dump(tmp / "generation_config.json", generation_config(cfg, token_ids))
+        gen = generation_config(cfg, token_ids)
+        if tok_path is not None and chat is not None:  # generate() stops at the end of an assistant turn too
+            gen["eos_token_id"] = [gen["eos_token_id"], *(i for i in chat["stop_ids"] if i != gen["eos_token_id"])]
+        _dump(tmp / "generation_config.json", gen)
         files += ["config.json", "generation_config.json"]
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
-            _dump(tmp / "tokenizer_config.json", {
+            tok_config = {
                 "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
                 "model_max_length": cfg.model.max_context_length, "clean_up_tokenization_spaces": False,
-            })
+            }
+            if chat is not None:  # an imported template keeps the special tokens it was written for
+                tok_config |= chat["special"] | {"chat_template": chat["template"]}
+            _dump(tmp / "tokenizer_config.json", tok_config)
             files += ["tokenizer.json", "tokenizer_config.json"]
     return {"out": str(out), "checkpoint": str(ckpt), "step": opened.step, "dtype": dtype,
             "files": files, "tensors": len(hf_tensors),

@@ -2,6 +2,7 @@
 
     RUN/config.yaml                          model section from config.json, the other sections default
     RUN/tokenizer.json                       copied (when the source has one)
+    RUN/chat_template.json                   the source's chat template and its special tokens (when it has one)
     RUN/checkpoints/step-00000000/           model.safetensors in our names, an empty trainer state,
                                              state.json with "imported_from"
 
@@ -29,6 +30,7 @@ from ..run.atomic import staged_directory
 from ..run.checkpoint import CheckpointState, save_checkpoint
 from ..run.layout import RunDir
 from . import mxfp4
+from .chat_template import keep_hf_template, read_hf_template
 from .names import (
     LAYER_RULES,
     build_model_config,
@@ -233,6 +235,8 @@ def import_dir(hf_dir: Path, run_dir: Path) -> dict:
     run_cfg = config_from_dict(run_cfg.to_dict(), str(config_path))  # the same checks as a YAML config
     run_cfg = infer_defaults(hf_dir, run_cfg)
     found = find_tokenizer(hf_dir, layout, model_cfg.vocab_size)
+    template = read_hf_template(found[0].parent, found[1]) if found else None
+    kept = False
 
     state = CheckpointState(step=0, tokenizer_hash=tokenizer_hash(found[1]) if found else None,
                             config=run_cfg.to_dict(), imported_from=str(hf_dir.resolve()), source_layout=layout,
@@ -242,9 +246,12 @@ def import_dir(hf_dir: Path, run_dir: Path) -> dict:
         staged.write_config(run_cfg)
         if found is not None:
             shutil.copyfile(found[0], staged.tokenizer)
+            if template is not None:
+                kept = keep_hf_template(template, found[1], tmp, str(found[0].parent))
         ckpt = save_checkpoint(staged.checkpoints, 0, weights, {}, state, keep=1)
     return {"run": str(run_dir), "checkpoint": str(RunDir(run_dir).checkpoints / ckpt.name), "layout": layout,
             "quantized_tensors": len(quantized), "tensors": len(weights),
             "params": sum(t.numel() for t in weights.values()), "tokenizer": found is not None,
+            "chat_template": kept,
             "tie_word_embeddings": model_cfg.tie_word_embeddings, "attention_bias": model_cfg.attention_bias,
             "rope_scaling_factor": model_cfg.rope_scaling_factor}

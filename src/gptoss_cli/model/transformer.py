@@ -90,8 +90,11 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None) -> ModelOutput:
+                targets: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> ModelOutput:
         """tokens (B, T) -> ModelOutput. positions (B, T) default to 0..T-1 (after the cache's length).
+
+        segments (B, T) int, without a cache: documents packed in one row (their positions restart at 0);
+        a query sees only keys of its own segment, so the row's attention is block-diagonal.
 
         With targets (B, T) the output holds the cross-entropy and accuracy instead of logits: the
         unembedding and the loss run fused, chunk by chunk (cross_entropy.py), and no (B, T, V) tensor
@@ -108,6 +111,12 @@ class Transformer(nn.Module):
         window = self.config.sliding_window
         full_mask = attention_mask(positions, k_full, 0)
         slide_mask = attention_mask(positions, k_ring, window) if window else full_mask
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments apply to a whole packed row, not to cached decoding")
+            same = (segments[:, :, None] == segments[:, None, :])[:, None]  # (B, 1, T, T)
+            full_mask = full_mask & same
+            slide_mask = slide_mask & same if window else full_mask
         x = self.embedding(tokens)
         rope = rotary_tables(*self.rope(positions), x.dtype)  # built once, shared by every layer
         aux, z, counts = [], [], []

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptossError
-from ..run.layout import CONFIG, INFER_MEMORY, METRICS, SUMMARY
+from ..run.layout import CONFIG, EVAL_DIR, INFER_MEMORY, METRICS, SUMMARY
 from ..run.layout import MEMORY as TRAIN_MEMORY
 
 GIB = 1024**3
@@ -83,6 +83,22 @@ def read_jsonl(path: Path, warn: Warn) -> list[dict]:
     return records
 
 
+def read_eval_results(folder: Path, warn: Warn) -> list[dict]:
+    """The results `gptoss eval` saved, oldest first; a file that does not parse is skipped with a warning."""
+    results = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            warn(f"{path}: unreadable, ignored ({err})")
+            continue
+        if isinstance(result, dict) and all(is_number(result.get(k)) for k in ("loss", "bits_per_byte", "tokens")):
+            results.append(result)
+        else:
+            warn(f"{path}: not a gptoss eval result, ignored")
+    return sorted(results, key=lambda r: str(r.get("time", "")))
+
+
 def _by_step(records: list[dict], kind: str) -> list[dict]:
     """Lines of one kind, one per step in step order: a resumed run logs its steps again, and the last wins."""
     latest = {r["step"]: r for r in records if r.get("kind") == kind and is_number(r.get("step"))}
@@ -98,12 +114,14 @@ class RunData:
     train_memory: list[dict] = field(default_factory=list)  # memory.jsonl, file order (all ranks)
     infer_memory: list[dict] = field(default_factory=list)  # inference-memory.jsonl, file order
     summary: dict | None = None
+    eval_results: list[dict] = field(default_factory=list)  # RUN/eval/*.json (gptoss eval), oldest first
     config: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def has_data(self) -> bool:
-        return bool(self.train or self.evals or self.train_memory or self.infer_memory or self.summary)
+        return bool(self.train or self.evals or self.train_memory or self.infer_memory or self.summary
+                    or self.eval_results)
 
 
 def load_run(path: Path, name: str, warn: Warn) -> RunData:
@@ -125,6 +143,7 @@ def load_run(path: Path, name: str, warn: Warn) -> RunData:
             run.summary = summary if isinstance(summary, dict) else None
         except (OSError, ValueError) as err:
             note(f"{path / SUMMARY}: unreadable, ignored ({err})")
+    run.eval_results = read_eval_results(path / EVAL_DIR, note)
     if (path / CONFIG).is_file():
         import yaml
 

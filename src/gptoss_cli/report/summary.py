@@ -145,9 +145,38 @@ def summarize(run: RunData) -> dict[str, Any]:
         "expert_max_load": None if shares is None else round(float(np.nanmax(shares) * shares.shape[1]), 3),
         "dead_experts": [list(d) for d in dead],
         "dead_window_logs": DEAD_WINDOW,
+        "eval_results": [{k: r.get(k) for k in EVAL_FIELDS} for r in run.eval_results],
         "missing": missing,
         "warnings": list(run.warnings),
     }
+
+
+EVAL_FIELDS = ("checkpoint", "step", "data", "text_digest", "tokens", "bytes", "loss", "ppl", "bits_per_byte",
+               "accuracy", "context", "stride", "device", "dtype", "time")
+
+
+def _number(value: Any, fmt: str) -> str:
+    return fmt.format(value) if is_number(value) else "—"
+
+
+def eval_markdown(summaries: list[dict]) -> list[str]:
+    """The `gptoss eval` results of every run as one markdown table (no lines when there are none)."""
+    rows = [(s["name"], r) for s in summaries for r in s["eval_results"]]
+    if not rows:
+        return []
+    lines = ["", "## Evaluation", "", "Scored by `gptoss eval` (docs/eval.md). Bits per byte compare runs with "
+             "different tokenizers; rows with the same text digest scored exactly the same text.", "",
+             "| run | checkpoint | text (digest) | tokens | bytes | loss | ppl | bits/byte | top-1 | context / stride "
+             "| device |", "|---" * 11 + "|"]
+    for name, r in rows:
+        data = ", ".join(map(str, r["data"])) if isinstance(r.get("data"), list) else str(r.get("data") or "?")
+        cells = [name, Path(str(r.get("checkpoint") or "?")).name, f"{data} ({r.get('text_digest') or '?'})",
+                 _number(r.get("tokens"), "{:,}"), _number(r.get("bytes"), "{:,}"), _number(r.get("loss"), "{:.4f}"),
+                 _number(r.get("ppl"), "{:,.2f}"), _number(r.get("bits_per_byte"), "{:.4f}"),
+                 _number(r.get("accuracy"), "{:.2%}"), f"{r.get('context', '?')} / {r.get('stride', '?')}",
+                 f"{r.get('device', '?')} {r.get('dtype', '')}".strip()]
+        lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+    return lines
 
 
 def _duration(seconds: float | None) -> str:
@@ -229,6 +258,7 @@ def write_markdown(path: Path, summaries: list[dict], figures: list[str]) -> Non
     lines.append("| | " + " | ".join(s["name"] for s in summaries) + " |")
     lines.append("|---" * (len(summaries) + 1) + "|")
     lines += [f"| {label} | " + " | ".join(c.replace("|", "/") for c in cells) + " |" for label, cells in rows]
+    lines += eval_markdown(summaries)
     for file, title, caption in FIGURES:
         if file in figures:
             lines += ["", f"## {title}", "", caption, "", f"![{title}]({file})"]

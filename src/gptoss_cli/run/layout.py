@@ -2,6 +2,7 @@
 
     RUN/config.yaml             the resolved config (every field)
     RUN/tokenizer.json          the byte-level BPE tokenizer
+    RUN/chat_template.json      an imported run's own chat template (data/chat_format.py)
     RUN/metrics.jsonl           one line per logged step / evaluation (train/loop.py)
     RUN/memory.jsonl            training memory samples (memory.py)
     RUN/inference-memory.jsonl  inference memory samples
@@ -9,6 +10,8 @@
     RUN/summary.json            written when training ends
     RUN/train.lock              held (flock) by the one trainer of this run (run/lock.py)
     RUN/report/                 gptoss report's PNGs and report.md
+    RUN/eval/*.json             one result of `gptoss eval` per checkpoint and text (evaluate/evaluator.py)
+    RUN/tensorboard/            TensorBoard event files; RUN/csv/{train,eval}.csv; RUN/wandb/ (train/loggers.py)
 
 Every stage reads and writes a run through RunDir, so a file name is spelled once. This module imports
 neither torch nor the tokenizer: `gptoss report` uses it too.
@@ -27,6 +30,8 @@ RUNS_ROOT = Path("runs")
 CONFIG, TOKENIZER, CHECKPOINTS, SUMMARY = "config.yaml", "tokenizer.json", "checkpoints", "summary.json"
 METRICS, MEMORY, INFER_MEMORY, REPORT = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "report"
 LOCK = "train.lock"
+CHAT_TEMPLATE = "chat_template.json"  # an imported run's own chat template and its special tokens
+EVAL_DIR, TENSORBOARD, CSV_DIR, WANDB_DIR = "eval", "tensorboard", "csv", "wandb"
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,10 @@ class RunDir:
     @property
     def tokenizer(self) -> Path:
         return self.path / TOKENIZER
+
+    @property
+    def chat_template(self) -> Path:
+        return self.path / CHAT_TEMPLATE
 
     @property
     def checkpoints(self) -> Path:
@@ -71,6 +80,22 @@ class RunDir:
     @property
     def lock(self) -> Path:
         return self.path / LOCK
+
+    @property
+    def eval(self) -> Path:
+        return self.path / EVAL_DIR
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def csv(self) -> Path:
+        return self.path / CSV_DIR
+
+    @property
+    def wandb(self) -> Path:
+        return self.path / WANDB_DIR
 
     def __str__(self) -> str:
         return str(self.path)

@@ -29,6 +29,7 @@ from ..run.atomic import write_atomic
 from ..run.layout import RunDir
 from ..run.metrics import MetricsFile
 from . import distributed
+from .loggers import Loggers
 from .loss import objective
 from .optim import lr_at
 from .setup import Prepared, prepare
@@ -134,12 +135,16 @@ class Trainer:
             return None
         self.p.wrapped.eval()
         total, count, correct = 0.0, 0, 0.0
-        for inputs, targets in self.p.val_data.eval_batches(self.t.eval_batches):
+        for inputs, targets, *layout in self.p.val_data.eval_batches(self.t.eval_batches):
             inputs, targets = inputs.to(self.device), targets.to(self.device)
-            _, lm, acc, _ = objective(self.p.wrapped, inputs, targets, self.t, self.autocast)
-            total += lm.item() * targets.numel()
-            correct += acc.item() * targets.numel()
-            count += targets.numel()
+            layout = [x.to(self.device) for x in layout]  # conversations: positions, segments
+            _, lm, acc, _ = objective(self.p.wrapped, inputs, targets, self.t, self.autocast, *layout)
+            counted = int((targets != -100).sum())  # every target, except the masked ones of conversations
+            if not counted:
+                continue
+            total += lm.item() * counted
+            correct += acc.item() * counted
+            count += counted
         self.p.wrapped.train()
         loss = total / count
         self.best_val = min(self.best_val, loss)
@@ -204,6 +209,7 @@ class Trainer:
         resumed = self.p.resume_state.step if self.p.resume_state else None
         metrics = MetricsFile(self.files.metrics, cut_after=resumed) if main else None  # cut at the first line
         memory = MemorySampler(self.files.memory, self.device, rank=self.dist.rank)
+        trackers = Loggers(self.cfg, self.p.run_dir, self.step, warn, enabled=main)  # train.loggers, rank 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         world = self.dist.world
@@ -223,7 +229,7 @@ class Trainer:
                 task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
                 while self.step < self.total_steps:
                     stopping = self._step(data, window, stop)
-                    memory.sample(self.step)
+                    sample = memory.sample(self.step)
                     bar.update(task, completed=self.step,
                                info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s")
                     if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -231,6 +237,7 @@ class Trainer:
                         if main:
                             metrics.write(json.dumps(line) + "\n")
                             metrics.flush()
+                            trackers.log(line, sample)
                             bar.console.print(f"Epoch {line['epoch']}, Step {line['step']}: Loss={line['loss']:.4f}, "
                                               f"PPL={line['ppl']:.2f}, Acc={line['accuracy']:.3f}, "
                                               f"LR={line['lr']:.2e}", highlight=False)
@@ -239,6 +246,7 @@ class Trainer:
                         if ev and main:
                             metrics.write(json.dumps(ev) + "\n")
                             metrics.flush()
+                            trackers.log(ev)
                             bar.console.print(f"  validation: loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}",
                                               highlight=False)
                     if stopping or (self.stop_after is not None and self.step >= self.stop_after):
@@ -256,6 +264,7 @@ class Trainer:
         finally:
             if metrics:
                 metrics.close()
+            trackers.close()
             peak = memory.peak_bytes()
             memory.close()
         summary = {"status": status, "signal": stop_signal, "steps": self.step, "epochs": self.epoch,
@@ -280,9 +289,10 @@ class Trainer:
             group["lr"] = lr
         lm_sum, bad, bad_value = 0.0, 0, None
         for micro in range(self.accum):
-            inputs, targets = data.batch(self.epoch, self.batch_idx, info.rank, info.world)
+            inputs, targets, *layout = data.batch(self.epoch, self.batch_idx, info.rank, info.world)
             inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-            loss, lm, acc, out = objective(self.p.wrapped, inputs, targets, self.t, self.autocast)
+            layout = [x.to(self.device, non_blocking=True) for x in layout]  # conversations: positions, segments
+            loss, lm, acc, out = objective(self.p.wrapped, inputs, targets, self.t, self.autocast, *layout)
             with distributed.gradient_sync(self.p.wrapped, info, sync=micro == self.accum - 1):
                 (loss / self.accum).backward()
             lm_value = lm.item()  # one host sync per micro-batch: catches a NaN before it reaches the weights

@@ -27,17 +27,22 @@ class Objective(NamedTuple):
 
 
 def objective(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, t: TrainConfig,
-              autocast: AbstractContextManager | None = None) -> Objective:
-    """inputs, targets (B, T) token ids -> the loss terms. `model` may be wrapped (DDP, FSDP)."""
+              autocast: AbstractContextManager | None = None, positions: torch.Tensor | None = None,
+              segments: torch.Tensor | None = None) -> Objective:
+    """inputs, targets (B, T) token ids -> the loss terms. `model` may be wrapped (DDP, FSDP).
+
+    Targets of -100 are not counted (conversations train on assistant tokens only); positions and segments
+    (B, T) describe rows that pack several conversations (data/conversations.py)."""
     autocast = autocast or nullcontext()
     if t.fused_loss:
         with autocast:
-            out = model(inputs, targets=targets)
+            out = model(inputs, positions, targets=targets, segments=segments)
         lm, accuracy = out.lm_loss, out.accuracy
     else:
         with autocast:
-            out = model(inputs)
+            out = model(inputs, positions, segments=segments)
         lm = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
-        accuracy = (out.logits.argmax(-1) == targets).float().mean()
+        counted = targets != -100
+        accuracy = ((out.logits.argmax(-1) == targets) & counted).sum() / counted.sum()
     loss = lm + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
     return Objective(loss, lm, accuracy, out)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import RunConfig, TrainConfig
+from ..data import conversations
 from ..data.batches import TokenBatches, tokenize_stream
 from ..data.corpus import load_documents, split_documents
 from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
@@ -128,6 +129,32 @@ def _take_lock(run: RunDir, info: distributed.DistInfo) -> RunLock | None:
     return lock
 
 
+def _source_run(checkpoint: Path | None) -> Path | None:
+    """RUN for RUN/checkpoints/step-N (where an imported chat template lives), else None."""
+    if checkpoint is None or RunDir.of_checkpoint(checkpoint).path == checkpoint:
+        return None
+    return RunDir.of_checkpoint(checkpoint).path
+
+
+def _token_data(train_docs, val_docs, tok, tok_hash, t: TrainConfig, info):
+    """Text documents -> (train TokenBatches, validation TokenBatches or None)."""
+    train_stream = tokenize_stream(train_docs, tok, tok_hash)
+    # Every rank walks the same global order and takes its own slice of each global micro-batch.
+    train_data = TokenBatches(train_stream, t.seq_len, t.batch_size * info.world, t.seed)
+    if train_data.batches_per_epoch < 1:
+        raise GptossError(
+            f"data: {train_stream.numel()} training tokens make {train_data.num_samples} sequences of "
+            f"{t.seq_len}+1 tokens, fewer than one batch of {train_data.batch_size}; add text or lower them"
+        )
+    val_data = None
+    if val_docs:
+        val_stream = tokenize_stream(val_docs, tok, tok_hash)
+        val_len = min(t.seq_len, val_stream.numel() - 1)
+        if val_len >= 2:
+            val_data = TokenBatches(val_stream, val_len, t.batch_size, t.seed)
+    return train_data, val_data
+
+
 def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_from: Path | None = None,
             tokenizer_path: Path | None = None, init_from: Path | None = None) -> Prepared:
     """Set up a run. `resume`/`resume_from` continue a checkpoint exactly (weights, optimizer, data
@@ -192,27 +219,23 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
         _check_same_model(cfg, ckpt.read_state(init_ckpt), init_ckpt, "--init-from")
     accum = _accumulation(cfg, info.world)
 
-    docs = load_documents(cfg.data.paths)
-    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, t.seed)
-    tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path, train_docs, info)
-    tok_hash = tokenizer_hash(tok)
+    chats = conversations.read_conversation_paths(cfg.data.paths)  # None: text documents
+    if chats is not None:  # supervised fine-tuning: the loss on assistant tokens, conversations packed per row
+        train_chats, val_chats = split_documents(chats, cfg.data.val_fraction, t.seed)
+        tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path,
+                         conversations.conversation_text(train_chats), info)
+        template_run = _source_run(resume_ckpt or init_ckpt) or run_dir
+        tok, train_data, val_data = conversations.conversation_data(
+            tok, template_run, train_chats, val_chats, t.seq_len, t.batch_size * info.world, t.seed,
+            cfg.model.vocab_size, "tokenizer")
+        tok_hash = tokenizer_hash(tok)
+    else:
+        train_docs, val_docs = split_documents(load_documents(cfg.data.paths), cfg.data.val_fraction, t.seed)
+        tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path, train_docs, info)
+        tok_hash = tokenizer_hash(tok)
+        train_data, val_data = _token_data(train_docs, val_docs, tok, tok_hash, t, info)
     if state and state.tokenizer_hash not in (None, tok_hash):
         raise GptossError(f"{flag}: the tokenizer differs from the one {resume_ckpt} was trained with")
-
-    train_stream = tokenize_stream(train_docs, tok, tok_hash)
-    # Every rank walks the same global order and takes its own slice of each global micro-batch.
-    train_data = TokenBatches(train_stream, t.seq_len, t.batch_size * info.world, t.seed)
-    if train_data.batches_per_epoch < 1:
-        raise GptossError(
-            f"data: {train_stream.numel()} training tokens make {train_data.num_samples} sequences of "
-            f"{t.seq_len}+1 tokens, fewer than one batch of {train_data.batch_size}; add text or lower them"
-        )
-    val_data = None
-    if val_docs:
-        val_stream = tokenize_stream(val_docs, tok, tok_hash)
-        val_len = min(t.seq_len, val_stream.numel() - 1)
-        if val_len >= 2:
-            val_data = TokenBatches(val_stream, val_len, t.batch_size, t.seed)
 
     if not held:  # a new directory: created by taking its lock, then checked again under it
         held.append(_take_lock(run, info))
@@ -222,6 +245,9 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
     # A new run writes its config and tokenizer now; a resume only once it saves (Prepared.commit_files),
     # so a resume that fails (bad weights, divergence) leaves RUN/ exactly as it was.
     pending = [lambda: run.write_config(cfg), lambda: write_atomic(run.tokenizer, tok.to_str())] if info.main else []
+    template = RunDir(_source_run(init_ckpt) or run_dir).chat_template
+    if info.main and template.is_file() and template.parent != run_dir:  # the chat template of an imported model
+        pending.append(lambda: write_atomic(run.chat_template, template.read_text(encoding="utf-8")))
     if not state:
         for write in pending:
             write()

@@ -2,8 +2,8 @@
 
 The reference is transformers itself: an exported run must load with AutoModelForCausalLM / AutoTokenizer
 and give our fp32 logits and token ids; an HF model saved with save_pretrained must import to a run whose
-logits equal HF's. MXFP4 is checked against the e2m1 table of openai/gpt-oss `gpt_oss/torch/weights.py` on
-hand-made bytes, and every bad input must fail with one GptossError and leave no run directory behind.
+logits equal HF's. MXFP4-quantized experts import to the values packed by hand,
+and every bad input must fail with one GptossError and leave no run directory behind.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from gptoss_cli.config import RunConfig, config_from_dict, read_yaml, save_confi
 from gptoss_cli.data.tokenizer import EOS, PAD, tokenizer_hash, train_tokenizer  # noqa: E402
 from gptoss_cli.devices import keeps_fp32  # noqa: E402
 from gptoss_cli.errors import GptossError  # noqa: E402
-from gptoss_cli.interop.mxfp4 import dequantize  # noqa: E402
 from gptoss_cli.model import ModelConfig, Transformer  # noqa: E402
 from gptoss_cli.run.checkpoint import (  # noqa: E402
     CheckpointState,
@@ -34,17 +33,15 @@ from gptoss_cli.run.checkpoint import (  # noqa: E402
     save_checkpoint,
     weights_state_dict,
 )
+from tests.conftest import assert_close, randomise, tiny_model_config  # noqa: E402
+from tests.unit.interop.test_mxfp4 import quantize_by_hand  # noqa: E402
 
+# TOL is absolute on purpose: randomise's 0.08 weights keep the logits O(1) (assert_close prints max|ref|).
 VOCAB, SEQ, TOL = 320, 20, 1e-5
 TEXTS = ["GPT models are trained on text.", "The quick brown fox jumps over the lazy dog.",
          "Mixture of experts routes every token to a few experts.", "Sliding windows keep attention local."] * 8
-LUT = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-LAYOUTS = {
-    "released": dict(tie_word_embeddings=False, attention_bias=True, router_bias=True, rope_theta=150000.0,
-                     rope_scaling_factor=4.0, initial_context_length=512, max_context_length=2048),
-    "compact": dict(tie_word_embeddings=True, attention_bias=False, router_bias=False, rope_theta=10000.0,
-                    rope_scaling_factor=1.0, initial_context_length=4096, max_context_length=512),
-}
+# The context each layout's config allows (transformers' max_position_embeddings follows it).
+MAX_CONTEXT = {"released": 2048, "compact": 512}
 
 app = typer.Typer()
 app.command("export")(export.command)
@@ -72,28 +69,7 @@ def fails(*args: str) -> str:
 # ---- tiny models --------------------------------------------------------------------------------
 
 def tiny_config(layout: str, **over) -> ModelConfig:
-    return ModelConfig(**(dict(
-        num_hidden_layers=4, num_experts=4, experts_per_token=2, vocab_size=VOCAB, hidden_size=64,
-        intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-        attention_backend="eager", moe_backend="loop") | LAYOUTS[layout] | over))
-
-
-@torch.no_grad()
-def randomise(model: torch.nn.Module, seed: int = 0, hf: bool = False) -> None:
-    """Every weight random and non-zero (norms near 1, sinks and biases spread), so each map is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if name.endswith((".scale", "layernorm.weight", "norm.weight")):
-            p.copy_(1.0 + 0.2 * noise)
-        elif name.endswith("sinks"):
-            p.copy_(noise)
-        elif "bias" in name:
-            p.copy_(0.3 * noise)
-        elif name.endswith(("mlp1_weight", "gate_up_proj")):
-            p.copy_(0.4 * noise)  # the swiglu clamp at 7 fires
-        else:
-            p.copy_(0.08 * noise)
+    return tiny_model_config(layout, vocab_size=VOCAB, max_context_length=MAX_CONTEXT[layout], **over)
 
 
 def tokens(seed: int = 1) -> torch.Tensor:
@@ -163,7 +139,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, layout):
     assert type(hf).__name__ == "GptOssForCausalLM" and hf.dtype == torch.float32
     ref, got = logits(hf), logits(ours)
     assert ref.abs().max() > 0.1
-    assert (got - ref).abs().max().item() <= TOL
+    assert_close(got, ref, rtol=0, atol=TOL)
 
 
 def test_export_tokenizer_matches_autotokenizer(tmp_path):
@@ -176,7 +152,9 @@ def test_export_tokenizer_matches_autotokenizer(tmp_path):
         assert hf_tok(text)["input_ids"] == ours.encode(text).ids, text
     assert hf_tok.eos_token == EOS and hf_tok.pad_token == PAD
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == ours.token_to_id(EOS) == hf_tok.eos_token_id
+    # <|endoftext|> first, then the tokens that end an assistant turn (the run has a conversation format)
+    assert generation["eos_token_id"][0] == ours.token_to_id(EOS) == hf_tok.eos_token_id
+    assert set(generation["eos_token_id"][1:]) == {ours.token_to_id("<|return|>"), ours.token_to_id("<|end|>")}
 
 
 def test_bf16_export_is_close_and_follows_the_precision_policy(tmp_path):
@@ -191,7 +169,7 @@ def test_bf16_export_is_close_and_follows_the_precision_policy(tmp_path):
             if not keeps_fp32(name):
                 p.copy_(p.to(torch.bfloat16))
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert (logits(hf) - logits(ours)).abs().max().item() <= TOL
+    assert_close(logits(hf), logits(ours), rtol=0, atol=TOL)
 
 
 def test_export_refuses_what_hf_would_compute_differently_and_overwrites_only_with_force(tmp_path):
@@ -236,7 +214,7 @@ def test_import_hf_save_pretrained_matches_hf_logits(tmp_path, case):
     assert ours.config.tie_word_embeddings == (case == "compact")
     assert ours.config.rope_scaling_factor == {"released": 4.0, "compact": 1.0, "hf-default-rope": 32.0}[case]
     ref = logits(hf)
-    assert (logits(ours) - ref).abs().max().item() <= TOL
+    assert_close(logits(ours), ref, rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("layout", ["released", "compact"])
@@ -254,7 +232,7 @@ def test_sharded_export_import_round_trip(tmp_path, layout):
     for key in ("tie_word_embeddings", "attention_bias", "rope_scaling_factor", "initial_context_length",
                 "sliding_window", "max_context_length"):
         assert getattr(back.config, key) == getattr(ours.config, key), key
-    assert (logits(back) - logits(ours)).abs().max().item() <= TOL
+    assert_close(logits(back), logits(ours), rtol=0, atol=TOL)
 
 
 def test_import_without_tokenizer_warns_and_writes_weights(tmp_path):
@@ -266,32 +244,6 @@ def test_import_without_tokenizer_warns_and_writes_weights(tmp_path):
 
 
 # ---- MXFP4 --------------------------------------------------------------------------------------
-
-def test_mxfp4_decodes_the_e2m1_table():
-    blocks = torch.zeros(1, 16, dtype=torch.uint8)  # one group of 32 values
-    blocks[0, 0] = 0x21  # low nibble 1 -> 0.5 first, high nibble 2 -> 1.0
-    blocks[0, 1] = 0xF8  # 8 -> -0.0, 15 -> -6.0
-    blocks[0, 2] = 0x7E  # 14 -> -4.0, 7 -> 6.0
-    for scale in (127, 130, 120):
-        out = dequantize(blocks, torch.tensor([scale], dtype=torch.uint8), torch.float32)
-        factor = 2.0 ** (scale - 127)
-        assert out.shape == (32,)
-        assert out[:6].tolist() == [v * factor for v in (0.5, 1.0, -0.0, -6.0, -4.0, 6.0)]
-        assert not out[6:].any()
-    every = torch.tensor([[lo | (hi << 4) for lo, hi in zip(range(0, 16, 2), range(1, 16, 2), strict=True)] * 2],
-                         dtype=torch.uint8)
-    assert dequantize(every, torch.tensor([127], dtype=torch.uint8), torch.float32).tolist() == LUT * 2
-
-
-def quantize_by_hand(shape: tuple[int, int, int], seed: int):
-    """Random codes and scales for a logical (E, rows, cols) matrix -> (blocks, scales, expected values)."""
-    e, rows, cols = shape
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 16, shape, generator=g)
-    scales = torch.randint(122, 128, (e, rows, cols // 32), generator=g).to(torch.uint8)
-    expected = torch.tensor(LUT)[codes] * 2.0 ** (scales.float() - 127).repeat_interleave(32, dim=-1)
-    packed = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # low nibble = even position
-    return packed.view(e, rows, cols // 32, 16), scales, expected
 
 
 def test_import_hf_mxfp4_experts(tmp_path):
@@ -320,7 +272,7 @@ def test_import_hf_mxfp4_experts(tmp_path):
     weights = load_file(resolve_checkpoint(tmp_path / "run") / "model.safetensors")
     for name, values in expected.items():
         assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name].float(), values), name
-    assert (logits(load_run(tmp_path / "run")) - logits(hf)).abs().max().item() <= TOL
+    assert_close(logits(load_run(tmp_path / "run")), logits(hf), rtol=0, atol=TOL)
 
 
 def test_import_openai_original_layout(tmp_path):
@@ -349,7 +301,7 @@ def test_import_openai_original_layout(tmp_path):
     assert (back.config.tie_word_embeddings, back.config.attention_bias, back.config.router_bias) == (False, True, True)
     assert back.config.max_context_length == 2048 and (tmp_path / "run" / "tokenizer.json").is_file()
     assert torch.equal(back.block[1].mlp.mlp1_weight, values)
-    assert (logits(back) - logits(ours)).abs().max().item() <= TOL
+    assert_close(logits(back), logits(ours), rtol=0, atol=TOL)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -20,48 +20,15 @@ transformers = pytest.importorskip("transformers")
 from transformers import GptOssConfig, GptOssForCausalLM  # noqa: E402
 
 from gptoss_cli.model import KVCache, ModelConfig, Transformer  # noqa: E402
+from tests.conftest import assert_close, randomise, tiny_model_config  # noqa: E402
 
 BATCH, SEQ = 2, 24
+# Absolute, on purpose: randomise's 0.08 weights keep the logits O(1), so fp32 reduction-order noise (the
+# two implementations sum in different orders) stays well below 1e-5 (assert_close prints max|ref|).
 TOL = 1e-5
 
-LAYOUTS = {
-    # The released checkpoints' layout: untied, qkv/out/router biases, YaRN (factor 4 over L0 = 512).
-    "released": dict(
-        tie_word_embeddings=False, attention_bias=True, router_bias=True,
-        rope_theta=150000.0, rope_scaling_factor=4.0, initial_context_length=512,
-    ),
-    # The compact reference layout: tied embeddings, no qkv/out/router bias, plain RoPE.
-    "compact": dict(
-        tie_word_embeddings=True, attention_bias=False, router_bias=False,
-        rope_theta=10000.0, rope_scaling_factor=1.0, initial_context_length=4096,
-    ),
-}
-
-
 def tiny_config(layout: str, backend: str = "eager") -> ModelConfig:
-    return ModelConfig(
-        num_hidden_layers=4, num_experts=4, experts_per_token=2, vocab_size=256, hidden_size=64,
-        intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-        max_context_length=64, attention_backend=backend, moe_backend="loop", **LAYOUTS[layout],
-    )
-
-
-@torch.no_grad()
-def randomise(model: Transformer, seed: int = 0) -> None:
-    """Every parameter random and non-zero: scales around 1, sinks around 0 with spread, biases nonzero."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        if name.endswith(".scale"):
-            p.copy_(1.0 + 0.2 * noise)
-        elif name.endswith("sinks"):
-            p.copy_(noise)
-        elif name.endswith("bias"):
-            p.copy_(0.3 * noise)
-        elif name.endswith("mlp1_weight"):
-            p.copy_(0.4 * noise)  # large enough that the swiglu clamp at 7 fires
-        else:  # logits stay O(1), so fp32 reduction-order noise stays well below TOL
-            p.copy_(0.08 * noise)
+    return tiny_model_config(layout, attention_backend=backend)
 
 
 def hf_config(cfg: ModelConfig) -> GptOssConfig:
@@ -160,7 +127,7 @@ def test_logits_match_hf(layout, backend):
     assert got.dtype == ref.dtype == torch.float32
     assert got.shape == ref.shape == (BATCH, SEQ, 256)
     assert ref.abs().max() > 0.1  # not a degenerate all-zero comparison
-    assert (got - ref).abs().max().item() <= TOL
+    assert_close(got, ref, rtol=0, atol=TOL)
 
 
 def test_parity_is_sensitive_to_sinks_window_and_yarn():
@@ -215,8 +182,8 @@ def test_kv_cache_decode_matches_hf_incremental(layout):
             our_steps.append(ours(ids[:, t:t + 1], cache=cache).logits)
         full = hf(input_ids=ids, use_cache=False).logits
     hf_inc, ours_inc = torch.cat(hf_steps, 1), torch.cat(our_steps, 1)
-    assert (ours_inc - hf_inc).abs().max().item() <= TOL
-    assert (ours_inc - full).abs().max().item() <= TOL
+    assert_close(ours_inc, hf_inc, rtol=0, atol=TOL)
+    assert_close(ours_inc, full, rtol=0, atol=TOL)
 
 
 def test_greedy_generation_matches_hf():

@@ -12,7 +12,7 @@ import yaml
 
 from gptoss_cli.config import SECTIONS
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "configs.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configs.md"
 
 
 def documented() -> dict[str, dict[str, str]]:

@@ -11,10 +11,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptoss_cli.config import load_config
 from gptoss_cli.errors import GptossError
 from gptoss_cli.train.setup import _accumulation
+from tests.conftest import rtol_for
+
+# The runs differ only in the order the 8 sequences' gradients are summed (fp32, eps sqrt(8)); a step of
+# AdamW and the next forward carry that into the logged loss (~log 512): a few chained stages.
+LOSS_RTOL = rtol_for(torch.float32, 8, 4)
 
 # Warmup covers every step here, so the learning rate does not depend on train.max_steps. The MoE balance
 # loss is computed per process (as Switch/GShard do per device), so it is off for the equality check.
@@ -65,7 +71,7 @@ def test_two_processes_match_one(tmp_path, single_run, parallel):
     losses = _losses(run)
     assert sorted(losses) == sorted(single_run)
     for step, loss in single_run.items():
-        assert abs(losses[step] - loss) <= 1e-5, (step, losses[step], loss)
+        assert losses[step] == pytest.approx(loss, rel=LOSS_RTOL), step
     ranks = {json.loads(line)["rank"] for line in (run / "memory.jsonl").read_text().splitlines()}
     assert ranks == {0, 1}  # memory is sampled on every rank, tagged with it
     assert (run / "checkpoints" / "step-00000006" / "model.safetensors").is_file()
@@ -79,7 +85,7 @@ def test_two_process_checkpoint_resumes_in_one(tmp_path, single_run):
     _single(tmp_path, run, "--resume", *_sets(COMMON + ["train.batch_size=8", "train.max_steps=6"]))
     losses = _losses(run)
     for step in (4, 5, 6):
-        assert abs(losses[step] - single_run[step]) <= 1e-5, (step, losses[step], single_run[step])
+        assert losses[step] == pytest.approx(single_run[step], rel=LOSS_RTOL), step
 
 
 def test_mismatched_configs_across_ranks_fail_clearly(tmp_path):

@@ -1,0 +1,46 @@
+"""Open a run for chatting: its weights, its conversation format, and the sampling settings, checked first."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import GptossError
+
+
+def open_chat(run: Path | None = None, checkpoint: Path | None = None, system: str | None = None,
+              device: str = "auto", dtype: str = "auto", **overrides):
+    """-> a ChatSession. A run whose tokenizer has no conversation format is refused with the way out."""
+    from ..config import InferConfig
+    from ..data.chat_format import ChatFormat, chat_format
+    from ..infer.generate import load_run
+    from ..infer.sampling import option_label
+    from ..output import warn
+    from ..run.checkpoint import read_state
+    from .session import ChatSession
+
+    InferConfig().with_overrides(option_label, **overrides)  # bad options fail before the weights load
+    loaded = load_run(run, checkpoint, device, dtype)
+    fmt = chat_format(loaded.tokenizer, loaded.run_dir)
+    if fmt is None:
+        raise GptossError(
+            f"{loaded.run_dir} has no conversation format (its tokenizer predates it): continue text with "
+            f"`gptoss infer --run {loaded.run_dir}`, or fine-tune it on conversations first: gptoss train "
+            f"--init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl] (see docs/chat.md)")
+    params = loaded.config.infer.with_overrides(option_label, **overrides)
+    if type(fmt) is ChatFormat and not _trained_on_conversations(loaded.config.data.paths) \
+            and read_state(loaded.checkpoint).imported_from is None:
+        warn(f"{loaded.run_dir} was trained on text, not on conversations: expect replies that ignore the format "
+             f"until it is fine-tuned (gptoss train --init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl])")
+    return ChatSession(loaded, fmt, params, system)
+
+
+def _trained_on_conversations(paths: list[str]) -> bool:
+    """Whether the run config's data.paths name conversation files; paths that no longer resolve (moved, or
+    relative to another directory) give the benefit of the doubt."""
+    from ..data.conversations import is_conversation_file
+    from ..data.corpus import expand_paths
+
+    try:
+        return any(is_conversation_file(f) for spec in paths for f in expand_paths(spec))
+    except GptossError:
+        return True

@@ -1,0 +1,43 @@
+"""`gptoss serve`: an OpenAI-compatible HTTP server for a trained run, with continuous batching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .infer import CheckpointOpt, DeviceOpt, DtypeOpt
+from .options import ReadRunOpt
+
+HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")]
+PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
+BatchOpt = Annotated[int, typer.Option("--max-batch", help="Requests decoded together (KV-cache slots).")]
+QueueOpt = Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot; more get 429.")]
+LengthOpt = Annotated[int | None, typer.Option(
+    "--max-length", help="Prompt + completion tokens per request (default: the model's context).")]
+ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per decode step.")]
+KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="GPTOSS_API_KEY", show_envvar=True,
+                                            help="Require 'Authorization: Bearer KEY' on every request.")]
+NameOpt = Annotated[str | None, typer.Option("--model-name", help="Model id clients ask for "
+                                             "(default: the run directory's name).")]
+DrainOpt = Annotated[float, typer.Option("--drain-timeout", help="Seconds SIGTERM waits for requests in flight.")]
+
+
+def command(
+    run: ReadRunOpt = None, checkpoint: CheckpointOpt = None, host: HostOpt = "127.0.0.1", port: PortOpt = 8000,
+    max_batch: BatchOpt = 16, max_queue: QueueOpt = 64, max_length: LengthOpt = None, prefill_chunk: ChunkOpt = 256,
+    api_key: KeyOpt = None, model_name: NameOpt = None, drain_timeout: DrainOpt = 30.0, device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Serve a trained run over the OpenAI HTTP API (completions, chat completions, streaming).
+
+    Example: gptoss serve --run runs/demo --port 8000, then point the openai client at
+    http://127.0.0.1:8000/v1 with the run directory's name as the model.
+    """
+    from ..serve.server import ServeOptions, serve
+
+    options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue, max_length=max_length,
+                           prefill_chunk=prefill_chunk, api_key=api_key, model_name=model_name,
+                           drain_s=drain_timeout)
+    serve(Path(run) if run else None, checkpoint, options, device=device, dtype=dtype)

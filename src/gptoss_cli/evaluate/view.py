@@ -1,0 +1,75 @@
+"""What `gptoss eval` shows on stderr: a progress bar per model and the results side by side (rich)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .evaluator import Progress as Callbacks
+
+ROWS = [  # (label, result key, format)
+    ("step", "step", "{:,}"),
+    ("loss (nats/token)", "loss", "{:.4f}"),
+    ("perplexity", "ppl", "{:,.2f}"),
+    ("bits per byte", "bits_per_byte", "{:.4f}"),
+    ("top-1 accuracy", "accuracy", "{:.2%}"),
+    ("tokens", "tokens", "{:,}"),
+    ("bytes", "bytes", "{:,}"),
+    ("bytes per token", "bytes_per_token", "{:.2f}"),
+    ("context / stride", None, None),
+    ("device / dtype", None, None),
+    ("tokens/s", "tokens_per_s", "{:,.0f}"),
+]
+
+
+def _cell(result: dict[str, Any], key: str | None, fmt: str | None, label: str) -> str:
+    if label == "context / stride":
+        return f"{result['context']} / {result['stride']}"
+    if label == "device / dtype":
+        return f"{result['device']} / {result['dtype']}"
+    value = result.get(key)
+    return "—" if value is None else fmt.format(value)
+
+
+def results_table(results: list[dict[str, Any]]) -> Table:
+    """One column per run or checkpoint, scored on the same text."""
+    docs = results[0]["documents"] if results else 0
+    table = Table(title=f"Evaluation on {', '.join(results[0]['data']) if results else '?'} ({docs:,} documents)")
+    table.add_column("")
+    for r in results:
+        table.add_column(r["name"], justify="right", overflow="fold")
+    for label, key, fmt in ROWS:
+        table.add_row(label, *(_cell(r, key, fmt, label) for r in results))
+    return table
+
+
+class EvalProgress:
+    """A rich progress bar (tokens scored) for each model in turn; silent when stderr is not a terminal."""
+
+    def __init__(self, console: Console):
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("tokens"), TimeRemainingColumn(), console=console, transient=True,
+                             disable=not console.is_terminal)
+        self._task = None
+        self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)
+
+    def _start(self, label: str, total: int) -> None:
+        self._task = self._bar.add_task(f"scoring {label}", total=total)
+
+    def _advance(self, tokens: int) -> None:
+        self._bar.update(self._task, advance=tokens)
+
+    def _done(self) -> None:
+        if self._task is not None:
+            self._bar.remove_task(self._task)
+            self._task = None
+
+    def __enter__(self) -> EvalProgress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.__exit__(*exc)

@@ -1,0 +1,1 @@
+"""`gptoss serve`: an OpenAI-compatible HTTP server with streaming and continuous batching."""

@@ -1,0 +1,322 @@
+"""The continuous-batching decode loop behind `gptoss serve`: one thread owns the model.
+
+Requests wait in a bounded queue and join the running batch between decode steps. Each loop iteration
+1. drops requests whose client went away (their slot is free for the next one at once),
+2. prefills at most `prefill_chunk` prompt tokens in chunks: the rest of the joining request's prompt,
+   then (while tokens are left) the next waiting requests', each in its own slot and its own forward,
+3. runs one (R, 1) decode forward over every running request, each at its own position, and samples
+   each row with that request's settings and its own torch.Generator,
+so a long prompt delays the others by one chunk per step, not by its whole prefill. A request leaves
+as soon as it hits EOS, a stop id or string, its max_tokens or the context. Tokens are those of
+infer/generate.py's generate_tokens for the same prompt and settings: the same sampling (sample()) on
+the same logits, one generator per request seeded as there.
+
+Events go back through each request's `emit` callback (called on this thread; the HTTP side hands them
+to its event loop). A failing request is answered with an error and dropped; the loop carries on.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from ..config import InferConfig
+from ..errors import GptossError
+from ..infer.sampling import TextStream, sample
+from ..model import Transformer
+from .slots import SlotKVCache
+
+
+class QueueFull(GptossError):
+    """The waiting queue is at --max-queue: the client should retry later."""
+
+
+class EngineClosed(GptossError):
+    """The server is shutting down and takes no new requests."""
+
+
+@dataclass
+class Token:
+    text: str  # newly releasable text (may be empty: an unfinished character or a held-back stop prefix)
+    token_id: int
+
+
+@dataclass
+class Done:
+    reason: str  # stop (EOS, a stop id or string) | length (max_tokens or the context)
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class Failed:
+    message: str
+    shutdown: bool = False  # the server stopped before the request finished (not the request's fault)
+
+
+Event = Token | Done | Failed
+
+
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: InferConfig  # this request's settings: the run's infer defaults with the request's fields
+    emit: Callable[[Event], None]
+    stop_ids: frozenset[int] = frozenset()  # besides EOS: e.g. the chat format's end-of-turn ids
+    cancelled: bool = False  # set from the HTTP side when the client disconnects
+    id: int = field(default_factory=itertools.count().__next__)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Running:
+    """A request inside the loop: its slot, generator, text stream and the next token to feed."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer, device: torch.device, max_length: int,
+                 vocab_size: int):
+        self.request = request
+        self.params = request.params
+        self.stream = TextStream(tokenizer, request.params.stop)
+        self.generator = torch.Generator(device=device)
+        if request.params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(request.params.seed)
+        self.budget = min(request.params.max_new_tokens, max_length - len(request.prompt))
+        self.seen = None  # (1, V) tokens the repetition penalty applies to, as in generate_tokens
+        if request.params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(request.prompt, device=device)] = True
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.out: list[int] = []
+        self.last = 0  # the token the next decode step feeds, at position `pos`
+        self.pos = len(request.prompt)
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, eos_id: int | None, max_batch: int = 16,
+                 max_queue: int = 64, max_length: int | None = None, prefill_chunk: int = 256):
+        cfg = model.config
+        self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_length = min(max_length or cfg.max_context_length, cfg.max_context_length)
+        self.device = model.embedding.weight.device
+        self.cache = SlotKVCache(cfg, max_batch, self.max_length, model.embedding.weight.dtype, self.device)
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._decoding: list[_Running] = []  # in slots 0..D-1
+        self._joining: _Running | None = None  # being prefilled, in slot D
+        self._wake = threading.Condition()
+        self._closed = False
+        self._stop = False
+        # Totals since start, for /health: requests done, cancelled (client gone), failed; the widest step.
+        self.counts = {"finished": 0, "cancelled": 0, "failed": 0, "peak_batch": 0}
+        self._thread = threading.Thread(target=self._run, name="gptoss-decode", daemon=True)
+
+    # ---- the HTTP side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests (all or none). Raises QueueFull or EngineClosed."""
+        with self._wake:
+            if self._closed:
+                raise EngineClosed("the server is shutting down")
+            if len(self._waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self._waiting.extend(requests)
+            self._wake.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the loop: whatever still runs is answered with an error."""
+        with self._wake:
+            self._closed = self._stop = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def load(self) -> dict[str, int]:
+        return {"running": len(self._decoding) + (self._joining is not None), "waiting": len(self._waiting),
+                "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counts}
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._stop and not (self._waiting or self._decoding or self._joining):
+                        self._wake.wait()
+                    if self._stop:
+                        break
+                try:
+                    self._step()
+                except Exception as err:  # a bug must not take the server down: fail what ran, go on
+                    print(f"serve: decode step failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+                    for run in [*self._decoding, *([self._joining] if self._joining else [])]:
+                        self._fail(run.request, _failure(err))
+                    self._decoding, self._joining = [], None
+        for run in [*self._decoding, *([self._joining] if self._joining else [])]:
+            self._fail(run.request, "the server shut down before this request finished", shutdown=True)
+        with self._wake:
+            for request in self._waiting:
+                self._fail(request, "the server shut down before this request started", shutdown=True)
+            self._waiting.clear()
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        budget = self.prefill_chunk  # prompt tokens this step may prefill, over one or more joining requests
+        while budget > 0:
+            if self._joining is None and len(self._decoding) < self.max_batch:
+                with self._wake:
+                    request = self._waiting.popleft() if self._waiting else None
+                if request is not None:
+                    self._joining = _Running(request, self.tokenizer, self.device, self.max_length,
+                                             self.model.config.vocab_size)
+                    self.cache.reset(len(self._decoding))
+            if self._joining is None:
+                break
+            budget -= self._prefill_chunk(budget)
+        if self._decoding:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            gone = sum(r.cancelled for r in self._waiting)
+            if gone:
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+                self.counts["cancelled"] += gone
+        if self._joining is not None and self._joining.request.cancelled:
+            self._joining = None
+            self.counts["cancelled"] += 1
+        for i in reversed(range(len(self._decoding))):
+            if self._decoding[i].request.cancelled:
+                self._leave(i)
+                self.counts["cancelled"] += 1
+
+    def _leave(self, row: int) -> None:
+        """Remove decoding row `row`; the last decoding row and then the joining one move down a slot."""
+        last = len(self._decoding) - 1
+        if row != last:
+            self.cache.move(last, row, self._decoding[last].pos)
+            self._decoding[row] = self._decoding[last]
+        self._decoding.pop()
+        if self._joining is not None:
+            self.cache.move(last + 1, last, self._joining.prefilled)
+
+    def _prefill_chunk(self, limit: int) -> int:
+        """Prefill up to `limit` more prompt tokens of the joining request; returns how many it took. Once the
+        prompt is in, its first token is sampled and it joins the decoding rows."""
+        run, slot = self._joining, len(self._decoding)
+        prompt = run.request.prompt
+        start, end = run.prefilled, min(run.prefilled + limit, len(prompt))
+        try:
+            tokens = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)  # (1, C)
+            positions = torch.arange(start, end, device=self.device)[None]  # (1, C)
+            self.cache.select(slot, slot + 1, end)
+            logits = self.model(tokens, positions, self.cache, last_only=True).logits[:, -1]  # (1, V)
+            run.prefilled = end
+            if end < len(prompt):
+                return end - start
+            token = sample(logits, run.params, run.generator, run.seen).item()
+        except Exception as err:
+            self._joining = None
+            self._fail(run.request, _failure(err))
+            return end - start
+        self._joining = None
+        self._decoding.append(run)  # slot D becomes decoding row D
+        if self._accept_or_fail(run, token):
+            self._leave(len(self._decoding) - 1)
+        return end - start
+
+    def _decode(self) -> None:
+        rows = self._decoding
+        self.counts["peak_batch"] = max(self.counts["peak_batch"], len(rows))
+        tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
+        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
+        self.cache.select(0, len(rows), max(r.pos for r in rows) + 1)
+        logits = self.model(tokens, positions, self.cache).logits[:, -1]  # (R, V) fp32
+        for r in rows:
+            r.pos += 1
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.seen is None]
+        picked: dict[int, int] = {}
+        if greedy:
+            picked.update(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True))
+        failed: dict[int, str] = {}
+        sampled, drawn = [], []
+        for i, r in enumerate(rows):
+            if i not in picked:
+                try:
+                    drawn.append(sample(logits[i:i + 1], r.params, r.generator, r.seen))  # (1,)
+                    sampled.append(i)
+                except Exception as err:
+                    failed[i] = _failure(err)
+        if drawn:
+            picked.update(zip(sampled, torch.cat(drawn).tolist(), strict=True))  # one host sync for all
+        finished = []
+        for i, r in enumerate(rows):
+            if i in failed:
+                self._fail(r.request, failed[i])
+                finished.append(i)
+            elif self._accept_or_fail(r, picked[i]):
+                finished.append(i)
+        for i in reversed(finished):
+            self._leave(i)
+
+    def _accept_or_fail(self, run: _Running, token: int) -> bool:
+        """_accept, with a failure (in detokenising, in the request's own callback) failing only this request."""
+        try:
+            return self._accept(run, token)
+        except Exception as err:
+            self._fail(run.request, _failure(err))
+            return True
+
+    def _accept(self, run: _Running, token: int) -> bool:
+        """Hand one sampled token to its request; True when the request is done."""
+        request = run.request
+        reason = None
+        if token == self.eos_id or token in request.stop_ids:
+            reason = "stop"
+        else:
+            run.out.append(token)
+            chunk = run.stream.add(token)
+            if run.stream.stopped:
+                reason = "stop"
+            elif len(run.out) >= run.budget:
+                reason = "length"
+            if chunk:
+                request.emit(Token(chunk, token))
+            run.last = token
+            if run.seen is not None:
+                run.seen[0, token] = True
+        if reason is None:
+            return False
+        tail = run.stream.finish()
+        if tail:
+            request.emit(Token(tail, token))
+        request.emit(Done(reason, len(request.prompt), len(run.out), run.out, run.stream.text))
+        self.counts["finished"] += 1
+        return True
+
+    def _fail(self, request: Request, message: str, shutdown: bool = False) -> None:
+        self.counts["failed"] += 1
+        try:
+            request.emit(Failed(message, shutdown))
+        except Exception as err:  # nothing more can be told to this request; the others go on
+            print(f"serve: request {request.id}: {message}; and its callback failed: {err}", file=sys.stderr)
+
+
+def _failure(err: Exception) -> str:
+    if isinstance(err, GptossError):
+        return str(err)
+    return f"generation failed: {type(err).__name__}: {err}"

@@ -1,0 +1,112 @@
+"""The request bodies of the OpenAI HTTP API that `gptoss serve` speaks, and its error object.
+
+Unknown fields are rejected (400), as the OpenAI API does; fields the API has but this server does not
+implement are accepted only at their neutral value (e.g. `logprobs: null`, `presence_penalty: 0`), so a
+client never silently gets something other than what it asked for. Response bodies are plain dicts built
+in app.py (their shapes follow the OpenAI API reference for completions and chat completions).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Fields the API defines that we accept only at the value that means "off".
+_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "logprobs": None, "top_logprobs": None, "echo": False,
+            "best_of": None, "logit_bias": None, "suffix": None, "tools": None, "tool_choice": None,
+            "response_format": None, "parallel_tool_calls": None}
+
+
+class ApiError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    """What both endpoints share: sampling, stopping, streaming."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: Annotated[int, Field(gt=0)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None  # not in the OpenAI API; vLLM and others accept it
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # likewise
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _neutral(self):
+        for name, off in _NEUTRAL.items():
+            value = getattr(self, name, off)
+            if value is not off and value not in (None, False, 0, {}, []):
+                raise ValueError(f"{name} is not supported by this server (leave it unset)")
+        stops = self.stop_list()
+        if len(stops) > 4:
+            raise ValueError("stop takes at most 4 strings")
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return self
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: the conversation format decides
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+
+    def plain_messages(self) -> list[dict[str, Any]]:
+        """Messages as dicts, content parts of type "text" joined into one string."""
+        out = []
+        for m in self.messages:
+            d = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                if any(part.get("type") != "text" for part in m.content):
+                    raise ApiError(400, "only text content parts are supported", param="messages")
+                d["content"] = "".join(str(part.get("text", "")) for part in m.content)
+            out.append(d)
+        return out

@@ -1,0 +1,89 @@
+"""A key/value cache with one slot per running request, for the server's continuous batching.
+
+Same layout as model/kv_cache.py's KVCache (keys after RoPE, a ring of `sliding_window` slots on sliding
+layers, a buffer on full-attention layers, the absolute position of every slot with -1 = empty), but each
+batch row is a request with its own length. A forward covers a contiguous range of rows (`select`); a
+row's tokens sit at full-layer index = their position and at ring index = position % ring, so rows of
+different lengths decode together in one (R, 1) forward and the mask (built from positions) keeps each
+row to its own keys. The engine keeps the decoding rows packed at 0..R-1 (`move` fills a finished
+request's slot with the last row), so a step reads a slice, never a gather.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import ModelConfig
+
+
+class SlotKVCache:
+    def __init__(self, config: ModelConfig, slots: int, max_length: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.config = config
+        self.slots, self.max_length = slots, max_length
+        self.window = config.sliding_window
+        ring = min(self.window, max_length) if self.window else 0
+        nkv, d = config.num_key_value_heads, config.head_dim
+        self.k, self.v = [], []
+        for layer in range(config.num_hidden_layers):
+            length = ring if config.is_sliding(layer) else max_length
+            self.k.append(torch.zeros(slots, length, nkv, d, dtype=dtype, device=device))
+            self.v.append(torch.zeros(slots, length, nkv, d, dtype=dtype, device=device))
+        self.pos_full = torch.full((slots, max_length), -1, dtype=torch.long, device=device)
+        self.pos_ring = torch.full((slots, ring), -1, dtype=torch.long, device=device)
+        self._rows = slice(0, 0)
+        self._end = 0
+        self._positions = self._ring_dst = None
+        self._ring_src = slice(0, 0)
+
+    def select(self, start: int, stop: int, end: int) -> None:
+        """The next forward covers rows start..stop-1; `end` = 1 + the largest position it writes."""
+        if end > self.max_length:
+            raise ValueError(f"KV cache slots hold {self.max_length} tokens; position {end - 1} does not fit")
+        self._rows, self._end = slice(start, stop), end
+
+    def reset(self, slot: int) -> None:
+        """Empty one slot for a new request: stale keys are masked by their -1 positions."""
+        self.pos_full[slot].fill_(-1)
+        self.pos_ring[slot].fill_(-1)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot src (its first `length` positions) into slot dst, to keep the running rows packed."""
+        for layer in range(len(self.k)):
+            n = self.k[layer].shape[1] if self.config.is_sliding(layer) else length
+            self.k[layer][dst, :n] = self.k[layer][src, :n]
+            self.v[layer][dst, :n] = self.v[layer][src, :n]
+        self.pos_full[dst] = self.pos_full[src]
+        self.pos_ring[dst] = self.pos_ring[src]
+
+    def begin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (R, T) of the selected rows, consecutive within a row -> the key positions that full
+        layers (R, end) and sliding layers (R, ring+T) attend over. Called by the model before its layers."""
+        t = positions.shape[1]
+        self._positions = positions
+        pos_full = self.pos_full[self._rows]  # a view: scatter_ writes into the cache
+        pos_full.scatter_(1, positions, positions)
+        pos_ring = self.pos_ring[self._rows]
+        kpos_ring = torch.cat([pos_ring, positions], dim=1)  # read before the chunk overwrites the ring
+        ring = pos_ring.shape[1]
+        if ring:
+            keep = min(t, ring)  # only a row's last `ring` tokens survive in its ring
+            self._ring_src = slice(t - keep, t)
+            self._ring_dst = positions[:, self._ring_src] % ring  # (R, keep), distinct within a row
+            pos_ring.scatter_(1, self._ring_dst, positions[:, self._ring_src])
+        return pos_full[:, :self._end], kpos_ring
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v (R, T, NKV, D) of the current chunk -> the keys and values this layer attends over."""
+        kc, vc = self.k[layer][self._rows], self.v[layer][self._rows]
+        if self.config.is_sliding(layer):
+            k_all = torch.cat([kc, k], dim=1)  # (R, ring+T, NKV, D), read before overwriting
+            v_all = torch.cat([vc, v], dim=1)
+            index = self._ring_dst[:, :, None, None].expand(-1, -1, k.shape[2], k.shape[3])
+            kc.scatter_(1, index, k[:, self._ring_src])
+            vc.scatter_(1, index, v[:, self._ring_src])
+            return k_all, v_all
+        index = self._positions[:, :, None, None].expand(-1, -1, k.shape[2], k.shape[3])
+        kc.scatter_(1, index, k)
+        vc.scatter_(1, index, v)
+        return kc[:, :self._end], vc[:, :self._end]
