@@ -2,10 +2,10 @@
 
 The lock is fcntl.flock on the file, so the kernel releases it when the process dies however it dies
 (kill -9 included): a lock left by a dead trainer is simply taken over. The file's content (pid, host,
-start time) only says who holds it, for the error a second trainer prints. Readers (infer, chat, serve, eval, report, export)
-never take it: a run directory is only ever changed by whole-file renames (run/atomic.py), so reading one
-while it trains is safe. Under torchrun rank 0 alone holds it. The lock is advisory and local to what
-flock covers: on a network file system without flock support it protects only processes of one host.
+start time) only says who holds it, for the error a second trainer prints. Readers (infer, chat, serve,
+eval, report, export) never take it: a trainer replaces files by whole-file renames (run/atomic.py) or
+appends lines to the logs, so reading a run while it trains is safe. Under torchrun rank 0 alone holds it.
+The lock is advisory, and as good as the file system's flock (a network file system may not honour it).
 """
 
 from __future__ import annotations
