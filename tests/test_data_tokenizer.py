@@ -1,6 +1,7 @@
-"""The data pipeline and the tokenizer: what a document is (.txt paragraphs, .jsonl `text`), directories
-and globs, the built-in corpus, the deterministic train/validation split, the cached token stream, and the
-byte-level BPE tokenizer (lossless round trip, single-id special tokens, small corpora).
+"""Documents and the tokenizer: what a document is (.txt paragraphs, .jsonl `text`), directories and
+globs, the built-in corpus, the sample order of TokenBatches, and the byte-level BPE tokenizer (lossless
+round trip, single-id special tokens, small corpora). Every input format is in test_data_formats.py, the
+prepared shards in test_data_prepare.py.
 """
 
 from __future__ import annotations
@@ -8,11 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from gptoss_cli.data.batches import TokenBatches, tokenize_stream
-from gptoss_cli.data.corpus import load_documents, split_documents
+from gptoss_cli.data.batches import TokenBatches, permute
+from gptoss_cli.data.corpus import load_documents
 from gptoss_cli.data.tokenizer import EOS, PAD, check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 from gptoss_cli.errors import GptossError
 
@@ -49,7 +51,7 @@ def test_jsonl_text_field(tmp_path):
 @pytest.mark.parametrize(("line", "problem"), [
     ({"body": "no text field"}, "expected an object with a string 'text' field"),
     ({"text": 3}, "expected an object with a string 'text' field"),
-    ("[1, 2]", "expected an object with a string 'text' field"),
+    ("[1, 2]", "expected a JSON object"),
     ("{not json", "invalid JSON"),
 ])
 def test_jsonl_bad_line_names_file_and_line(tmp_path, line, problem):
@@ -66,8 +68,9 @@ def test_directories_and_globs_are_sorted_and_recursive(tmp_path):
     write(root / "a.jsonl", json.dumps({"text": "a1"}) + "\n")
     write(root / "sub" / "c.txt", "c1")
     write(root / "sub" / "deeper" / "d.jsonl", json.dumps({"text": "d1"}) + "\n")
-    write(root / "notes.md", "ignored")
-    assert load_documents([str(root)]) == ["a1", "b1", "b2", "c1", "d1"]
+    write(root / "notes.md", "m1")
+    write(root / "image.png", "not text")
+    assert load_documents([str(root)]) == ["a1", "b1", "b2", "m1", "c1", "d1"]
     assert load_documents([str(root / "**" / "*.txt")]) == ["b1", "b2", "c1"]
     assert load_documents([str(root / "*.jsonl")]) == ["a1"]
     # Several specs: in the order given.
@@ -75,12 +78,12 @@ def test_directories_and_globs_are_sorted_and_recursive(tmp_path):
 
 
 def test_bad_paths(tmp_path):
-    write(tmp_path / "only" / "readme.md", "x")
+    write(tmp_path / "only" / "image.png", "x")
     cases = {
         str(tmp_path / "missing.txt"): "does not exist",
-        str(tmp_path / "only"): "holds no .txt or .jsonl files",
-        str(tmp_path / "only" / "readme.md"): "is neither .txt nor .jsonl",
-        str(tmp_path / "*.none"): "matches no .txt or .jsonl files",
+        str(tmp_path / "only"): "holds no readable files (.txt, .md, .jsonl",
+        str(tmp_path / "only" / "image.png"): "is not a readable kind of file",
+        str(tmp_path / "*.none"): "matches no readable files",
     }
     for spec, problem in cases.items():
         with pytest.raises(GptossError, match="data.paths: ") as info:
@@ -98,63 +101,11 @@ def test_builtin_corpus():
     assert load_documents([]) == docs
 
 
-def test_split_is_deterministic_disjoint_and_complete():
-    docs = [f"document number {i}" for i in range(40)]
-    train, val = split_documents(docs, 0.2, seed=1)
-    assert (train, val) == split_documents(docs, 0.2, seed=1)
-    assert len(val) == 8 and len(train) == 32
-    assert not set(train) & set(val) and set(train) | set(val) == set(docs)
-    assert train == [d for d in docs if d in set(train)]  # each side keeps the corpus order
-    assert split_documents(docs, 0.2, seed=2)[1] != val
-    assert split_documents(docs[:2], 0.01, seed=1)[1] != []  # at least one validation document
-    assert split_documents(docs, 0.0, seed=1) == (docs, [])
-
-
-# ---- the token stream and its cache ---------------------------------------------------------------
-
-class ExplodingTokenizer:
-    """Delegates to a real tokenizer but fails if anything is encoded: proves a cache hit."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def token_to_id(self, token):
-        return self.inner.token_to_id(token)
-
-    def encode_batch(self, docs):
-        raise AssertionError("encode_batch called: the token cache was not used")
-
-
-def test_token_stream_ends_each_document_with_eos_and_is_cached(tok, isolated_cache):
-    h = tokenizer_hash(tok)
-    stream = tokenize_stream(DOCS, tok, h)
-    eos = tok.token_to_id(EOS)
-    assert stream.dtype == torch.int32 and int(stream[-1]) == eos
-    assert (stream == eos).sum().item() == len(DOCS)
-    expected = [i for d in DOCS for i in [*tok.encode(d).ids, eos]]
-    assert stream.tolist() == expected
-    assert len(list((isolated_cache / "tokens").glob("*.safetensors"))) == 1
-
-    again = tokenize_stream(DOCS, ExplodingTokenizer(tok), h)
-    assert torch.equal(again, stream)
-    with pytest.raises(AssertionError, match="not used"):  # the key includes the tokenizer ...
-        tokenize_stream(DOCS, ExplodingTokenizer(tok), "another-tokenizer")
-    with pytest.raises(AssertionError, match="not used"):  # ... and the documents
-        tokenize_stream(DOCS[:-1], ExplodingTokenizer(tok), h)
-
-
-def test_damaged_cache_entry_is_rebuilt(tok, isolated_cache):
-    h = tokenizer_hash(tok)
-    stream = tokenize_stream(DOCS, tok, h)
-    (entry,) = (isolated_cache / "tokens").glob("*.safetensors")
-    entry.write_bytes(b"not a safetensors file")
-    assert torch.equal(tokenize_stream(DOCS, tok, h), stream)
-    assert torch.equal(tokenize_stream(DOCS, ExplodingTokenizer(tok), h), stream)  # rewritten
-
+# ---- the sample order ---------------------------------------------------------------------------
 
 def test_token_batches_are_next_token_windows():
-    stream = torch.arange(50, dtype=torch.int32)
-    data = TokenBatches(stream, seq_len=4, batch_size=3, seed=0)
+    stream = np.arange(50, dtype=np.uint16)
+    data = TokenBatches([stream[:13], stream[13:31], stream[31:]], seq_len=4, batch_size=3, seed=0)  # 3 shards
     assert (data.num_samples, data.batches_per_epoch) == (12, 4)
     inputs, targets = data.batch(epoch=0, index=1)
     assert inputs.shape == targets.shape == (3, 4) and inputs.dtype == torch.int64
@@ -164,6 +115,28 @@ def test_token_batches_are_next_token_windows():
     assert sorted(seen.tolist()) == list(range(0, 48, 4))  # one epoch visits every window once
     assert not torch.equal(torch.cat([data.batch(1, i)[0] for i in range(4)]),
                            torch.cat([data.batch(0, i)[0] for i in range(4)]))
+    # Each rank draws its own rows of the global batch.
+    halves = TokenBatches([stream], seq_len=4, batch_size=4, seed=3)
+    whole = halves.batch(2, 1)[0]
+    assert torch.equal(torch.cat([halves.batch(2, 1, rank=r, world=2)[0] for r in (0, 1)]), whole)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_permutation_is_a_bijection_for_every_size(n):
+    order = permute(np.arange(n), n, seed=11, epoch=2)
+    assert sorted(order.tolist()) == list(range(n))
+    if n > 7:
+        assert order.tolist() != list(range(n)) and not np.array_equal(order, permute(np.arange(n), n, 11, 3))
+
+
+def test_validation_sample_is_fixed_and_spread():
+    data = TokenBatches([np.arange(1001, dtype=np.uint32)], seq_len=10, batch_size=4, seed=0)
+    batches = data.eval_batches(2)
+    assert [b[0].shape for b in batches] == [(4, 10), (4, 10)]
+    starts = [int(row[0]) for b in batches for row in b[0]]
+    assert starts == sorted(set(starts)) and starts[0] == 0 and starts[-1] >= 800  # spread over the split
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, data.eval_batches(2), strict=True))
+    assert len(data.eval_batches(100)) == 25  # all 100 samples when fewer than asked
 
 
 # ---- the tokenizer --------------------------------------------------------------------------------

@@ -29,9 +29,12 @@ class ConfigError(GptossError):
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # .txt/.jsonl files, directories, globs; [] = built-in corpus
+    paths: list[str] = field(default_factory=list)  # files (see docs/training.md), directories, globs; [] = built-in
     val_fraction: float = 0.05  # share of documents held out for validation
     tokenizer: str | None = None  # reuse this tokenizer.json instead of training one
+    text_field: str = "text"  # the field (.jsonl/.json) or column (.parquet) holding each document's text
+    tokenizer_sample_bytes: int = 64 * 2**20  # the tokenizer trains on a seeded sample of about this much text
+    prepared: str | None = None  # a directory written by `gptoss prepare`: train on its shards (not data.paths)
 
 
 @dataclass
@@ -224,8 +227,17 @@ def _check_run(cfg: RunConfig) -> None:
         raise ConfigError(
             f"train.seq_len: {t.seq_len} exceeds model.max_context_length={cfg.model.max_context_length}"
         )
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
+    d = cfg.data
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if not d.text_field:
+        raise ConfigError("data.text_field: must not be empty")
+    if d.tokenizer_sample_bytes <= 0:
+        raise ConfigError(f"data.tokenizer_sample_bytes: must be > 0, got {d.tokenizer_sample_bytes}")
+    if d.prepared is not None and d.paths:
+        raise ConfigError("data.prepared: a prepared dataset already holds its text; leave data.paths empty")
+    if d.prepared is not None and not d.prepared:
+        raise ConfigError("data.prepared: must be a directory (or null)")
     i = cfg.infer
     if i.max_new_tokens <= 0:
         raise ConfigError(f"infer.max_new_tokens: must be > 0, got {i.max_new_tokens}")

@@ -42,7 +42,7 @@ def command(
         console.file = sys.stderr
     try:
         prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer,
-                           init_from=init_from)
+                           init_from=init_from, progress=not json)
         summary = Trainer(prepared).run()
     finally:
         if json:

@@ -1,27 +1,29 @@
 """Everything `gptoss train` does before the first step: run directory, data, tokenizer, model, optimizer,
 resume state, and (under torchrun) the process group and the DDP / FSDP2 wrapping.
 
-Under torchrun, rank 0 decides what is shared (the run directory, the tokenizer) and broadcasts it; every
-rank reads the data and the checkpoint itself (multi-node runs need the run directory on a shared file
+Under torchrun, rank 0 decides the run directory and broadcasts it; rank 0 prepares the data while the
+others wait for it (data/dataset.py), then every rank memory-maps the same shards and reads only its own
+rows, reads the checkpoint itself (multi-node runs need the run directory and the data on a shared file
 system), builds the same model from the same seed and then wraps it.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..config import RunConfig, TrainConfig, save_config
-from ..data.batches import TokenBatches, tokenize_stream
-from ..data.corpus import load_documents, split_documents
-from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
+from ..data.batches import TokenBatches
+from ..data.dataset import open_training_data
+from ..data.tokenizer import tokenizer_hash
 from ..devices import native_bf16, pick_device
 from ..errors import GptossError
 from ..model import Transformer
-from ..output import console, warn
+from ..output import console
 from ..run import checkpoint as ckpt
 from ..run.layout import new_run_dir, write_atomic
 from ..sizing import resolve_precision
@@ -58,32 +60,19 @@ class Prepared:
     dist: distributed.DistInfo = field(default_factory=distributed.DistInfo)
     resume_state: dict | None = None
     resume_tensors: dict = field(default_factory=dict)
+    setup_times: dict = field(default_factory=dict)  # read_s, tokenizer_s, tokenize_s, model_s (seconds)
+    data_root: Path | None = None  # the prepared dataset trained on
 
 
-def _tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, train_docs, info):
-    """Rank 0 loads or trains the tokenizer; the others receive its JSON."""
-    from tokenizers import Tokenizer
-
-    text = None
-    if info.main:
-        source = tokenizer_path or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
-        if source is None and source_ckpt:  # the tokenizer the checkpoint was trained with
-            for candidate in (source_ckpt.parent.parent / "tokenizer.json", run_dir / "tokenizer.json"):
-                if candidate.is_file():
-                    source = candidate
-                    break
-        if source is not None:
-            if not Path(source).is_file():
-                raise GptossError(f"tokenizer: {source} does not exist")
-            tok = load_tokenizer(Path(source))
-            check_vocab(tok, cfg.model.vocab_size, str(source))
-        else:
-            tok = train_tokenizer(train_docs, cfg.model.vocab_size)
-            if tok.get_vocab_size() < cfg.model.vocab_size:
-                warn(f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
-                     "the model keeps model.vocab_size")
-        text = tok.to_str()
-    return Tokenizer.from_str(distributed.broadcast_object(text, info))
+def _tokenizer_source(cfg, run_dir, source_ckpt, tokenizer_path) -> Path | None:
+    """The tokenizer.json a run must use (given, or the one its checkpoint was trained with); None: the
+    data's own. Every rank finds the same path by itself (no collective)."""
+    source = tokenizer_path or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
+    if source is None and source_ckpt:  # the tokenizer the checkpoint was trained with
+        for candidate in (source_ckpt.parent.parent / "tokenizer.json", run_dir / "tokenizer.json"):
+            if candidate.is_file():
+                return candidate
+    return source
 
 
 def _drop_metrics_after(path: Path, step: int) -> None:
@@ -112,9 +101,10 @@ def _accumulation(cfg: RunConfig, world: int) -> int:
 
 
 def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_from: Path | None = None,
-            tokenizer_path: Path | None = None, init_from: Path | None = None) -> Prepared:
+            tokenizer_path: Path | None = None, init_from: Path | None = None, progress: bool = True) -> Prepared:
     """Set up a run. `resume`/`resume_from` continue a checkpoint exactly (weights, optimizer, data
-    position); `init_from` starts a new run (step 0, fresh optimizer) from a checkpoint's weights."""
+    position); `init_from` starts a new run (step 0, fresh optimizer) from a checkpoint's weights.
+    `progress`: progress bars (stderr) while the data is prepared."""
     t = cfg.train
     if init_from is not None and (resume or resume_from):
         raise GptossError("--init-from starts a new run from weights; it cannot be combined with --resume")
@@ -151,27 +141,26 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         _check_same_model(cfg, ckpt.read_state(init_ckpt), init_ckpt, "--init-from")
     accum = _accumulation(cfg, info.world)
 
-    docs = load_documents(cfg.data.paths)
-    train_docs, val_docs = split_documents(docs, cfg.data.val_fraction, t.seed)
-    tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path, train_docs, info)
+    data = open_training_data(cfg, _tokenizer_source(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path),
+                              info.rank, show=progress and info.main)
+    tok = data.tokenizer
     tok_hash = tokenizer_hash(tok)
     if state and state.get("tokenizer_hash") not in (None, tok_hash):
-        raise GptossError(f"--resume: the tokenizer differs from the one {resume_ckpt} was trained with")
+        raise GptossError(f"--resume: the tokenizer of {data.root} differs from the one {resume_ckpt} was trained "
+                          "with")
 
-    train_stream = tokenize_stream(train_docs, tok, tok_hash)
-    # Every rank walks the same global order and takes its own slice of each global micro-batch.
-    train_data = TokenBatches(train_stream, t.seq_len, t.batch_size * info.world, t.seed)
+    # Every rank walks the same global order and draws only its own slice of each global micro-batch.
+    train_data = TokenBatches(data.train.arrays, t.seq_len, t.batch_size * info.world, t.seed)
     if train_data.batches_per_epoch < 1:
         raise GptossError(
-            f"data: {train_stream.numel()} training tokens make {train_data.num_samples} sequences of "
+            f"data: {train_data.tokens} training tokens make {train_data.num_samples} sequences of "
             f"{t.seq_len}+1 tokens, fewer than one batch of {train_data.batch_size}; add text or lower them"
         )
     val_data = None
-    if val_docs:
-        val_stream = tokenize_stream(val_docs, tok, tok_hash)
-        val_len = min(t.seq_len, val_stream.numel() - 1)
-        if val_len >= 2:
-            val_data = TokenBatches(val_stream, val_len, t.batch_size, t.seed)
+    val_len = min(t.seq_len, data.val.tokens - 1)
+    if val_len >= 2:
+        val_data = TokenBatches(data.val.arrays, val_len, t.batch_size, t.seed)
+    model_start = time.perf_counter()
 
     if info.main:
         if state:
@@ -203,8 +192,9 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         distributed.load_optimizer_state(model, optimizer, ckpt.optimizer_from_tensors(tensors, state["optimizer"]))
         if info.main:
             console.print(f"resuming from {resume_ckpt} (step {state['step']})")
+    times = {**data.times, "model_s": time.perf_counter() - model_start}
     return Prepared(cfg, run_dir, device, model, wrapped, optimizer, train_data, val_data, tok_hash, accum,
-                    precision.name, info, state, tensors)
+                    precision.name, info, state, tensors, times, data.root)
 
 
 def place_model(model: Transformer, t: TrainConfig, precision: str, device: torch.device) -> None:
