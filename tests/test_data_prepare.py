@@ -220,9 +220,9 @@ def test_empty_corpus_after_filtering(tmp_path):
     blank.write_text(json.dumps({"text": "   "}) + "\n" + json.dumps({"text": "\n\n"}) + "\n")
     with pytest.raises(GptossError) as info:
         prepare_dataset(find_sources([str(blank)]), tmp_path / "ds", SETTINGS, show=False)
-    assert one_line(info) == f"data.paths: no training text found in {blank}"
+    assert one_line(info) == f"data.paths: no text found in {blank}"
     tok = train_tokenizer(load_documents([]), 320)
-    with pytest.raises(GptossError, match=f"no training text found in {blank}"):
+    with pytest.raises(GptossError, match=f"no text found in {blank}"):
         prepare_dataset(find_sources([str(blank)]), tmp_path / "ds", SETTINGS, tokenizer=tok, show=False)
     assert not list((tmp_path / "ds").iterdir())  # no half-made dataset left behind
 

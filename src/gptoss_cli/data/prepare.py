@@ -147,7 +147,7 @@ def tokenizer_for(sources: list[Source], settings: Settings, show: bool, times: 
     sample = _sample(sources, settings, show)
     times["read_s"] = time.perf_counter() - t0
     if not sample:
-        raise GptossError(f"data.paths: no training text found in {', '.join(str(s.path) for s in sources)}")
+        raise GptossError(f"data.paths: no text found in {', '.join(str(s.path) for s in sources)}")
     t0 = time.perf_counter()
     tok = train_tokenizer(sample, settings.vocab_size, show_progress=show)
     times["tokenizer_s"] = time.perf_counter() - t0
@@ -227,6 +227,9 @@ def prepare_dataset(sources: list[Source], out: Path, settings: Settings, tokeni
                     show: bool = True, chunk_bytes: int = CHUNK_BYTES, shard_tokens: int = SHARD_TOKENS) -> Result:
     """Prepare `sources` into `out` (or find them already prepared there). `tokenizer`: reuse this one
     instead of training one; `workers`: tokenizer processes (0 = all cores)."""
+    from ..output import err_console
+
+    show = show and err_console.is_terminal  # a bar on a pipe or a log file is only noise
     out = Path(out)
     key = dataset_key(sources, settings, tokenizer_hash(tokenizer) if tokenizer is not None else "trained")
     state = _start(out, key)
@@ -325,7 +328,7 @@ def prepare_dataset(sources: list[Source], out: Path, settings: Settings, tokeni
             for name in (shards.PROGRESS, shards.TOKENIZER, *(e["file"] for e in state["val"]["shards"])):
                 (out / name).unlink(missing_ok=True)
         where = ", ".join(str(s.path) for s in sources)
-        raise GptossError(f"data.paths: no training text found in {where}")
+        raise GptossError(f"data.paths: no text found in {where}")
     state["complete"] = True
     state.pop("docs_done", None)
     shards.write_json(out / shards.INDEX, state)
