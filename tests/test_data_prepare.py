@@ -259,3 +259,15 @@ def test_train_on_prepared_equals_train_on_paths(gptoss, small_overrides, tmp_pa
                           f"data.prepared={tmp_path / 'ds'}", "--tokenizer", other)
     assert code == 2 and err.startswith(f"error: data.prepared: {tmp_path / 'ds'} was tokenized with another")
     assert not (tmp_path / "c").exists()
+
+
+def test_prepare_cli_bad_arguments(gptoss, tmp_path):
+    missing = tmp_path / "nope.txt"
+    code, out, err = gptoss("prepare", missing, "--out", tmp_path / "ds", "-c", "tiny")
+    assert (code, out, err) == (2, "", f"error: data.paths: {missing} does not exist\n")
+    data = corpus_dir(tmp_path)
+    code, _, err = gptoss("prepare", data, "--out", tmp_path / "ds", "-c", "tiny", "--tokenizer", missing)
+    assert code == 2 and err == f"error: --tokenizer: {missing} does not exist\n"
+    code, _, err = gptoss("prepare", data, "--out", tmp_path / "ds", "-c", "tiny", "--set", "data.text_field=")
+    assert code == 2 and err.strip().endswith("data.text_field: must not be empty")
+    assert not (tmp_path / "ds").exists()

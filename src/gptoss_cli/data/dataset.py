@@ -103,6 +103,11 @@ def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: 
     if rank == 0 and trained and tok.get_vocab_size() < cfg.model.vocab_size:
         warn(f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
              "the model keeps model.vocab_size")
-    return TrainingData(root, index, tok, shards.open_split(root, index, "train"),
-                        shards.open_split(root, index, "val"), trained, times)
+    try:
+        train, val = shards.open_split(root, index, "train"), shards.open_split(root, index, "val")
+    except GptossError as err:
+        if cfg.data.prepared:
+            raise
+        raise GptossError(f"{err} (a cache entry: delete {root} and train again)") from None
+    return TrainingData(root, index, tok, train, val, trained, times)
 
