@@ -235,7 +235,7 @@ def _json_array(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
             continue
         item += 1
         yield item, obj
-        buf, pos = buf[end:], 0
+        pos = end  # the buffer is cut only when it is refilled: no copy per item
 
 
 def _parquet_texts(src: Source, meter: Meter, field: str) -> Iterator[str]:
