@@ -67,7 +67,7 @@ def command(
     else:
         t = result.times
         mb = summary["source_bytes"] / 1e6
-        console.print(f"read {mb:,.1f} MB from {summary['sources']} file(s): reading {t['read_s']:.1f} s, "
+        console.print(f"prepared {mb:,.1f} MB from {summary['sources']} file(s): sample {t['read_s']:.1f} s, "
                       f"tokenizer {t['tokenizer_s']:.1f} s, tokenizing {t['tokenize_s']:.1f} s "
                       f"({mb / max(t['tokenize_s'], 1e-9):,.2f} MB/s)", highlight=False)
     console.print(f"{summary['train_tokens']:,} training and {summary['val_tokens']:,} validation tokens "
