@@ -246,6 +246,11 @@ def test_train_on_prepared_equals_train_on_paths(gptoss, small_overrides, tmp_pa
     assert code == 0, err
     paths_summary = json.loads(out)
     assert paths_summary["setup_s"]["tokenize_s"] > 0  # prepared into the cache first
+    code, out, err = gptoss("train", "-c", "tiny", "-r", tmp_path / "b2", *sets, "--set", f"data.paths={data}",
+                            "--json")
+    assert code == 0, err
+    again = json.loads(out)["setup_s"]  # the same files and settings: the cache entry, nothing redone
+    assert again["tokenize_s"] == again["tokenizer_s"] == again["read_s"] == 0
 
     def losses(run):
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
