@@ -40,7 +40,7 @@ def command(
 
     try:
         prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer,
-                           init_from=init_from)
+                           init_from=init_from, progress=not json)
         summary = Trainer(prepared).run()
     finally:
         shutdown()
