@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
-from .commands import bench, build, chat, env, eval, export, import_, infer, report, serve, train
+from .commands import bench, build, chat, env, eval, export, import_, infer, prepare, report, serve, train
 
 app = typer.Typer(
     name="gptoss",
@@ -29,6 +29,8 @@ app = typer.Typer(
 
 app.command("env")(env.command)
 app.command("build")(build.command)
+app.command("prepare")(prepare.command)
+app.command("prepare")(prepare.command)
 app.command("train")(train.command)
 app.command("infer")(infer.command)
 app.command("chat")(chat.command)

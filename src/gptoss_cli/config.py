@@ -46,12 +46,21 @@ def _require(ok: bool, label: str, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # .txt/.jsonl files, directories, globs; [] = built-in corpus
+    paths: list[str] = field(default_factory=list)  # files (see docs/training.md), directories, globs; [] = built-in
     val_fraction: float = 0.05  # share of documents held out for validation
     tokenizer: str | None = None  # reuse this tokenizer.json instead of training one
+    text_field: str = "text"  # the field (.jsonl/.json) or column (.parquet) holding each document's text
+    tokenizer_sample_bytes: int = 64 * 2**20  # the tokenizer trains on a seeded sample of about this much text
+    prepared: str | None = None  # a directory written by `gptoss prepare`: train on its shards (not data.paths)
 
     def validate(self) -> None:
         _require(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        _require(bool(self.text_field), "data.text_field", "must not be empty")
+        _require(self.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes",
+                 f"must be > 0, got {self.tokenizer_sample_bytes}")
+        _require(self.prepared is None or not self.paths, "data.prepared",
+                 "a prepared dataset already holds its text; leave data.paths empty")
+        _require(self.prepared is None or bool(self.prepared), "data.prepared", "must be a directory (or null)")
 
 
 @dataclass

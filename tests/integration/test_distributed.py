@@ -114,3 +114,23 @@ def test_global_batch_must_divide_by_world_size():
     with pytest.raises(GptossError, match="not a multiple of batch_size x world size = 8 x 2"):
         _accumulation(cfg, 2)
     assert _accumulation(load_config("tiny", ["train.batch_size=4", "train.global_batch_size=16"]), 2) == 2
+
+
+def test_two_processes_on_a_prepared_dataset_match_one(tmp_path):
+    """Both ranks memory-map one prepared dataset and draw only their own rows of each global batch."""
+    data = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "gptoss_cli", "prepare", "--out", str(data), "-c", "tiny", "--workers", "1",
+           *_sets(COMMON), str(Path(__file__).resolve().parents[2] / "README.md")]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    common = COMMON + [f"data.prepared={data}", "train.max_steps=4", "train.seq_len=16"]
+    _single(tmp_path, tmp_path / "one", *_sets(common + ["train.batch_size=8"]))
+    out = _torchrun(tmp_path, "-m", "gptoss_cli", "train", "-c", "tiny", "-r", str(tmp_path / "two"),
+                    *_sets(common + ["train.batch_size=4"]))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "waiting for rank 0" not in out.stderr  # nothing to prepare: no rank waits
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step, loss in one.items():
+        assert abs(two[step] - loss) <= 1e-5, (step, two[step], loss)
+    assert not (tmp_path / "cache" / "datasets").exists()  # neither run tokenized anything

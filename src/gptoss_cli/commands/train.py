@@ -49,7 +49,7 @@ def command(
 
     try:
         prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer,
-                           init_from=init_from)
+                           init_from=init_from, progress=not json)
         try:
             summary = Trainer(prepared).run()
         finally:

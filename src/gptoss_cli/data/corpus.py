@@ -1,105 +1,317 @@
-"""Training text: find documents named by data.paths and split them into train and validation.
+"""Training text: find the files named by data.paths and stream their documents, byte-exact.
 
 What one document is:
-- `.txt` files: documents are separated by one or more blank lines (a file without blank lines is one
-  document);
-- `.jsonl` files: each line is a JSON object and its `text` field is one document;
-- a directory means every .txt/.jsonl file below it (sorted); a glob means every match (sorted);
-- no paths at all means the built-in sample corpus shipped with the package.
+- `.txt` and `.md` files: documents are separated by one or more blank lines (a line break is `\\n` or
+  `\\r\\n`; a blank line holds nothing but spaces and tabs). The text between separators is kept exactly:
+  form feeds, U+2028, `\\r\\n` inside a document are not touched;
+- `.jsonl` files: each line is a JSON object and its `data.text_field` (default `text`) is one document;
+- `.json` files: one array of such objects;
+- `.parquet` files: the `data.text_field` string column, read one row group at a time;
+- `.gz` and `.zst` of the text formats above (`a.jsonl.gz`, `b.txt.zst`), decompressed as they stream;
+- a directory means every such file below it (sorted; other files are named in one warning); a glob means
+  every match (sorted); no paths at all means the built-in sample corpus shipped with the package.
+
+Nothing here holds a whole file: readers are generators, so memory stays bounded whatever the corpus size.
+`iter_records` is the seam for record-shaped datasets (one dict per JSON line / array item / parquet row);
+`iter_documents` turns records and text files into documents.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
+import io
 import json
 import os
 import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from ..errors import GptossError
 
-SUFFIXES = (".txt", ".jsonl")
+TEXT_KINDS = (".txt", ".md")
+RECORD_KINDS = (".jsonl", ".json")
+COMPRESSIONS = (".gz", ".zst")
+BLOCK = 1 << 22  # 4 MiB read size: large enough for throughput, small enough for bounded memory
+
+# One or more blank lines between two documents: the line break ending the last line of a document,
+# then lines of spaces/tabs only. Only \n and \r\n end a line, unlike str.splitlines().
+_SEPARATOR = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+_LEADING_BLANK = re.compile(r"(?:[ \t]*\r?\n)+")
+_TRAILING_BREAK = re.compile(r"(?:\r?\n[ \t]*)+\Z")
 
 
-def builtin_corpus_text() -> str:
-    return resources.files("gptoss_cli").joinpath("assets/sample_corpus.txt").read_text(encoding="utf-8")
+@dataclass(frozen=True)
+class Source:
+    """One input file: its path, its size on disk and its kind (`.txt`, `.jsonl`, `.parquet`, ...)."""
+
+    path: Path
+    size: int
+    kind: str
+    compression: str = ""  # "", ".gz" or ".zst"
 
 
-def _split_paragraphs(text: str) -> list[str]:
-    docs, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.append(line)
-        elif current:
-            docs.append("\n".join(current))
-            current = []
-    if current:
-        docs.append("\n".join(current))
-    return docs
+class Meter:
+    """Bytes of source files consumed so far (on disk, so compressed files count compressed bytes)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
 
 
-def _expand(spec: str) -> list[Path]:
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-        if not files:
-            raise GptossError(f"data.paths: directory {spec} holds no .txt or .jsonl files")
-        return files
-    if path.is_file():
-        if path.suffix not in SUFFIXES:
-            raise GptossError(f"data.paths: {spec} is neither .txt nor .jsonl")
-        return [path]
-    if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
-                       if Path(p).suffix in SUFFIXES and Path(p).is_file())
-        if not files:
-            raise GptossError(f"data.paths: pattern {spec} matches no .txt or .jsonl files")
-        return files
-    raise GptossError(f"data.paths: {spec} does not exist")
+def builtin_corpus_path() -> Path:
+    return Path(str(resources.files("gptoss_cli").joinpath("assets/sample_corpus.txt")))
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+def classify(path: Path) -> tuple[str, str] | None:
+    """(kind, compression) for a readable file name, None for anything else."""
+    suffixes = [s.lower() for s in path.suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else ""
+    kind = suffixes[-1] if suffixes else ""
+    if kind in TEXT_KINDS + RECORD_KINDS or (kind == ".parquet" and not compression):
+        return kind, compression
+    return None
+
+
+def _source(path: Path) -> Source:
+    kind, compression = classify(path)
+    return Source(path, path.stat().st_size, kind, compression)
+
+
+KNOWN = ".txt, .md, .jsonl, .json, .parquet (and .gz / .zst of the text ones)"
+
+
+def find_sources(paths: list[str], warn=None) -> list[Source]:
+    """The files named by data.paths, in a stable order; [] paths = the built-in corpus.
+    Files of other kinds inside a directory are named in one warning through `warn`."""
+    if not paths:
+        return [_source(builtin_corpus_path())]
+    sources, skipped = [], []
+    for spec in paths:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            found = [p for p in files if classify(p)]
+            skipped += [p for p in files if not classify(p)]
+            if not found:
+                raise GptossError(f"data.paths: directory {spec} holds no readable files ({KNOWN})")
+        elif path.is_file():
+            if not classify(path):
+                raise GptossError(f"data.paths: {spec} is not a readable kind of file ({KNOWN})")
+            found = [path]
+        elif any(ch in spec for ch in "*?["):
+            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                           if Path(p).is_file() and classify(Path(p)))
+            if not found:
+                raise GptossError(f"data.paths: pattern {spec} matches no readable files ({KNOWN})")
+        else:
+            raise GptossError(f"data.paths: {spec} does not exist")
+        sources += [_source(p) for p in found]
+    if skipped and warn is not None:
+        shown = ", ".join(str(p) for p in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warn(f"data.paths: skipping {len(skipped)} file{'s' if len(skipped) > 1 else ''} of other kinds: {shown}")
+    return sources
+
+
+class _Counting(io.RawIOBase):
+    """A file read through this adds the bytes it reads to a Meter (progress bars in MB/s)."""
+
+    def __init__(self, f, meter: Meter):
+        self.f, self.meter = f, meter
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.f.readinto(buffer)
+        self.meter.bytes += n or 0
+        return n
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _open_binary(src: Source, meter: Meter):
+    raw = io.BufferedReader(_Counting(open(src.path, "rb"), meter), BLOCK)  # noqa: SIM115 - closed by caller
+    if src.compression == ".gz":
+        import gzip
+
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if src.compression == ".zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
+    return raw
+
+
+def _blocks(src: Source, meter: Meter) -> Iterator[str]:
+    """The file's text in blocks, decoded as UTF-8 without changing a line break."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    with _open_binary(src, meter) as f:
+        while True:
+            data = f.read(BLOCK)
+            yield decoder.decode(data, final=not data)
+            if not data:
+                return
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Blank-line separated documents of one text, each exactly as written (whitespace-only ones dropped)."""
+    return [d for d in (_clean(p) for p in _SEPARATOR.split(text)) if d]
+
+
+def _clean(piece: str) -> str:
+    """A piece between separators -> the document: blank lines at a file's start and line breaks at its
+    end are not part of it; a piece of whitespace only is no document."""
+    lead = _LEADING_BLANK.match(piece)
+    if lead:
+        piece = piece[lead.end():]
+    piece = _TRAILING_BREAK.sub("", piece)
+    return piece if piece.strip() else ""
+
+
+def _paragraphs(src: Source, meter: Meter) -> Iterator[str]:
+    carry = ""
+    for block in _blocks(src, meter):
+        carry += block
+        if not block:
+            break
+        pieces = _SEPARATOR.split(carry)
+        # The last piece may continue in the next block (and so may a separator touching the end).
+        carry = pieces.pop()
+        for piece in pieces:
+            if doc := _clean(piece):
+                yield doc
+    if doc := _clean(carry):
+        yield doc
+
+
+def _json_lines(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
+    with _open_binary(src, meter) as f:
+        for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", newline="\n"), 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as err:
-                raise GptossError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise GptossError(f"{path}:{n}: expected an object with a string 'text' field")
-            if obj["text"].strip():
-                docs.append(obj["text"])
-    return docs
+                raise GptossError(f"{src.path}:{n}: invalid JSON ({err.msg})") from None
 
 
-def load_documents(paths: list[str]) -> list[str]:
-    """All documents named by data.paths (or the built-in corpus), in a stable order."""
-    if not paths:
-        return _split_paragraphs(builtin_corpus_text())
-    docs = []
-    for spec in paths:
-        for path in _expand(spec):
-            try:
-                if path.suffix == ".jsonl":
-                    docs.extend(_read_jsonl(path))
-                else:
-                    docs.extend(_split_paragraphs(path.read_text(encoding="utf-8")))
-            except UnicodeDecodeError:
-                raise GptossError(f"{path}: not UTF-8 text") from None
-            except OSError as err:
-                raise GptossError(f"{path}: cannot read ({err.strerror or err})") from None
+def _json_array(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
+    """Items of one top-level JSON array, decoded one at a time from a sliding text buffer."""
+    decoder = json.JSONDecoder()
+    blocks = _blocks(src, meter)
+    buf, pos, item, started = "", 0, 0, False
+    ws = re.compile(r"[ \t\r\n]*")
+    while True:
+        pos = ws.match(buf, pos).end()
+        if pos >= len(buf) - 1 and (block := next(blocks, "")):  # keep one look-ahead character
+            buf, pos = buf[pos:] + block, 0
+            continue
+        if not started:
+            if buf[pos:pos + 1] != "[":
+                raise GptossError(f"{src.path}: expected a JSON array of objects")
+            started, pos = True, pos + 1
+            continue
+        if buf[pos:pos + 1] == "]":
+            return
+        if item and buf[pos:pos + 1] == ",":
+            pos += 1
+            continue
+        if pos >= len(buf):
+            raise GptossError(f"{src.path}: invalid JSON (the array is not closed)")
+        try:
+            obj, end = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError as err:
+            block = next(blocks, "")
+            if not block:
+                raise GptossError(f"{src.path}: invalid JSON in item {item + 1} ({err.msg})") from None
+            buf, pos = buf[pos:] + block, 0  # the item continues in the next block
+            continue
+        if end == len(buf) and (block := next(blocks, "")):  # a number may continue in the next block
+            buf, pos = buf[pos:] + block, 0
+            continue
+        item += 1
+        yield item, obj
+        pos = end  # the buffer is cut only when it is refilled: no copy per item
+
+
+def _parquet_texts(src: Source, meter: Meter, field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(src.path)
+    except (pa.ArrowException, OSError) as err:
+        raise GptossError(f"{src.path}: not a readable parquet file ({err})") from None
+    schema = pf.schema_arrow
+    strings = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)]
+    if not strings:
+        raise GptossError(f"{src.path}: no string column to read text from")
+    if field not in strings:
+        raise GptossError(f"{src.path}: no string column {field!r} (string columns: {', '.join(strings)}); "
+                          "set data.text_field")
+    groups = pf.num_row_groups
+    for g in range(groups):
+        for text in pf.read_row_group(g, columns=[field]).column(0).to_pylist():
+            if text and text.strip():
+                yield text
+        meter.bytes += src.size // groups + (src.size % groups if g == groups - 1 else 0)
+
+
+def iter_records(src: Source, meter: Meter) -> Iterator[tuple[str, dict]]:
+    """One dict per JSON line or array item, with where it came from (`file:line` / `file item N`)."""
+    lines = src.kind == ".jsonl"
+    for n, obj in (_json_lines if lines else _json_array)(src, meter):
+        where = f"{src.path}:{n}" if lines else f"{src.path} item {n}"
+        if not isinstance(obj, dict):
+            raise GptossError(f"{where}: expected a JSON object")
+        yield where, obj
+
+
+def iter_documents(sources: list[Source], text_field: str = "text", meter: Meter | None = None) -> Iterator[str]:
+    """Every document of every source, in order; `meter` counts the bytes read (for progress)."""
+    meter = meter or Meter()
+    for src in sources:
+        start = meter.bytes
+        try:
+            if src.kind in TEXT_KINDS:
+                yield from _paragraphs(src, meter)
+            elif src.kind == ".parquet":
+                yield from _parquet_texts(src, meter, text_field)
+            else:
+                for where, obj in iter_records(src, meter):
+                    text = obj.get(text_field)
+                    if not isinstance(text, str):
+                        raise GptossError(f"{where}: expected an object with a string {text_field!r} field")
+                    if text.strip():
+                        yield text
+        except UnicodeDecodeError:
+            raise GptossError(f"{src.path}: not UTF-8 text") from None
+        except (OSError, EOFError) as err:  # EOFError: a truncated .gz
+            raise GptossError(f"{src.path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
+        except Exception as err:
+            if type(err).__module__.startswith("zstandard"):  # zstandard.ZstdError: a damaged .zst
+                raise GptossError(f"{src.path}: cannot decompress ({err})") from None
+            raise
+        meter.bytes = start + src.size  # exact once a file is done, whatever its readers counted
+
+
+def load_documents(paths: list[str], text_field: str = "text") -> list[str]:
+    """All documents named by data.paths as one list (small corpora and tests; training streams instead)."""
+    docs = list(iter_documents(find_sources(paths), text_field))
     if not docs:
-        raise GptossError(f"data.paths: no text found in {', '.join(paths)}")
+        raise GptossError(f"data.paths: no text found in {', '.join(paths) or 'the built-in corpus'}")
     return docs
 
 
-def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Deterministic split: a seeded shuffle of document indices; at least one validation document
-    whenever val_fraction > 0 and there are two or more documents."""
+def split_documents(docs: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic split of an in-memory list (conversations for fine-tuning; text goes through
+    data/prepare.py's streamed split): a seeded shuffle of indices; at least one validation item whenever
+    val_fraction > 0 and there are two or more."""
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_val = round(len(docs) * val_fraction)
@@ -112,4 +324,4 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
 
 def expand_paths(spec: str) -> list[Path]:
     """One data.paths entry -> its files (data/conversations.py reads the same paths)."""
-    return _expand(spec)
+    return [src.path for src in find_sources([spec])]

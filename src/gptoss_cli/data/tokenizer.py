@@ -22,8 +22,9 @@ CHAT_TOKENS = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>
 SPECIAL_TOKENS = [EOS, PAD, *CHAT_TOKENS]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train byte-level BPE on `texts` (streamed: memory stays bounded by the merge statistics)."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
+    """Train byte-level BPE on `texts` (streamed: memory stays bounded by the merge statistics).
+    `show_progress`: the tokenizers library's own progress bars, on stderr."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -32,9 +33,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         min_frequency=2,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
-        show_progress=False,
+        show_progress=show_progress,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    length = len(texts) if isinstance(texts, list) else None
+    tok.train_from_iterator(texts, trainer=trainer, length=length)
     return tok
 
 

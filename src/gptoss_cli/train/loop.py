@@ -213,6 +213,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         world = self.dist.world
+        setup = self.p.setup_times
+        if setup:
+            self.say("setup: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in setup.items())
+                     + f" (data {self.p.data_root})")
         self.say(f"run {self.p.run_dir}: {self.total_steps} steps; global batch {t.batch_size} x {self.accum} "
                  f"accumulation x {world} process{'es' if world > 1 else ''} = {t.batch_size * self.accum * world} "
                  f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
@@ -266,6 +270,8 @@ class Trainer:
                 metrics.close()
             trackers.close()
             peak = memory.peak_bytes()
+            if self.device.type == "cpu":  # the highest RSS of the whole process, data preparation included
+                peak = max(peak, _max_rss_bytes())
             memory.close()
         summary = {"status": status, "signal": stop_signal, "steps": self.step, "epochs": self.epoch,
                    "elapsed_s": self.elapsed(),
@@ -273,7 +279,8 @@ class Trainer:
                    "final_loss": window.final_loss, "best_val_loss": self.best_val if math.isfinite(self.best_val)
                    else None, "final_val_loss": self.final_val, "peak_memory_bytes": peak,
                    "device": self.device.type, "precision": self.precision, "world_size": world,
-                   "run_dir": str(self.p.run_dir), "checkpoint": str(self.last_ckpt) if self.last_ckpt else None}
+                   "run_dir": str(self.p.run_dir), "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+                   "setup_s": dict(self.p.setup_times), "data": str(self.p.data_root) if self.p.data_root else None}
         if main:
             write_atomic(self.files.summary, json.dumps(summary, indent=1))
         return summary
@@ -337,6 +344,14 @@ class Trainer:
         self.epoch += 1
         self.batch_idx = 0
         self.epoch_loss = [0.0, 0]
+
+
+def _max_rss_bytes() -> int:
+    import resource
+    import sys
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
 class _Window:

@@ -1,13 +1,15 @@
 """Everything `gptoss train` does before the first step: run directory, data, tokenizer, model, optimizer,
 resume state, and (under torchrun) the process group and the DDP / FSDP2 wrapping.
 
-Under torchrun, rank 0 decides what is shared (the run directory, the tokenizer) and broadcasts it; every
-rank reads the data and the checkpoint itself (multi-node runs need the run directory on a shared file
+Under torchrun, rank 0 decides the run directory and broadcasts it; rank 0 prepares the data while the
+others wait for it (data/dataset.py), then every rank memory-maps the same shards and reads only its own
+rows, reads the checkpoint itself (multi-node runs need the run directory and the data on a shared file
 system), builds the same model from the same seed and then wraps it.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import torch
 
 from ..config import RunConfig, TrainConfig
 from ..data import conversations
-from ..data.batches import TokenBatches, tokenize_stream
-from ..data.corpus import load_documents, split_documents
+from ..data.batches import TokenBatches
+from ..data.corpus import split_documents
+from ..data.dataset import open_training_data
 from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash, train_tokenizer
 from ..devices import apply_precision, native_bf16, pick_device, resolve_precision
 from ..errors import GptossError
@@ -62,6 +65,8 @@ class Prepared:
     resume_state: CheckpointState | None = None
     resume_tensors: dict = field(default_factory=dict)
     resumed_from: Path | None = None  # the checkpoint resume_state came from
+    setup_times: dict = field(default_factory=dict)  # read_s, tokenizer_s, tokenize_s, model_s (seconds)
+    data_root: Path | None = None  # the prepared dataset trained on (None: conversations)
     lock: RunLock | None = None  # rank 0's hold on RUN/train.lock, released when the Trainer ends
     pending: list = field(default_factory=list)  # writes a resume defers to its first save (commit_files)
 
@@ -77,24 +82,32 @@ class Prepared:
             self.lock.release()
 
 
-def _tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, train_docs, info):
-    """Rank 0 loads or trains the tokenizer; the others receive its JSON."""
+def _tokenizer_source(cfg, run_dir, source_ckpt, tokenizer_path) -> Path | None:
+    """The tokenizer.json a run must use (given, or the one its checkpoint was trained with); None: the
+    data's own. Every rank finds the same path by itself (no collective)."""
+    source = tokenizer_path or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
+    if source is None and source_ckpt:  # the tokenizer the checkpoint was trained with
+        source = find_tokenizer(RunDir.of_checkpoint(source_ckpt), source_ckpt)
+        if source is None and RunDir(run_dir).tokenizer.is_file():
+            source = RunDir(run_dir).tokenizer
+    return source
+
+
+def _conversation_tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, texts, info):
+    """For fine-tuning on conversations: rank 0 loads the run's tokenizer (or trains one on the
+    conversations' text); the others receive its JSON."""
     from tokenizers import Tokenizer
 
     text = None
     if info.main:
-        source = tokenizer_path or (Path(cfg.data.tokenizer) if cfg.data.tokenizer else None)
-        if source is None and source_ckpt:  # the tokenizer the checkpoint was trained with
-            source = find_tokenizer(RunDir.of_checkpoint(source_ckpt), source_ckpt)
-            if source is None and RunDir(run_dir).tokenizer.is_file():
-                source = RunDir(run_dir).tokenizer
+        source = _tokenizer_source(cfg, run_dir, source_ckpt, tokenizer_path)
         if source is not None:
             if not Path(source).is_file():
                 raise GptossError(f"tokenizer: {source} does not exist")
             tok = load_tokenizer(Path(source))
             check_vocab(tok, cfg.model.vocab_size, str(source))
         else:
-            tok = train_tokenizer(train_docs, cfg.model.vocab_size)
+            tok = train_tokenizer(texts, cfg.model.vocab_size)
             if tok.get_vocab_size() < cfg.model.vocab_size:
                 warn(f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
                      "the model keeps model.vocab_size")
@@ -136,35 +149,17 @@ def _source_run(checkpoint: Path | None) -> Path | None:
     return RunDir.of_checkpoint(checkpoint).path
 
 
-def _token_data(train_docs, val_docs, tok, tok_hash, t: TrainConfig, info):
-    """Text documents -> (train TokenBatches, validation TokenBatches or None)."""
-    train_stream = tokenize_stream(train_docs, tok, tok_hash)
-    # Every rank walks the same global order and takes its own slice of each global micro-batch.
-    train_data = TokenBatches(train_stream, t.seq_len, t.batch_size * info.world, t.seed)
-    if train_data.batches_per_epoch < 1:
-        raise GptossError(
-            f"data: {train_stream.numel()} training tokens make {train_data.num_samples} sequences of "
-            f"{t.seq_len}+1 tokens, fewer than one batch of {train_data.batch_size}; add text or lower them"
-        )
-    val_data = None
-    if val_docs:
-        val_stream = tokenize_stream(val_docs, tok, tok_hash)
-        val_len = min(t.seq_len, val_stream.numel() - 1)
-        if val_len >= 2:
-            val_data = TokenBatches(val_stream, val_len, t.batch_size, t.seed)
-    return train_data, val_data
-
-
 def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_from: Path | None = None,
-            tokenizer_path: Path | None = None, init_from: Path | None = None) -> Prepared:
+            tokenizer_path: Path | None = None, init_from: Path | None = None, progress: bool = True) -> Prepared:
     """Set up a run. `resume`/`resume_from` continue a checkpoint exactly (weights, optimizer, data
     position); `init_from` starts a new run (step 0, fresh optimizer) from a checkpoint's weights.
+    `progress`: progress bars (stderr) while the data is prepared.
 
     The run directory is locked (RUN/train.lock) from here until the Trainer ends (Prepared.release); a
     resume changes nothing in it until everything it needs is loaded and verified."""
     held: list[RunLock | None] = []
     try:
-        return _prepare(cfg, run_dir, resume, resume_from, tokenizer_path, init_from, held)
+        return _prepare(cfg, run_dir, resume, resume_from, tokenizer_path, init_from, progress, held)
     except BaseException:
         for lock in held:
             if lock is not None:
@@ -173,7 +168,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
 
 
 def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Path | None,
-             tokenizer_path: Path | None, init_from: Path | None, held: list) -> Prepared:
+             tokenizer_path: Path | None, init_from: Path | None, progress: bool, held: list) -> Prepared:
     t = cfg.train
     if init_from is not None and (resume or resume_from):
         raise GptossError("--init-from starts a new run from weights; it cannot be combined with --resume")
@@ -219,23 +214,37 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
         _check_same_model(cfg, ckpt.read_state(init_ckpt), init_ckpt, "--init-from")
     accum = _accumulation(cfg, info.world)
 
-    chats = conversations.read_conversation_paths(cfg.data.paths)  # None: text documents
+    chats = conversations.read_conversation_paths(cfg.data.paths) if cfg.data.prepared is None else None
+    data_times, data_root = {}, None
     if chats is not None:  # supervised fine-tuning: the loss on assistant tokens, conversations packed per row
         train_chats, val_chats = split_documents(chats, cfg.data.val_fraction, t.seed)
-        tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path,
-                         conversations.conversation_text(train_chats), info)
+        tok = _conversation_tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path,
+                                      conversations.conversation_text(train_chats), info)
         template_run = _source_run(resume_ckpt or init_ckpt) or run_dir
         tok, train_data, val_data = conversations.conversation_data(
             tok, template_run, train_chats, val_chats, t.seq_len, t.batch_size * info.world, t.seed,
             cfg.model.vocab_size, "tokenizer")
         tok_hash = tokenizer_hash(tok)
     else:
-        train_docs, val_docs = split_documents(load_documents(cfg.data.paths), cfg.data.val_fraction, t.seed)
-        tok = _tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path, train_docs, info)
+        data = open_training_data(cfg, _tokenizer_source(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path),
+                                  info.rank, show=progress and info.main)
+        tok, data_times, data_root = data.tokenizer, data.times, data.root
         tok_hash = tokenizer_hash(tok)
-        train_data, val_data = _token_data(train_docs, val_docs, tok, tok_hash, t, info)
+        # Every rank walks the same global order and draws only its own slice of each global micro-batch.
+        train_data = TokenBatches(data.train.arrays, t.seq_len, t.batch_size * info.world, t.seed)
+        if train_data.batches_per_epoch < 1:
+            raise GptossError(
+                f"data: {train_data.tokens} training tokens make {train_data.num_samples} sequences of "
+                f"{t.seq_len}+1 tokens, fewer than one batch of {train_data.batch_size}; add text or lower them"
+            )
+        val_data = None
+        val_len = min(t.seq_len, data.val.tokens - 1)
+        if val_len >= 2:
+            val_data = TokenBatches(data.val.arrays, val_len, t.batch_size, t.seed)
     if state and state.tokenizer_hash not in (None, tok_hash):
-        raise GptossError(f"{flag}: the tokenizer differs from the one {resume_ckpt} was trained with")
+        where = f" of {data_root}" if data_root is not None else ""
+        raise GptossError(f"{flag}: the tokenizer{where} differs from the one {resume_ckpt} was trained with")
+    model_start = time.perf_counter()
 
     if not held:  # a new directory: created by taking its lock, then checked again under it
         held.append(_take_lock(run, info))
@@ -280,8 +289,9 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
     if resume_ckpt:
         tensors = ckpt.read_trainer_tensors(resume_ckpt)
         distributed.load_optimizer_state(model, optimizer, ckpt.optimizer_from_tensors(tensors, state.optimizer))
+    times = {**data_times, "model_s": time.perf_counter() - model_start}
     return Prepared(cfg, run_dir, device, model, wrapped, optimizer, train_data, val_data, tok_hash, accum,
-                    precision, info, state, tensors, resume_ckpt, held[0], pending)
+                    precision, info, state, tensors, resume_ckpt, times, data_root, held[0], pending)
 
 
 def place_model(model: Transformer, t: TrainConfig, precision: str, device: torch.device) -> None:

@@ -1,62 +1,20 @@
-"""The token stream and its batches (data/batches.py): every document ends with EOS, the stream is cached by
-tokenizer hash and documents (a damaged entry is rebuilt), and TokenBatches are next-token windows.
+"""TokenBatches (data/batches.py): next-token windows over memory-mapped shards, in an order that is a keyed
+bijection of the sample numbers (O(batch) whatever the corpus size), each rank drawing its own rows, and a
+fixed, evenly spread validation sample.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from gptoss_cli.data.batches import TokenBatches, tokenize_stream
-from gptoss_cli.data.tokenizer import EOS, tokenizer_hash
-
-DOCS = ["The router picks two experts per token.", "Sliding windows keep the cache small.",
-        "Attention sinks absorb probability mass.", "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 \u65e5\u672c\u8a9e."]
-
-
-class ExplodingTokenizer:
-    """Delegates to a real tokenizer but fails if anything is encoded: proves a cache hit."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def token_to_id(self, token):
-        return self.inner.token_to_id(token)
-
-    def encode_batch(self, docs):
-        raise AssertionError("encode_batch called: the token cache was not used")
-
-
-def test_token_stream_ends_each_document_with_eos_and_is_cached(builtin_tok, isolated_cache):
-    h = tokenizer_hash(builtin_tok)
-    stream = tokenize_stream(DOCS, builtin_tok, h)
-    eos = builtin_tok.token_to_id(EOS)
-    assert stream.dtype == torch.int32 and int(stream[-1]) == eos
-    assert (stream == eos).sum().item() == len(DOCS)
-    expected = [i for d in DOCS for i in [*builtin_tok.encode(d).ids, eos]]
-    assert stream.tolist() == expected
-    assert len(list((isolated_cache / "tokens").glob("*.safetensors"))) == 1
-
-    again = tokenize_stream(DOCS, ExplodingTokenizer(builtin_tok), h)
-    assert torch.equal(again, stream)
-    with pytest.raises(AssertionError, match="not used"):  # the key includes the tokenizer ...
-        tokenize_stream(DOCS, ExplodingTokenizer(builtin_tok), "another-tokenizer")
-    with pytest.raises(AssertionError, match="not used"):  # ... and the documents
-        tokenize_stream(DOCS[:-1], ExplodingTokenizer(builtin_tok), h)
-
-
-def test_damaged_cache_entry_is_rebuilt(builtin_tok, isolated_cache):
-    h = tokenizer_hash(builtin_tok)
-    stream = tokenize_stream(DOCS, builtin_tok, h)
-    (entry,) = (isolated_cache / "tokens").glob("*.safetensors")
-    entry.write_bytes(b"not a safetensors file")
-    assert torch.equal(tokenize_stream(DOCS, builtin_tok, h), stream)
-    assert torch.equal(tokenize_stream(DOCS, ExplodingTokenizer(builtin_tok), h), stream)  # rewritten
+from gptoss_cli.data.batches import TokenBatches, permute
 
 
 def test_token_batches_are_next_token_windows():
-    stream = torch.arange(50, dtype=torch.int32)
-    data = TokenBatches(stream, seq_len=4, batch_size=3, seed=0)
+    stream = np.arange(50, dtype=np.uint16)
+    data = TokenBatches([stream[:13], stream[13:31], stream[31:]], seq_len=4, batch_size=3, seed=0)  # 3 shards
     assert (data.num_samples, data.batches_per_epoch) == (12, 4)
     inputs, targets = data.batch(epoch=0, index=1)
     assert inputs.shape == targets.shape == (3, 4) and inputs.dtype == torch.int64
@@ -66,3 +24,25 @@ def test_token_batches_are_next_token_windows():
     assert sorted(seen.tolist()) == list(range(0, 48, 4))  # one epoch visits every window once
     assert not torch.equal(torch.cat([data.batch(1, i)[0] for i in range(4)]),
                            torch.cat([data.batch(0, i)[0] for i in range(4)]))
+    # Each rank draws its own rows of the global batch.
+    halves = TokenBatches([stream], seq_len=4, batch_size=4, seed=3)
+    whole = halves.batch(2, 1)[0]
+    assert torch.equal(torch.cat([halves.batch(2, 1, rank=r, world=2)[0] for r in (0, 1)]), whole)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
+def test_permutation_is_a_bijection_for_every_size(n):
+    order = permute(np.arange(n), n, seed=11, epoch=2)
+    assert sorted(order.tolist()) == list(range(n))
+    if n > 7:
+        assert order.tolist() != list(range(n)) and not np.array_equal(order, permute(np.arange(n), n, 11, 3))
+
+
+def test_validation_sample_is_fixed_and_spread():
+    data = TokenBatches([np.arange(1001, dtype=np.uint32)], seq_len=10, batch_size=4, seed=0)
+    batches = data.eval_batches(2)
+    assert [b[0].shape for b in batches] == [(4, 10), (4, 10)]
+    starts = [int(row[0]) for b in batches for row in b[0]]
+    assert starts == sorted(set(starts)) and starts[0] == 0 and starts[-1] >= 800  # spread over the split
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, data.eval_batches(2), strict=True))
+    assert len(data.eval_batches(100)) == 25  # all 100 samples when fewer than asked

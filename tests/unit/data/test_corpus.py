@@ -37,7 +37,7 @@ def test_jsonl_text_field(tmp_path):
 @pytest.mark.parametrize(("line", "problem"), [
     ({"body": "no text field"}, "expected an object with a string 'text' field"),
     ({"text": 3}, "expected an object with a string 'text' field"),
-    ("[1, 2]", "expected an object with a string 'text' field"),
+    ("[1, 2]", "expected a JSON object"),
     ("{not json", "invalid JSON"),
 ])
 def test_jsonl_bad_line_names_file_and_line(tmp_path, line, problem):
@@ -54,8 +54,9 @@ def test_directories_and_globs_are_sorted_and_recursive(tmp_path):
     write(root / "a.jsonl", json.dumps({"text": "a1"}) + "\n")
     write(root / "sub" / "c.txt", "c1")
     write(root / "sub" / "deeper" / "d.jsonl", json.dumps({"text": "d1"}) + "\n")
-    write(root / "notes.md", "ignored")
-    assert load_documents([str(root)]) == ["a1", "b1", "b2", "c1", "d1"]
+    write(root / "notes.md", "m1")
+    write(root / "image.png", "not text")
+    assert load_documents([str(root)]) == ["a1", "b1", "b2", "m1", "c1", "d1"]
     assert load_documents([str(root / "**" / "*.txt")]) == ["b1", "b2", "c1"]
     assert load_documents([str(root / "*.jsonl")]) == ["a1"]
     # Several specs: in the order given.
@@ -63,12 +64,12 @@ def test_directories_and_globs_are_sorted_and_recursive(tmp_path):
 
 
 def test_bad_paths(tmp_path):
-    write(tmp_path / "only" / "readme.md", "x")
+    write(tmp_path / "only" / "image.png", "x")
     cases = {
         str(tmp_path / "missing.txt"): "does not exist",
-        str(tmp_path / "only"): "holds no .txt or .jsonl files",
-        str(tmp_path / "only" / "readme.md"): "is neither .txt nor .jsonl",
-        str(tmp_path / "*.none"): "matches no .txt or .jsonl files",
+        str(tmp_path / "only"): "holds no readable files (.txt, .md, .jsonl",
+        str(tmp_path / "only" / "image.png"): "is not a readable kind of file",
+        str(tmp_path / "*.none"): "matches no readable files",
     }
     for spec, problem in cases.items():
         with pytest.raises(GptossError, match="data.paths: ") as info:

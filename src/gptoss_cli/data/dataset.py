@@ -1,0 +1,113 @@
+"""The dataset a run trains on: data.prepared as it is, or data.paths prepared into a cache first.
+
+Plain data.paths are prepared (`data/prepare.py`) into GPTOSS_CACHE/datasets/KEY, where KEY hashes the
+files (path, size, modification time), the data settings and the tokenizer's origin, so an unchanged
+corpus is read, tokenized and its tokenizer trained only once. Every process computes KEY alone, with no
+collective: under torchrun rank 0 prepares while the other ranks poll for the index file, so a long
+preparation never meets a collective timeout; a file lock keeps two runs from preparing one entry at once.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import GptossError
+from . import shards
+from .corpus import find_sources
+from .prepare import Settings, cache_root, dataset_key, prepare_dataset
+from .tokenizer import check_vocab, load_tokenizer, tokenizer_hash
+
+
+@dataclass
+class TrainingData:
+    root: Path
+    index: dict
+    tokenizer: object  # tokenizers.Tokenizer
+    train: shards.Split
+    val: shards.Split
+    trained_tokenizer: bool  # trained from data.paths (not given, not from a checkpoint)
+    times: dict = field(default_factory=dict)  # read_s, tokenizer_s, tokenize_s (0 when cached)
+
+
+def settings_of(cfg) -> Settings:
+    d = cfg.data
+    return Settings(vocab_size=cfg.model.vocab_size, text_field=d.text_field, val_fraction=d.val_fraction,
+                    seed=cfg.train.seed, tokenizer_sample_bytes=d.tokenizer_sample_bytes)
+
+
+@contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _wait_for(path: Path, rank: int) -> None:
+    """Poll for a file another rank writes (no collective, so no timeout while it works)."""
+    from ..output import console
+
+    told = False
+    while not path.is_file():
+        if not told:
+            console.print(f"rank {rank}: waiting for rank 0 to prepare the data", highlight=False)
+            told = True
+        time.sleep(0.2)
+
+
+def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: bool = True) -> TrainingData:
+    """The run's tokenized data and tokenizer. `tokenizer_source`: a tokenizer.json the run must use
+    (--tokenizer, data.tokenizer or the checkpoint's); rank 0 alone prepares and warns."""
+    from ..output import warn
+
+    given = None
+    if tokenizer_source is not None:
+        if not Path(tokenizer_source).is_file():
+            raise GptossError(f"tokenizer: {tokenizer_source} does not exist")
+        given = load_tokenizer(Path(tokenizer_source))
+        check_vocab(given, cfg.model.vocab_size, str(tokenizer_source))
+    times = {"read_s": 0.0, "tokenizer_s": 0.0, "tokenize_s": 0.0}
+    trained = False
+    if cfg.data.prepared:
+        root = Path(cfg.data.prepared).expanduser()
+        index = shards.read_index(root)
+    else:
+        sources = find_sources(cfg.data.paths, warn if rank == 0 else None)
+        settings = settings_of(cfg)
+        key = dataset_key(sources, settings, tokenizer_hash(given) if given is not None else "trained")
+        root = cache_root() / "datasets" / key[:32]
+        trained = given is None
+        if rank == 0:
+            with _locked(root.with_suffix(".lock")):
+                result = prepare_dataset(sources, root, settings, given, show=show)
+            times.update(result.times)
+            index = result.index
+        else:
+            _wait_for(root / shards.INDEX, rank)
+            index = shards.read_index(root)
+    tok = load_tokenizer(root / shards.TOKENIZER)
+    if tokenizer_hash(tok) != index["tokenizer_hash"]:
+        raise GptossError(f"{root / shards.TOKENIZER}: differs from the tokenizer the shards were encoded with")
+    if given is not None and tokenizer_hash(given) != tokenizer_hash(tok):
+        raise GptossError(f"data.prepared: {root} was tokenized with another tokenizer than {tokenizer_source}; "
+                          f"prepare it again with --tokenizer {tokenizer_source}")
+    check_vocab(tok, cfg.model.vocab_size, str(root / shards.TOKENIZER))
+    if rank == 0 and trained and tok.get_vocab_size() < cfg.model.vocab_size:
+        warn(f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
+             "the model keeps model.vocab_size")
+    try:
+        train, val = shards.open_split(root, index, "train"), shards.open_split(root, index, "val")
+    except GptossError as err:
+        if cfg.data.prepared:
+            raise
+        raise GptossError(f"{err} (a cache entry: delete {root} and train again)") from None
+    return TrainingData(root, index, tok, train, val, trained, times)
+
