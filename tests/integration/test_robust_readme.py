@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 NUM = r"[0-9][0-9,]*(?:\.[0-9]+)?"
 LINE_KINDS = {
     "setup": rf"^setup: read {NUM} s, tokenizer {NUM} s, tokenize {NUM} s, model {NUM} s( \(data .+\))?$",
