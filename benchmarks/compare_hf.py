@@ -56,10 +56,21 @@ BATCH, SEQ = 8, 256
 
 def bench_config(context: int = 1024) -> ModelConfig:
     return ModelConfig(
-        num_hidden_layers=4, num_experts=8, experts_per_token=2, vocab_size=8000, hidden_size=256,
-        intermediate_size=512, head_dim=32, num_attention_heads=8, num_key_value_heads=2, sliding_window=64,
-        initial_context_length=context, max_context_length=context, tie_word_embeddings=True,
-        attention_bias=False, router_bias=False,
+        num_hidden_layers=4,
+        num_experts=8,
+        experts_per_token=2,
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=512,
+        head_dim=32,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        sliding_window=64,
+        initial_context_length=context,
+        max_context_length=context,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        router_bias=False,
     )
 
 
@@ -95,6 +106,7 @@ def saved_weights(model: Transformer) -> dict:
 
 # ---- training steps ------------------------------------------------------------------------------
 
+
 def ours_step_fn(model: Transformer, batches):
     t = TrainConfig(lr=1e-4)
     opt = build_optimizer(model, t, torch.device("cpu"))
@@ -105,6 +117,7 @@ def ours_step_fn(model: Transformer, batches):
         objective(model, inputs, targets, t).loss.backward()  # the trainer's own loss
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -119,6 +132,7 @@ def hf_step_fn(model: GptOssForCausalLM, batches):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
@@ -153,14 +167,29 @@ def memory_child(which: str, weights_path: str, steps: int, threads: int) -> Non
 def measure_memory(weights_path: str, steps: int, threads: int) -> dict:
     out = {}
     for which in ("gptoss", "hf"):
-        proc = subprocess.run([sys.executable, __file__, "--memory-child", which, "--weights", weights_path,
-                               "--memory-steps", str(steps), "--threads", str(threads)],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--memory-child",
+                which,
+                "--weights",
+                weights_path,
+                "--memory-steps",
+                str(steps),
+                "--threads",
+                str(threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[which] = json.loads(proc.stdout.strip().splitlines()[-1])
     return out
 
 
 # ---- decoding ------------------------------------------------------------------------------------
+
 
 class _Stamps:
     """Times between consecutive generated tokens; HF calls put() once for the prompt, then per token."""
@@ -180,24 +209,32 @@ class _Stamps:
 
 def ours_decode(model: Transformer, prompt: list[int], n: int, compiled: bool) -> tuple[list[float], list[int]]:
     stamps = _Stamps()
-    ids, _, _ = generate_tokens(model, [prompt], InferConfig(max_new_tokens=n, temperature=0.0), pad_id=0,
-                                eos_id=None, on_token=lambda row, tok: stamps.put(tok), compile_decode=compiled)
+    ids, _, _ = generate_tokens(
+        model,
+        [prompt],
+        InferConfig(max_new_tokens=n, temperature=0.0),
+        pad_id=0,
+        eos_id=None,
+        on_token=lambda row, tok: stamps.put(tok),
+        compile_decode=compiled,
+    )
     return stamps.steps(skip=1), ids[0]  # the first decode step may compile: left out
 
 
 @torch.inference_mode()
 def hf_decode(model: GptOssForCausalLM, prompt: list[int], n: int) -> tuple[list[float], list[int]]:
     stamps = _Stamps()
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         use_cache=True, streamer=stamps)
-    return stamps.steps(skip=2), out[0, len(prompt):].tolist()  # put() #0 is the prompt, #1 the first token
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, streamer=stamps
+    )
+    return stamps.steps(skip=2), out[0, len(prompt) :].tolist()  # put() #0 is the prompt, #1 the first token
 
 
 def round_robin(fns: dict, rounds: int) -> dict[str, list[float]]:
     times = {name: [] for name in fns}
     names = list(fns)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
@@ -236,6 +273,7 @@ def main() -> None:
         def run():
             steps[name](counter[name])
             counter[name] += 1
+
         return run
 
     train_fns = {name: runner(name) for name in steps}
@@ -253,14 +291,17 @@ def main() -> None:
     hf.eval()
     n = args.new_tokens
     prompt = torch.randint(0, cfg.vocab_size, (32,), generator=torch.Generator().manual_seed(1)).tolist()
-    gens = {"gptoss": lambda: ours_decode(ours, prompt, n, False), "hf": lambda: hf_decode(hf, prompt, n),
-            "gptoss compiled": lambda: ours_decode(ours, prompt, n, True)}
+    gens = {
+        "gptoss": lambda: ours_decode(ours, prompt, n, False),
+        "hf": lambda: hf_decode(hf, prompt, n),
+        "gptoss compiled": lambda: ours_decode(ours, prompt, n, True),
+    }
     for g in gens.values():  # warm-up; compiles the decode step
         g()
     dec = {name: [] for name in gens}
     tokens = {}
     for r in range(max(3, args.rounds // 2)):
-        for name in (list(gens) if r % 2 == 0 else list(reversed(gens))):
+        for name in list(gens) if r % 2 == 0 else list(reversed(gens)):
             steps_s, tokens[name] = gens[name]()
             dec[name] += steps_s
 
@@ -270,33 +311,47 @@ def main() -> None:
         mem = measure_memory(path, args.memory_steps, args.threads)
 
     # ---- report ----
-    print(f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, python {platform.python_version()}")
-    print(f"CPU: {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s); "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, python {platform.python_version()}"
+    )
+    print(
+        f"CPU: {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s); "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"model: benchmark shapes, fp32; training batch {BATCH} x {SEQ}; max |logit difference| {diff:.2e}")
     print(f"matmul ceiling: {peak / 1e9:.0f} GFLOP/s ({peak_src}); {flops_tok / 1e6:.1f} MFLOP per training token")
     tps = {}
     for name, ts in train_t.items():
         med = statistics.median(ts)
         tps[name] = BATCH * SEQ / med
-        print(f"train {name:>6}: {med * 1e3:7.1f} ms/step (min {min(ts) * 1e3:.1f}), {tps[name]:7,.0f} tokens/s, "
-              f"{flops_tok * tps[name] / peak:.1%} of the matmul ceiling")
+        print(
+            f"train {name:>6}: {med * 1e3:7.1f} ms/step (min {min(ts) * 1e3:.1f}), {tps[name]:7,.0f} tokens/s, "
+            f"{flops_tok * tps[name] / peak:.1%} of the matmul ceiling"
+        )
     ratios = [h / o for o, h in zip(train_t["gptoss"], train_t["hf"], strict=True)]
-    print(f"train speed-up gptoss / hf: {tps['gptoss'] / tps['hf']:.2f}x (median of per-round ratios "
-          f"{statistics.median(ratios):.2f}x, {args.rounds} rounds)")
+    print(
+        f"train speed-up gptoss / hf: {tps['gptoss'] / tps['hf']:.2f}x (median of per-round ratios "
+        f"{statistics.median(ratios):.2f}x, {args.rounds} rounds)"
+    )
     ms = {name: 1e3 * statistics.median(v) for name, v in dec.items()}
     for name in gens:
-        print(f"decode {name:>15}: {ms[name]:.2f} ms/token ({1e3 / ms[name]:.0f} tokens/s) at batch 1 "
-              f"(median of {len(dec[name])} steps)")
-    print(f"decode speed-up gptoss / hf: {ms['hf'] / ms['gptoss']:.2f}x eager, "
-          f"{ms['hf'] / ms['gptoss compiled']:.2f}x with the compiled decode step (infer --compile)")
+        print(
+            f"decode {name:>15}: {ms[name]:.2f} ms/token ({1e3 / ms[name]:.0f} tokens/s) at batch 1 "
+            f"(median of {len(dec[name])} steps)"
+        )
+    print(
+        f"decode speed-up gptoss / hf: {ms['hf'] / ms['gptoss']:.2f}x eager, "
+        f"{ms['hf'] / ms['gptoss compiled']:.2f}x with the compiled decode step (infer --compile)"
+    )
     for name in ("gptoss", "gptoss compiled"):
         same = sum(a == b for a, b in zip(tokens[name], tokens["hf"], strict=True))
         print(f"greedy tokens identical, {name} vs hf: {same}/{n}")
     for name, m in mem.items():
-        print(f"memory {name:>6}: peak RSS {m['peak'] / 2**20:,.0f} MiB, {(m['peak'] - m['before']) / 2**20:,.0f} MiB "
-              f"above the RSS before the model was built ({args.memory_steps} training steps, own subprocess)")
+        print(
+            f"memory {name:>6}: peak RSS {m['peak'] / 2**20:,.0f} MiB, {(m['peak'] - m['before']) / 2**20:,.0f} MiB "
+            f"above the RSS before the model was built ({args.memory_steps} training steps, own subprocess)"
+        )
     rise = {name: m["peak"] - m["before"] for name, m in mem.items()}
     print(f"training memory rise gptoss / hf: {rise['gptoss'] / rise['hf']:.2f}")
 

@@ -31,10 +31,21 @@ from gptoss_cli.model import ModelConfig, Transformer
 def tiny_config(context: int) -> ModelConfig:
     """The compact layout (tied embeddings, no qkv/out/router bias) at the benchmark shapes of docs/performance.md."""
     return ModelConfig(
-        num_hidden_layers=4, num_experts=8, experts_per_token=2, vocab_size=8000, hidden_size=256,
-        intermediate_size=512, head_dim=32, num_attention_heads=8, num_key_value_heads=2, sliding_window=64,
-        initial_context_length=context, max_context_length=context, tie_word_embeddings=True,
-        attention_bias=False, router_bias=False,
+        num_hidden_layers=4,
+        num_experts=8,
+        experts_per_token=2,
+        vocab_size=8000,
+        hidden_size=256,
+        intermediate_size=512,
+        head_dim=32,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        sliding_window=64,
+        initial_context_length=context,
+        max_context_length=context,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        router_bias=False,
     )
 
 
@@ -42,28 +53,43 @@ def hf_model(ours: Transformer) -> GptOssForCausalLM:
     """An HF model of the same shape holding our weights (qkv rows split, expert matrices transposed)."""
     cfg = ours.config
     hcfg = GptOssConfig(
-        num_hidden_layers=cfg.num_hidden_layers, num_local_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.experts_per_token, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, head_dim=cfg.head_dim, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, sliding_window=cfg.sliding_window, rms_norm_eps=cfg.rms_norm_eps,
-        swiglu_limit=cfg.swiglu_limit, tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.experts_per_token,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        sliding_window=cfg.sliding_window,
+        rms_norm_eps=cfg.rms_norm_eps,
+        swiglu_limit=cfg.swiglu_limit,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=False,
         max_position_embeddings=cfg.max_context_length,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},  # else HF defaults to YaRN x32
-        layer_types=["sliding_attention" if cfg.is_sliding(i) else "full_attention"
-                     for i in range(cfg.num_hidden_layers)],
+        layer_types=[
+            "sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_hidden_layers)
+        ],
     )
     hcfg._attn_implementation = "eager"  # HF refuses SDPA for gpt-oss (sinks)
     sd = ours.state_dict()
-    mapped = {"model.embed_tokens.weight": sd["embedding.weight"], "model.norm.weight": sd["norm.scale"],
-              "lm_head.weight": sd["unembedding.weight"]}
+    mapped = {
+        "model.embed_tokens.weight": sd["embedding.weight"],
+        "model.norm.weight": sd["norm.scale"],
+        "lm_head.weight": sd["unembedding.weight"],
+    }
     for i in range(cfg.num_hidden_layers):
         src, dst = f"block.{i}.", f"model.layers.{i}."
         q, k, v = sd[src + "attn.qkv.weight"].split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=0)
         mapped |= {
             dst + "input_layernorm.weight": sd[src + "attn.norm.scale"],
             dst + "post_attention_layernorm.weight": sd[src + "mlp.norm.scale"],
-            dst + "self_attn.q_proj.weight": q, dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": v, dst + "self_attn.o_proj.weight": sd[src + "attn.out.weight"],
+            dst + "self_attn.q_proj.weight": q,
+            dst + "self_attn.k_proj.weight": k,
+            dst + "self_attn.v_proj.weight": v,
+            dst + "self_attn.o_proj.weight": sd[src + "attn.out.weight"],
             dst + "self_attn.sinks": sd[src + "attn.sinks"],
             dst + "mlp.router.weight": sd[src + "mlp.gate.weight"],
             dst + "mlp.router.bias": torch.zeros(cfg.num_experts),  # HF's router bias cannot be turned off
@@ -82,8 +108,7 @@ def hf_model(ours: Transformer) -> GptOssForCausalLM:
 
 
 def ours_generate(model: Transformer, prompt: list[int], n: int) -> list[int]:
-    ids, _, _ = generate_tokens(model, [prompt], InferConfig(max_new_tokens=n, temperature=0.0),
-                                pad_id=0, eos_id=None)
+    ids, _, _ = generate_tokens(model, [prompt], InferConfig(max_new_tokens=n, temperature=0.0), pad_id=0, eos_id=None)
     return ids[0]
 
 
@@ -91,7 +116,7 @@ def ours_generate(model: Transformer, prompt: list[int], n: int) -> list[int]:
 def hf_generate(model: GptOssForCausalLM, prompt: list[int], n: int) -> list[int]:
     ids = torch.tensor([prompt])
     out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True)
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
 def timed(fn, *args) -> tuple[float, list[int]]:
@@ -135,14 +160,18 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}")
     print(f"CPU: {cpu_name()} ({os.cpu_count()} cores), {torch.get_num_threads()} torch thread(s)")
-    print(f"model: 4 layers, hidden 256, intermediate 512, 8 experts top-2, 8 heads / 2 KV heads, head_dim 32, "
-          f"vocab 8000, window 64, fp32; prompt {args.prompt_tokens} tokens, {n} new tokens, {args.rounds} rounds")
+    print(
+        f"model: 4 layers, hidden 256, intermediate 512, 8 experts top-2, 8 heads / 2 KV heads, head_dim 32, "
+        f"vocab 8000, window 64, fp32; prompt {args.prompt_tokens} tokens, {n} new tokens, {args.rounds} rounds"
+    )
     result = {}
     for name in impls:
         t1, tn = statistics.median(times[name][1]), statistics.median(times[name][n])
         result[name] = (tn - t1) / (n - 1) * 1e3
-        print(f"{name:>7}: decode {result[name]:.2f} ms/token ({1e3 / result[name]:.0f} tokens/s), "
-              f"prefill + first token {t1 * 1e3:.1f} ms, {n} tokens in {tn * 1e3:.0f} ms (medians)")
+        print(
+            f"{name:>7}: decode {result[name]:.2f} ms/token ({1e3 / result[name]:.0f} tokens/s), "
+            f"prefill + first token {t1 * 1e3:.1f} ms, {n} tokens in {tn * 1e3:.0f} ms (medians)"
+        )
     print(f"speed-up of gptoss over HF generate(): {result['hf'] / result['gptoss']:.2f}x")
     same = sum(a == b for a, b in zip(tokens["gptoss"], tokens["hf"], strict=True))
     print(f"greedy tokens identical: {same}/{n}" + ("" if same == n else " (fp32 near-ties can flip a choice)"))

@@ -35,8 +35,12 @@ from pathlib import Path
 
 import psutil
 
-ROOTS = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"]), Path("/usr/share/doc"),
-         Path("/usr/share/man")]
+ROOTS = [
+    Path(sysconfig.get_paths()["stdlib"]),
+    Path(sysconfig.get_paths()["purelib"]),
+    Path("/usr/share/doc"),
+    Path("/usr/share/man"),
+]
 SUFFIXES = {".py", ".pyi", ".txt", ".md", ".rst", ".h", ".c", ".html"}
 PART = 64 << 20  # bytes per corpus file
 
@@ -120,8 +124,13 @@ class PeakRSS:
 def gptoss(*args: str, env: dict, watch: Path | None = None) -> tuple[dict, float, int, float | None]:
     """Run `gptoss ARGS --json` -> (its JSON, wall s, peak RSS bytes, s until `watch` got a train line)."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cli", *args, "--json"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_cli", *args, "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     rss = PeakRSS(proc.pid)
     first = None
     while proc.poll() is None:
@@ -181,8 +190,11 @@ def loader_only(dataset: Path, out: Path, scale: int) -> tuple[int, float]:
             if not link.exists():
                 link.symlink_to(dataset / entry["file"])
             entries.append({**entry, "file": name, "mtime_ns": link.stat().st_mtime_ns})
-    big = {**index, "train": {"tokens": sum(e["tokens"] for e in entries), "shards": entries},
-           "val": {"tokens": 0, "shards": []}}
+    big = {
+        **index,
+        "train": {"tokens": sum(e["tokens"] for e in entries), "shards": entries},
+        "val": {"tokens": 0, "shards": []},
+    }
     (out / "index.json").write_text(json.dumps(big))
     (out / "tokenizer.json").write_bytes((dataset / "tokenizer.json").read_bytes())
     return big["train"]["tokens"], draw_ms(out)
@@ -197,11 +209,18 @@ def main() -> None:
     ap.add_argument("--encode-sample", default="16M", help="text for the encode_batch reference")
     args = ap.parse_args()
     env = {**os.environ, "GPTOSS_CACHE": str(args.work / "cache")}
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
-        platform.processor())
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {os.cpu_count()} cores, "
-          f"workers {args.workers or os.cpu_count()}")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        ),
+        platform.processor(),
+    )
+    print(
+        f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}, {os.cpu_count()} cores, "
+        f"workers {args.workers or os.cpu_count()}"
+    )
     rows = []
     for size_text in args.sizes:
         size = parse_size(size_text)
@@ -210,42 +229,74 @@ def main() -> None:
         dataset = args.work / f"prepared-{size_text}"
         if dataset.exists():
             subprocess.run(["rm", "-rf", str(dataset)], check=True)
-        prep, wall, prep_rss, _ = gptoss("prepare", str(corpus), "--out", str(dataset), "-c", "compact",
-                                         "--workers", str(args.workers), env=env)
+        prep, wall, prep_rss, _ = gptoss(
+            "prepare", str(corpus), "--out", str(dataset), "-c", "compact", "--workers", str(args.workers), env=env
+        )
         times = prep["times_s"]
         tokenize_rate = info["bytes"] / 1e6 / times["tokenize_s"]
         reference = encode_batch_rate(dataset, corpus, parse_size(args.encode_sample))
         run = args.work / f"run-{size_text}"
         subprocess.run(["rm", "-rf", str(run)], check=True)
-        sets = ["model.vocab_size=32000", "train.max_steps=5", "train.log_every=1", "train.eval_every=5",
-                f"data.prepared={dataset}", "train.device=cpu"]
-        train, _, train_rss, first = gptoss("train", "-c", "tiny", "-r", str(run),
-                                            *[a for s in sets for a in ("--set", s)], env=env,
-                                            watch=run / "metrics.jsonl")
-        row = {"corpus": size_text, "bytes": info["bytes"], "unique_bytes": info["unique_bytes"],
-               "train_tokens": prep["train_tokens"], "prepare_s": wall, "prepare_mb_s": info["bytes"] / 1e6 / wall,
-               "read_s": times["read_s"], "tokenizer_s": times["tokenizer_s"], "tokenize_s": times["tokenize_s"],
-               "tokenize_mb_s": tokenize_rate, "encode_batch_mb_s": reference,
-               "prepare_peak_rss_gib": prep_rss / 2**30, "train_first_step_s": first,
-               "train_peak_rss_gib": train_rss / 2**30, "train_setup_s": train["setup_s"],
-               "draw_ms": draw_ms(dataset)}
+        sets = [
+            "model.vocab_size=32000",
+            "train.max_steps=5",
+            "train.log_every=1",
+            "train.eval_every=5",
+            f"data.prepared={dataset}",
+            "train.device=cpu",
+        ]
+        train, _, train_rss, first = gptoss(
+            "train",
+            "-c",
+            "tiny",
+            "-r",
+            str(run),
+            *[a for s in sets for a in ("--set", s)],
+            env=env,
+            watch=run / "metrics.jsonl",
+        )
+        row = {
+            "corpus": size_text,
+            "bytes": info["bytes"],
+            "unique_bytes": info["unique_bytes"],
+            "train_tokens": prep["train_tokens"],
+            "prepare_s": wall,
+            "prepare_mb_s": info["bytes"] / 1e6 / wall,
+            "read_s": times["read_s"],
+            "tokenizer_s": times["tokenizer_s"],
+            "tokenize_s": times["tokenize_s"],
+            "tokenize_mb_s": tokenize_rate,
+            "encode_batch_mb_s": reference,
+            "prepare_peak_rss_gib": prep_rss / 2**30,
+            "train_first_step_s": first,
+            "train_peak_rss_gib": train_rss / 2**30,
+            "train_setup_s": train["setup_s"],
+            "draw_ms": draw_ms(dataset),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
-    big_tokens, big_draw = loader_only(args.work / f"prepared-{args.sizes[-1]}", args.work / "loader-only",
-                                       args.loader_scale)
-    print("\n| corpus | prepare | prepare MB/s | tokenize MB/s (encode_batch MB/s) | peak RSS prepare | "
-          "first step | peak RSS train | batch draw |")
+    big_tokens, big_draw = loader_only(
+        args.work / f"prepared-{args.sizes[-1]}", args.work / "loader-only", args.loader_scale
+    )
+    print(
+        "\n| corpus | prepare | prepare MB/s | tokenize MB/s (encode_batch MB/s) | peak RSS prepare | "
+        "first step | peak RSS train | batch draw |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         repeated = f" ({r['unique_bytes'] / 1e6:.0f} MB unique)" if r["unique_bytes"] < r["bytes"] else ""
-        print(f"| {r['bytes'] / 1e6:,.0f} MB{repeated}, {r['train_tokens'] / 1e6:,.0f} M tokens | "
-              f"{r['prepare_s']:.0f} s (tokenizer {r['tokenizer_s']:.0f} s) | {r['prepare_mb_s']:.2f} | "
-              f"{r['tokenize_mb_s']:.2f} ({r['encode_batch_mb_s']:.2f}, "
-              f"{r['tokenize_mb_s'] / r['encode_batch_mb_s']:.0%}) | "
-              f"{r['prepare_peak_rss_gib']:.2f} GiB | {r['train_first_step_s']:.1f} s | "
-              f"{r['train_peak_rss_gib']:.2f} GiB | {r['draw_ms']:.3f} ms |")
-    print(f"| loader only: {args.loader_scale} x {args.sizes[-1]}, {big_tokens / 1e9:.2f} G tokens | | | | | | | "
-          f"{big_draw:.3f} ms |")
+        print(
+            f"| {r['bytes'] / 1e6:,.0f} MB{repeated}, {r['train_tokens'] / 1e6:,.0f} M tokens | "
+            f"{r['prepare_s']:.0f} s (tokenizer {r['tokenizer_s']:.0f} s) | {r['prepare_mb_s']:.2f} | "
+            f"{r['tokenize_mb_s']:.2f} ({r['encode_batch_mb_s']:.2f}, "
+            f"{r['tokenize_mb_s'] / r['encode_batch_mb_s']:.0%}) | "
+            f"{r['prepare_peak_rss_gib']:.2f} GiB | {r['train_first_step_s']:.1f} s | "
+            f"{r['train_peak_rss_gib']:.2f} GiB | {r['draw_ms']:.3f} ms |"
+        )
+    print(
+        f"| loader only: {args.loader_scale} x {args.sizes[-1]}, {big_tokens / 1e9:.2f} G tokens | | | | | | | "
+        f"{big_draw:.3f} ms |"
+    )
 
 
 if __name__ == "__main__":

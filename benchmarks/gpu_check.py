@@ -44,8 +44,11 @@ def record(name: str, fn) -> None:
         RESULTS[name] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
         status = "FAILED"
     RESULTS[name] = {**RESULTS[name], "seconds": round(time.perf_counter() - start, 1)}
-    print(f"[{status}] {name} ({RESULTS[name]['seconds']} s): "
-          f"{json.dumps({k: v for k, v in RESULTS[name].items() if k != 'traceback'})[:2000]}", flush=True)
+    print(
+        f"[{status}] {name} ({RESULTS[name]['seconds']} s): "
+        f"{json.dumps({k: v for k, v in RESULTS[name].items() if k != 'traceback'})[:2000]}",
+        flush=True,
+    )
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -53,6 +56,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # ---- 1. MoE --------------------------------------------------------------------------------------
+
 
 def moe_block(backend: str, dtype: torch.dtype, tokens: int):
     from gptoss_cli.model import ModelConfig
@@ -85,8 +89,10 @@ def check_moe(tokens: int = 8192) -> dict:
     result = {"tokens": tokens}
     for backend in ("grouped_mm", "loop"):
         out, grads = moe_run(backend, torch.bfloat16, tokens)
-        result[f"{backend}_bf16_vs_fp32"] = {"out": rel_err(out, ref_out),
-                                             **{n: rel_err(g, ref_grads[n]) for n, g in grads.items()}}
+        result[f"{backend}_bf16_vs_fp32"] = {
+            "out": rel_err(out, ref_out),
+            **{n: rel_err(g, ref_grads[n]) for n, g in grads.items()},
+        }
     g, lp = result["grouped_mm_bf16_vs_fp32"], result["loop_bf16_vs_fp32"]
     # grouped_mm must be as close to fp32 as the bf16 loop is (both round to bf16; 2x slack for the order).
     result["grouped_as_accurate_as_loop"] = all(g[k] <= 2 * lp[k] + 1e-3 for k in g)
@@ -122,6 +128,7 @@ def check_no_host_sync(tokens: int = 8192) -> dict:
 
 # ---- 2. attention --------------------------------------------------------------------------------
 
+
 def check_attention() -> dict:
     from gptoss_cli.model import attention_mask
     from gptoss_cli.model.attention import banded_sdpa_attention, eager_attention, sdpa_attention
@@ -131,8 +138,9 @@ def check_attention() -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         for window in (0, 128):
             g = torch.Generator("cuda").manual_seed(0)
-            q, k, v = (torch.randn(b, n, t, d, device="cuda", generator=g).to(dtype).requires_grad_()
-                       for n in (nh, nkv, nkv))
+            q, k, v = (
+                torch.randn(b, n, t, d, device="cuda", generator=g).to(dtype).requires_grad_() for n in (nh, nkv, nkv)
+            )
             sinks = torch.randn(nh, device="cuda", generator=g).requires_grad_()
             pos = torch.arange(t, device="cuda").expand(b, t)
             mask = attention_mask(pos, pos, window)
@@ -163,8 +171,10 @@ def check_fused_loss(tokens: int = 1024, hidden: int = 1536, vocab: int = 32000)
     x = torch.randn(tokens, hidden, device="cuda", generator=g).bfloat16().requires_grad_()
     w = (torch.randn(vocab, hidden, device="cuda", generator=g) / math.sqrt(hidden)).bfloat16().requires_grad_()
     targets = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
-    runs = {"plain": lambda: F.cross_entropy((x @ w.T).float(), targets),
-            "fused": lambda: linear_cross_entropy(x, w, targets)[0]}
+    runs = {
+        "plain": lambda: F.cross_entropy((x @ w.T).float(), targets),
+        "fused": lambda: linear_cross_entropy(x, w, targets)[0],
+    }
     result, grads = {}, {}
     for name, fn in runs.items():
         times = []
@@ -186,6 +196,7 @@ def check_fused_loss(tokens: int = 1024, hidden: int = 1536, vocab: int = 32000)
 
 # ---- 3. the bench --------------------------------------------------------------------------------
 
+
 def gptoss_bench(*args: str) -> dict:
     """`gptoss bench ... --json` in a fresh process (clean peak memory); in-process if the CLI lacks it."""
     cmd = [sys.executable, "-m", "gptoss_cli", "bench", *args, "--json"]
@@ -200,41 +211,72 @@ def gptoss_bench(*args: str) -> dict:
     sets = [a for flag, a in zip(args, args[1:], strict=False) if flag == "--set"]
     cfg = load_config(args[args.index("--config") + 1], sets)
     number = {flag: int(args[args.index(flag) + 1]) for flag in ("--steps", "--warmup") if flag in args}
-    return run_bench(cfg, train="--infer" not in args, infer="--train" not in args,
-                     steps=number.get("--steps", 5), warmup=number.get("--warmup", 2),
-                     compile_decode="--compile-decode" in args)
+    return run_bench(
+        cfg,
+        train="--infer" not in args,
+        infer="--train" not in args,
+        steps=number.get("--steps", 5),
+        warmup=number.get("--warmup", 2),
+        compile_decode="--compile-decode" in args,
+    )
 
 
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device")
-    RESULTS["device"] = {"gpu": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),
-                         "torch": torch.__version__, "cuda": torch.version.cuda,
-                         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    RESULTS["device"] = {
+        "gpu": torch.cuda.get_device_name(),
+        "capability": torch.cuda.get_device_capability(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     print(json.dumps(RESULTS["device"]), flush=True)
     record("moe_grouped_vs_loop", check_moe)
     record("moe_grouped_no_host_sync", check_no_host_sync)
     record("attention_sdpa_vs_eager", check_attention)
     record("fused_loss_vs_plain", check_fused_loss)
     record("bench_compact", lambda: gptoss_bench("--config", "compact", "--steps", "10", "--warmup", "3"))
-    record("bench_compact_batch8_no_ckpt", lambda: gptoss_bench(
-        "--config", "compact", "--train", "--steps", "10", "--warmup", "3",
-        "--set", "train.batch_size=8", "--set", "train.activation_checkpointing=false"))
+    record(
+        "bench_compact_batch8_no_ckpt",
+        lambda: gptoss_bench(
+            "--config",
+            "compact",
+            "--train",
+            "--steps",
+            "10",
+            "--warmup",
+            "3",
+            "--set",
+            "train.batch_size=8",
+            "--set",
+            "train.activation_checkpointing=false",
+        ),
+    )
     # The CUDA-graph decode step (infer --compile): the only way batch-1 decoding can near its bound.
-    record("bench_compact_compiled_decode", lambda: gptoss_bench(
-        "--config", "compact", "--infer", "--compile-decode", "--steps", "3", "--warmup", "1"))
+    record(
+        "bench_compact_compiled_decode",
+        lambda: gptoss_bench("--config", "compact", "--infer", "--compile-decode", "--steps", "3", "--warmup", "1"),
+    )
     summary = {}
     for name in ("bench_compact", "bench_compact_batch8_no_ckpt", "bench_compact_compiled_decode"):
         rep, line = RESULTS.get(name, {}), summary.setdefault(name, {})
         if "train" in rep:
             tr = rep["train"]
-            line |= {"mfu": tr["mfu"], "tokens_per_s": tr["tokens_per_s"], "ms_per_step": tr["ms_per_step"],
-                     "peak_memory_gib": tr["peak_memory_bytes"] / 2**30, "mfu_target_0.35_met": tr["mfu"] >= 0.35}
+            line |= {
+                "mfu": tr["mfu"],
+                "tokens_per_s": tr["tokens_per_s"],
+                "ms_per_step": tr["ms_per_step"],
+                "peak_memory_gib": tr["peak_memory_bytes"] / 2**30,
+                "mfu_target_0.35_met": tr["mfu"] >= 0.35,
+            }
         if "infer" in rep:
             inf = rep["infer"]
-            line |= {"decode_tokens_per_s": [d["tokens_per_s"] for d in inf["decode"]],
-                     "decode_batch1_of_bandwidth_bound": inf["decode_batch1_of_bound"],
-                     "decode_target_0.5_met": inf["decode_batch1_of_bound"] >= 0.5}
+            line |= {
+                "decode_tokens_per_s": [d["tokens_per_s"] for d in inf["decode"]],
+                "decode_batch1_of_bandwidth_bound": inf["decode_batch1_of_bound"],
+                "decode_target_0.5_met": inf["decode_batch1_of_bound"] >= 0.5,
+            }
     RESULTS["summary"] = summary
     print("summary:", json.dumps(summary, indent=1), flush=True)
     if OUT:

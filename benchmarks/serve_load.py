@@ -37,8 +37,16 @@ import numpy as np
 
 from gptoss_cli.bench import cpu_name
 
-PROMPTS = ["Once upon a time", "The expert router", "In the beginning the model", "A sliding window of keys",
-           "Language models are", "The cache holds", "Every token goes to", "Attention sinks keep"]
+PROMPTS = [
+    "Once upon a time",
+    "The expert router",
+    "In the beginning the model",
+    "A sliding window of keys",
+    "Language models are",
+    "The cache holds",
+    "Every token goes to",
+    "Attention sinks keep",
+]
 GPTOSS = [sys.executable, "-c", "from gptoss_cli.cli import main; main()"]
 
 
@@ -82,11 +90,18 @@ class Process:
         self.err.close()
 
 
-async def one_client(client: httpx.AsyncClient, url: str, model: str, first: int, requests: int, max_tokens: int,
-                     out: list[dict]) -> None:
+async def one_client(
+    client: httpx.AsyncClient, url: str, model: str, first: int, requests: int, max_tokens: int, out: list[dict]
+) -> None:
     for r in range(requests):
-        body = {"model": model, "prompt": PROMPTS[(first + r) % len(PROMPTS)], "max_tokens": max_tokens,
-                "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "prompt": PROMPTS[(first + r) % len(PROMPTS)],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         start = time.perf_counter()
         times, usage = [], None
         async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -118,9 +133,17 @@ async def load(url: str, model: str, clients: int, requests: int, max_tokens: in
     def pct(xs, q):
         return float(np.percentile(xs, q) * 1e3) if xs else float("nan")
 
-    return {"clients": clients, "requests": len(out), "tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
-            "itl_p99_ms": pct(itl, 99)}
+    return {
+        "clients": clients,
+        "requests": len(out),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "itl_p50_ms": pct(itl, 50),
+        "itl_p99_ms": pct(itl, 99),
+    }
 
 
 def bench_server(name: str, cmd: list[str], port: int, model: str, args, env) -> tuple[list[dict], str | None]:
@@ -134,9 +157,13 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, args, env) ->
         for clients in args.clients:
             row = asyncio.run(load(server.url, model, clients, args.requests, args.max_tokens))
             rows.append({"server": name, **row})
-            print(f"{name:28s} {clients:3d} clients  {row['tokens_per_s']:8.1f} tok/s  "
-                  f"TTFT p50 {row['ttft_p50_ms']:7.1f} p99 {row['ttft_p99_ms']:7.1f} ms  "
-                  f"ITL p50 {row['itl_p50_ms']:6.1f} p99 {row['itl_p99_ms']:6.1f} ms", file=sys.stderr, flush=True)
+            print(
+                f"{name:28s} {clients:3d} clients  {row['tokens_per_s']:8.1f} tok/s  "
+                f"TTFT p50 {row['ttft_p50_ms']:7.1f} p99 {row['ttft_p99_ms']:7.1f} ms  "
+                f"ITL p50 {row['itl_p50_ms']:6.1f} p99 {row['itl_p99_ms']:6.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
         return rows, None
     finally:
         server.stop()
@@ -144,8 +171,12 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, args, env) ->
 
 def infer_decode_speed(run: str, max_tokens: int, env) -> float | None:
     """`gptoss infer`'s own batch-1 decode tokens/s (from its summary line), greedy, same length."""
-    done = subprocess.run([*GPTOSS, "infer", PROMPTS[0], "-n", str(max_tokens), "-t", "0", "--run", run,
-                           "--device", "cpu"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [*GPTOSS, "infer", PROMPTS[0], "-n", str(max_tokens), "-t", "0", "--run", run, "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     match = re.search(r"decode ([\d.]+) tokens/s", done.stderr)
     return float(match.group(1)) if match else None
 
@@ -165,14 +196,27 @@ def main() -> None:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     model = Path(args.run).resolve().name
-    print(f"CPU {cpu_name()}, {os.cpu_count()} cores; {args.requests} requests x {args.max_tokens} tokens per "
-          f"client", file=sys.stderr)
+    print(
+        f"CPU {cpu_name()}, {os.cpu_count()} cores; {args.requests} requests x {args.max_tokens} tokens per client",
+        file=sys.stderr,
+    )
 
     rows, skipped = [], {}
     for name, extra in (("gptoss serve", ["--max-batch", "16"]), ("gptoss serve --max-batch 1", ["--max-batch", "1"])):
         port = free_port()
-        cmd = [*GPTOSS, "serve", "--run", args.run, "--port", str(port), "--device", "cpu",
-               "--max-queue", "256", *extra]
+        cmd = [
+            *GPTOSS,
+            "serve",
+            "--run",
+            args.run,
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-queue",
+            "256",
+            *extra,
+        ]
         got, why = bench_server(name, cmd, port, model, args, env)
         rows += got
         if why:
@@ -180,25 +224,39 @@ def main() -> None:
     if not args.no_transformers:
         with tempfile.TemporaryDirectory() as tmp:
             hf = Path(tmp) / model
-            subprocess.run([*GPTOSS, "export", "--run", args.run, "--out", str(hf), "--dtype", "fp32"], check=True,
-                           capture_output=True, env=env)
+            subprocess.run(
+                [*GPTOSS, "export", "--run", args.run, "--out", str(hf), "--dtype", "fp32"],
+                check=True,
+                capture_output=True,
+                env=env,
+            )
             port = free_port()
-            cmd = [sys.executable, "-c", "import sys; from transformers.cli.transformers import main; sys.exit(main())",
-                   "serve", "--device", "cpu",
-                   "--port", str(port), str(hf)]
+            cmd = [
+                sys.executable,
+                "-c",
+                "import sys; from transformers.cli.transformers import main; sys.exit(main())",
+                "serve",
+                "--device",
+                "cpu",
+                "--port",
+                str(port),
+                str(hf),
+            ]
             got, why = bench_server("transformers serve", cmd, port, str(hf), args, env)
             rows += got
             if why:
                 skipped["transformers serve"] = why
     decode = infer_decode_speed(args.run, args.max_tokens, env)
     if decode:
-        print(f"gptoss infer batch 1: decode {decode:.1f} tokens/s = {1e3 / decode:.1f} ms per token",
-              file=sys.stderr)
+        print(f"gptoss infer batch 1: decode {decode:.1f} tokens/s = {1e3 / decode:.1f} ms per token", file=sys.stderr)
     for name, why in skipped.items():
         print(f"{name}: did not run: {why}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"cpu": cpu_name(), "rows": rows, "skipped": skipped, "infer_decode_tokens_per_s": decode},
-                         indent=2))
+        print(
+            json.dumps(
+                {"cpu": cpu_name(), "rows": rows, "skipped": skipped, "infer_decode_tokens_per_s": decode}, indent=2
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -40,8 +40,9 @@ def rtol_for(dtype: torch.dtype, reduction: int = 1, stages: int = 1) -> float:
     return 4 * stages * math.sqrt(reduction) * torch.finfo(dtype).eps
 
 
-def assert_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float = 0.0, *,
-                 elementwise: bool = False, what: str = "") -> None:
+def assert_close(
+    got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float = 0.0, *, elementwise: bool = False, what: str = ""
+) -> None:
     """max|got - ref| <= atol + rtol * max|ref| (or |got - ref| <= atol + rtol * |ref| per element), in
     float64; the message gives the error, the reference's magnitude and the bound."""
     got, ref = torch.as_tensor(got), torch.as_tensor(ref)
@@ -54,14 +55,17 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float 
         assert excess.numel() == 0 or excess.max().item() <= 0, (
             f"{what} error {err.flatten()[worst].item():.3g} at an element of magnitude "
             f"{magnitude.flatten()[worst].item():.3g} > {atol:.3g} + {rtol:.3g} * |ref| "
-            f"(max error {err.max().item():.3g})")
+            f"(max error {err.max().item():.3g})"
+        )
         return
     max_err = err.max().item() if err.numel() else 0.0
     max_ref = magnitude.max().item() if magnitude.numel() else 0.0
     bound = atol + rtol * max_ref
-    assert max_err <= bound, (f"{what} max|got - ref| = {max_err:.3g} > {atol:.3g} + {rtol:.3g} * max|ref| "
-                              f"= {bound:.3g} (max|ref| = {max_ref:.3g}, "
-                              f"relative error {max_err / max(max_ref, 1e-300):.3g})")
+    assert max_err <= bound, (
+        f"{what} max|got - ref| = {max_err:.3g} > {atol:.3g} + {rtol:.3g} * max|ref| "
+        f"= {bound:.3g} (max|ref| = {max_ref:.3g}, "
+        f"relative error {max_err / max(max_ref, 1e-300):.3g})"
+    )
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -73,8 +77,9 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def randomise(module: torch.nn.Module, seed: int = 0, *, std: float = 0.08, bias_std: float = 0.3,
-              mlp1_std: float = 0.4) -> None:
+def randomise(
+    module: torch.nn.Module, seed: int = 0, *, std: float = 0.08, bias_std: float = 0.3, mlp1_std: float = 0.4
+) -> None:
     """Every parameter random and non-zero, one normal draw per parameter in named_parameters order: norm
     scales 1 + 0.2 N, sinks N (spread, so they matter), biases bias_std N, the expert up-projections
     mlp1_std N (large enough that the SwiGLU clamp at 7 fires), everything else std N. Our names and
@@ -98,11 +103,23 @@ def randomise(module: torch.nn.Module, seed: int = 0, *, std: float = 0.08, bias
 # The two layouts the transformers comparisons cover.
 TINY_LAYOUTS = {
     # The released checkpoints' layout: untied, qkv/out/router biases, YaRN (factor 4 over L0 = 512).
-    "released": dict(tie_word_embeddings=False, attention_bias=True, router_bias=True,
-                     rope_theta=150000.0, rope_scaling_factor=4.0, initial_context_length=512),
+    "released": dict(
+        tie_word_embeddings=False,
+        attention_bias=True,
+        router_bias=True,
+        rope_theta=150000.0,
+        rope_scaling_factor=4.0,
+        initial_context_length=512,
+    ),
     # The compact reference layout: tied embeddings, no qkv/out/router bias, plain RoPE.
-    "compact": dict(tie_word_embeddings=True, attention_bias=False, router_bias=False,
-                    rope_theta=10000.0, rope_scaling_factor=1.0, initial_context_length=4096),
+    "compact": dict(
+        tie_word_embeddings=True,
+        attention_bias=False,
+        router_bias=False,
+        rope_theta=10000.0,
+        rope_scaling_factor=1.0,
+        initial_context_length=4096,
+    ),
 }
 
 
@@ -110,10 +127,27 @@ def tiny_model_config(layout: str = "released", **overrides):
     """A 4-layer model (hidden 64, 4 experts top-2, window 8) in one of TINY_LAYOUTS, then `overrides`."""
     from gptoss_cli.model import ModelConfig
 
-    return ModelConfig(**(dict(
-        num_hidden_layers=4, num_experts=4, experts_per_token=2, vocab_size=256, hidden_size=64,
-        intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-        max_context_length=64, attention_backend="eager", moe_backend="loop") | TINY_LAYOUTS[layout] | overrides))
+    return ModelConfig(
+        **(
+            dict(
+                num_hidden_layers=4,
+                num_experts=4,
+                experts_per_token=2,
+                vocab_size=256,
+                hidden_size=64,
+                intermediate_size=32,
+                head_dim=16,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                sliding_window=8,
+                max_context_length=64,
+                attention_backend="eager",
+                moe_backend="loop",
+            )
+            | TINY_LAYOUTS[layout]
+            | overrides
+        )
+    )
 
 
 # ---- GPU tests ---------------------------------------------------------------------------------------
@@ -133,15 +167,31 @@ def pytest_collection_modifyitems(config, items):
 
 # A model of a few thousand parameters that trains a step in milliseconds on one CPU thread.
 SMALL_OVERRIDES = [
-    "model.num_hidden_layers=2", "model.hidden_size=32", "model.head_dim=16", "model.num_attention_heads=2",
-    "model.num_key_value_heads=1", "model.intermediate_size=32", "model.num_experts=4", "model.experts_per_token=2",
-    "model.vocab_size=320", "model.sliding_window=8", "model.moe_backend=loop",
-    "train.batch_size=4", "train.seq_len=16", "train.max_steps=6", "train.log_every=1", "train.eval_every=3",
-    "train.save_every=3", "train.warmup_steps=2", "train.device=cpu",
+    "model.num_hidden_layers=2",
+    "model.hidden_size=32",
+    "model.head_dim=16",
+    "model.num_attention_heads=2",
+    "model.num_key_value_heads=1",
+    "model.intermediate_size=32",
+    "model.num_experts=4",
+    "model.experts_per_token=2",
+    "model.vocab_size=320",
+    "model.sliding_window=8",
+    "model.moe_backend=loop",
+    "train.batch_size=4",
+    "train.seq_len=16",
+    "train.max_steps=6",
+    "train.log_every=1",
+    "train.eval_every=3",
+    "train.save_every=3",
+    "train.warmup_steps=2",
+    "train.device=cpu",
 ]
 
-_WORDS = ("model expert router token layer window attention sink norm gate cache batch epoch step loss "
-          "weight bias scale rotary sequence").split()
+_WORDS = (
+    "model expert router token layer window attention sink norm gate cache batch epoch step loss "
+    "weight bias scale rotary sequence"
+).split()
 
 
 @pytest.fixture(scope="session")

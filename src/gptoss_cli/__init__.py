@@ -1,2 +1,3 @@
 """gptoss: train and run compact gpt-oss-architecture language models."""
+
 __version__ = "0.1.0"

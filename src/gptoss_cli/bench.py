@@ -80,6 +80,7 @@ def device_info(device: torch.device) -> dict:
 
 # ---- the peak ------------------------------------------------------------------------------------
 
+
 def _gemm_flops(m: int, k: int, n: int, dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
     """Median FLOP/s of (m, k) @ (k, n), after one warm-up call."""
     a = torch.randn(m, k, dtype=dtype, device=device)
@@ -163,6 +164,7 @@ def reset_peak_rss() -> bool:
 
 # ---- training ------------------------------------------------------------------------------------
 
+
 def build_train_model(cfg: RunConfig, device: torch.device, precision: str) -> Transformer:
     """The model as train.setup.prepare builds it for one process: seed, init, dtype, checkpointing, compile."""
     from .train.setup import place_model
@@ -182,8 +184,9 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
     precision = resolve_precision(t.precision, native_bf16(device))
     model = build_train_model(cfg, device, precision).train()
     optimizer = build_optimizer(model, t, device)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed"
-                else nullcontext())  # as Trainer: bf16-mixed means autocast
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
+    )  # as Trainer: bf16-mixed means autocast
     gen = torch.Generator().manual_seed(t.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -245,6 +248,7 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
 
 # ---- inference -----------------------------------------------------------------------------------
 
+
 def build_infer_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
     """Random weights, laid out as infer.generate.load_run lays out a checkpoint: eval mode, no grads."""
     torch.manual_seed(cfg.train.seed)
@@ -265,8 +269,16 @@ def _prefill_s(model: Transformer, prompt: torch.Tensor, dtype: torch.dtype) -> 
     return time.perf_counter() - start
 
 
-def bench_infer(cfg: RunConfig, device: torch.device, repeats: int, warmup: int, new_tokens: int,
-                batches: tuple[int, ...], compile_decode: bool = False, prefill_tokens: int | None = None) -> dict:
+def bench_infer(
+    cfg: RunConfig,
+    device: torch.device,
+    repeats: int,
+    warmup: int,
+    new_tokens: int,
+    batches: tuple[int, ...],
+    compile_decode: bool = False,
+    prefill_tokens: int | None = None,
+) -> dict:
     from .config import InferConfig
     from .infer.generate import generate_tokens
 
@@ -281,8 +293,12 @@ def bench_infer(cfg: RunConfig, device: torch.device, repeats: int, warmup: int,
     prefill_len = min(prefill_tokens or cfg.train.seq_len, m.max_context_length - 1)
     prompt = torch.randint(0, m.vocab_size, (1, prefill_len), generator=gen).to(device)
     times = [_prefill_s(model, prompt, dtype) for _ in range(warmup + repeats)][warmup:]
-    prefill = {"batch": 1, "tokens": prefill_len, "ms": 1e3 * statistics.median(times),
-               "tokens_per_s": prefill_len / statistics.median(times)}
+    prefill = {
+        "batch": 1,
+        "tokens": prefill_len,
+        "ms": 1e3 * statistics.median(times),
+        "tokens_per_s": prefill_len / statistics.median(times),
+    }
 
     prompt_len = min(32, m.max_context_length // 4)
     new_tokens = max(4, min(new_tokens, m.max_context_length - prompt_len))
@@ -299,13 +315,21 @@ def bench_infer(cfg: RunConfig, device: torch.device, repeats: int, warmup: int,
                     stamps.append(time.perf_counter())
                 return False  # never stops a row
 
-            generate_tokens(model, prompts, params, pad_id=0, eos_id=None, on_token=stamp,
-                            compile_decode=compile_decode)
+            generate_tokens(
+                model, prompts, params, pad_id=0, eos_id=None, on_token=stamp, compile_decode=compile_decode
+            )
             if run >= warmup:  # the first decode step may (re)compile: left out
                 steps += [later - earlier for earlier, later in itertools.pairwise(stamps[1:])]
         step_s = statistics.median(steps)
-        decode.append({"batch": b, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-                       "ms_per_step": 1e3 * step_s, "tokens_per_s": b / step_s})
+        decode.append(
+            {
+                "batch": b,
+                "prompt_tokens": prompt_len,
+                "new_tokens": new_tokens,
+                "ms_per_step": 1e3 * step_s,
+                "tokens_per_s": b / step_s,
+            }
+        )
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:
@@ -315,31 +339,50 @@ def bench_infer(cfg: RunConfig, device: torch.device, repeats: int, warmup: int,
     active_bytes = info["active_params"] * torch.finfo(dtype).bits // 8
     bandwidth, bandwidth_source = memory_bandwidth(device)
     bound = bandwidth / active_bytes
-    result = {"dtype": str(dtype).removeprefix("torch."), "compile_decode": compile_decode,
-              "prefill": prefill, "decode": decode,
-              "active_weight_bytes": active_bytes, "bandwidth_gb_s": bandwidth / 1e9,
-              "bandwidth_source": bandwidth_source, "decode_bound_tokens_per_s": bound,
-              "decode_batch1_of_bound": decode[0]["tokens_per_s"] / bound,
-              "peak_memory_bytes": peak, "memory_kind": kind}
+    result = {
+        "dtype": str(dtype).removeprefix("torch."),
+        "compile_decode": compile_decode,
+        "prefill": prefill,
+        "decode": decode,
+        "active_weight_bytes": active_bytes,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_source": bandwidth_source,
+        "decode_bound_tokens_per_s": bound,
+        "decode_batch1_of_bound": decode[0]["tokens_per_s"] / bound,
+        "peak_memory_bytes": peak,
+        "memory_kind": kind,
+    }
     return result
 
 
 # ---- the command's core --------------------------------------------------------------------------
 
-def run_bench(cfg: RunConfig, train: bool = True, infer: bool = True, steps: int = 5, warmup: int = 2,
-              new_tokens: int = 32, decode_batch: int = 8, threads: int = 0, compile_decode: bool = False) -> dict:
+
+def run_bench(
+    cfg: RunConfig,
+    train: bool = True,
+    infer: bool = True,
+    steps: int = 5,
+    warmup: int = 2,
+    new_tokens: int = 32,
+    decode_batch: int = 8,
+    threads: int = 0,
+    compile_decode: bool = False,
+) -> dict:
     """Everything `gptoss bench` prints, as one JSON-ready dict."""
     from .devices import pick_device
 
     if threads:
         torch.set_num_threads(threads)
     device = pick_device(cfg.train.device, "train.device")
-    report = {"config": cfg.name, "device": device_info(device),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    report = {
+        "config": cfg.name,
+        "device": device_info(device),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     if train:
         report["train"] = bench_train(cfg, device, steps, warmup)
     if infer:
         batches = (1, decode_batch) if decode_batch > 1 else (1,)
-        report["infer"] = bench_infer(cfg, device, min(3, steps), min(warmup, 1), new_tokens, batches,
-                                      compile_decode)
+        report["infer"] = bench_infer(cfg, device, min(3, steps), min(warmup, 1), new_tokens, batches, compile_decode)
     return report

@@ -20,7 +20,7 @@ app = typer.Typer(
     help="Train and run compact gpt-oss-architecture language models from scratch.\n\n"
     "Try: [bold]gptoss env[/], [bold]gptoss build --config compact[/], "
     "[bold]gptoss train --config tiny --run runs/demo[/], "
-    "[bold]gptoss infer \"GPT models are\" -n 20 --run runs/demo[/].",
+    '[bold]gptoss infer "GPT models are" -n 20 --run runs/demo[/].',
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
@@ -50,8 +50,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     """Train and run compact gpt-oss-architecture language models from scratch."""
 
@@ -79,8 +80,11 @@ def main() -> None:
         if debug:
             raise
         first = (str(err).splitlines() or [""])[0][:300]
-        print(f"error: unexpected {type(err).__name__}: {first} -- this is a bug in gptoss; run again with "
-              "GPTOSS_DEBUG=1 to see the traceback, and report it", file=sys.stderr)
+        print(
+            f"error: unexpected {type(err).__name__}: {first} -- this is a bug in gptoss; run again with "
+            "GPTOSS_DEBUG=1 to see the traceback, and report it",
+            file=sys.stderr,
+        )
         sys.exit(1)
 
 

@@ -56,10 +56,16 @@ class DataConfig:
     def validate(self) -> None:
         _require(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         _require(bool(self.text_field), "data.text_field", "must not be empty")
-        _require(self.tokenizer_sample_bytes > 0, "data.tokenizer_sample_bytes",
-                 f"must be > 0, got {self.tokenizer_sample_bytes}")
-        _require(self.prepared is None or not self.paths, "data.prepared",
-                 "a prepared dataset already holds its text; leave data.paths empty")
+        _require(
+            self.tokenizer_sample_bytes > 0,
+            "data.tokenizer_sample_bytes",
+            f"must be > 0, got {self.tokenizer_sample_bytes}",
+        )
+        _require(
+            self.prepared is None or not self.paths,
+            "data.prepared",
+            "a prepared dataset already holds its text; leave data.paths empty",
+        )
         _require(self.prepared is None or bool(self.prepared), "data.prepared", "must be a directory (or null)")
 
 
@@ -97,18 +103,35 @@ class TrainConfig:
     wandb_name: str | None = None  # the W&B run name; null = the run directory's name
 
     def validate(self) -> None:
-        for key in ("batch_size", "seq_len", "grad_accum_steps", "epochs", "log_every", "eval_every",
-                    "eval_batches", "save_every", "keep_checkpoints"):
+        for key in (
+            "batch_size",
+            "seq_len",
+            "grad_accum_steps",
+            "epochs",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "keep_checkpoints",
+        ):
             _require(getattr(self, key) > 0, f"train.{key}", f"must be > 0, got {getattr(self, key)}")
         if self.global_batch_size is not None:
-            _require(self.grad_accum_steps == 1, "train.grad_accum_steps",
-                     f"{self.grad_accum_steps} would be ignored: train.global_batch_size={self.global_batch_size} "
-                     "derives it; set one of the two")
-            _require(self.global_batch_size > 0 and self.global_batch_size % self.batch_size == 0,
-                     "train.global_batch_size",
-                     f"must be a positive multiple of train.batch_size={self.batch_size}, got {self.global_batch_size}")
-        _require(self.max_steps is None or self.max_steps > 0, "train.max_steps",
-                 f"must be > 0 (or null), got {self.max_steps}")
+            _require(
+                self.grad_accum_steps == 1,
+                "train.grad_accum_steps",
+                f"{self.grad_accum_steps} would be ignored: train.global_batch_size={self.global_batch_size} "
+                "derives it; set one of the two",
+            )
+            _require(
+                self.global_batch_size > 0 and self.global_batch_size % self.batch_size == 0,
+                "train.global_batch_size",
+                f"must be a positive multiple of train.batch_size={self.batch_size}, got {self.global_batch_size}",
+            )
+        _require(
+            self.max_steps is None or self.max_steps > 0,
+            "train.max_steps",
+            f"must be > 0 (or null), got {self.max_steps}",
+        )
         _require(self.lr > 0, "train.lr", f"out of range, got {self.lr}")
         for key in ("beta1", "beta2"):
             _require(0 < getattr(self, key) < 1, f"train.{key}", f"out of range, got {getattr(self, key)}")
@@ -135,8 +158,9 @@ class InferConfig:
         _require(self.temperature >= 0, label("temperature"), f"must be >= 0 (0 = greedy), got {self.temperature}")
         _require(self.top_k >= 0, label("top_k"), f"must be >= 0 (0 = off), got {self.top_k}")
         _require(0 < self.top_p <= 1, label("top_p"), f"must be in (0, 1], got {self.top_p}")
-        _require(self.repetition_penalty > 0, label("repetition_penalty"),
-                 f"must be > 0, got {self.repetition_penalty}")
+        _require(
+            self.repetition_penalty > 0, label("repetition_penalty"), f"must be > 0, got {self.repetition_penalty}"
+        )
         _require(all(self.stop), label("stop"), "stop strings must not be empty")
 
     def with_overrides(self, label: Label | None = None, **overrides: Any) -> InferConfig:
@@ -166,21 +190,31 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.infer.validate()
-        _require(self.train.seq_len <= self.model.max_context_length, "train.seq_len",
-                 f"{self.train.seq_len} exceeds model.max_context_length={self.model.max_context_length}")
-        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
-                 f"must be a plain name (it names the run directory runs/NAME-DATE), got {self.name!r}")
+        _require(
+            self.train.seq_len <= self.model.max_context_length,
+            "train.seq_len",
+            f"{self.train.seq_len} exceeds model.max_context_length={self.model.max_context_length}",
+        )
+        _require(
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            "name",
+            f"must be a plain name (it names the run directory runs/NAME-DATE), got {self.name!r}",
+        )
 
     def validate_for_training(self) -> None:
         """What only training needs (other stages, e.g. bench, run any model shape): the byte-level tokenizer
         it trains holds every byte plus the special tokens, so the vocabulary must have room for them."""
         need = TOKENIZER_MIN_VOCAB
-        _require(self.model.vocab_size >= need, "model.vocab_size",
-                 f"{self.model.vocab_size} is too small for the byte-level tokenizer: it needs at least {need} "
-                 f"(256 bytes + {need - 256} special tokens)")
+        _require(
+            self.model.vocab_size >= need,
+            "model.vocab_size",
+            f"{self.model.vocab_size} is too small for the byte-level tokenizer: it needs at least {need} "
+            f"(256 bytes + {need - 256} special tokens)",
+        )
 
 
 # ---- locating configs ----------------------------------------------------------------------------
+
 
 def shipped_config_dirs() -> list[Path]:
     """Where bare config names are looked up: inside an installed wheel, then the source checkout."""
@@ -208,6 +242,7 @@ def resolve_config_path(name: str) -> Path:
 
 # ---- strict conversion ---------------------------------------------------------------------------
 
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -216,8 +251,9 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -355,8 +391,10 @@ def load_config(name: str | Path = "tiny", overrides: list[str] | None = None) -
     path = resolve_config_path(str(name))
     raw = read_yaml(path)
     if raw == {}:  # an empty file would silently mean every default: the 1.4B compact model
-        raise ConfigError(f"{path.name}: the config is empty; give at least one section (model, data, train, "
-                          f"infer) or a shipped config: {', '.join(shipped_configs())}")
+        raise ConfigError(
+            f"{path.name}: the config is empty; give at least one section (model, data, train, "
+            f"infer) or a shipped config: {', '.join(shipped_configs())}"
+        )
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides or [])
         raw.setdefault("name", path.stem)

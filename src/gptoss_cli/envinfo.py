@@ -46,15 +46,17 @@ def _nvml_gpus() -> tuple[list[dict], str | None]:
             name = pynvml.nvmlDeviceGetName(handle)
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-            gpus.append({
-                "index": i,
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "memory_total_gib": round(mem.total / 1024**3, 2),
-                "memory_used_gib": round(mem.used / 1024**3, 2),
-                "driver": driver,
-                "compute_capability": f"{major}.{minor}",
-                "bf16": major >= 8,  # Ampere and newer; is_bf16_supported() also says yes to emulation
-            })
+            gpus.append(
+                {
+                    "index": i,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "memory_total_gib": round(mem.total / 1024**3, 2),
+                    "memory_used_gib": round(mem.used / 1024**3, 2),
+                    "driver": driver,
+                    "compute_capability": f"{major}.{minor}",
+                    "bf16": major >= 8,  # Ampere and newer; is_bf16_supported() also says yes to emulation
+                }
+            )
         return gpus, None
     finally:
         pynvml.nvmlShutdown()
@@ -111,8 +113,7 @@ def collect() -> dict:
         "gpu_count": torch.cuda.device_count() if cuda else 0,
         "gpus": gpus,
         "nvml": nvml_note or "ok",
-        "nvidia_smi": _tool("nvidia-smi", ["--query-gpu=driver_version", "--format=csv,noheader"],
-                            r"([\d.]+)"),
+        "nvidia_smi": _tool("nvidia-smi", ["--query-gpu=driver_version", "--format=csv,noheader"], r"([\d.]+)"),
         "nvcc": _tool("nvcc", ["--version"], r"release ([\d.]+)"),
         "attention_backends": _attention_backends("cuda" if cuda else "cpu"),
         "compile": _compile_prerequisites(cuda),

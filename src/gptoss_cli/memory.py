@@ -36,8 +36,14 @@ class MemorySampler:
                 self._nvml = None
 
     def sample(self, step: int | None = None, **extra) -> dict:
-        record = {"time": round(time.time() - self.start, 4), "wall": time.time(), "phase": self.phase,
-                  "rank": self.rank, "step": step, "device": self.device.type}
+        record = {
+            "time": round(time.time() - self.start, 4),
+            "wall": time.time(),
+            "phase": self.phase,
+            "rank": self.rank,
+            "step": step,
+            "device": self.device.type,
+        }
         if self.device.type == "cuda":
             record["allocated_bytes"] = torch.cuda.memory_allocated(self.device)
             record["reserved_bytes"] = torch.cuda.memory_reserved(self.device)

@@ -111,8 +111,7 @@ def describe(cfg: RunConfig, cuda: bool = False) -> dict:
         2 * m.kv_dim * infer_bytes * (min(m.sliding_window, ctx) if m.is_sliding(layer) else ctx)
         for layer in range(m.num_hidden_layers)
     )
-    infer_mem = {"weights": total * infer_bytes, "kv_cache_per_sequence": kv,
-                 "logits": m.vocab_size * 4}
+    infer_mem = {"weights": total * infer_bytes, "kv_cache_per_sequence": kv, "logits": m.vocab_size * 4}
     infer_mem["total_batch1"] = sum(infer_mem.values())
     return {
         "config": cfg.name,

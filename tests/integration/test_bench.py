@@ -14,10 +14,21 @@ from typer.testing import CliRunner
 from gptoss_cli.commands import bench
 
 SMALL = [
-    "model.num_hidden_layers=2", "model.hidden_size=32", "model.head_dim=16", "model.num_attention_heads=2",
-    "model.num_key_value_heads=1", "model.intermediate_size=32", "model.num_experts=4", "model.experts_per_token=2",
-    "model.vocab_size=128", "model.sliding_window=8", "model.max_context_length=64",
-    "model.initial_context_length=64", "train.batch_size=2", "train.seq_len=16", "train.device=cpu",
+    "model.num_hidden_layers=2",
+    "model.hidden_size=32",
+    "model.head_dim=16",
+    "model.num_attention_heads=2",
+    "model.num_key_value_heads=1",
+    "model.intermediate_size=32",
+    "model.num_experts=4",
+    "model.experts_per_token=2",
+    "model.vocab_size=128",
+    "model.sliding_window=8",
+    "model.max_context_length=64",
+    "model.initial_context_length=64",
+    "train.batch_size=2",
+    "train.seq_len=16",
+    "train.device=cpu",
 ]
 
 
@@ -33,8 +44,9 @@ def invoke(*args: str):
 
 def test_bench_json_report_is_complete_and_sane(torch_one_thread):
     sets = [arg for o in SMALL for arg in ("--set", o)]
-    result = invoke("--config", "tiny", *sets, "--steps", "2", "--warmup", "1", "--new-tokens", "6",
-                    "--decode-batch", "3", "--json")
+    result = invoke(
+        "--config", "tiny", *sets, "--steps", "2", "--warmup", "1", "--new-tokens", "6", "--decode-batch", "3", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["config"] == "tiny"

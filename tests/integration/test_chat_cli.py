@@ -19,10 +19,17 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 CHATS = [
     [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello! How can I help?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a token?"},
-     {"role": "assistant", "content": "A piece of text."}],
-    [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."},
-     {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": "You are welcome."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a token?"},
+        {"role": "assistant", "content": "A piece of text."},
+    ],
+    [
+        {"role": "user", "content": "Count to three."},
+        {"role": "assistant", "content": "One, two, three."},
+        {"role": "user", "content": "Thanks."},
+        {"role": "assistant", "content": "You are welcome."},
+    ],
 ]
 
 
@@ -30,9 +37,21 @@ def _train(tmp: Path, name: str, data: list[str], overrides: list[str], tokenize
     from gptoss_cli.config import load_config
     from gptoss_cli.train.loop import Trainer, prepare
 
-    cfg = load_config("tiny", [*overrides, f"data.paths=[{','.join(data)}]", "train.seq_len=48",
-                               "train.batch_size=2", "train.max_steps=4", "train.eval_every=4", "train.save_every=4",
-                               "data.val_fraction=0", "infer.max_new_tokens=12", "infer.temperature=0"])
+    cfg = load_config(
+        "tiny",
+        [
+            *overrides,
+            f"data.paths=[{','.join(data)}]",
+            "train.seq_len=48",
+            "train.batch_size=2",
+            "train.max_steps=4",
+            "train.eval_every=4",
+            "train.save_every=4",
+            "data.val_fraction=0",
+            "infer.max_new_tokens=12",
+            "infer.temperature=0",
+        ],
+    )
     Trainer(prepare(cfg, tmp / name, tokenizer_path=tokenizer)).run()
     return tmp / name
 
@@ -44,8 +63,14 @@ def old_tokenizer(text: str, path: Path) -> Path:
     old = Tokenizer(models.BPE())
     old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     old.decoder = decoders.ByteLevel()
-    old.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    old.train_from_iterator(
+        [text],
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>", "<|pad|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     old.save(str(path))
     return path
 
@@ -68,9 +93,14 @@ def chat(run: Path, text: str, **kw) -> tuple[str, list[str]]:
 
 def test_piped_stdin_gives_one_reply_per_line_through_the_cli(chat_run):
     env = {**os.environ, "GPTOSS_DEBUG": "0"}
-    done = subprocess.run([sys.executable, "-m", "gptoss_cli", "chat", "--run", str(chat_run), "-n", "8"],
-                          input="Hello!\nWhat is a token?\n/reset\nThanks.\n", capture_output=True, text=True,
-                          env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "gptoss_cli", "chat", "--run", str(chat_run), "-n", "8"],
+        input="Hello!\nWhat is a token?\n/reset\nThanks.\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 3  # three messages, three replies; /reset prints nothing on stdout
@@ -78,8 +108,9 @@ def test_piped_stdin_gives_one_reply_per_line_through_the_cli(chat_run):
 
 
 def test_history_commands_and_json(chat_run):
-    out, notices = chat(chat_run, "Hello!\nThanks.\n/system Be brief.\nWhat is a token?\n/exit\nnot read\n",
-                        system="You are terse.")
+    out, notices = chat(
+        chat_run, "Hello!\nThanks.\n/system Be brief.\nWhat is a token?\n/exit\nnot read\n", system="You are terse."
+    )
     assert len(out.splitlines()) == 3
     assert any("system message set" in n for n in notices)
     out, notices = chat(chat_run, "/bogus\nHello!\n", max_new_tokens=5)
@@ -99,8 +130,12 @@ def test_the_oldest_turns_are_dropped_when_the_context_fills(chat_run):
     session = open_chat(run=chat_run, device="cpu", max_new_tokens=200, stop=["."])
     notices: list[str] = []
     out = io.StringIO()
-    run_chat(session, stdin=io.StringIO("Hello! How are you today, my friend? " * 3 + "\n" + "Count.\n" * 6),
-             stdout=out, say=notices.append)
+    run_chat(
+        session,
+        stdin=io.StringIO("Hello! How are you today, my friend? " * 3 + "\n" + "Count.\n" * 6),
+        stdout=out,
+        say=notices.append,
+    )
     assert any("oldest" in n and "dropped" in n for n in notices)
     assert len(out.getvalue().splitlines()) == 7  # every message answered
     assert len(session.messages()) < 14  # but not every one is still in the history
@@ -129,8 +164,13 @@ def test_ctrl_c_stops_the_reply_not_the_session(chat_run):
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_interactive_prompt_in_a_pseudo_terminal(chat_run):
     master, slave = os.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "gptoss_cli", "chat", "--run", str(chat_run), "-n", "6"],
-                            stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gptoss_cli", "chat", "--run", str(chat_run), "-n", "6"],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
     os.close(slave)
     os.write(master, b"Hello!\n/exit\n")
     seen = b""
@@ -157,8 +197,9 @@ def test_a_run_without_a_conversation_format_says_so(small_corpus, small_overrid
     assert len(err.strip().splitlines()) == 1
 
 
-def test_fine_tuning_an_old_run_adds_the_conversation_tokens(small_corpus, small_overrides, isolated_cache,
-                                                             tmp_path, capsys):
+def test_fine_tuning_an_old_run_adds_the_conversation_tokens(
+    small_corpus, small_overrides, isolated_cache, tmp_path, capsys
+):
     from gptoss_cli.config import load_config
     from gptoss_cli.data.tokenizer import load_tokenizer
     from gptoss_cli.train.loop import Trainer, prepare
@@ -175,8 +216,9 @@ def test_fine_tuning_an_old_run_adds_the_conversation_tokens(small_corpus, small
     assert len(out.splitlines()) == 1
 
 
-def test_a_run_trained_on_text_only_chats_with_a_warning(small_corpus, small_overrides, isolated_cache, tmp_path,
-                                                         chat_run, capsys):
+def test_a_run_trained_on_text_only_chats_with_a_warning(
+    small_corpus, small_overrides, isolated_cache, tmp_path, chat_run, capsys
+):
     run = _train(tmp_path, "text", [str(small_corpus)], small_overrides)
     chat(run, "Hello!\n", max_new_tokens=3)
     assert "trained on text, not on conversations" in capsys.readouterr().err

@@ -30,10 +30,17 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 TEXTS = ["Hello! How can I help you today?", "A token is a small piece of text.", "user assistant system"] * 8
 CHATS = [
     [{"role": "user", "content": "Hello!"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a token?"},
-     {"role": "assistant", "content": "A piece of text."}, {"role": "user", "content": "Thanks."}],
-    [{"role": "developer", "content": "Answer in one line."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is a token?"},
+        {"role": "assistant", "content": "A piece of text."},
+        {"role": "user", "content": "Thanks."},
+    ],
+    [
+        {"role": "developer", "content": "Answer in one line."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ],
 ]
 # A harmony-style template of the kind gpt-oss ships (written for this test): channels, a dated system
 # preamble, developer instructions, the final reply closed with <|return|>.
@@ -60,9 +67,21 @@ def invoke(*args) -> None:
 def run(tmp_path: Path) -> Path:
     """A run as `gptoss train` writes one, with random weights and a tokenizer that has the chat tokens."""
     torch.manual_seed(0)
-    cfg = ModelConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=320, hidden_size=64,
-                      intermediate_size=32, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
-                      sliding_window=8, attention_backend="eager", moe_backend="loop", max_context_length=256)
+    cfg = ModelConfig(
+        num_hidden_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=32,
+        head_dim=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        attention_backend="eager",
+        moe_backend="loop",
+        max_context_length=256,
+    )
     model = Transformer(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -86,8 +105,9 @@ def test_export_chats_in_transformers(run, tmp_path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     for messages in CHATS:
         for gen in (True, False):
-            assert list(hf_tok.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)) == \
-                fmt.render(messages, add_generation_prompt=gen)
+            assert list(
+                hf_tok.apply_chat_template(messages, add_generation_prompt=gen, return_dict=False)
+            ) == fmt.render(messages, add_generation_prompt=gen)
     stops = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert set(stops) >= set(fmt.stop_ids)
 
@@ -95,13 +115,14 @@ def test_export_chats_in_transformers(run, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     prompt = fmt.render(CHATS[1])
     with torch.no_grad():
-        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):].tolist()
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :].tolist()
     model = Transformer(hf_config_model(run)).eval()
     from gptoss_cli.run.checkpoint import load_weights, resolve_checkpoint
 
     load_weights(model, resolve_checkpoint(run) / "model.safetensors")
-    ours, _, _ = generate_tokens(model, [prompt], InferConfig(max_new_tokens=10, temperature=0),
-                                 pad_id=tok.token_to_id(PAD), eos_id=None)
+    ours, _, _ = generate_tokens(
+        model, [prompt], InferConfig(max_new_tokens=10, temperature=0), pad_id=tok.token_to_id(PAD), eos_id=None
+    )
     cut = next((i + 1 for i, t in enumerate(ours[0]) if t in stops), len(ours[0]))
     assert theirs[:cut] == ours[0][:cut]
 
@@ -138,7 +159,8 @@ def test_import_keeps_a_harmony_template_and_exports_it_again(run, tmp_path):
     for messages in CHATS:
         for gen_prompt in (True, False):
             assert fmt.render(messages, add_generation_prompt=gen_prompt) == list(
-                hf_tok.apply_chat_template(messages, add_generation_prompt=gen_prompt, return_dict=False))
+                hf_tok.apply_chat_template(messages, add_generation_prompt=gen_prompt, return_dict=False)
+            )
 
     again = tmp_path / "again"
     invoke("export", "--run", imported, "--out", again)

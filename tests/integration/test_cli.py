@@ -21,8 +21,10 @@ from gptoss_cli import __version__, cli
 from gptoss_cli.config import load_config
 
 runner = CliRunner()
-STEP_LINE = re.compile(r"^Epoch (\d+), Step (\d+): "
-                       r"Loss=\d+\.\d{4}, PPL=\d+\.\d{2}, Acc=[01]\.\d{3}, LR=\d\.\d{2}e[-+]\d{2}$")
+STEP_LINE = re.compile(
+    r"^Epoch (\d+), Step (\d+): "
+    r"Loss=\d+\.\d{4}, PPL=\d+\.\d{2}, Acc=[01]\.\d{3}, LR=\d\.\d{2}e[-+]\d{2}$"
+)
 
 
 def set_args(overrides: list[str]) -> list[str]:
@@ -45,13 +47,20 @@ def cli_run(tmp_path_factory, small_overrides):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GPTOSS_CACHE", str(root / "cache"))
         run = root / "run"
-        result = invoke("train", "-c", "tiny", "--run", run,
-                        *set_args([*small_overrides, "train.max_steps=3", "train.save_every=2"]))
+        result = invoke(
+            "train",
+            "-c",
+            "tiny",
+            "--run",
+            run,
+            *set_args([*small_overrides, "train.max_steps=3", "train.save_every=2"]),
+        )
     torch.set_num_threads(threads)
     return result, run
 
 
 # ---- help, version, build, env --------------------------------------------------------------------
+
 
 def test_version():
     result = invoke("--version")
@@ -69,12 +78,15 @@ def test_help_lists_the_commands():
         assert option in train_help.stdout
 
 
-@pytest.mark.parametrize(("config", "total"), [
-    ("compact.yaml", 1_442_041_488),
-    ("compact", 1_442_041_488),
-    ("gpt-oss-20b", 20_914_757_184),
-    ("gpt-oss-120b", 116_829_156_672),
-])
+@pytest.mark.parametrize(
+    ("config", "total"),
+    [
+        ("compact.yaml", 1_442_041_488),
+        ("compact", 1_442_041_488),
+        ("gpt-oss-20b", 20_914_757_184),
+        ("gpt-oss-120b", 116_829_156_672),
+    ],
+)
 def test_build_json_parameter_counts(config, total):
     result = invoke("build", "--config", config, "--json")
     assert result.exit_code == 0
@@ -104,21 +116,30 @@ def test_env_json():
 BAD_YAML = "model:\n  hidden_size: 64\n  num_experts: 4: 8\n"  # line 3: a second colon
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["build", "-c", "tiny", "--set", "model.hidden_sizee=3"], "tiny.yaml: model.hidden_sizee: unknown key"),
-    (["build", "-c", "tiny", "--set", "train.lr=abc"], "tiny.yaml: train.lr: expected a number, got 'abc'"),
-    (["build", "-c", "tiny", "--set", "model.num_attention_heads=5"],
-     "tiny.yaml: model.num_attention_heads: 5 is not a multiple of num_key_value_heads=2"),
-    (["build", "-c", "{tmp}/missing.yaml"], "config not found: {tmp}/missing.yaml"),
-    (["build", "-c", "{tmp}/bad.yaml"],
-     "bad.yaml: YAML syntax error at line 3, column 17: mapping values are not allowed here"),
-    (["build", "-c", "tiny", "--set", "trainlr"], "--set 'trainlr': expected section.key=value"),
-    (["build", "-c", "tiny", "--set", "optim.lr=1"], "--set 'optim.lr=1': unknown section 'optim'"),
-    (["train", "-c", "{tmp}/unknown.yaml", "--run", "{tmp}/run"], "unknown.yaml: trian: unknown section"),
-    (["train", "-c", "tiny", "--run", "{tmp}/run", "--set", "data.paths={tmp}/nope.txt"],
-     "data.paths: {tmp}/nope.txt does not exist"),
-    (["train", "-c", "tiny", "--run", "{tmp}/run", "--resume"], "no complete checkpoint under {tmp}/run"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["build", "-c", "tiny", "--set", "model.hidden_sizee=3"], "tiny.yaml: model.hidden_sizee: unknown key"),
+        (["build", "-c", "tiny", "--set", "train.lr=abc"], "tiny.yaml: train.lr: expected a number, got 'abc'"),
+        (
+            ["build", "-c", "tiny", "--set", "model.num_attention_heads=5"],
+            "tiny.yaml: model.num_attention_heads: 5 is not a multiple of num_key_value_heads=2",
+        ),
+        (["build", "-c", "{tmp}/missing.yaml"], "config not found: {tmp}/missing.yaml"),
+        (
+            ["build", "-c", "{tmp}/bad.yaml"],
+            "bad.yaml: YAML syntax error at line 3, column 17: mapping values are not allowed here",
+        ),
+        (["build", "-c", "tiny", "--set", "trainlr"], "--set 'trainlr': expected section.key=value"),
+        (["build", "-c", "tiny", "--set", "optim.lr=1"], "--set 'optim.lr=1': unknown section 'optim'"),
+        (["train", "-c", "{tmp}/unknown.yaml", "--run", "{tmp}/run"], "unknown.yaml: trian: unknown section"),
+        (
+            ["train", "-c", "tiny", "--run", "{tmp}/run", "--set", "data.paths={tmp}/nope.txt"],
+            "data.paths: {tmp}/nope.txt does not exist",
+        ),
+        (["train", "-c", "tiny", "--run", "{tmp}/run", "--resume"], "no complete checkpoint under {tmp}/run"),
+    ],
+)
 def test_bad_input_is_one_error_line_and_exit_2(gptoss, tmp_path, isolated_cache, args, message):
     (tmp_path / "bad.yaml").write_text(BAD_YAML)
     (tmp_path / "unknown.yaml").write_text("trian:\n  lr: 1\n")
@@ -130,30 +151,42 @@ def test_bad_input_is_one_error_line_and_exit_2(gptoss, tmp_path, isolated_cache
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("args", [  # `build`: `train` imports torch.distributed first (~7 s per process)
-    ["build", "-c", "tiny", "--set", "train.lr=abc"],
-    ["build", "-c", "{tmp}/bad.yaml"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [  # `build`: `train` imports torch.distributed first (~7 s per process)
+        ["build", "-c", "tiny", "--set", "train.lr=abc"],
+        ["build", "-c", "{tmp}/bad.yaml"],
+    ],
+)
 def test_error_boundary_in_a_real_process(tmp_path, args):
     (tmp_path / "bad.yaml").write_text(BAD_YAML)
     env = {k: v for k, v in os.environ.items() if k != "GPTOSS_DEBUG"} | {"GPTOSS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "gptoss_cli", *(a.format(tmp=tmp_path) for a in args)],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_cli", *(a.format(tmp=tmp_path) for a in args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
 def test_usage_errors_are_click_usage_errors(gptoss):
-    for args, problem in ((["build", "--no-such-option"], "No such option: --no-such-option"),
-                          (["frobnicate"], "No such command 'frobnicate'"),
-                          (["build", "--set"], "Option '--set' requires an argument")):
+    for args, problem in (
+        (["build", "--no-such-option"], "No such option: --no-such-option"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["build", "--set"], "Option '--set' requires an argument"),
+    ):
         code, _, err = gptoss(*args)
         assert "Traceback" not in err and problem in err
         assert code == 2 and "GPTOSS_DEBUG" not in err, err  # click's own usage error, not our fallback
 
 
 # ---- training through the CLI ---------------------------------------------------------------------
+
 
 def test_train_writes_the_run_and_prints_step_lines(cli_run, small_overrides):
     result, run = cli_run
@@ -203,10 +236,10 @@ def restore_console():
     console._file = saved
 
 
-def test_train_json_stdout_is_one_object(tmp_path, isolated_cache, torch_one_thread, small_overrides,
-                                         restore_console):
-    result = invoke("train", "-c", "tiny", "--run", tmp_path / "run", "--json",
-                    *set_args([*small_overrides, "train.max_steps=2"]))
+def test_train_json_stdout_is_one_object(tmp_path, isolated_cache, torch_one_thread, small_overrides, restore_console):
+    result = invoke(
+        "train", "-c", "tiny", "--run", tmp_path / "run", "--json", *set_args([*small_overrides, "train.max_steps=2"])
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)  # progress and step lines went to stderr
     assert summary["steps"] == 2 and summary["status"] == "completed"
@@ -216,6 +249,11 @@ def test_train_json_stdout_is_one_object(tmp_path, isolated_cache, torch_one_thr
 
 def test_subprocess_python_is_this_venv():
     """The error-boundary subprocess tests run this interpreter, so they test this checkout."""
-    out = subprocess.run([sys.executable, "-c", "import gptoss_cli, sys; print(gptoss_cli.__file__)"],
-                         capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "import gptoss_cli, sys; print(gptoss_cli.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
     assert Path(out).resolve().parent == Path(cli.__file__).resolve().parent

@@ -24,8 +24,16 @@ LOSS_RTOL = rtol_for(torch.float32, 8, 4)
 
 # Warmup covers every step here, so the learning rate does not depend on train.max_steps. The MoE balance
 # loss is computed per process (as Switch/GShard do per device), so it is off for the equality check.
-COMMON = ["train.log_every=1", "train.eval_every=100", "train.save_every=100", "train.aux_loss_coef=0",
-          "train.warmup_steps=10", "model.num_hidden_layers=2", "model.vocab_size=512", "train.seq_len=32"]
+COMMON = [
+    "train.log_every=1",
+    "train.eval_every=100",
+    "train.save_every=100",
+    "train.aux_loss_coef=0",
+    "train.warmup_steps=10",
+    "model.num_hidden_layers=2",
+    "model.vocab_size=512",
+    "train.seq_len=32",
+]
 
 
 def _sets(items):
@@ -63,8 +71,17 @@ def single_run(tmp_path_factory):
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path, single_run, parallel):
     run = tmp_path / "run"
-    out = _torchrun(tmp_path, "-m", "gptoss_cli", "train", "-c", "tiny", "--run-dir", str(run),
-                    *_sets(COMMON + ["train.batch_size=4", "train.max_steps=6", f"train.parallel={parallel}"]))
+    out = _torchrun(
+        tmp_path,
+        "-m",
+        "gptoss_cli",
+        "train",
+        "-c",
+        "tiny",
+        "--run-dir",
+        str(run),
+        *_sets(COMMON + ["train.batch_size=4", "train.max_steps=6", f"train.parallel={parallel}"]),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "global batch 4 x 1 accumulation x 2 processes = 8 sequences" in out.stderr
     assert out.stderr.count("Step 1:") == 1  # rank 0 alone prints
@@ -79,8 +96,17 @@ def test_two_processes_match_one(tmp_path, single_run, parallel):
 
 def test_two_process_checkpoint_resumes_in_one(tmp_path, single_run):
     run = tmp_path / "run"
-    out = _torchrun(tmp_path, "-m", "gptoss_cli", "train", "-c", "tiny", "-r", str(run),
-                    *_sets(COMMON + ["train.batch_size=4", "train.max_steps=3", "train.parallel=fsdp"]))
+    out = _torchrun(
+        tmp_path,
+        "-m",
+        "gptoss_cli",
+        "train",
+        "-c",
+        "tiny",
+        "-r",
+        str(run),
+        *_sets(COMMON + ["train.batch_size=4", "train.max_steps=3", "train.parallel=fsdp"]),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     _single(tmp_path, run, "--resume", *_sets(COMMON + ["train.batch_size=8", "train.max_steps=6"]))
     losses = _losses(run)
@@ -90,7 +116,8 @@ def test_two_process_checkpoint_resumes_in_one(tmp_path, single_run):
 
 def test_mismatched_configs_across_ranks_fail_clearly(tmp_path):
     script = tmp_path / "check.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, sys
         from gptoss_cli.train import distributed as distributed
         from gptoss_cli.errors import GptossError
@@ -102,7 +129,8 @@ def test_mismatched_configs_across_ranks_fail_clearly(tmp_path):
             sys.exit(2)
         finally:
             distributed.shutdown()
-    """))
+    """)
+    )
     out = _torchrun(tmp_path, str(script))
     assert out.returncode != 0
     assert "rank 1 has a different config from rank 0" in out.stdout
@@ -119,14 +147,35 @@ def test_global_batch_must_divide_by_world_size():
 def test_two_processes_on_a_prepared_dataset_match_one(tmp_path):
     """Both ranks memory-map one prepared dataset and draw only their own rows of each global batch."""
     data = tmp_path / "ds"
-    cmd = [sys.executable, "-m", "gptoss_cli", "prepare", "--out", str(data), "-c", "tiny", "--workers", "1",
-           *_sets(COMMON), str(Path(__file__).resolve().parents[2] / "README.md")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gptoss_cli",
+        "prepare",
+        "--out",
+        str(data),
+        "-c",
+        "tiny",
+        "--workers",
+        "1",
+        *_sets(COMMON),
+        str(Path(__file__).resolve().parents[2] / "README.md"),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     common = COMMON + [f"data.prepared={data}", "train.max_steps=4", "train.seq_len=16"]
     _single(tmp_path, tmp_path / "one", *_sets(common + ["train.batch_size=8"]))
-    out = _torchrun(tmp_path, "-m", "gptoss_cli", "train", "-c", "tiny", "-r", str(tmp_path / "two"),
-                    *_sets(common + ["train.batch_size=4"]))
+    out = _torchrun(
+        tmp_path,
+        "-m",
+        "gptoss_cli",
+        "train",
+        "-c",
+        "tiny",
+        "-r",
+        str(tmp_path / "two"),
+        *_sets(common + ["train.batch_size=4"]),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "waiting for rank 0" not in out.stderr  # nothing to prepare: no rank waits
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")

@@ -25,16 +25,35 @@ from gptoss_cli.run.checkpoint import (
 )
 
 VOCAB, CONTEXT = 320, 12
-WORDS = ("gpt models are trained on text while the router sends every token to a few experts and sliding "
-         "windows keep attention local so the cache stays small").split()
+WORDS = (
+    "gpt models are trained on text while the router sends every token to a few experts and sliding "
+    "windows keep attention local so the cache stays small"
+).split()
 TEXTS = [" ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(6 + i % 9)) + "." for i in range(40)]
 
 
 def model_config(**over) -> ModelConfig:
-    return ModelConfig(**(dict(
-        num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=VOCAB, hidden_size=32,
-        intermediate_size=32, head_dim=16, num_attention_heads=2, num_key_value_heads=1, sliding_window=4,
-        max_context_length=64, initial_context_length=64, attention_backend="eager", moe_backend="loop") | over))
+    return ModelConfig(
+        **(
+            dict(
+                num_hidden_layers=2,
+                num_experts=4,
+                experts_per_token=2,
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=32,
+                head_dim=16,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                sliding_window=4,
+                max_context_length=64,
+                initial_context_length=64,
+                attention_backend="eager",
+                moe_backend="loop",
+            )
+            | over
+        )
+    )
 
 
 @torch.no_grad()
@@ -88,6 +107,7 @@ def eval_json(gptoss, *args) -> list[dict]:
 
 # ---- the windows ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("context,stride", [(8, 8), (8, 3), (8, 1), (5, 4), (1, 1)])
 def test_windows_score_every_target_once_with_the_left_context_the_stride_allows(context, stride):
     lengths = [1, 2, 7, 8, 9, 23, 40]
@@ -107,6 +127,7 @@ def test_windows_score_every_target_once_with_the_left_context_the_stride_allows
 
 
 # ---- transformers as the reference ----------------------------------------------------------------
+
 
 @pytest.fixture
 def exported(tmp_path, gptoss, isolated_cache):
@@ -130,7 +151,7 @@ def _hf_per_token(hf, tok, docs: list[str], context: int) -> tuple[float, int, i
     for doc in docs:
         s = [eos, *tok(doc)["input_ids"]]
         for j in range(1, len(s)):
-            ids = torch.tensor([s[max(0, j - context):j]])
+            ids = torch.tensor([s[max(0, j - context) : j]])
             with torch.no_grad():
                 logits = hf(input_ids=ids, use_cache=False).logits[0, -1].double()
             loss -= torch.log_softmax(logits, -1)[s[j]].item()
@@ -206,6 +227,7 @@ def test_strided_windows_equal_transformers_sliding_window_recipe(exported):
 
 # ---- hand-computed bits per byte ------------------------------------------------------------------
 
+
 def test_uniform_model_on_byte_tokens_is_log2_vocab_bits_per_byte(tmp_path, gptoss, isolated_cache):
     """All-zero weights give all-zero logits: every token costs ln(320) nats. A tokenizer with no merges
     (256 bytes + 2 specials) makes one token per byte, so bits per byte = log2(320) and ppl = 320."""
@@ -222,12 +244,14 @@ def test_uniform_model_on_byte_tokens_is_log2_vocab_bits_per_byte(tmp_path, gpto
 
 # ---- the command ----------------------------------------------------------------------------------
 
+
 def test_runs_side_by_side_on_the_same_text_saved_and_deterministic(tmp_path, gptoss, isolated_cache):
     a = make_run(tmp_path, "a", seed=1)
     b = make_run(tmp_path, "b", seed=2, vocab=280)  # another tokenizer: tokens differ, bytes do not
     data = held_out(tmp_path, TEXTS[:12])
-    code, out, err = gptoss("eval", "--run", a, "--checkpoint", b / "checkpoints" / "step-00000005",
-                            "--data", data, "--device", "cpu")
+    code, out, err = gptoss(
+        "eval", "--run", a, "--checkpoint", b / "checkpoints" / "step-00000005", "--data", data, "--device", "cpu"
+    )
     assert code == 0, err
     assert out == ""  # the table and the progress go to stderr
     assert "a/step-00000005" in err and "b/step-00000005" in err and "bits per byte" in err
@@ -272,14 +296,17 @@ def test_results_are_the_same_on_cuda(tmp_path, gptoss, isolated_cache):
     assert abs(gpu["accuracy"] - cpu["accuracy"]) <= 2 / cpu["tokens"]  # a near-tie may flip
 
 
-@pytest.mark.parametrize("args,expect", [
-    ((), "--data"),
-    (("--data", "nowhere.txt"), "does not exist"),
-    (("--data", "DATA", "--stride", "20"), "--stride 20"),
-    (("--data", "DATA", "--context", "1000"), "max_context_length"),
-    (("--data", "DATA", "--max-tokens", "0"), "--max-tokens"),
-    (("--data", "DATA", "--run", "missing-run"), "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        ((), "--data"),
+        (("--data", "nowhere.txt"), "does not exist"),
+        (("--data", "DATA", "--stride", "20"), "--stride 20"),
+        (("--data", "DATA", "--context", "1000"), "max_context_length"),
+        (("--data", "DATA", "--max-tokens", "0"), "--max-tokens"),
+        (("--data", "DATA", "--run", "missing-run"), "does not exist"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, gptoss, isolated_cache, args, expect):
     run = make_run(tmp_path, "a")
     data = held_out(tmp_path, TEXTS[:3])
@@ -299,6 +326,7 @@ def test_an_unwritable_run_still_prints_the_numbers(tmp_path, gptoss, isolated_c
 
 
 # ---- gptoss report --------------------------------------------------------------------------------
+
 
 def test_report_shows_the_eval_results_as_a_table(tmp_path, gptoss, isolated_cache):
     a = make_run(tmp_path, "a", seed=1)
@@ -320,7 +348,9 @@ def test_eval_and_report_stay_light_before_any_work():
     import subprocess
     import sys
 
-    code = ("import sys, gptoss_cli.commands.eval, gptoss_cli.report.summary, gptoss_cli.report.logs; "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, gptoss_cli.commands.eval, gptoss_cli.report.summary, gptoss_cli.report.logs; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

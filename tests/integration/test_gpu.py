@@ -72,11 +72,17 @@ def test_cuda_graph_decode_matches_eager_decoding():
     runs = {}
     for compiled in (False, True, True):  # the second compiled run reuses the captured graph
         steps: list[torch.Tensor] = []
-        ids, reasons, _ = generate_tokens(model, prompts, params, pad_id=255, eos_id=None,
-                                          on_logits=lambda x, steps=steps: steps.append(x.float().clone()),
-                                          compile_decode=compiled)
+        ids, reasons, _ = generate_tokens(
+            model,
+            prompts,
+            params,
+            pad_id=255,
+            eos_id=None,
+            on_logits=lambda x, steps=steps: steps.append(x.float().clone()),
+            compile_decode=compiled,
+        )
         runs.setdefault(compiled, []).append((ids, reasons, torch.stack(steps, 1)))
-    (eager_ids, eager_reasons, eager_logits), = runs[False]
+    ((eager_ids, eager_reasons, eager_logits),) = runs[False]
     for ids, reasons, logits in runs[True]:
         assert ids == eager_ids and reasons == eager_reasons
         # fp32 logits of 4 layers (attention 3, MoE 4 reductions over H = 64 each) plus the unembedding

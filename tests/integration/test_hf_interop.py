@@ -38,8 +38,12 @@ from tests.unit.interop.test_mxfp4 import quantize_by_hand  # noqa: E402
 
 # TOL is absolute on purpose: randomise's 0.08 weights keep the logits O(1) (assert_close prints max|ref|).
 VOCAB, SEQ, TOL = 320, 20, 1e-5
-TEXTS = ["GPT models are trained on text.", "The quick brown fox jumps over the lazy dog.",
-         "Mixture of experts routes every token to a few experts.", "Sliding windows keep attention local."] * 8
+TEXTS = [
+    "GPT models are trained on text.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture of experts routes every token to a few experts.",
+    "Sliding windows keep attention local.",
+] * 8
 # The context each layout's config allows (transformers' max_position_embeddings follows it).
 MAX_CONTEXT = {"released": 2048, "compact": 512}
 
@@ -68,6 +72,7 @@ def fails(*args: str) -> str:
 
 # ---- tiny models --------------------------------------------------------------------------------
 
+
 def tiny_config(layout: str, **over) -> ModelConfig:
     return tiny_model_config(layout, vocab_size=VOCAB, max_context_length=MAX_CONTEXT[layout], **over)
 
@@ -78,8 +83,11 @@ def tokens(seed: int = 1) -> torch.Tensor:
 
 def logits(model, ids=None) -> torch.Tensor:
     with torch.no_grad():
-        out = model(ids if ids is not None else tokens()) if isinstance(model, Transformer) else \
-            model(input_ids=ids if ids is not None else tokens(), use_cache=False)
+        out = (
+            model(ids if ids is not None else tokens())
+            if isinstance(model, Transformer)
+            else model(input_ids=ids if ids is not None else tokens(), use_cache=False)
+        )
     return out.logits
 
 
@@ -110,10 +118,24 @@ def load_run(run: Path) -> Transformer:
 
 def hf_model(layout: str = "released", seed: int = 3, **over) -> transformers.GptOssForCausalLM:
     """A random HF model (sinks and biases randomised too); rope as HF builds it when `rope` is not given."""
-    kw = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, sliding_window=8,
-              max_position_embeddings=131072, tie_word_embeddings=layout == "compact",
-              attention_bias=layout != "compact") | over
+    kw = (
+        dict(
+            num_hidden_layers=4,
+            hidden_size=64,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=VOCAB,
+            sliding_window=8,
+            max_position_embeddings=131072,
+            tie_word_embeddings=layout == "compact",
+            attention_bias=layout != "compact",
+        )
+        | over
+    )
     torch.manual_seed(seed)
     model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**kw)).eval()
     randomise(model, seed)
@@ -121,6 +143,7 @@ def hf_model(layout: str = "released", seed: int = 3, **over) -> transformers.Gp
 
 
 # ---- export -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("layout", ["released", "compact"])
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, layout):
@@ -189,13 +212,27 @@ def test_export_refuses_what_hf_would_compute_differently_and_overwrites_only_wi
 
 # ---- import -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("case", ["released", "compact", "hf-default-rope"])
 def test_import_hf_save_pretrained_matches_hf_logits(tmp_path, case):
-    rope = {"hf-default-rope": None, "compact": {"rope_type": "default", "rope_theta": 10000.0},
-            "released": {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
-                         "beta_slow": 1.0, "original_max_position_embeddings": 512, "truncate": False}}[case]
-    hf = hf_model("compact" if case == "compact" else "released", rope_parameters=rope,
-                  max_position_embeddings={"hf-default-rope": 131072, "compact": 512, "released": 2048}[case])
+    rope = {
+        "hf-default-rope": None,
+        "compact": {"rope_type": "default", "rope_theta": 10000.0},
+        "released": {
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 4.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "original_max_position_embeddings": 512,
+            "truncate": False,
+        },
+    }[case]
+    hf = hf_model(
+        "compact" if case == "compact" else "released",
+        rope_parameters=rope,
+        max_position_embeddings={"hf-default-rope": 131072, "compact": 512, "released": 2048}[case],
+    )
     src = tmp_path / "hf"
     hf.save_pretrained(src)
     train_tokenizer(TEXTS, 300).save(str(src / "tokenizer.json"))
@@ -229,8 +266,14 @@ def test_sharded_export_import_round_trip(tmp_path, layout):
     ok("import", out, "--run", tmp_path / "back")
     back = load_run(tmp_path / "back")
     assert back.config.router_bias == ours.config.router_bias  # exported zeros are recognised
-    for key in ("tie_word_embeddings", "attention_bias", "rope_scaling_factor", "initial_context_length",
-                "sliding_window", "max_context_length"):
+    for key in (
+        "tie_word_embeddings",
+        "attention_bias",
+        "rope_scaling_factor",
+        "initial_context_length",
+        "sliding_window",
+        "max_context_length",
+    ):
         assert getattr(back.config, key) == getattr(ours.config, key), key
     assert_close(logits(back), logits(ours), rtol=0, atol=TOL)
 
@@ -253,8 +296,10 @@ def test_import_hf_mxfp4_experts(tmp_path):
     tensors = load_file(src / "model.safetensors")
     expected = {}
     for i in range(4):
-        for name, shape, ours in (("gate_up_proj", (4, 64, 64), "mlp1_weight"), ("down_proj", (4, 64, 32),
-                                                                                  "mlp2_weight")):
+        for name, shape, ours in (
+            ("gate_up_proj", (4, 64, 64), "mlp1_weight"),
+            ("down_proj", (4, 64, 32), "mlp2_weight"),
+        ):
             key = f"model.layers.{i}.mlp.experts.{name}"
             blocks, scales, values = quantize_by_hand(shape, seed=10 * i + len(name))
             del tensors[key]
@@ -289,12 +334,28 @@ def test_import_openai_original_layout(tmp_path):
         ours.block[1].mlp.mlp1_weight.copy_(values)
     save_file({k: v.contiguous() for k, v in tensors.items()}, src / "model.safetensors")
     c = ours.config
-    (src / "config.json").write_text(json.dumps({
-        "num_hidden_layers": 4, "num_experts": 4, "experts_per_token": 2, "vocab_size": VOCAB, "hidden_size": 64,
-        "intermediate_size": 32, "swiglu_limit": 7.0, "head_dim": 16, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "sliding_window": 8, "initial_context_length": c.initial_context_length,
-        "rope_theta": c.rope_theta, "rope_scaling_factor": c.rope_scaling_factor, "rope_ntk_alpha": 1.0,
-        "rope_ntk_beta": 32.0}))
+    (src / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 4,
+                "num_experts": 4,
+                "experts_per_token": 2,
+                "vocab_size": VOCAB,
+                "hidden_size": 64,
+                "intermediate_size": 32,
+                "swiglu_limit": 7.0,
+                "head_dim": 16,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "sliding_window": 8,
+                "initial_context_length": c.initial_context_length,
+                "rope_theta": c.rope_theta,
+                "rope_scaling_factor": c.rope_scaling_factor,
+                "rope_ntk_alpha": 1.0,
+                "rope_ntk_beta": 32.0,
+            }
+        )
+    )
     train_tokenizer(TEXTS, 300).save(str(src.parent / "tokenizer.json"))  # a release keeps it one level up
     ok("import", src, "--run", tmp_path / "run")
     back = load_run(tmp_path / "run")
@@ -306,6 +367,7 @@ def test_import_openai_original_layout(tmp_path):
 
 # ---- bad input ----------------------------------------------------------------------------------
 
+
 def _edit_config(src: Path, **changes) -> None:
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps(config | changes))
@@ -315,8 +377,14 @@ def _edit_config(src: Path, **changes) -> None:
 def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, problem):
     src = tmp_path / "hf"
     hf_model().save_pretrained(src, max_shard_size="100KB" if problem == "missing-shard" else "5GB")
-    expect = {"llama": "model_type", "missing-shard": "missing", "shape": "shape", "gptq": "gptq",
-              "truncate": "truncate", "layer-types": "layer_types"}[problem]
+    expect = {
+        "llama": "model_type",
+        "missing-shard": "missing",
+        "shape": "shape",
+        "gptq": "gptq",
+        "truncate": "truncate",
+        "layer-types": "layer_types",
+    }[problem]
     if problem == "llama":
         _edit_config(src, model_type="llama")
     elif problem == "missing-shard":

@@ -27,6 +27,7 @@ BATCH, SEQ = 2, 24
 # two implementations sum in different orders) stays well below 1e-5 (assert_close prints max|ref|).
 TOL = 1e-5
 
+
 def tiny_config(layout: str, backend: str = "eager") -> ModelConfig:
     return tiny_model_config(layout, attention_backend=backend)
 
@@ -34,23 +35,36 @@ def tiny_config(layout: str, backend: str = "eager") -> ModelConfig:
 def hf_config(cfg: ModelConfig) -> GptOssConfig:
     if cfg.rope_scaling_factor > 1:
         rope = {
-            "rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling_factor,
-            "beta_fast": cfg.rope_ntk_beta, "beta_slow": cfg.rope_ntk_alpha,
-            "original_max_position_embeddings": cfg.initial_context_length, "truncate": False,
+            "rope_type": "yarn",
+            "rope_theta": cfg.rope_theta,
+            "factor": cfg.rope_scaling_factor,
+            "beta_fast": cfg.rope_ntk_beta,
+            "beta_slow": cfg.rope_ntk_alpha,
+            "original_max_position_embeddings": cfg.initial_context_length,
+            "truncate": False,
         }
     else:  # without rope_parameters HF silently uses YaRN x32 (configuration_gpt_oss.py)
         rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     hcfg = GptOssConfig(
-        num_hidden_layers=cfg.num_hidden_layers, num_local_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.experts_per_token, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size, head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
-        sliding_window=cfg.sliding_window, rms_norm_eps=cfg.rms_norm_eps, swiglu_limit=cfg.swiglu_limit,
-        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=cfg.attention_bias,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_local_experts=cfg.num_experts,
+        num_experts_per_tok=cfg.experts_per_token,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        head_dim=cfg.head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        sliding_window=cfg.sliding_window,
+        rms_norm_eps=cfg.rms_norm_eps,
+        swiglu_limit=cfg.swiglu_limit,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        attention_bias=cfg.attention_bias,
         max_position_embeddings=int(cfg.initial_context_length * cfg.rope_scaling_factor),
         rope_parameters=rope,
-        layer_types=["sliding_attention" if cfg.is_sliding(i) else "full_attention"
-                     for i in range(cfg.num_hidden_layers)],
+        layer_types=[
+            "sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_hidden_layers)
+        ],
     )
     hcfg._attn_implementation = "eager"
     return hcfg
@@ -60,8 +74,11 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     """Our (openai-named) weights under HF names (docs/interop.md#the-weight-map)."""
     cfg = model.config
     sd = model.state_dict()
-    out = {"model.embed_tokens.weight": sd["embedding.weight"], "model.norm.weight": sd["norm.scale"],
-           "lm_head.weight": sd["unembedding.weight"]}
+    out = {
+        "model.embed_tokens.weight": sd["embedding.weight"],
+        "model.norm.weight": sd["norm.scale"],
+        "lm_head.weight": sd["unembedding.weight"],
+    }
     split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
     for i in range(cfg.num_hidden_layers):
         src, dst = f"block.{i}.", f"model.layers.{i}."
@@ -76,9 +93,7 @@ def to_hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
             out[dst + "self_attn.o_proj.bias"] = sd[src + "attn.out.bias"]
         out[dst + "self_attn.sinks"] = sd[src + "attn.sinks"]
         out[dst + "mlp.router.weight"] = sd[src + "mlp.gate.weight"]
-        out[dst + "mlp.router.bias"] = (
-            sd[src + "mlp.gate.bias"] if cfg.router_bias else torch.zeros(cfg.num_experts)
-        )
+        out[dst + "mlp.router.bias"] = sd[src + "mlp.gate.bias"] if cfg.router_bias else torch.zeros(cfg.num_experts)
         out[dst + "mlp.experts.gate_up_proj"] = sd[src + "mlp.mlp1_weight"].transpose(1, 2)
         out[dst + "mlp.experts.gate_up_proj_bias"] = sd[src + "mlp.mlp1_bias"]
         out[dst + "mlp.experts.down_proj"] = sd[src + "mlp.mlp2_weight"].transpose(1, 2)
@@ -177,9 +192,9 @@ def test_kv_cache_decode_matches_hf_incremental(layout):
         logits, past = hf_step(hf, ids[:, :prefill], None)
         hf_steps, our_steps = [logits], [ours(ids[:, :prefill], cache=cache).logits]
         for t in range(prefill, SEQ):
-            logits, past = hf_step(hf, ids[:, t:t + 1], past)
+            logits, past = hf_step(hf, ids[:, t : t + 1], past)
             hf_steps.append(logits)
-            our_steps.append(ours(ids[:, t:t + 1], cache=cache).logits)
+            our_steps.append(ours(ids[:, t : t + 1], cache=cache).logits)
         full = hf(input_ids=ids, use_cache=False).logits
     hf_inc, ours_inc = torch.cat(hf_steps, 1), torch.cat(our_steps, 1)
     assert_close(ours_inc, hf_inc, rtol=0, atol=TOL)
@@ -191,8 +206,14 @@ def test_greedy_generation_matches_hf():
     prompt = tokens(3)[:, :6]
     new = 12  # 6 + 12 = 18 > window
     with torch.no_grad():
-        hf_ids = hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, pad_token_id=0)
+        hf_ids = hf.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
         cache = KVCache(ours.config, BATCH, prompt.shape[1] + new, torch.float32, "cpu")
         seq = prompt
         nxt = ours(prompt, cache=cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)

@@ -35,12 +35,26 @@ def make_run(path: Path, lines: list[str] = LINES, vocab_size: int = 320) -> Pat
     """A run directory as `gptoss train` leaves it: config.yaml, tokenizer.json, one checkpoint."""
     tok = train_tokenizer(lines, 300)
     model_cfg = ModelConfig(
-        num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=vocab_size, hidden_size=32,
-        intermediate_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=2, sliding_window=8,
-        initial_context_length=CONTEXT, max_context_length=CONTEXT, moe_backend="loop",
+        num_hidden_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=32,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+        initial_context_length=CONTEXT,
+        max_context_length=CONTEXT,
+        moe_backend="loop",
     )
-    cfg = RunConfig(model=model_cfg, train=TrainConfig(seq_len=32),
-                    infer=InferConfig(max_new_tokens=8, temperature=0.8, top_k=20), name="demo")
+    cfg = RunConfig(
+        model=model_cfg,
+        train=TrainConfig(seq_len=32),
+        infer=InferConfig(max_new_tokens=8, temperature=0.8, top_k=20),
+        name="demo",
+    )
     path.mkdir(parents=True)
     save_config(cfg, path / "config.yaml")
     tok.save(str(path / "tokenizer.json"))
@@ -97,8 +111,14 @@ def test_greedy_text_streams_to_stdout_and_summary_to_stderr(gptoss, demo):
     assert len(out) > len(PROMPT) + 5
     summary = err.strip().splitlines()[-1]
     n_prompt = len(load_tokenizer(demo / "tokenizer.json").encode(PROMPT).ids)
-    fields = (f"prompt tokens {n_prompt} |", "new tokens 12", "prefill", "tokens/s", "peak memory",
-              "step-00000010 on cpu fp32")
+    fields = (
+        f"prompt tokens {n_prompt} |",
+        "new tokens 12",
+        "prefill",
+        "tokens/s",
+        "peak memory",
+        "step-00000010 on cpu fp32",
+    )
     for field in fields:
         assert field in summary
 
@@ -164,16 +184,16 @@ def test_prompts_file_batch_matches_single_prompts_as_json(gptoss, demo, tmp_pat
 
 def test_stop_string_ends_the_text_before_it(gptoss, demo):
     full = reference_greedy(demo, PROMPT, 12)
-    stop = full[len(full) // 2:len(full) // 2 + 2]
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
     code, out, err = gptoss(PROMPT, "-n", 12, "--run", demo, "--temperature", 0, "--stop", stop)
     assert code == 0, err
-    assert out == PROMPT + full[:full.index(stop)] + "\n"
+    assert out == PROMPT + full[: full.index(stop)] + "\n"
 
 
 def test_context_limit_stops_with_a_message(gptoss, demo):
     tok = load_tokenizer(demo / "tokenizer.json")
     words = " ".join(LINES).split()
-    prompt = " ".join(words[:next(i for i in range(len(words)) if len(tok.encode(" ".join(words[:i])).ids) > 56)])
+    prompt = " ".join(words[: next(i for i in range(len(words)) if len(tok.encode(" ".join(words[:i])).ids) > 56)])
     n = len(tok.encode(prompt).ids)
     code, out, err = gptoss(prompt, "-n", 30, "--run", demo, "--temperature", 0)
     assert code == 0, err
@@ -187,8 +207,12 @@ def bad_runs(demo: Path, tmp: Path) -> dict[str, Path]:
     (corrupt / STEP_DIR / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json")
     bad_state = shutil.copytree(demo, tmp / "bad-state")
     (bad_state / STEP_DIR / "state.json").write_text("{not json")
-    return {"other-tok": other_tok, "corrupt": corrupt, "bad-state": bad_state,
-            "small-vocab": make_run(tmp / "small-vocab", vocab_size=260)}
+    return {
+        "other-tok": other_tok,
+        "corrupt": corrupt,
+        "bad-state": bad_state,
+        "small-vocab": make_run(tmp / "small-vocab", vocab_size=260),
+    }
 
 
 BAD = {

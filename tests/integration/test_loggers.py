@@ -147,10 +147,30 @@ def test_disabled_loggers_write_nothing(small_cfg, tmp_path):
 
 def test_only_rank_zero_logs_under_torchrun(tmp_path):
     run = tmp_path / "run"
-    sets = ["train.loggers=[tensorboard,csv]", "train.max_steps=2", "train.log_every=1", "train.eval_every=100",
-            "model.num_hidden_layers=2", "train.seq_len=32", "train.batch_size=2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "gptoss_cli",
-           "train", "-c", "tiny", "-r", str(run), *[a for s in sets for a in ("--set", s)]]
+    sets = [
+        "train.loggers=[tensorboard,csv]",
+        "train.max_steps=2",
+        "train.log_every=1",
+        "train.eval_every=100",
+        "model.num_hidden_layers=2",
+        "train.seq_len=32",
+        "train.batch_size=2",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "gptoss_cli",
+        "train",
+        "-c",
+        "tiny",
+        "-r",
+        str(run),
+        *[a for s in sets for a in ("--set", s)],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTOSS_CACHE": str(tmp_path / "cache")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -160,6 +180,7 @@ def test_only_rank_zero_logs_under_torchrun(tmp_path):
 
 
 # ---- Weights & Biases -----------------------------------------------------------------------------
+
 
 def test_wandb_without_login_or_package_warns_and_training_goes_on(small_cfg, tmp_path, capsys, monkeypatch):
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
@@ -186,11 +207,11 @@ def wandb_records(path: Path):
         if left < 7:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if length == 0 and kind == 0:
             pos += left
             continue
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             rec = wandb_internal_pb2.Record()
@@ -205,8 +226,9 @@ def test_wandb_offline_run_holds_the_metrics(small_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     wandb.teardown()  # W&B keeps one service and its settings per process: start from a fresh one
     run = tmp_path / "run"
-    summary = train(small_cfg("train.loggers=[wandb]", "train.wandb_project=gptoss-tests",
-                              "train.wandb_name=tiny-offline"), run)
+    summary = train(
+        small_cfg("train.loggers=[wandb]", "train.wandb_project=gptoss-tests", "train.wandb_name=tiny-offline"), run
+    )
     assert summary["status"] == "completed"
     assert wandb.run is None  # finished when training ended
     wandb.teardown()  # waits for W&B's service to write out the run's transaction log
@@ -215,8 +237,9 @@ def test_wandb_offline_run_holds_the_metrics(small_cfg, tmp_path, monkeypatch):
     rows, names = [], set()
     for rec in wandb_records(records):
         if rec.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in rec.history.item})
+            rows.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            )
         elif rec.WhichOneof("record_type") == "run":
             names.add((rec.run.project, rec.run.display_name))
     assert ("gptoss-tests", "tiny-offline") in names
@@ -225,4 +248,5 @@ def test_wandb_offline_run_holds_the_metrics(small_cfg, tmp_path, monkeypatch):
     assert [r["_step"] for r in train_rows] == [line["step"] for line in lines]
     assert [r["train/loss"] for r in train_rows] == pytest.approx([line["loss"] for line in lines], rel=1e-12)
     assert [r["val/loss"] for r in rows if "val/loss" in r] == pytest.approx(
-        [e["val_loss"] for e in metric_lines(run, "eval")], rel=1e-12)
+        [e["val_loss"] for e in metric_lines(run, "eval")], rel=1e-12
+    )

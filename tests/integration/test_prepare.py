@@ -25,10 +25,9 @@ def corpus_dir(tmp_path: Path, n: int = 60) -> Path:
     root = tmp_path / "corpus"
     root.mkdir(parents=True, exist_ok=True)
     words = "expert router token layer window attention sink norm gate cache batch epoch".split()
-    paras = [f"Document {i}: " + " ".join(words[(i * 5 + j) % len(words)] for j in range(8 + i % 9))
-             for i in range(n)]
+    paras = [f"Document {i}: " + " ".join(words[(i * 5 + j) % len(words)] for j in range(8 + i % 9)) for i in range(n)]
     (root / "a.txt").write_text("\n\n".join(paras[: n // 2]) + "\n", encoding="utf-8")
-    (root / "b.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[n // 2:]), encoding="utf-8")
+    (root / "b.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[n // 2 :]), encoding="utf-8")
     return root
 
 
@@ -36,8 +35,10 @@ def decode_split(root: Path, split: str) -> list[str]:
     """The documents a split's shards hold, decoded with the dataset's own tokenizer."""
     index = json.loads((root / shards.INDEX).read_text())
     tok = load_tokenizer(root / shards.TOKENIZER)
-    ids = np.concatenate([np.fromfile(root / e["file"], dtype=index["dtype"]) for e in index[split]["shards"]]
-                         or [np.zeros(0, dtype=index["dtype"])])
+    ids = np.concatenate(
+        [np.fromfile(root / e["file"], dtype=index["dtype"]) for e in index[split]["shards"]]
+        or [np.zeros(0, dtype=index["dtype"])]
+    )
     eos = tok.token_to_id(EOS)
     assert ids.size == 0 or ids[-1] == eos
     cuts = np.flatnonzero(ids == eos)
@@ -79,8 +80,7 @@ def test_prepare_cli_writes_shards_that_decode_to_the_documents(gptoss, small_ov
 def test_workers_give_the_same_shards_as_one_process(tmp_path):
     sources = find_sources([str(corpus_dir(tmp_path, 200))])
     one = prepare_dataset(sources, tmp_path / "one", SETTINGS, workers=1, show=False, chunk_bytes=300)
-    two = prepare_dataset(sources, tmp_path / "two", SETTINGS, workers=2, show=False, chunk_bytes=300,
-                          shard_tokens=500)
+    two = prepare_dataset(sources, tmp_path / "two", SETTINGS, workers=2, show=False, chunk_bytes=300, shard_tokens=500)
     assert one.index["tokenizer_hash"] == two.index["tokenizer_hash"]
     assert len(two.index["train"]["shards"]) > 2  # several shards, closed as they filled
     for split in ("train", "val"):
@@ -100,8 +100,9 @@ def test_killed_prepare_keeps_its_shards_and_continues(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prep, "_encode", encode)
     kill_at = 0
-    whole = prepare_dataset(sources, tmp_path / "whole", SETTINGS, workers=1, show=False, chunk_bytes=200,
-                            shard_tokens=300)
+    whole = prepare_dataset(
+        sources, tmp_path / "whole", SETTINGS, workers=1, show=False, chunk_bytes=200, shard_tokens=300
+    )
     total, kill_at = len(calls), len(calls) + 12
     out = tmp_path / "ds"
     with pytest.raises(KeyboardInterrupt):
@@ -154,10 +155,12 @@ def test_large_vocabularies_use_uint32(tmp_path):
     result = prepare_dataset(sources, tmp_path / "ds", Settings(vocab_size=70000), tokenizer=tok, show=False)
     assert result.index["dtype"] == "<u4"
     assert sorted(decode_split(tmp_path / "ds", "train") + decode_split(tmp_path / "ds", "val")) == sorted(
-        load_documents([str(tmp_path / "corpus")]))
+        load_documents([str(tmp_path / "corpus")])
+    )
 
 
 # ---- bad inputs -----------------------------------------------------------------------------------
+
 
 def one_line(exc_info) -> str:
     message = str(exc_info.value)
@@ -205,8 +208,10 @@ def test_out_holding_something_else_is_left_alone(dataset, tmp_path):
     other = Settings(vocab_size=320, val_fraction=0.1, seed=5)
     with pytest.raises(GptossError) as info:
         prepare_dataset(find_sources([str(tmp_path / "corpus")]), dataset, other, show=False)
-    assert one_line(info) == (f"{dataset}: already holds a prepared dataset of other data or settings; "
-                              "choose another --out (nothing was changed)")
+    assert one_line(info) == (
+        f"{dataset}: already holds a prepared dataset of other data or settings; "
+        "choose another --out (nothing was changed)"
+    )
     assert {p.name: p.read_bytes() for p in dataset.iterdir()} == before
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -229,25 +234,27 @@ def test_empty_corpus_after_filtering(tmp_path):
 
 # ---- training from a prepared dataset -------------------------------------------------------------
 
+
 def test_train_on_prepared_equals_train_on_paths(gptoss, small_overrides, tmp_path, torch_one_thread):
     data = corpus_dir(tmp_path, 120)
     sets = [a for o in small_overrides for a in ("--set", o)]
     code, _, err = gptoss("prepare", str(data), "--out", tmp_path / "ds", "-c", "tiny", *sets)
     assert code == 0, err
-    code, out, err = gptoss("train", "-c", "tiny", "-r", tmp_path / "a", *sets, "--set",
-                            f"data.prepared={tmp_path / 'ds'}", "--json")
+    code, out, err = gptoss(
+        "train", "-c", "tiny", "-r", tmp_path / "a", *sets, "--set", f"data.prepared={tmp_path / 'ds'}", "--json"
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert set(summary["setup_s"]) == {"read_s", "tokenizer_s", "tokenize_s", "model_s"}
     assert summary["setup_s"]["tokenize_s"] == 0 and summary["data"] == str(tmp_path / "ds")
     assert json.loads((tmp_path / "a" / "summary.json").read_text())["setup_s"] == summary["setup_s"]
-    code, out, err = gptoss("train", "-c", "tiny", "-r", tmp_path / "b", *sets, "--set", f"data.paths={data}",
-                            "--json")
+    code, out, err = gptoss("train", "-c", "tiny", "-r", tmp_path / "b", *sets, "--set", f"data.paths={data}", "--json")
     assert code == 0, err
     paths_summary = json.loads(out)
     assert paths_summary["setup_s"]["tokenize_s"] > 0  # prepared into the cache first
-    code, out, err = gptoss("train", "-c", "tiny", "-r", tmp_path / "b2", *sets, "--set", f"data.paths={data}",
-                            "--json")
+    code, out, err = gptoss(
+        "train", "-c", "tiny", "-r", tmp_path / "b2", *sets, "--set", f"data.paths={data}", "--json"
+    )
     assert code == 0, err
     again = json.loads(out)["setup_s"]  # the same files and settings: the cache entry, nothing redone
     assert again["tokenize_s"] == again["tokenizer_s"] == again["read_s"] == 0
@@ -260,8 +267,18 @@ def test_train_on_prepared_equals_train_on_paths(gptoss, small_overrides, tmp_pa
     # The run's tokenizer is the dataset's; another one is refused with one line.
     other = tmp_path / "other.json"
     train_tokenizer(["some other text entirely"] * 3, 300).save(str(other))
-    code, _, err = gptoss("train", "-c", "tiny", "-r", tmp_path / "c", *sets, "--set",
-                          f"data.prepared={tmp_path / 'ds'}", "--tokenizer", other)
+    code, _, err = gptoss(
+        "train",
+        "-c",
+        "tiny",
+        "-r",
+        tmp_path / "c",
+        *sets,
+        "--set",
+        f"data.prepared={tmp_path / 'ds'}",
+        "--tokenizer",
+        other,
+    )
     assert code == 2 and err.startswith(f"error: data.prepared: {tmp_path / 'ds'} was tokenized with another")
     assert not (tmp_path / "c").exists()
 

@@ -36,6 +36,7 @@ def test_resume_from_a_step_dir_uses_that_runs_config_and_names_its_flag(gptoss,
     assert code == 0, err
     assert f"resuming from {step} (step 3)" in err and "warning: no --config" not in err
 
-    code, out, err = gptoss("train", "--config", "tiny", "--resume-from", run / "checkpoints" / "step-00000004",
-                            "--run", tmp_path / "other")
+    code, out, err = gptoss(
+        "train", "--config", "tiny", "--resume-from", run / "checkpoints" / "step-00000004", "--run", tmp_path / "other"
+    )
     assert code == 2 and err.startswith("error: --resume-from: ") and "was trained with model." in err

@@ -23,7 +23,7 @@ def small_args(small_overrides: list[str], *extra: str) -> list[str]:
 
 def one_line(err: str) -> str:
     assert err.startswith("error: ") and err.count("\n") == 1, err
-    return err[len("error: "):].rstrip("\n")
+    return err[len("error: ") :].rstrip("\n")
 
 
 def test_disk_full_in_safetensors_is_one_line_naming_the_checkpoint(gptoss, small_overrides, tmp_path, monkeypatch):
@@ -31,8 +31,10 @@ def test_disk_full_in_safetensors_is_one_line_naming_the_checkpoint(gptoss, smal
 
     def full_on_second_checkpoint(tensors, filename, *args, **kwargs):
         if "step-00000006" in filename:  # safetensors raises its own type, not OSError
-            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                                  "message: \"No space left on device\" })")
+            raise SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                'message: "No space left on device" })'
+            )
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", full_on_second_checkpoint)
@@ -69,15 +71,22 @@ def test_an_unforeseen_exception_says_it_is_a_bug(gptoss, small_overrides, tmp_p
     assert code == 1 and out == ""
     assert one_line(err.splitlines()[-1] + "\n") == (
         "unexpected ZeroDivisionError: division by zero -- this is a bug in gptoss; run again with "
-        "GPTOSS_DEBUG=1 to see the traceback, and report it")
+        "GPTOSS_DEBUG=1 to see the traceback, and report it"
+    )
 
 
 def test_a_vocabulary_too_small_for_the_tokenizer_is_refused_before_any_file(gptoss, small_overrides, tmp_path):
     run = tmp_path / "run"
     code, out, err = gptoss("train", *small_args(small_overrides, "model.vocab_size=200"), "--run", run)
-    assert code == 2 and out == "" and one_line(err) == (
-        "model.vocab_size: 200 is too small for the byte-level tokenizer: it needs at least 263 "
-        "(256 bytes + 7 special tokens)")
+    assert (
+        code == 2
+        and out == ""
+        and one_line(err)
+        == (
+            "model.vocab_size: 200 is too small for the byte-level tokenizer: it needs at least 263 "
+            "(256 bytes + 7 special tokens)"
+        )
+    )
     assert not run.exists()
 
 
@@ -145,8 +154,11 @@ def test_checkpoint_and_token_cache_files_follow_the_umask(small_cfg, tmp_path, 
 def test_global_batch_and_accumulation_together_are_refused():
     from gptoss_cli.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"^tiny.yaml: train.grad_accum_steps: 4 would be ignored: "
-                                          r"train.global_batch_size=32 derives it; set one of the two$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^tiny.yaml: train.grad_accum_steps: 4 would be ignored: "
+        r"train.global_batch_size=32 derives it; set one of the two$",
+    ):
         load_config("tiny", ["train.grad_accum_steps=4", "train.global_batch_size=32"])
 
 
@@ -155,9 +167,10 @@ def test_schedule_surprises_are_warned(small_cfg, tmp_path, capsys):
 
     run = tmp_path / "run"
     Trainer(prepare(small_cfg("train.warmup_steps=8", "train.max_steps=4"), run)).run()
-    assert "train.warmup_steps=8 is not below the run's 4 steps: the learning rate never reaches" in \
-        capsys.readouterr().err
-    Trainer(prepare(small_cfg("train.warmup_steps=2", "train.max_steps=40", "train.save_every=100"), run,
-                    resume=True))
+    assert (
+        "train.warmup_steps=8 is not below the run's 4 steps: the learning rate never reaches"
+        in capsys.readouterr().err
+    )
+    Trainer(prepare(small_cfg("train.warmup_steps=2", "train.max_steps=40", "train.save_every=100"), run, resume=True))
     err = capsys.readouterr().err
     assert "resuming with 40 total steps instead of 4: the cosine schedule is stretched" in err

@@ -22,11 +22,12 @@ def demo(tmp_path) -> Path:
 
 def test_prompts_file_dash_reads_stdin(gptoss, demo, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("first prompt\n\nsecond prompt\n"))
-    code, out, err = gptoss("infer", "--prompts-file", "-", "--run", demo, "-n", "3", "--temperature", "0",
-                            "--json")
+    code, out, err = gptoss("infer", "--prompts-file", "-", "--run", demo, "-n", "3", "--temperature", "0", "--json")
     assert code == 0, err
     assert [line.split('"prompt": ')[1].split('",')[0] for line in out.splitlines()] == [
-        '"first prompt', '"second prompt']
+        '"first prompt',
+        '"second prompt',
+    ]
     assert f"{demo / 'checkpoints' / 'step-00000010'} on cpu" in err  # the run it chose, in full
 
 
@@ -50,5 +51,6 @@ def test_greedy_on_nan_weights_is_one_error_line(gptoss, demo):
     save_file(weights, str(path))
     code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "5", "--temperature", "0")
     assert code == 2 and out == ""
-    assert err == ("error: the model produced non-finite logits (NaN or inf): the checkpoint's weights are "
-                   "diverged or damaged\n")
+    assert err == (
+        "error: the model produced non-finite logits (NaN or inf): the checkpoint's weights are diverged or damaged\n"
+    )

@@ -26,8 +26,13 @@ def gptoss_process(run: Path, cache: Path, *overrides: str, small: list[str]) ->
     sets = [a for o in [*small, *overrides] for a in ("--set", o)]
     env = dict(os.environ, GPTOSS_CACHE=str(cache), OMP_NUM_THREADS="1")
     env.pop("GPTOSS_DEBUG", None)
-    return subprocess.Popen([sys.executable, "-m", "gptoss_cli", "train", "--config", "tiny", *sets, "--run", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptoss_cli", "train", "--config", "tiny", *sets, "--run", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def wait_for_steps(proc: subprocess.Popen, run: Path, steps: int, timeout: float = 180) -> None:
@@ -46,8 +51,7 @@ def wait_for_steps(proc: subprocess.Popen, run: Path, steps: int, timeout: float
 LONG = ("train.max_steps=100000", "train.save_every=100000", "train.eval_every=100000", "train.log_every=1")
 
 
-def test_second_trainer_is_refused_naming_the_holder_then_sigterm_saves_and_exits_143(
-        small_overrides, tmp_path):
+def test_second_trainer_is_refused_naming_the_holder_then_sigterm_saves_and_exits_143(small_overrides, tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     first = gptoss_process(run, cache, *LONG, small=small_overrides)
     try:

@@ -70,8 +70,11 @@ def test_infinite_gradient_with_finite_loss_applies_no_update(small_cfg, tmp_pat
 def test_gradient_norm_is_checked_with_clipping_off(small_cfg, tmp_path, monkeypatch):
     poison_gradients_from(Trainer, monkeypatch, step=2)
     p = prepare(small_cfg("train.grad_clip=0"), tmp_path / "run")
-    with pytest.raises(GptossError, match=r"^non-finite gradient norm .* at step 2; no update was applied; "
-                                          r"no finite checkpoint was saved$"):
+    with pytest.raises(
+        GptossError,
+        match=r"^non-finite gradient norm .* at step 2; no update was applied; "
+        r"no finite checkpoint was saved$",
+    ):
         Trainer(p).run()
     assert all(bool(torch.isfinite(t).all()) for t in p.model.parameters())
 
@@ -85,12 +88,15 @@ def test_weights_with_nan_are_never_saved(small_cfg, tmp_path):
         p.model.norm.scale[0] = float("nan")
     with pytest.raises(GptossError) as info:
         trainer.save()
-    assert str(info.value) == (f"refusing to save a checkpoint at step 3: the weights hold non-finite values "
-                               f"(norm.scale); the newest finite checkpoint is {step_dir(run, 3)}")
+    assert str(info.value) == (
+        f"refusing to save a checkpoint at step 3: the weights hold non-finite values "
+        f"(norm.scale); the newest finite checkpoint is {step_dir(run, 3)}"
+    )
     # The lower-level writer refuses too (import, or any other caller), before creating anything.
     with pytest.raises(ckpt.CheckpointError, match=r"refusing to save .*step-00000009: tensor w holds non-finite"):
-        ckpt.save_checkpoint(run / "checkpoints", 9, {"w": torch.tensor([1.0, float("inf")])},
-                             {}, ckpt.CheckpointState(step=9), keep=1)
+        ckpt.save_checkpoint(
+            run / "checkpoints", 9, {"w": torch.tensor([1.0, float("inf")])}, {}, ckpt.CheckpointState(step=9), keep=1
+        )
     assert ckpt.list_checkpoints(run / "checkpoints") == [step_dir(run, 3)]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]
 
@@ -100,6 +106,7 @@ def test_newest_finite_skips_checkpoints_of_earlier_versions_that_hold_nan(tmp_p
     good = ckpt.save_checkpoint(root, 1, {"w": torch.ones(2)}, {}, ckpt.CheckpointState(step=1), keep=5)
     bad = ckpt.save_checkpoint(root, 2, {"w": torch.ones(2)}, {}, ckpt.CheckpointState(step=2), keep=5)
     from safetensors.torch import save_file
+
     save_file({"w": torch.tensor([float("nan"), 1.0])}, str(bad / "model.safetensors"))  # as an old writer did
     assert ckpt.list_checkpoints(root)[-1] == bad
     assert ckpt.newest_finite(root) == good
@@ -117,8 +124,10 @@ def test_resume_refuses_nan_weights_and_names_the_finite_one(small_cfg, tmp_path
     save_file(weights, str(step_dir(run, 4) / "model.safetensors"))
     with pytest.raises(GptossError) as info:
         prepare(cfg, run, resume=True)
-    assert str(info.value) == (f"--resume: {step_dir(run, 4)} holds non-finite weights (norm.scale); the newest "
-                               f"finite checkpoint is {step_dir(run, 2)} (pass it to --resume-from)")
+    assert str(info.value) == (
+        f"--resume: {step_dir(run, 4)} holds non-finite weights (norm.scale); the newest "
+        f"finite checkpoint is {step_dir(run, 2)} (pass it to --resume-from)"
+    )
 
 
 def test_greedy_decoding_on_nan_weights_is_an_error_not_silence(small_cfg, tmp_path):

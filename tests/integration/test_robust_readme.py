@@ -14,7 +14,7 @@ NUM = r"[0-9][0-9,]*(?:\.[0-9]+)?"
 LINE_KINDS = {
     "setup": rf"^setup: read {NUM} s, tokenizer {NUM} s, tokenize {NUM} s, model {NUM} s( \(data .+\))?$",
     "header": rf"^run \S+: {NUM} steps; global batch {NUM} x {NUM} accumulation x {NUM} process(es)? = {NUM} "
-              rf"sequences of {NUM} tokens; \w+ \([\w-]+\)$",
+    rf"sequences of {NUM} tokens; \w+ \([\w-]+\)$",
     "step": rf"^Epoch {NUM}, Step {NUM}: Loss={NUM}, PPL={NUM}, Acc={NUM}, LR={NUM}e[-+][0-9]+$",
     "epoch": rf"^Epoch {NUM} completed\. Average Loss: {NUM}$",
     "validation": rf"^  validation: loss {NUM}, ppl {NUM}$",
@@ -51,8 +51,11 @@ def test_every_readme_transcript_line_has_a_known_format():
 @pytest.mark.usefixtures("torch_one_thread", "isolated_cache")
 def test_gptoss_train_prints_every_line_kind_of_the_readme(gptoss, small_overrides, small_corpus, tmp_path):
     # small_corpus holds 6 batches: the 8 steps cross an epoch boundary, as the README's run does
-    sets = [a for o in [*small_overrides, "train.log_every=3", "train.max_steps=8", f"data.paths={small_corpus}"]
-            for a in ("--set", o)]
+    sets = [
+        a
+        for o in [*small_overrides, "train.log_every=3", "train.max_steps=8", f"data.paths={small_corpus}"]
+        for a in ("--set", o)
+    ]
     code, out, err = gptoss("train", "--config", "tiny", *sets, "--run", tmp_path / "demo")
     assert code == 0, err
     printed = kinds(err.splitlines())

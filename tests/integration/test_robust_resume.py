@@ -18,8 +18,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
-    return {p.relative_to(run).as_posix(): p.read_bytes()
-            for p in sorted(run.rglob("*")) if p.is_file()}
+    return {p.relative_to(run).as_posix(): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -55,7 +54,10 @@ def test_a_successful_resume_writes_its_config_and_cuts_old_lines(small_cfg, tra
 
     step3 = trained / "checkpoints" / ckpt.step_dir_name(3)
     Trainer(prepare(small_cfg("train.max_steps=7"), trained, resume_from=step3)).run()
-    steps = [json.loads(line)["step"] for line in (trained / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["kind"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (trained / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "train"
+    ]
     assert steps == [1, 2, 3, 4, 5, 6, 7]  # the old 4..6 were cut at the first new line, then re-logged
     assert "max_steps: 7" in (trained / "config.yaml").read_text(encoding="utf-8")

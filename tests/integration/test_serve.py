@@ -41,11 +41,22 @@ CONTEXT = 160
 WINDOW = 8  # prompts longer than this wrap the sliding layers' ring
 CHUNK = 5  # --prefill-chunk: most prompts below are prefilled over several steps
 PROMPTS = [  # 16 prompts of different lengths, 1 to ~40 tokens
-    "GPT", "The quick", "Mixture of experts", "A sliding window keeps", "models are language models",
-    "The quick brown fox jumps over the lazy dog.", "route every token", "keys in the cache",
+    "GPT",
+    "The quick",
+    "Mixture of experts",
+    "A sliding window keeps",
+    "models are language models",
+    "The quick brown fox jumps over the lazy dog.",
+    "route every token",
+    "keys in the cache",
     "GPT models are language models trained to predict the next token. The quick brown fox",
-    "lazy", "experts layers route every token to a few experts. A sliding window keeps only",
-    "predict the next", "the most recent keys", "fox jumps over", "A", "language models trained to predict",
+    "lazy",
+    "experts layers route every token to a few experts. A sliding window keeps only",
+    "predict the next",
+    "the most recent keys",
+    "fox jumps over",
+    "A",
+    "language models trained to predict",
 ]
 
 
@@ -55,21 +66,42 @@ def _tokenizer(chat: bool) -> Tokenizer:
     tok = Tokenizer(models.BPE())  # the same BPE without them: a run with no conversation format
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(LINES, trainers.BpeTrainer(vocab_size=300, min_frequency=2, special_tokens=[EOS, PAD],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                       show_progress=False))
+    tok.train_from_iterator(
+        LINES,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            min_frequency=2,
+            special_tokens=[EOS, PAD],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return tok
 
 
 def make_run(path: Path, chat: bool = True) -> Path:
     tok = _tokenizer(chat)
     model_cfg = ModelConfig(
-        num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=320, hidden_size=32,
-        intermediate_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW,
-        initial_context_length=CONTEXT, max_context_length=CONTEXT, moe_backend="loop",
+        num_hidden_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=320,
+        hidden_size=32,
+        intermediate_size=32,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=WINDOW,
+        initial_context_length=CONTEXT,
+        max_context_length=CONTEXT,
+        moe_backend="loop",
     )
-    cfg = RunConfig(model=model_cfg, train=TrainConfig(seq_len=32),
-                    infer=InferConfig(max_new_tokens=12, temperature=0.8, top_k=20), name=path.name)
+    cfg = RunConfig(
+        model=model_cfg,
+        train=TrainConfig(seq_len=32),
+        infer=InferConfig(max_new_tokens=12, temperature=0.8, top_k=20),
+        name=path.name,
+    )
     path.mkdir(parents=True)
     save_config(cfg, path / "config.yaml")
     tok.save(str(path / "tokenizer.json"))
@@ -92,8 +124,19 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = run.parent / f"serve-{self.port}.log"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "GPTOSS_DEBUG": "0"}
-        cmd = [sys.executable, "-c", "from gptoss_cli.cli import main; main()", "serve", "--run", str(run),
-               "--port", str(self.port), "--device", "cpu", *args]
+        cmd = [
+            sys.executable,
+            "-c",
+            "from gptoss_cli.cli import main; main()",
+            "serve",
+            "--run",
+            str(run),
+            "--port",
+            str(self.port),
+            "--device",
+            "cpu",
+            *args,
+        ]
         self._err = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err, env=env)
         self.args = args
@@ -229,8 +272,9 @@ def test_sixteen_concurrent_requests_equal_infer_one_by_one(runs, server, client
 
 def test_seeded_sampling_equals_infer(runs, client):
     settings = dict(temperature=0.9, top_p=0.9, seed=1234)
-    reply = client.completions.create(model="demo", prompt="The quick", max_tokens=16, extra_body={"top_k": 20},
-                                      **settings)
+    reply = client.completions.create(
+        model="demo", prompt="The quick", max_tokens=16, extra_body={"top_k": 20}, **settings
+    )
     assert reply.choices[0].text == reference(runs["demo"], "The quick", max_new_tokens=16, top_k=20, **settings)
 
 
@@ -251,10 +295,10 @@ def test_stream_sse_and_usage(server, client):
 def test_stop_string_and_n(client):
     body = dict(model="demo", prompt="The quick", max_tokens=30, temperature=0)
     whole = client.completions.create(**body).choices[0].text
-    stop = whole[len(whole) // 2:len(whole) // 2 + 2]
+    stop = whole[len(whole) // 2 : len(whole) // 2 + 2]
     assert stop.strip()
     cut = client.completions.create(stop=[stop], **body).choices[0]
-    assert cut.text == whole[:whole.find(stop)] and cut.finish_reason == "stop"
+    assert cut.text == whole[: whole.find(stop)] and cut.finish_reason == "stop"
     many = client.completions.create(model="demo", prompt=["GPT", "lazy"], n=2, max_tokens=6, temperature=0)
     assert [c.index for c in many.choices] == [0, 1, 2, 3]
     assert many.choices[0].text == many.choices[1].text  # greedy: both choices of a prompt agree
@@ -270,8 +314,14 @@ def _chat_reference(run: Path, messages: list[dict], max_tokens: int) -> str:
     fmt = chat_format(loaded.tokenizer, loaded.run_dir)
     ids = fmt.render(messages)
     params = InferConfig(max_new_tokens=max_tokens, temperature=0)
-    out, _, _ = generate_tokens(loaded.model, [ids], params, pad_id=loaded.tokenizer.token_to_id(PAD),
-                                eos_id=loaded.tokenizer.token_to_id(EOS), on_token=lambda row, t: t in fmt.stop_ids)
+    out, _, _ = generate_tokens(
+        loaded.model,
+        [ids],
+        params,
+        pad_id=loaded.tokenizer.token_to_id(PAD),
+        eos_id=loaded.tokenizer.token_to_id(EOS),
+        on_token=lambda row, t: t in fmt.stop_ids,
+    )
     return fmt.parse_reply(out[0])["content"]
 
 
@@ -280,8 +330,7 @@ def test_chat_completions(runs, client):
     reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=12, temperature=0)
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == _chat_reference(runs["demo"], messages, 12)
-    stream = client.chat.completions.create(model="demo", messages=messages, max_tokens=12, temperature=0,
-                                            stream=True)
+    stream = client.chat.completions.create(model="demo", messages=messages, max_tokens=12, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream) == reply.choices[0].message.content
 
 
@@ -302,6 +351,7 @@ def test_one_failing_request_leaves_the_others_alone(runs):
             if i == 1 and isinstance(event, Token):
                 raise RuntimeError("the client callback broke")
             events[i].append(event)
+
         return emit
 
     params = InferConfig(max_new_tokens=12, temperature=0)
@@ -336,23 +386,28 @@ def test_command_errors_are_one_line(gptoss, runs, tmp_path):
     assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:")
 
 
-@pytest.mark.parametrize("body, param", [
-    (b"{not json", None),
-    (b"[1, 2]", None),
-    (json.dumps({"model": "demo", "prompt": "x", "colour": "blue"}).encode(), "colour"),
-    (json.dumps({"model": "demo", "prompt": "GPT " * CONTEXT}).encode(), "prompt"),
-    (json.dumps({"model": "demo", "prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
-    (json.dumps({"model": "demo", "prompt": "x", "temperature": -0.5}).encode(), "temperature"),
-    (json.dumps({"model": "demo", "prompt": "x", "top_p": 0}).encode(), "top_p"),
-    (json.dumps({"model": "demo", "prompt": ""}).encode(), "prompt"),
-    (json.dumps({"model": "demo", "prompt": [99999]}).encode(), "prompt"),
-    (json.dumps({"model": "demo", "prompt": "x", "logprobs": 3}).encode(), None),
-    (json.dumps({"model": "demo", "messages": []}).encode(), "messages"),
-    (json.dumps({"model": "demo", "messages": [{"role": "tool", "content": "x"}]}).encode(), "messages"),
-    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": ""}]}).encode(), "messages"),
-    (json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi " * CONTEXT}]}).encode(),
-     "messages"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (json.dumps({"model": "demo", "prompt": "x", "colour": "blue"}).encode(), "colour"),
+        (json.dumps({"model": "demo", "prompt": "GPT " * CONTEXT}).encode(), "prompt"),
+        (json.dumps({"model": "demo", "prompt": "x", "max_tokens": 0}).encode(), "max_tokens"),
+        (json.dumps({"model": "demo", "prompt": "x", "temperature": -0.5}).encode(), "temperature"),
+        (json.dumps({"model": "demo", "prompt": "x", "top_p": 0}).encode(), "top_p"),
+        (json.dumps({"model": "demo", "prompt": ""}).encode(), "prompt"),
+        (json.dumps({"model": "demo", "prompt": [99999]}).encode(), "prompt"),
+        (json.dumps({"model": "demo", "prompt": "x", "logprobs": 3}).encode(), None),
+        (json.dumps({"model": "demo", "messages": []}).encode(), "messages"),
+        (json.dumps({"model": "demo", "messages": [{"role": "tool", "content": "x"}]}).encode(), "messages"),
+        (json.dumps({"model": "demo", "messages": [{"role": "user", "content": ""}]}).encode(), "messages"),
+        (
+            json.dumps({"model": "demo", "messages": [{"role": "user", "content": "hi " * CONTEXT}]}).encode(),
+            "messages",
+        ),
+    ],
+)
 def test_bad_requests_are_400_error_objects(server, body, param):
     path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
     r = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"})
@@ -401,8 +456,11 @@ def test_api_key(guarded):
 
 
 def test_chat_without_a_format_is_400(guarded):
-    r = httpx.post(guarded.url + "/v1/chat/completions", headers={"Authorization": "Bearer sesame"},
-                   json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]})
+    r = httpx.post(
+        guarded.url + "/v1/chat/completions",
+        headers={"Authorization": "Bearer sesame"},
+        json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_format"
 
 

@@ -29,8 +29,19 @@ from gptoss_cli.train.optim import lr_at
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
-TRAIN_FIELDS = {"step", "epoch", "loss", "aux_loss", "z_loss", "ppl", "accuracy", "lr", "grad_norm",
-                "tokens_per_s", "expert_counts"}
+TRAIN_FIELDS = {
+    "step",
+    "epoch",
+    "loss",
+    "aux_loss",
+    "z_loss",
+    "ppl",
+    "accuracy",
+    "lr",
+    "grad_norm",
+    "tokens_per_s",
+    "expert_counts",
+}
 
 
 def train(cfg, run: Path | None, stop_after: int | None = None, **kw):
@@ -66,6 +77,7 @@ def load_model(cfg, path: Path) -> Transformer:
 
 
 # ---- exact resume ---------------------------------------------------------------------------------
+
 
 def test_small_config_validates(small_cfg):
     cfg = small_cfg()
@@ -105,8 +117,13 @@ def test_exact_resume_after_interrupt_matches_uninterrupted_run(small_cfg, tmp_p
 
 
 def test_exact_resume_from_step_dir_across_epochs_with_accumulation(small_cfg, small_corpus, tmp_path):
-    cfg = small_cfg(f"data.paths={small_corpus}", "train.grad_accum_steps=2", "train.max_steps=8",
-                    "train.save_every=4", "train.eval_every=4")
+    cfg = small_cfg(
+        f"data.paths={small_corpus}",
+        "train.grad_accum_steps=2",
+        "train.max_steps=8",
+        "train.save_every=4",
+        "train.eval_every=4",
+    )
     run_a, run_b, run_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     pa, summary_a = train(cfg, run_a)
     per_epoch = pa.train_data.batches_per_epoch
@@ -129,6 +146,7 @@ def test_exact_resume_from_step_dir_across_epochs_with_accumulation(small_cfg, s
 
 
 # ---- the run directory ----------------------------------------------------------------------------
+
 
 def test_run_directory_contents(small_cfg, tmp_path):
     cfg = small_cfg()
@@ -186,6 +204,7 @@ def test_keep_checkpoints_prunes_the_oldest(small_cfg, tmp_path):
 
 # ---- checkpoints under failure --------------------------------------------------------------------
 
+
 def test_failed_checkpoint_write_keeps_the_previous_one(small_cfg, tmp_path, monkeypatch):
     cfg = small_cfg()  # checkpoints at steps 3 and 6
     run = tmp_path / "run"
@@ -222,6 +241,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(small_cfg, tmp_path, mon
 
 # ---- non-finite loss ------------------------------------------------------------------------------
 
+
 def test_nan_loss_names_the_step_and_the_last_good_checkpoint(small_cfg, tmp_path, monkeypatch):
     cfg = small_cfg()
     run = tmp_path / "run"
@@ -253,13 +273,17 @@ def test_nan_loss_before_any_checkpoint(small_cfg, tmp_path):
     p = prepare(small_cfg(), run)
     with torch.no_grad():
         p.model.norm.scale.fill_(float("nan"))
-    with pytest.raises(GptossError, match=r"non-finite loss \(nan\) at step 1; no update was applied; "
-                                          r"no finite checkpoint was saved$"):
+    with pytest.raises(
+        GptossError,
+        match=r"non-finite loss \(nan\) at step 1; no update was applied; "
+        r"no finite checkpoint was saved$",
+    ):
         Trainer(p).run()
     assert ckpt.list_checkpoints(run / "checkpoints") == []
 
 
 # ---- bad inputs -----------------------------------------------------------------------------------
+
 
 def one_line_error(exc_info) -> str:
     message = str(exc_info.value)

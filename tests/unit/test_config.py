@@ -37,6 +37,7 @@ def error(name, overrides=()) -> str:
 
 # ---- keys and sections ----------------------------------------------------------------------------
 
+
 def test_unknown_key_names_the_key_and_the_file(tmp_path):
     path = write_yaml(tmp_path, "model:\n  hidden_sise: 64\n")
     message = error(path)
@@ -48,7 +49,8 @@ def test_unknown_key_names_the_key_and_the_file(tmp_path):
 def test_unknown_section(tmp_path):
     assert error(write_yaml(tmp_path, "modle:\n  hidden_size: 64\n")).startswith("my.yaml: modle: unknown section")
     assert error("tiny", ["optim.lr=1"]) == (
-        "--set 'optim.lr=1': unknown section 'optim' (known: model, data, train, infer)")
+        "--set 'optim.lr=1': unknown section 'optim' (known: model, data, train, infer)"
+    )
     assert "expected a mapping" in error(write_yaml(tmp_path, "- a\n- b\n", "list.yaml"))
     assert "model: expected a mapping of keys" in error(write_yaml(tmp_path, "model: 3\n", "scalar.yaml"))
 
@@ -61,9 +63,11 @@ def test_empty_file_is_refused_not_all_defaults(tmp_path):
 
 # ---- types ----------------------------------------------------------------------------------------
 
+
 def test_bool_and_int_are_not_interchangeable():
     assert error("tiny", ["model.tie_word_embeddings=1"]) == (
-        "tiny.yaml: model.tie_word_embeddings: expected true or false, got 1")
+        "tiny.yaml: model.tie_word_embeddings: expected true or false, got 1"
+    )
     assert error("tiny", ["train.batch_size=true"]) == "tiny.yaml: train.batch_size: expected an integer, got True"
     assert "expected true or false, got 'true'" in error("tiny", ["train.compile='true'"])
     assert load_config("tiny", ["train.compile=true"]).train.compile is True
@@ -87,7 +91,8 @@ def test_int_fields():
 
 def test_literal_choices():
     assert error("tiny", ["train.device=tpu"]) == (
-        "tiny.yaml: train.device: expected one of 'auto', 'cpu', 'cuda', got 'tpu'")
+        "tiny.yaml: train.device: expected one of 'auto', 'cpu', 'cuda', got 'tpu'"
+    )
     assert "expected one of 'ddp', 'fsdp'" in error("tiny", ["train.parallel=zero3"])
     assert load_config("tiny", ["train.precision=bf16-mixed"]).train.precision == "bf16-mixed"
     # model backends are plain strings validated by ModelConfig
@@ -117,32 +122,47 @@ def test_name_must_be_a_string(tmp_path):
 
 # ---- values and consistency -----------------------------------------------------------------------
 
+
 def test_inconsistent_model_dims_name_the_field():
     assert error("tiny", ["model.num_attention_heads=5"]) == (
-        "tiny.yaml: model.num_attention_heads: 5 is not a multiple of num_key_value_heads=2")
+        "tiny.yaml: model.num_attention_heads: 5 is not a multiple of num_key_value_heads=2"
+    )
     assert error("tiny", ["model.experts_per_token=9"]) == (
-        "tiny.yaml: model.experts_per_token: 9 exceeds num_experts=8")
+        "tiny.yaml: model.experts_per_token: 9 exceeds num_experts=8"
+    )
     assert error("tiny", ["model.head_dim=33"]).startswith("tiny.yaml: model.head_dim: must be even")
 
 
-@pytest.mark.parametrize(("override", "problem"), [
-    ("train.batch_size=0", "train.batch_size: must be > 0, got 0"),
-    ("train.max_steps=0", "train.max_steps: must be > 0 (or null), got 0"),
-    ("train.lr=0", "train.lr: out of range, got 0.0"),
-    ("train.beta2=1", "train.beta2: out of range, got 1.0"),
-    ("train.warmup_steps=-1", "train.warmup_steps: must be >= 0, got -1"),
-    ("train.min_lr_ratio=1.5", "train.min_lr_ratio: must be in [0, 1], got 1.5"),
-    ("data.val_fraction=1", "data.val_fraction: must be in [0, 1), got 1.0"),
-    ("train.seq_len=257", "train.seq_len: 257 exceeds model.max_context_length=256"),
-    ("infer.top_p=0", "infer.top_p: must be in (0, 1], got 0.0"),
-])
+@pytest.mark.parametrize(
+    ("override", "problem"),
+    [
+        ("train.batch_size=0", "train.batch_size: must be > 0, got 0"),
+        ("train.max_steps=0", "train.max_steps: must be > 0 (or null), got 0"),
+        ("train.lr=0", "train.lr: out of range, got 0.0"),
+        ("train.beta2=1", "train.beta2: out of range, got 1.0"),
+        ("train.warmup_steps=-1", "train.warmup_steps: must be >= 0, got -1"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio: must be in [0, 1], got 1.5"),
+        ("data.val_fraction=1", "data.val_fraction: must be in [0, 1), got 1.0"),
+        ("train.seq_len=257", "train.seq_len: 257 exceeds model.max_context_length=256"),
+        ("infer.top_p=0", "infer.top_p: must be in (0, 1], got 0.0"),
+    ],
+)
 def test_out_of_range_values(override, problem):
     assert error("tiny", [override]).startswith(f"tiny.yaml: {problem}")
 
 
-@pytest.mark.parametrize("override", ["train.grad_clip=nan", "train.weight_decay=.nan", "train.aux_loss_coef=NaN",
-                                      "train.z_loss_coef=.nan", "infer.temperature=nan", "train.lr=.inf",
-                                      "model.rope_theta=-.inf"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.grad_clip=nan",
+        "train.weight_decay=.nan",
+        "train.aux_loss_coef=NaN",
+        "train.z_loss_coef=.nan",
+        "infer.temperature=nan",
+        "train.lr=.inf",
+        "model.rope_theta=-.inf",
+    ],
+)
 def test_non_finite_floats_are_rejected(override):
     """NaN would pass every `< 0` range check (NaN < 0 is False) and reach the weights."""
     key, value = override.split("=")
@@ -152,6 +172,7 @@ def test_non_finite_floats_are_rejected(override):
 
 
 # ---- overrides ------------------------------------------------------------------------------------
+
 
 def test_override_syntax():
     assert parse_override("train.lr=3e-4") == (["train", "lr"], "3e-4")
@@ -178,6 +199,7 @@ def test_save_then_load_round_trips(tmp_path):
 
 
 # ---- locating configs -----------------------------------------------------------------------------
+
 
 def test_bare_names_resolve_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -29,14 +29,29 @@ SRC = Path(gptoss_cli.__file__).resolve().parent
 # layer below (a higher number), never one above. A new module or package must be placed here.
 LAYERS: dict[str, int] = {
     # 0: the entry points
-    "cli": 0, "__main__": 0,
+    "cli": 0,
+    "__main__": 0,
     # 1: one thin module per verb, and the shared options
     "commands": 1,
     # 2: the pipeline stages, each a core that a command calls
-    "train": 2, "infer": 2, "interop": 2, "report": 2, "serve": 2, "chat": 2, "evaluate": 2, "bench": 2,
-    "sizing": 2, "envinfo": 2,
+    "train": 2,
+    "infer": 2,
+    "interop": 2,
+    "report": 2,
+    "serve": 2,
+    "chat": 2,
+    "evaluate": 2,
+    "bench": 2,
+    "sizing": 2,
+    "envinfo": 2,
     # 3: what the stages share: the run directory, data, the config, devices and memory, output and errors
-    "run": 3, "data": 3, "config": 3, "devices": 3, "memory": 3, "output": 3, "errors": 3,
+    "run": 3,
+    "data": 3,
+    "config": 3,
+    "devices": 3,
+    "memory": 3,
+    "output": 3,
+    "errors": 3,
     # 4: the model, the leaf
     "model": 4,
     # the package's own __init__ (the version): anything may import it, it imports nothing
@@ -72,7 +87,8 @@ def _resolve(name: str) -> str:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(module: str) -> list[Import]:
@@ -83,19 +99,22 @@ def _imports(module: str) -> list[Import]:
     def visit(node: ast.AST, module_level: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.Import):
-                found.extend(Import(_resolve(a.name) if a.name.startswith(PACKAGE) else a.name, child.lineno,
-                                    module_level) for a in child.names)
+                found.extend(
+                    Import(_resolve(a.name) if a.name.startswith(PACKAGE) else a.name, child.lineno, module_level)
+                    for a in child.names
+                )
             elif isinstance(child, ast.ImportFrom):
                 if child.level:  # relative: from . import x / from ..run import y
-                    base = package.split(".")[:len(package.split(".")) - (child.level - 1)]
+                    base = package.split(".")[: len(package.split(".")) - (child.level - 1)]
                     source = ".".join(base + ([child.module] if child.module else []))
                 else:
                     source = child.module or ""
                 if source == "__future__":
                     continue
                 if source.startswith(PACKAGE):  # `from pkg import submodule` imports that submodule
-                    found.extend(Import(_resolve(f"{source}.{a.name}"), child.lineno, module_level)
-                                 for a in child.names)
+                    found.extend(
+                        Import(_resolve(f"{source}.{a.name}"), child.lineno, module_level) for a in child.names
+                    )
                 else:
                     found.append(Import(source, child.lineno, module_level))
             elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
@@ -113,8 +132,11 @@ IMPORTS: dict[str, list[Import]] = {m: _imports(m) for m in MODULES}
 
 
 def _internal(module: str, module_level_only: bool = False) -> set[str]:
-    return {i.target for i in IMPORTS[module]
-            if i.target.split(".")[0] == PACKAGE and (i.module_level or not module_level_only)} - {module}
+    return {
+        i.target
+        for i in IMPORTS[module]
+        if i.target.split(".")[0] == PACKAGE and (i.module_level or not module_level_only)
+    } - {module}
 
 
 def _part(module: str) -> str:
@@ -159,8 +181,13 @@ def test_imports_point_down_the_layers(module):
 def test_the_model_imports_only_torch_the_standard_library_and_itself(module):
     def allowed(target: str) -> bool:
         top = target.split(".")[0]
-        return top == "torch" or top in sys.stdlib_module_names or target.startswith(f"{PACKAGE}.model") \
+        return (
+            top == "torch"
+            or top in sys.stdlib_module_names
+            or target.startswith(f"{PACKAGE}.model")
             or target == PACKAGE
+        )
+
     problems = [_where(module, i) for i in IMPORTS[module] if not allowed(i.target)]
     _check("model", module, problems)
 
@@ -186,8 +213,11 @@ def test_report_never_imports_torch(module):
     through another gptoss_cli module."""
     problems = [_where(module, i) for i in IMPORTS[module] if i.target.split(".")[0] == "torch"]
     for dependency, importer in _module_level_closure(module).items():
-        problems += [f"{_where(dependency, i)} (reached from {module} through {importer or dependency})"
-                     for i in IMPORTS[dependency] if i.module_level and i.target.split(".")[0] == "torch"]
+        problems += [
+            f"{_where(dependency, i)} (reached from {module} through {importer or dependency})"
+            for i in IMPORTS[dependency]
+            if i.module_level and i.target.split(".")[0] == "torch"
+        ]
     _check("report-torch", module, problems)
 
 
@@ -201,7 +231,7 @@ def test_no_import_cycles_at_module_level():
         state[node] = 1
         for nxt in graph[node]:
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 walk(nxt, [*path, nxt])
         state[node] = 2
@@ -215,8 +245,12 @@ def test_no_import_cycles_at_module_level():
 def test_the_checker_reads_real_edges():
     """Not vacuous: names resolve to modules, the table orders known modules, and edges are found."""
     assert _resolve(f"{PACKAGE}.model.transformer.Transformer") == f"{PACKAGE}.model.transformer"
-    assert LAYERS[_part(f"{PACKAGE}.commands.train")] < LAYERS[_part(f"{PACKAGE}.train.loop")] \
-        < LAYERS[_part(f"{PACKAGE}.run.checkpoint")] < LAYERS[_part(f"{PACKAGE}.model.moe")]
+    assert (
+        LAYERS[_part(f"{PACKAGE}.commands.train")]
+        < LAYERS[_part(f"{PACKAGE}.train.loop")]
+        < LAYERS[_part(f"{PACKAGE}.run.checkpoint")]
+        < LAYERS[_part(f"{PACKAGE}.model.moe")]
+    )
     # every module of the model reaches torch, and the cli reaches commands: the edges are read
     assert any(i.target == "torch" for i in IMPORTS[f"{PACKAGE}.model.transformer"])
     assert any(_part(t) == "commands" for t in _internal(f"{PACKAGE}.cli"))

@@ -7,8 +7,14 @@ from pathlib import Path
 from ..errors import GptossError
 
 
-def open_chat(run: Path | None = None, checkpoint: Path | None = None, system: str | None = None,
-              device: str = "auto", dtype: str = "auto", **overrides):
+def open_chat(
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    system: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    **overrides,
+):
     """-> a ChatSession. A run whose tokenizer has no conversation format is refused with the way out."""
     from ..config import InferConfig
     from ..data.chat_format import ChatFormat, chat_format
@@ -25,12 +31,18 @@ def open_chat(run: Path | None = None, checkpoint: Path | None = None, system: s
         raise GptossError(
             f"{loaded.run_dir} has no conversation format (its tokenizer predates it): continue text with "
             f"`gptoss infer --run {loaded.run_dir}`, or fine-tune it on conversations first: gptoss train "
-            f"--init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl] (see docs/chat.md)")
+            f"--init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl] (see docs/chat.md)"
+        )
     params = loaded.config.infer.with_overrides(option_label, **overrides)
-    if type(fmt) is ChatFormat and not _trained_on_conversations(loaded.config.data.paths) \
-            and read_state(loaded.checkpoint).imported_from is None:
-        warn(f"{loaded.run_dir} was trained on text, not on conversations: expect replies that ignore the format "
-             f"until it is fine-tuned (gptoss train --init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl])")
+    if (
+        type(fmt) is ChatFormat
+        and not _trained_on_conversations(loaded.config.data.paths)
+        and read_state(loaded.checkpoint).imported_from is None
+    ):
+        warn(
+            f"{loaded.run_dir} was trained on text, not on conversations: expect replies that ignore the format "
+            f"until it is fine-tuned (gptoss train --init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl])"
+        )
     return ChatSession(loaded, fmt, params, system)
 
 

@@ -55,8 +55,10 @@ class ChatSession:
             dropped += cut
             ids = self.fmt.render(self.messages(user))
         if len(ids) >= self.max_context:
-            raise GptossError(f"this message needs {len(ids)} tokens with the system message; the model's context "
-                              f"is {self.max_context} tokens: write a shorter one")
+            raise GptossError(
+                f"this message needs {len(ids)} tokens with the system message; the model's context "
+                f"is {self.max_context} tokens: write a shorter one"
+            )
         return ids, dropped
 
     def reply(self, user: str, on_text: Callable[[str], None] | None = None) -> Reply:
@@ -84,8 +86,14 @@ class ChatSession:
         tok = self.loaded.tokenizer
         pad = tok.token_to_id("<|pad|>")
         try:
-            _, reasons, _ = generate_tokens(self.loaded.model, [ids], self.params,
-                                            pad_id=pad if pad is not None else 0, eos_id=None, on_token=on_token)
+            _, reasons, _ = generate_tokens(
+                self.loaded.model,
+                [ids],
+                self.params,
+                pad_id=pad if pad is not None else 0,
+                eos_id=None,
+                on_token=on_token,
+            )
             reason = "end" if ended[0] or reasons[0] == "stop" else reasons[0]
         except KeyboardInterrupt:
             reason = "interrupted"
@@ -127,15 +135,19 @@ def _command(line: str, session: ChatSession, say: Callable[[str], None]) -> boo
     return None
 
 
-def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None,
-             say: Callable[[str], None] | None = None, as_json: bool = False) -> int:
+def run_chat(
+    session: ChatSession,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    say: Callable[[str], None] | None = None,
+    as_json: bool = False,
+) -> int:
     """The conversation loop until /exit or end of input. Returns the exit code (0)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     interactive = stdin.isatty() and stdout.isatty() and not as_json
     if interactive:
-        say(f"chatting with {session.loaded.run_dir} ({session.loaded.checkpoint.name}). {HELP}; "
-            "Ctrl-C stops a reply")
+        say(f"chatting with {session.loaded.run_dir} ({session.loaded.checkpoint.name}). {HELP}; Ctrl-C stops a reply")
 
     def write(chunk: str) -> None:
         stdout.write(chunk if interactive else chunk.replace("\r", " ").replace("\n", " "))
@@ -175,14 +187,26 @@ def run_chat(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO |
             stdout.flush()
             continue
         if as_json:
-            stdout.write(json.dumps({"role": "assistant", "content": reply.content, "new_tokens": reply.new_tokens,
-                                     "stop_reason": reply.stop_reason, "dropped_turns": reply.dropped_turns}) + "\n")
+            stdout.write(
+                json.dumps(
+                    {
+                        "role": "assistant",
+                        "content": reply.content,
+                        "new_tokens": reply.new_tokens,
+                        "stop_reason": reply.stop_reason,
+                        "dropped_turns": reply.dropped_turns,
+                    }
+                )
+                + "\n"
+            )
         else:
             stdout.write("\n")
         stdout.flush()
         if reply.dropped_turns:
-            say(f"(the conversation outgrew the context of {session.max_context} tokens: "
-                f"the oldest {reply.dropped_turns} message(s) were dropped)")
+            say(
+                f"(the conversation outgrew the context of {session.max_context} tokens: "
+                f"the oldest {reply.dropped_turns} message(s) were dropped)"
+            )
         if reply.stop_reason == "interrupted":
             say("(reply stopped)")
         elif reply.stop_reason in ("length", "context"):

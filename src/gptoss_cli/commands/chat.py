@@ -25,10 +25,19 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per reply
 
 
 def command(
-    run: ReadRunOpt = None, checkpoint: CheckpointOpt = None, system: SystemOpt = None,
-    max_new_tokens: TokensOpt = None, temperature: TemperatureOpt = None, top_k: TopKOpt = None,
-    top_p: TopPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
-    device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", json: JsonOpt = False,
+    run: ReadRunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    system: SystemOpt = None,
+    max_new_tokens: TokensOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: PenaltyOpt = None,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    json: JsonOpt = False,
 ) -> None:
     """Chat with a run in its conversation format (default: the newest run under ./runs).
 
@@ -43,7 +52,18 @@ def command(
     from ..chat.open import open_chat
     from ..chat.session import run_chat
 
-    session = open_chat(run=run, checkpoint=checkpoint, system=system, device=device, dtype=dtype,
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+    session = open_chat(
+        run=run,
+        checkpoint=checkpoint,
+        system=system,
+        device=device,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+    )
     raise typer.Exit(run_chat(session, as_json=json))

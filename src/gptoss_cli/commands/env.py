@@ -31,8 +31,10 @@ def command(json: JsonOpt = False) -> None:
     table.add_row("GPUs", str(info["gpu_count"]))
     for tool in ("nvidia_smi", "nvcc"):
         t = info[tool]
-        table.add_row(tool.replace("_", "-"),
-                      f"{t['path']} ({t['version'] or 'version unknown'})" if t["found"] else "[dim]not found[/]")
+        table.add_row(
+            tool.replace("_", "-"),
+            f"{t['path']} ({t['version'] or 'version unknown'})" if t["found"] else "[dim]not found[/]",
+        )
     table.add_row("NVML", info["nvml"])
     table.add_row("attention", ", ".join(f"{k} {yes(v)}" for k, v in info["attention_backends"].items()))
     table.add_row("torch.compile", f"{yes(info['compile']['available'])} ({info['compile']['why']})")
@@ -43,8 +45,14 @@ def command(json: JsonOpt = False) -> None:
         for col in ("index", "name", "memory used / total (GiB)", "driver", "compute", "bf16"):
             gpus.add_column(col)
         for g in info["gpus"]:
-            gpus.add_row(str(g["index"]), g["name"], f"{g['memory_used_gib']} / {g['memory_total_gib']}",
-                         g["driver"], g["compute_capability"], yes(g["bf16"]))
+            gpus.add_row(
+                str(g["index"]),
+                g["name"],
+                f"{g['memory_used_gib']} / {g['memory_total_gib']}",
+                g["driver"],
+                g["compute_capability"],
+                yes(g["bf16"]),
+            )
         console.print(gpus)
     color = "green" if info["ready"] else "yellow"
     console.print(f"[bold {color}]{info['verdict']}[/]")

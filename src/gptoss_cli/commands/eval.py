@@ -8,22 +8,49 @@ from typing import Annotated
 
 import typer
 
-RunsOpt = Annotated[list[Path] | None, typer.Option(
-    "--run", "--run-dir", "-r", metavar="DIR",
-    help="Run directory (its newest checkpoint); repeat to compare runs. Default: the newest under ./runs.")]
-CheckpointsOpt = Annotated[list[Path] | None, typer.Option(
-    "--checkpoint", metavar="DIR", help="A checkpoint directory (RUN/checkpoints/step-N); repeatable.")]
-DataOpt = Annotated[list[str] | None, typer.Option(
-    "--data", "-d", metavar="PATH",
-    help="Text to score: a .txt or .jsonl file, a directory or a glob, read as data.paths is; repeatable.")]
-MaxTokensOpt = Annotated[int | None, typer.Option(
-    "--max-tokens", "-n", help="Score at most this many tokens (counted with the first model's tokenizer; "
-    "every model scores the same text).")]
-ContextOpt = Annotated[int | None, typer.Option(
-    "--context", help="Window length in tokens (default: the run's train.seq_len).")]
-StrideOpt = Annotated[int | None, typer.Option(
-    "--stride", help="Tokens a window advances; each token is scored once with at least context - stride "
-    "tokens before it (default: half the context; = context for non-overlapping windows).")]
+RunsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--run",
+        "--run-dir",
+        "-r",
+        metavar="DIR",
+        help="Run directory (its newest checkpoint); repeat to compare runs. Default: the newest under ./runs.",
+    ),
+]
+CheckpointsOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--checkpoint", metavar="DIR", help="A checkpoint directory (RUN/checkpoints/step-N); repeatable."),
+]
+DataOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--data",
+        "-d",
+        metavar="PATH",
+        help="Text to score: a .txt or .jsonl file, a directory or a glob, read as data.paths is; repeatable.",
+    ),
+]
+MaxTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-tokens",
+        "-n",
+        help="Score at most this many tokens (counted with the first model's tokenizer; "
+        "every model scores the same text).",
+    ),
+]
+ContextOpt = Annotated[
+    int | None, typer.Option("--context", help="Window length in tokens (default: the run's train.seq_len).")
+]
+StrideOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--stride",
+        help="Tokens a window advances; each token is scored once with at least context - stride "
+        "tokens before it (default: half the context; = context for non-overlapping windows).",
+    ),
+]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on a bf16 GPU, else fp32), fp32 or bf16.")]
@@ -32,9 +59,17 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per run (
 
 
 def command(
-    run: RunsOpt = None, checkpoint: CheckpointsOpt = None, data: DataOpt = None, max_tokens: MaxTokensOpt = None,
-    context: ContextOpt = None, stride: StrideOpt = None, batch_size: BatchOpt = 8, device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto", no_save: NoSaveOpt = False, json: JsonOpt = False,
+    run: RunsOpt = None,
+    checkpoint: CheckpointsOpt = None,
+    data: DataOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    context: ContextOpt = None,
+    stride: StrideOpt = None,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    no_save: NoSaveOpt = False,
+    json: JsonOpt = False,
 ) -> None:
     """Score runs on a text: mean loss, perplexity, bits per byte (comparable across tokenizers) and top-1
     accuracy. Results go to RUN/eval/ for gptoss report.
@@ -49,9 +84,19 @@ def command(
 
     targets = [Target(run=r) for r in run or []] + [Target(checkpoint=c) for c in checkpoint or []]
     with EvalProgress(console) as progress:
-        results = evaluate(targets, data or [], max_tokens=max_tokens, context=context, stride=stride,
-                           batch_size=batch_size, device=device, dtype=dtype, progress=progress.callbacks,
-                           save=not no_save, warn=warn)
+        results = evaluate(
+            targets,
+            data or [],
+            max_tokens=max_tokens,
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            progress=progress.callbacks,
+            save=not no_save,
+            warn=warn,
+        )
     if json:
         for r in results:
             sys.stdout.write(jsonlib.dumps(r) + "\n")

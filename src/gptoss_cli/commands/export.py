@@ -10,15 +10,28 @@ import typer
 from .options import CheckpointOpt, JsonOpt, ReadRunOpt
 
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="The Hugging Face directory to write.")]
-ExportDtypeOpt = Annotated[Literal["bf16", "fp32"], typer.Option(
-    "--dtype", help="bf16 (norms and router stay fp32) or fp32 (exact).")]
-ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Split model.safetensors above this size "
-                                       "(5GB, 500MB, 2GiB), with model.safetensors.index.json.")]
+ExportDtypeOpt = Annotated[
+    Literal["bf16", "fp32"], typer.Option("--dtype", help="bf16 (norms and router stay fp32) or fp32 (exact).")
+]
+ShardOpt = Annotated[
+    str,
+    typer.Option(
+        "--max-shard-size",
+        help="Split model.safetensors above this size (5GB, 500MB, 2GiB), with model.safetensors.index.json.",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
 
 
-def command(out: OutOpt, run: ReadRunOpt = None, dtype: ExportDtypeOpt = "bf16", checkpoint: CheckpointOpt = None,
-            max_shard_size: ShardOpt = "5GB", force: ForceOpt = False, json: JsonOpt = False) -> None:
+def command(
+    out: OutOpt,
+    run: ReadRunOpt = None,
+    dtype: ExportDtypeOpt = "bf16",
+    checkpoint: CheckpointOpt = None,
+    max_shard_size: ShardOpt = "5GB",
+    force: ForceOpt = False,
+    json: JsonOpt = False,
+) -> None:
     """Export a run for transformers: config.json, safetensors, generation and tokenizer files.
 
     Example: gptoss export --run runs/demo --out hf/demo --dtype fp32
@@ -32,6 +45,9 @@ def command(out: OutOpt, run: ReadRunOpt = None, dtype: ExportDtypeOpt = "bf16",
         print_json(summary)
         return
     shards = [f for f in summary["files"] if f.endswith(".safetensors")]
-    console.print(f"exported {summary['checkpoint']} (step {summary['step']}) to [bold]{summary['out']}[/]: "
-                  f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB {summary['dtype']} "
-                  f"in {len(shards)} file(s)", highlight=False)
+    console.print(
+        f"exported {summary['checkpoint']} (step {summary['step']}) to [bold]{summary['out']}[/]: "
+        f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB {summary['dtype']} "
+        f"in {len(shards)} file(s)",
+        highlight=False,
+    )

@@ -9,8 +9,13 @@ import typer
 
 from .options import JsonOpt, NewRunOpt
 
-SourceArg = Annotated[Path, typer.Argument(help="A Hugging Face gpt_oss directory (config.json + safetensors), "
-                                           "or a release's original/ directory.", show_default=False)]
+SourceArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A Hugging Face gpt_oss directory (config.json + safetensors), or a release's original/ directory.",
+        show_default=False,
+    ),
+]
 
 
 def command(source: SourceArg, run: NewRunOpt, json: JsonOpt = False) -> None:
@@ -28,5 +33,8 @@ def command(source: SourceArg, run: NewRunOpt, json: JsonOpt = False) -> None:
         return
     quant = f", {summary['quantized_tensors']} MXFP4 tensors decoded" if summary["quantized_tensors"] else ""
     quant += ", its chat template kept" if summary["chat_template"] else ""
-    console.print(f"imported {source} ({summary['layout']} layout{quant}): {summary['params']:,} parameters "
-                  f"-> [bold]{summary['checkpoint']}[/]", highlight=False)
+    console.print(
+        f"imported {source} ({summary['layout']} layout{quant}): {summary['params']:,} parameters "
+        f"-> [bold]{summary['checkpoint']}[/]",
+        highlight=False,
+    )

@@ -12,27 +12,51 @@ from .options import CheckpointOpt, DeviceOpt, DtypeOpt, ReadRunOpt
 
 PromptArg = Annotated[str | None, typer.Argument(help="Text to continue.", show_default=False)]
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue (instead of the argument).")]
-TokensOpt = Annotated[int | None, typer.Option("--max-new-tokens", "--max-tokens", "-n",
-                                               help="Tokens to generate (default: the run's infer.max_new_tokens).")]
+TokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens", "--max-tokens", "-n", help="Tokens to generate (default: the run's infer.max_new_tokens)."
+    ),
+]
 TemperatureOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 means greedy.")]
 TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus: the smallest set with this mass (1 = off).")]
 PenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeated tokens.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.")]
-PromptsFileOpt = Annotated[Path | None, typer.Option(
-    "--prompts-file", help="One prompt per line (blank lines skipped), generated as one batch; - reads stdin.")]
-CompileOpt = Annotated[bool, typer.Option("--compile", help="Compile the decode step (CUDA graphs on CUDA); "
-                                          "pays a one-time compile for faster long generations.")]
+PromptsFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--prompts-file", help="One prompt per line (blank lines skipped), generated as one batch; - reads stdin."
+    ),
+]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Compile the decode step (CUDA graphs on CUDA); pays a one-time compile for faster long generations.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt (JSON Lines) on stdout.")]
 
 
 def command(
-    prompt: PromptArg = None, prompt_opt: PromptOpt = None, max_new_tokens: TokensOpt = None, run: ReadRunOpt = None,
-    checkpoint: CheckpointOpt = None, temperature: TemperatureOpt = None, top_k: TopKOpt = None,
-    top_p: TopPOpt = None, repetition_penalty: PenaltyOpt = None, seed: SeedOpt = None, stop: StopOpt = None,
-    prompts_file: PromptsFileOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
-    compile: CompileOpt = False, json: JsonOpt = False,
+    prompt: PromptArg = None,
+    prompt_opt: PromptOpt = None,
+    max_new_tokens: TokensOpt = None,
+    run: ReadRunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: PenaltyOpt = None,
+    seed: SeedOpt = None,
+    stop: StopOpt = None,
+    prompts_file: PromptsFileOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    compile: CompileOpt = False,
+    json: JsonOpt = False,
 ) -> None:
     """Generate text with a trained run (default: the newest under ./runs).
 
@@ -69,16 +93,40 @@ def command(
             echoed.append(True)
 
     if compile:
-        console.print("compiling the decode step (torch.compile): the first generation waits for it, "
-                      "up to a minute or more", highlight=False)
-    result = infer(prompts, run=run, checkpoint=checkpoint, device=device, dtype=dtype, on_text=on_text,
-                   compile_decode=compile,
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty, seed=seed, stop=stop)
+        console.print(
+            "compiling the decode step (torch.compile): the first generation waits for it, up to a minute or more",
+            highlight=False,
+        )
+    result = infer(
+        prompts,
+        run=run,
+        checkpoint=checkpoint,
+        device=device,
+        dtype=dtype,
+        on_text=on_text,
+        compile_decode=compile,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+    )
     for i, c in enumerate(result.completions):
         if json:
-            sys.stdout.write(jsonlib.dumps({"prompt": c.prompt, "completion": c.text, "prompt_tokens": c.prompt_tokens,
-                                            "new_tokens": c.new_tokens, "stop_reason": c.stop_reason}) + "\n")
+            sys.stdout.write(
+                jsonlib.dumps(
+                    {
+                        "prompt": c.prompt,
+                        "completion": c.text,
+                        "prompt_tokens": c.prompt_tokens,
+                        "new_tokens": c.new_tokens,
+                        "stop_reason": c.stop_reason,
+                    }
+                )
+                + "\n"
+            )
         elif stream:
             sys.stdout.write(("" if echoed else c.prompt) + "\n")
         else:
@@ -87,8 +135,10 @@ def command(
 
     s, loaded = result.stats, result.run
     if s.context_limited:
-        warn(f"stopped at the model's context length ({loaded.config.model.max_context_length} tokens, "
-             "model.max_context_length): shorten the prompt for a longer continuation")
+        warn(
+            f"stopped at the model's context length ({loaded.config.model.max_context_length} tokens, "
+            "model.max_context_length): shorten the prompt for a longer continuation"
+        )
     peak = f"peak memory {s.peak_bytes / 2**20:,.1f} MiB ({s.memory_label})" if s.peak_bytes else "peak memory n/a"
     decode = f"decode {s.decode_tokens_per_s:.1f} tokens/s" if s.decode_tokens_per_s else "decode n/a"
     if s.compile_s:
@@ -98,5 +148,7 @@ def command(
     console.print(
         f"prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | prefill {s.prefill_s * 1e3:.1f} ms | "
         f"{decode} | {peak} | {loaded.checkpoint} on {loaded.device.type} {dtype_name}{batch}",
-        markup=False, highlight=False, soft_wrap=True,
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )

@@ -1,10 +1,10 @@
 """Options every command shares, declared once so they read (and alias) the same everywhere.
 
-    --config/-c NAME|PATH    a shipped config name or a YAML file
-    --set/-s SECTION.KEY=V   one override, repeatable
-    --run/--run-dir/-r DIR   the run directory (torchrun takes --run itself, so under torchrun write --run-dir)
-    --checkpoint/--model C   a checkpoint directory, its model.safetensors, or a run (its newest checkpoint)
-    --device auto|cpu|cuda   --dtype auto|fp32|bf16    --json (one JSON object on stdout)
+--config/-c NAME|PATH    a shipped config name or a YAML file
+--set/-s SECTION.KEY=V   one override, repeatable
+--run/--run-dir/-r DIR   the run directory (torchrun takes --run itself, so under torchrun write --run-dir)
+--checkpoint/--model C   a checkpoint directory, its model.safetensors, or a run (its newest checkpoint)
+--device auto|cpu|cuda   --dtype auto|fp32|bf16    --json (one JSON object on stdout)
 """
 
 from __future__ import annotations
@@ -22,21 +22,43 @@ OptionalConfigOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).",
-                 metavar="SECTION.KEY=VALUE"),
+    typer.Option(
+        "--set", "-s", help="Override one key, e.g. --set train.lr=3e-4 (repeatable).", metavar="SECTION.KEY=VALUE"
+    ),
 ]
 RUN_FLAGS = ("--run", "--run-dir", "-r")
-RunOpt = Annotated[Path | None, typer.Option(
-    *RUN_FLAGS, help="Run directory (default: a new one, or the newest, under ./runs). Under torchrun write "
-                     "--run-dir or -r: torchrun takes --run for its --run-path.")]
-ReadRunOpt = Annotated[Path | None, typer.Option(
-    *RUN_FLAGS, help="The run to read (its newest complete checkpoint; default: the newest run under ./runs).")]
-RunsOpt = Annotated[list[Path] | None, typer.Option(
-    *RUN_FLAGS, metavar="DIR", help="Run directory (default: the newest under ./runs); repeat to compare.")]
+RunOpt = Annotated[
+    Path | None,
+    typer.Option(
+        *RUN_FLAGS,
+        help="Run directory (default: a new one, or the newest, under ./runs). Under torchrun write "
+        "--run-dir or -r: torchrun takes --run for its --run-path.",
+    ),
+]
+ReadRunOpt = Annotated[
+    Path | None,
+    typer.Option(
+        *RUN_FLAGS, help="The run to read (its newest complete checkpoint; default: the newest run under ./runs)."
+    ),
+]
+RunsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        *RUN_FLAGS, metavar="DIR", help="Run directory (default: the newest under ./runs); repeat to compare."
+    ),
+]
 NewRunOpt = Annotated[Path, typer.Option(*RUN_FLAGS, help="The run directory to create (must not exist, or be empty).")]
-CheckpointOpt = Annotated[Path | None, typer.Option(
-    "--checkpoint", "--model", help="A checkpoint directory, its model.safetensors, or a run (newest checkpoint).")]
+CheckpointOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint", "--model", help="A checkpoint directory, its model.safetensors, or a run (newest checkpoint)."
+    ),
+]
 DeviceOpt = Annotated[Literal["auto", "cpu", "cuda"], typer.Option("--device", help="Where to compute.")]
-DtypeOpt = Annotated[Literal["auto", "fp32", "bf16"], typer.Option(
-    "--dtype", help="auto: bf16 on a GPU that computes it natively, else fp32 (norms and router stay fp32).")]
+DtypeOpt = Annotated[
+    Literal["auto", "fp32", "bf16"],
+    typer.Option(
+        "--dtype", help="auto: bf16 on a GPU that computes it natively, else fp32 (norms and router stay fp32)."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]

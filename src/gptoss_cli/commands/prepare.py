@@ -11,14 +11,22 @@ from .options import ConfigOpt, JsonOpt, SetOpt
 
 
 def command(
-    data: Annotated[list[str], typer.Argument(help="Files, directories or globs (.txt .md .jsonl .json .parquet, "
-                                                   "and .gz / .zst of the text ones).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The prepared dataset's directory (new, or an "
-                                      "unfinished one to continue).")],
+    data: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files, directories or globs (.txt .md .jsonl .json .parquet, and .gz / .zst of the text ones).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The prepared dataset's directory (new, or an unfinished one to continue)."),
+    ],
     config: ConfigOpt = "compact",
     set_: SetOpt = None,
-    tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Encode with this tokenizer.json instead "
-                                                   "of training one.")] = None,
+    tokenizer: Annotated[
+        Path | None, typer.Option("--tokenizer", help="Encode with this tokenizer.json instead of training one.")
+    ] = None,
     workers: Annotated[int, typer.Option("--workers", "-w", min=0, help="Tokenizer processes (0 = all cores).")] = 0,
     json: JsonOpt = False,
 ) -> None:
@@ -53,12 +61,20 @@ def command(
     sources = find_sources(cfg.data.paths, warn)
     result = prepare_dataset(sources, out, settings_of(cfg), given, workers=workers, show=not json)
     index = result.index
-    summary = {"out": str(result.root), "cached": result.cached, "sources": len(index["sources"]),
-               "source_bytes": sum(s["size"] for s in index["sources"]), "documents": index["documents"],
-               "train_tokens": index["train"]["tokens"], "val_tokens": index["val"]["tokens"],
-               "shards": len(index["train"]["shards"]) + len(index["val"]["shards"]), "dtype": index["dtype"],
-               "tokenizer_hash": index["tokenizer_hash"], "vocab_size": index["vocab_size"],
-               "times_s": result.times}
+    summary = {
+        "out": str(result.root),
+        "cached": result.cached,
+        "sources": len(index["sources"]),
+        "source_bytes": sum(s["size"] for s in index["sources"]),
+        "documents": index["documents"],
+        "train_tokens": index["train"]["tokens"],
+        "val_tokens": index["val"]["tokens"],
+        "shards": len(index["train"]["shards"]) + len(index["val"]["shards"]),
+        "dtype": index["dtype"],
+        "tokenizer_hash": index["tokenizer_hash"],
+        "vocab_size": index["vocab_size"],
+        "times_s": result.times,
+    }
     if json:
         print_json(summary)
         return
@@ -67,10 +83,16 @@ def command(
     else:
         t = result.times
         mb = summary["source_bytes"] / 1e6
-        console.print(f"prepared {mb:,.1f} MB from {summary['sources']} file(s): sample {t['read_s']:.1f} s, "
-                      f"tokenizer {t['tokenizer_s']:.1f} s, tokenizing {t['tokenize_s']:.1f} s "
-                      f"({mb / max(t['tokenize_s'], 1e-9):,.2f} MB/s)", highlight=False)
-    console.print(f"{summary['train_tokens']:,} training and {summary['val_tokens']:,} validation tokens "
-                  f"({summary['documents']['train']:,} + {summary['documents']['val']:,} documents) in "
-                  f"{summary['shards']} shard(s)", highlight=False)
+        console.print(
+            f"prepared {mb:,.1f} MB from {summary['sources']} file(s): sample {t['read_s']:.1f} s, "
+            f"tokenizer {t['tokenizer_s']:.1f} s, tokenizing {t['tokenize_s']:.1f} s "
+            f"({mb / max(t['tokenize_s'], 1e-9):,.2f} MB/s)",
+            highlight=False,
+        )
+    console.print(
+        f"{summary['train_tokens']:,} training and {summary['val_tokens']:,} validation tokens "
+        f"({summary['documents']['train']:,} + {summary['documents']['val']:,} documents) in "
+        f"{summary['shards']} shard(s)",
+        highlight=False,
+    )
     console.print(f"train on it: gptoss train --set data.prepared={out}", highlight=False, soft_wrap=True)

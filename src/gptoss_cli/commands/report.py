@@ -34,5 +34,8 @@ def command(run: RunsOpt = None, out: OutOpt = None, json: JsonOpt = False) -> N
     for summary in result["runs"]:
         for gap in summary["missing"]:
             console.print(f"[yellow]missing[/] ({summary['name']}): {gap}", highlight=False)
-    console.print(f"wrote {len(result['files'])} files to [bold]{result['out']}[/]: "
-                  + ", ".join(Path(f).name for f in result["files"]), highlight=False)
+    console.print(
+        f"wrote {len(result['files'])} files to [bold]{result['out']}[/]: "
+        + ", ".join(Path(f).name for f in result["files"]),
+        highlight=False,
+    )

@@ -14,20 +14,39 @@ HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (loop
 PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
 BatchOpt = Annotated[int, typer.Option("--max-batch", help="Requests decoded together (KV-cache slots).")]
 QueueOpt = Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a slot; more get 429.")]
-LengthOpt = Annotated[int | None, typer.Option(
-    "--max-length", help="Prompt + completion tokens per request (default: the model's context).")]
+LengthOpt = Annotated[
+    int | None,
+    typer.Option("--max-length", help="Prompt + completion tokens per request (default: the model's context)."),
+]
 ChunkOpt = Annotated[int, typer.Option("--prefill-chunk", help="Prompt tokens prefilled per decode step.")]
-KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="GPTOSS_API_KEY", show_envvar=True,
-                                            help="Require 'Authorization: Bearer KEY' on every request.")]
-NameOpt = Annotated[str | None, typer.Option("--model-name", help="Model id clients ask for "
-                                             "(default: the run directory's name).")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="GPTOSS_API_KEY",
+        show_envvar=True,
+        help="Require 'Authorization: Bearer KEY' on every request.",
+    ),
+]
+NameOpt = Annotated[
+    str | None, typer.Option("--model-name", help="Model id clients ask for (default: the run directory's name).")
+]
 DrainOpt = Annotated[float, typer.Option("--drain-timeout", help="Seconds SIGTERM waits for requests in flight.")]
 
 
 def command(
-    run: ReadRunOpt = None, checkpoint: CheckpointOpt = None, host: HostOpt = "127.0.0.1", port: PortOpt = 8000,
-    max_batch: BatchOpt = 16, max_queue: QueueOpt = 64, max_length: LengthOpt = None, prefill_chunk: ChunkOpt = 256,
-    api_key: KeyOpt = None, model_name: NameOpt = None, drain_timeout: DrainOpt = 30.0, device: DeviceOpt = "auto",
+    run: ReadRunOpt = None,
+    checkpoint: CheckpointOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    max_batch: BatchOpt = 16,
+    max_queue: QueueOpt = 64,
+    max_length: LengthOpt = None,
+    prefill_chunk: ChunkOpt = 256,
+    api_key: KeyOpt = None,
+    model_name: NameOpt = None,
+    drain_timeout: DrainOpt = 30.0,
+    device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Serve a trained run over the OpenAI HTTP API (completions, chat completions, streaming).
@@ -37,7 +56,15 @@ def command(
     """
     from ..serve.server import ServeOptions, serve
 
-    options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue, max_length=max_length,
-                           prefill_chunk=prefill_chunk, api_key=api_key, model_name=model_name,
-                           drain_s=drain_timeout)
+    options = ServeOptions(
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_length=max_length,
+        prefill_chunk=prefill_chunk,
+        api_key=api_key,
+        model_name=model_name,
+        drain_s=drain_timeout,
+    )
     serve(Path(run) if run else None, checkpoint, options, device=device, dtype=dtype)

@@ -15,10 +15,19 @@ def command(
     set_: SetOpt = None,
     run: RunOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the latest complete checkpoint of --run.")] = False,
-    resume_from: Annotated[Path | None, typer.Option("--resume-from", help="Continue from this checkpoint "
-                                                     "(a run directory or a checkpoints/step-N directory).")] = None,
-    init_from: Annotated[Path | None, typer.Option("--init-from", help="Start a new run from the weights of this "
-                                                   "run or checkpoint (fine-tuning; e.g. an imported model).")] = None,
+    resume_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume-from", help="Continue from this checkpoint (a run directory or a checkpoints/step-N directory)."
+        ),
+    ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--init-from",
+            help="Start a new run from the weights of this run or checkpoint (fine-tuning; e.g. an imported model).",
+        ),
+    ] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Reuse this tokenizer.json.")] = None,
     json: JsonOpt = False,
 ) -> None:
@@ -42,14 +51,23 @@ def command(
     cfg = load_config(config, set_)  # before torch is imported: a bad config fails in an instant
     cfg.validate_for_training()
     if default_model:
-        warn("no --config: training the compact reference model (~1.4 billion parameters), which needs a GPU; "
-             "for a first run on a CPU use --config tiny")
+        warn(
+            "no --config: training the compact reference model (~1.4 billion parameters), which needs a GPU; "
+            "for a first run on a CPU use --config tiny"
+        )
     from ..train.distributed import shutdown
     from ..train.loop import Trainer, prepare
 
     try:
-        prepared = prepare(cfg, run, resume=resume, resume_from=resume_from, tokenizer_path=tokenizer,
-                           init_from=init_from, progress=not json)
+        prepared = prepare(
+            cfg,
+            run,
+            resume=resume,
+            resume_from=resume_from,
+            tokenizer_path=tokenizer,
+            init_from=init_from,
+            progress=not json,
+        )
         try:
             summary = Trainer(prepared).run()
         finally:
@@ -63,10 +81,15 @@ def command(
         print_json(summary)
         raise typer.Exit(code)
     best = summary["best_val_loss"]
-    console.print(f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
-                  f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)", highlight=False)
-    console.print(f"final loss {summary['final_loss']:.4f}"
-                  + (f", best validation loss {best:.4f}" if best is not None else ""), highlight=False)
+    console.print(
+        f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
+        f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)",
+        highlight=False,
+    )
+    console.print(
+        f"final loss {summary['final_loss']:.4f}" + (f", best validation loss {best:.4f}" if best is not None else ""),
+        highlight=False,
+    )
     console.print(f"run: {summary['run_dir']}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)

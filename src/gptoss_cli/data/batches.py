@@ -82,13 +82,13 @@ class TokenBatches:
     def _window(self, start: int, length: int) -> np.ndarray:
         shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
         local = start - int(self.offsets[shard])
-        piece = self.arrays[shard][local:local + length]
+        piece = self.arrays[shard][local : local + length]
         if piece.size == length:
             return piece
         parts = [piece]  # the window runs on into the next shard(s)
         while sum(p.size for p in parts) < length:
             shard += 1
-            parts.append(self.arrays[shard][:length - sum(p.size for p in parts)])
+            parts.append(self.arrays[shard][: length - sum(p.size for p in parts)])
         return np.concatenate(parts)
 
     def _gather(self, picks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,4 +102,4 @@ class TokenBatches:
         """n batches of samples spread evenly over the split, the same at every evaluation."""
         want = min(n * self.batch_size, self.num_samples)
         picks = (np.arange(want, dtype=np.int64) * self.num_samples) // max(want, 1)
-        return [self._gather(picks[i:i + self.batch_size]) for i in range(0, want, self.batch_size)]
+        return [self._gather(picks[i : i + self.batch_size]) for i in range(0, want, self.batch_size)]

@@ -86,8 +86,9 @@ class ChatFormat:
         # (added tokens split the input before BPE), so these pieces concatenate to encode(rendered text).
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def render_with_mask(self, messages: list[dict], add_generation_prompt: bool = False
-                         ) -> tuple[list[int], list[bool]]:
+    def render_with_mask(
+        self, messages: list[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
         """(ids, trained) where trained[i] marks an assistant token the model must learn to produce: the
         content and the closing <|end|>/<|return|> of assistant turns, not their `<|start|>assistant<|message|>`."""
         check_messages(messages)
@@ -122,8 +123,14 @@ class ChatFormat:
 class TemplateFormat(ChatFormat):
     """A Jinja chat template from a Hugging Face directory, rendered sandboxed and tokenized like transformers."""
 
-    def __init__(self, tokenizer: Tokenizer, template: str, special: dict | None = None,
-                 stop_tokens: list[str] | None = None, source: str = "chat template"):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: str,
+        special: dict | None = None,
+        stop_tokens: list[str] | None = None,
+        source: str = "chat template",
+    ):
         from jinja2 import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -141,10 +148,12 @@ class TemplateFormat(ChatFormat):
             raise TemplateError(message)
 
         # The same environment and globals as transformers' _compile_jinja_template.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+        )
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
@@ -158,8 +167,7 @@ class TemplateFormat(ChatFormat):
 
         check_messages(messages)
         try:
-            return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special)
+            return self.compiled.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
         except TemplateError as err:
             raise MessageError(f"{self.source}: {err}") from None
 
@@ -167,8 +175,9 @@ class TemplateFormat(ChatFormat):
         # apply_chat_template tokenizes the rendered text with add_special_tokens=False.
         return self.tokenizer.encode(self.render_text(messages, add_generation_prompt), add_special_tokens=False).ids
 
-    def render_with_mask(self, messages: list[dict], add_generation_prompt: bool = False
-                         ) -> tuple[list[int], list[bool]]:
+    def render_with_mask(
+        self, messages: list[dict], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
         """Assistant tokens found by rendering prefixes: turn k's reply is what lies between messages[:k] with the
         generation prompt and messages[:k+1] (its closing token as the whole conversation renders it).
         Refused for a template that rewrites earlier turns."""
@@ -179,12 +188,14 @@ class TemplateFormat(ChatFormat):
             if m["role"] != "assistant":
                 continue
             before = self.render(messages[:k], True) if k else []
-            upto = ids if k == len(messages) - 1 else self.render(messages[:k + 1], False)
+            upto = ids if k == len(messages) - 1 else self.render(messages[: k + 1], False)
             # the closing token may differ: harmony ends a last reply with <|return|>, a reply in history with <|end|>
-            if ids[:len(before)] != before or ids[:len(upto) - 1] != upto[:-1] or len(upto) <= len(before):
-                raise GptossError(f"{self.source}: the template renders earlier turns differently once later ones "
-                                  "follow, so the assistant tokens of a conversation cannot be found for training")
-            trained[len(before):len(upto)] = [True] * (len(upto) - len(before))
+            if ids[: len(before)] != before or ids[: len(upto) - 1] != upto[:-1] or len(upto) <= len(before):
+                raise GptossError(
+                    f"{self.source}: the template renders earlier turns differently once later ones "
+                    "follow, so the assistant tokens of a conversation cannot be found for training"
+                )
+            trained[len(before) : len(upto)] = [True] * (len(upto) - len(before))
         return ids, trained
 
     def parse_reply(self, ids: list[int]) -> dict:
@@ -204,8 +215,15 @@ class TemplateFormat(ChatFormat):
 def save_template(run_dir: Path, template: str, special: dict, stop_tokens: list[str]) -> Path:
     """Keep an imported directory's chat template with the run (read back by chat_format)."""
     path = RunDir(run_dir).chat_template
-    path.write_text(json.dumps({"chat_template": template, "special_tokens": special, "stop_tokens": stop_tokens},
-                               indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            {"chat_template": template, "special_tokens": special, "stop_tokens": stop_tokens},
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     return path
 
 

@@ -83,8 +83,10 @@ def add_chat_tokens(tokenizer, vocab_size: int, source: str):
         return tokenizer
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size + len(missing) > vocab_size:
-        raise GptossError(f"{source}: the tokenizer lacks {', '.join(missing)} and fills all {vocab_size} "
-                          "entries of model.vocab_size, so it cannot learn a conversation format")
+        raise GptossError(
+            f"{source}: the tokenizer lacks {', '.join(missing)} and fills all {vocab_size} "
+            "entries of model.vocab_size, so it cannot learn a conversation format"
+        )
     tokenizer.add_special_tokens(missing)
     warn(f"the tokenizer had no conversation tokens: added {len(missing)} (ids {size}..{size + len(missing) - 1})")
     return tokenizer
@@ -120,28 +122,31 @@ class ConversationBatches:
         """Batch `index` of `epoch` -> inputs, targets, positions, segments (B/world, T); rank takes its slice."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         order = torch.randperm(self.num_samples, generator=g)
-        picks = order[index * self.batch_size:(index + 1) * self.batch_size]
+        picks = order[index * self.batch_size : (index + 1) * self.batch_size]
         per_rank = self.batch_size // world
-        return self._gather(picks[rank * per_rank:(rank + 1) * per_rank])
+        return self._gather(picks[rank * per_rank : (rank + 1) * per_rank])
 
     def _gather(self, picks: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.inputs[picks], self.targets[picks], self.positions[picks], self.segments[picks]
 
     def eval_batches(self, n: int) -> list[tuple[torch.Tensor, ...]]:
         """The first n batches in row order (fixed, so validation losses compare across steps)."""
-        return [self._gather(torch.arange(s, min(s + self.batch_size, self.num_samples)))
-                for s in range(0, min(n * self.batch_size, self.num_samples), self.batch_size)]
+        return [
+            self._gather(torch.arange(s, min(s + self.batch_size, self.num_samples)))
+            for s in range(0, min(n * self.batch_size, self.num_samples), self.batch_size)
+        ]
 
 
-def pack_conversations(conversations: list[list[dict]], fmt, seq_len: int, batch_size: int, seed: int,
-                       pad_id: int, what: str = "training") -> ConversationBatches:
+def pack_conversations(
+    conversations: list[list[dict]], fmt, seq_len: int, batch_size: int, seed: int, pad_id: int, what: str = "training"
+) -> ConversationBatches:
     """Render, mask, truncate and pack `conversations` into rows of seq_len tokens."""
     segments_ = []  # (inputs, targets) per conversation, each at most seq_len long
     cut = dropped = 0
     for messages in conversations:
         ids, trained = fmt.render_with_mask(messages, add_generation_prompt=False)
         if len(ids) > seq_len + 1:
-            ids, trained = ids[:seq_len + 1], trained[:seq_len + 1]
+            ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
             cut += 1
         targets = [t if keep else IGNORE for t, keep in zip(ids[1:], trained[1:], strict=True)]
         if all(t == IGNORE for t in targets):
@@ -149,8 +154,10 @@ def pack_conversations(conversations: list[list[dict]], fmt, seq_len: int, batch
             continue
         segments_.append((ids[:-1], targets))
     if cut:
-        warn(f"{what} data: {cut} of {len(conversations)} conversations are longer than train.seq_len={seq_len} "
-             "tokens and were truncated (raise train.seq_len to keep them whole)")
+        warn(
+            f"{what} data: {cut} of {len(conversations)} conversations are longer than train.seq_len={seq_len} "
+            "tokens and were truncated (raise train.seq_len to keep them whole)"
+        )
     if dropped:
         warn(f"{what} data: {dropped} conversation(s) have no assistant tokens within train.seq_len and are skipped")
     rows: list[list[tuple[list[int], list[int]]]] = []
@@ -170,10 +177,10 @@ def pack_conversations(conversations: list[list[dict]], fmt, seq_len: int, batch
         at = 0
         for k, (ids, tgt) in enumerate(row):
             n = len(ids)
-            inputs[r, at:at + n] = torch.tensor(ids)
-            targets[r, at:at + n] = torch.tensor(tgt)
-            positions[r, at:at + n] = torch.arange(n)
-            segments[r, at:at + n] = k
+            inputs[r, at : at + n] = torch.tensor(ids)
+            targets[r, at : at + n] = torch.tensor(tgt)
+            positions[r, at : at + n] = torch.arange(n)
+            segments[r, at : at + n] = k
             at += n
     return ConversationBatches(inputs, targets, positions, segments, batch_size, seed)
 
@@ -193,16 +200,27 @@ def read_conversation_paths(paths: list[str]) -> list[list[dict]] | None:
         return None
     if len(chats) != len(files):
         other = next(f for f in files if f not in chats)
-        raise GptossError(f"data.paths mixes conversations ({chats[0]}) with text documents ({other}); "
-                          "fine-tune on conversations alone")
+        raise GptossError(
+            f"data.paths mixes conversations ({chats[0]}) with text documents ({other}); "
+            "fine-tune on conversations alone"
+        )
     conversations = [c for f in chats for c in read_conversations(f)]
     if not conversations:
         raise GptossError(f"data.paths: no conversations in {', '.join(map(str, chats))}")
     return conversations
 
 
-def conversation_data(tokenizer, template_dir: Path | None, train: list[list[dict]], val: list[list[dict]],
-                      seq_len: int, batch_size: int, seed: int, vocab_size: int, source: str):
+def conversation_data(
+    tokenizer,
+    template_dir: Path | None,
+    train: list[list[dict]],
+    val: list[list[dict]],
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    vocab_size: int,
+    source: str,
+):
     """-> (tokenizer, train ConversationBatches, validation ConversationBatches or None). The tokenizer gains
     the conversation tokens when it lacks them (a run trained before they were reserved)."""
     from .chat_format import chat_format
@@ -214,8 +232,10 @@ def conversation_data(tokenizer, template_dir: Path | None, train: list[list[dic
     pad = pad_id_of(tokenizer)
     train_data = pack_conversations(train, fmt, seq_len, batch_size, seed, pad)
     if train_data.batches_per_epoch < 1:
-        raise GptossError(f"data: {len(train)} training conversations pack into {train_data.num_samples} rows of "
-                          f"{seq_len} tokens, fewer than one batch of {batch_size}; add conversations or lower "
-                          "train.batch_size")
+        raise GptossError(
+            f"data: {len(train)} training conversations pack into {train_data.num_samples} rows of "
+            f"{seq_len} tokens, fewer than one batch of {batch_size}; add conversations or lower "
+            "train.batch_size"
+        )
     val_data = pack_conversations(val, fmt, seq_len, batch_size, seed, pad, "validation") if val else None
     return tokenizer, train_data, (val_data if val_data is not None and val_data.num_samples else None)

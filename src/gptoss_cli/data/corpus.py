@@ -102,8 +102,11 @@ def find_sources(paths: list[str], warn=None) -> list[Source]:
                 raise GptossError(f"data.paths: {spec} is not a readable kind of file ({KNOWN})")
             found = [path]
         elif any(ch in spec for ch in "*?["):
-            found = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True)
-                           if Path(p).is_file() and classify(Path(p)))
+            found = sorted(
+                Path(p)
+                for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                if Path(p).is_file() and classify(Path(p))
+            )
             if not found:
                 raise GptossError(f"data.paths: pattern {spec} matches no readable files ({KNOWN})")
         else:
@@ -168,7 +171,7 @@ def _clean(piece: str) -> str:
     end are not part of it; a piece of whitespace only is no document."""
     lead = _LEADING_BLANK.match(piece)
     if lead:
-        piece = piece[lead.end():]
+        piece = piece[lead.end() :]
     piece = _TRAILING_BREAK.sub("", piece)
     return piece if piece.strip() else ""
 
@@ -212,13 +215,13 @@ def _json_array(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
             buf, pos = buf[pos:] + block, 0
             continue
         if not started:
-            if buf[pos:pos + 1] != "[":
+            if buf[pos : pos + 1] != "[":
                 raise GptossError(f"{src.path}: expected a JSON array of objects")
             started, pos = True, pos + 1
             continue
-        if buf[pos:pos + 1] == "]":
+        if buf[pos : pos + 1] == "]":
             return
-        if item and buf[pos:pos + 1] == ",":
+        if item and buf[pos : pos + 1] == ",":
             pos += 1
             continue
         if pos >= len(buf):
@@ -252,8 +255,9 @@ def _parquet_texts(src: Source, meter: Meter, field: str) -> Iterator[str]:
     if not strings:
         raise GptossError(f"{src.path}: no string column to read text from")
     if field not in strings:
-        raise GptossError(f"{src.path}: no string column {field!r} (string columns: {', '.join(strings)}); "
-                          "set data.text_field")
+        raise GptossError(
+            f"{src.path}: no string column {field!r} (string columns: {', '.join(strings)}); set data.text_field"
+        )
     groups = pf.num_row_groups
     for g in range(groups):
         for text in pf.read_row_group(g, columns=[field]).column(0).to_pylist():

@@ -34,8 +34,13 @@ class TrainingData:
 
 def settings_of(cfg) -> Settings:
     d = cfg.data
-    return Settings(vocab_size=cfg.model.vocab_size, text_field=d.text_field, val_fraction=d.val_fraction,
-                    seed=cfg.train.seed, tokenizer_sample_bytes=d.tokenizer_sample_bytes)
+    return Settings(
+        vocab_size=cfg.model.vocab_size,
+        text_field=d.text_field,
+        val_fraction=d.val_fraction,
+        seed=cfg.train.seed,
+        tokenizer_sample_bytes=d.tokenizer_sample_bytes,
+    )
 
 
 @contextmanager
@@ -97,12 +102,16 @@ def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: 
     if tokenizer_hash(tok) != index["tokenizer_hash"]:
         raise GptossError(f"{root / shards.TOKENIZER}: differs from the tokenizer the shards were encoded with")
     if given is not None and tokenizer_hash(given) != tokenizer_hash(tok):
-        raise GptossError(f"data.prepared: {root} was tokenized with another tokenizer than {tokenizer_source}; "
-                          f"prepare it again with --tokenizer {tokenizer_source}")
+        raise GptossError(
+            f"data.prepared: {root} was tokenized with another tokenizer than {tokenizer_source}; "
+            f"prepare it again with --tokenizer {tokenizer_source}"
+        )
     check_vocab(tok, cfg.model.vocab_size, str(root / shards.TOKENIZER))
     if rank == 0 and trained and tok.get_vocab_size() < cfg.model.vocab_size:
-        warn(f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
-             "the model keeps model.vocab_size")
+        warn(
+            f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
+            "the model keeps model.vocab_size"
+        )
     try:
         train, val = shards.open_split(root, index, "train"), shards.open_split(root, index, "val")
     except GptossError as err:
@@ -110,4 +119,3 @@ def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: 
             raise
         raise GptossError(f"{err} (a cache entry: delete {root} and train again)") from None
     return TrainingData(root, index, tok, train, val, trained, times)
-

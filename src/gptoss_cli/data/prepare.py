@@ -71,8 +71,14 @@ def sources_fingerprint(sources: list[Source]) -> list:
 
 def dataset_key(sources: list[Source], settings: Settings, tokenizer_id: str) -> str:
     """`tokenizer_id`: the given tokenizer's hash, or "trained" for one trained from these settings."""
-    return _digest({"format": shards.FORMAT, "sources": sources_fingerprint(sources),
-                    "settings": asdict(settings), "tokenizer": tokenizer_id})
+    return _digest(
+        {
+            "format": shards.FORMAT,
+            "sources": sources_fingerprint(sources),
+            "settings": asdict(settings),
+            "tokenizer": tokenizer_id,
+        }
+    )
 
 
 def _is_val(seed: int, n: int, fraction: float) -> bool:
@@ -98,6 +104,7 @@ def _split_documents(docs, settings: Settings, seen_val: bool):
 
 # ---- progress bars --------------------------------------------------------------------------------
 
+
 def _bar(show: bool):
     if not show:
         return nullcontext(None)
@@ -105,11 +112,19 @@ def _bar(show: bool):
 
     from ..output import console
 
-    return rp.Progress(rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(),
-                       rp.TransferSpeedColumn(), rp.TimeRemainingColumn(), console=console, transient=True)
+    return rp.Progress(
+        rp.TextColumn("{task.description}"),
+        rp.BarColumn(),
+        rp.DownloadColumn(),
+        rp.TransferSpeedColumn(),
+        rp.TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    )
 
 
 # ---- the tokenizer --------------------------------------------------------------------------------
+
 
 def _sample(sources: list[Source], settings: Settings, show: bool) -> list[str]:
     """A seeded sample of about tokenizer_sample_bytes of training documents (all of them when smaller)."""
@@ -203,28 +218,40 @@ def _chunks(numbered, skip: int, chunk_bytes: int):
 
 # ---- the dataset directory ------------------------------------------------------------------------
 
+
 def _start(out: Path, key: str) -> dict | None:
     """The progress of an interrupted prepare of the same data into `out`, None for a fresh start;
     a one-line error when `out` holds anything else (nothing is overwritten)."""
     if (out / shards.INDEX).is_file():
         index = shards.read_json(out / shards.INDEX)
         if index.get("key") != key:
-            raise GptossError(f"{out}: already holds a prepared dataset of other data or settings; "
-                              "choose another --out (nothing was changed)")
+            raise GptossError(
+                f"{out}: already holds a prepared dataset of other data or settings; "
+                "choose another --out (nothing was changed)"
+            )
         return index
     if (out / shards.PROGRESS).is_file():
         progress = shards.read_json(out / shards.PROGRESS)
         if progress.get("key") != key:
-            raise GptossError(f"{out}: holds an unfinished prepare of other data or settings; "
-                              "delete it or choose another --out")
+            raise GptossError(
+                f"{out}: holds an unfinished prepare of other data or settings; delete it or choose another --out"
+            )
         return progress
     if out.exists() and (not out.is_dir() or any(p.name != ".lock" for p in out.iterdir())):
         raise GptossError(f"{out}: exists and is not a prepared dataset; choose a new or empty --out")
     return None
 
 
-def prepare_dataset(sources: list[Source], out: Path, settings: Settings, tokenizer=None, workers: int = 0,
-                    show: bool = True, chunk_bytes: int = CHUNK_BYTES, shard_tokens: int = SHARD_TOKENS) -> Result:
+def prepare_dataset(
+    sources: list[Source],
+    out: Path,
+    settings: Settings,
+    tokenizer=None,
+    workers: int = 0,
+    show: bool = True,
+    chunk_bytes: int = CHUNK_BYTES,
+    shard_tokens: int = SHARD_TOKENS,
+) -> Result:
     """Prepare `sources` into `out` (or find them already prepared there). `tokenizer`: reuse this one
     instead of training one; `workers`: tokenizer processes (0 = all cores)."""
     from ..output import console
@@ -251,13 +278,25 @@ def prepare_dataset(sources: list[Source], out: Path, settings: Settings, tokeni
     eos = tokenizer.token_to_id(EOS)
     if eos is None:
         raise GptossError(f"tokenizer: has no {EOS} token")
-    state = state or {"format": shards.FORMAT, "key": key, "train": {"tokens": 0, "shards": []},
-                      "val": {"tokens": 0, "shards": []}, "documents": {"train": 0, "val": 0}, "docs_done": 0}
-    state.update(tokenizer_hash=tokenizer_hash(tokenizer), dtype=dtype.str, eos_id=eos,
-                 vocab_size=tokenizer.get_vocab_size(with_added_tokens=True), settings=asdict(settings),
-                 sources=[{"path": str(s.path), "size": s.size} for s in sources])
-    writers = {split: shards.ShardWriter(out, split, dtype, first=len(state[split]["shards"]))
-               for split in shards.SPLITS}
+    state = state or {
+        "format": shards.FORMAT,
+        "key": key,
+        "train": {"tokens": 0, "shards": []},
+        "val": {"tokens": 0, "shards": []},
+        "documents": {"train": 0, "val": 0},
+        "docs_done": 0,
+    }
+    state.update(
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        dtype=dtype.str,
+        eos_id=eos,
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        settings=asdict(settings),
+        sources=[{"path": str(s.path), "size": s.size} for s in sources],
+    )
+    writers = {
+        split: shards.ShardWriter(out, split, dtype, first=len(state[split]["shards"])) for split in shards.SPLITS
+    }
     for tmp in out.glob("*.bin.tmp"):  # the half-written shards of a killed run
         tmp.unlink()
     pending_docs = {"train": 0, "val": 0}
@@ -276,8 +315,9 @@ def prepare_dataset(sources: list[Source], out: Path, settings: Settings, tokeni
 
     t0 = time.perf_counter()
     meter = Meter()
-    numbered = _split_documents(iter_documents(sources, settings.text_field, meter), settings,
-                                state["documents"]["val"] > 0)
+    numbered = _split_documents(
+        iter_documents(sources, settings.text_field, meter), settings, state["documents"]["val"] > 0
+    )
     total = sum(s.size for s in sources)
     workers = workers or os.cpu_count() or 1
     pool = None
@@ -285,8 +325,12 @@ def prepare_dataset(sources: list[Source], out: Path, settings: Settings, tokeni
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(tokenizer.to_str(),))
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(tokenizer.to_str(),),
+        )
     try:
         with _bar(show) as bar:
             task = bar.add_task("tokenizing", total=total) if bar else None
@@ -334,4 +378,3 @@ def prepare_dataset(sources: list[Source], out: Path, settings: Settings, tokeni
     shards.write_json(out / shards.INDEX, state)
     (out / shards.PROGRESS).unlink(missing_ok=True)
     return Result(out, state, cached=False, tokenizer_trained=trained, times=times)
-

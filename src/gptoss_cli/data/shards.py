@@ -72,8 +72,12 @@ class ShardWriter:
         tmp = Path(self.file.name)
         final = tmp.with_suffix("")  # drop ".tmp"
         os.replace(tmp, final)
-        entry = {"file": final.name, "tokens": self.tokens, "sha256": self.hash.hexdigest(),
-                 "mtime_ns": final.stat().st_mtime_ns}
+        entry = {
+            "file": final.name,
+            "tokens": self.tokens,
+            "sha256": self.hash.hexdigest(),
+            "mtime_ns": final.stat().st_mtime_ns,
+        }
         self.number += 1
         self.file, self.tokens, self.hash = None, 0, hashlib.sha256()
         return entry
@@ -97,8 +101,10 @@ def read_json(path: Path) -> dict:
     if not isinstance(obj, dict) or not isinstance(obj.get("format"), int):
         raise GptossError(f"{path}: not a prepared-dataset index (no format version)")
     if obj["format"] > FORMAT:
-        raise GptossError(f"{path}: written by a newer gptoss (format {obj['format']}, this one reads "
-                          f"up to {FORMAT}); upgrade gptoss or prepare the data again")
+        raise GptossError(
+            f"{path}: written by a newer gptoss (format {obj['format']}, this one reads "
+            f"up to {FORMAT}); upgrade gptoss or prepare the data again"
+        )
     return obj
 
 
@@ -139,8 +145,10 @@ def open_split(root: Path, index: dict, split: str) -> Split:
         except OSError:
             raise GptossError(f"{path}: shard missing; prepare the data again") from None
         if st.st_size != entry["tokens"] * dtype.itemsize:
-            raise GptossError(f"{path}: shard has {st.st_size} bytes, the index says "
-                              f"{entry['tokens'] * dtype.itemsize}; prepare the data again")
+            raise GptossError(
+                f"{path}: shard has {st.st_size} bytes, the index says "
+                f"{entry['tokens'] * dtype.itemsize}; prepare the data again"
+            )
         if st.st_mtime_ns != entry.get("mtime_ns") and file_sha256(path) != entry["sha256"]:
             raise GptossError(f"{path}: shard checksum mismatch (corrupted); prepare the data again")
         if entry["tokens"]:

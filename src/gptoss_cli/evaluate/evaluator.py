@@ -43,6 +43,7 @@ class Target:
 @dataclass
 class Progress:
     """Callbacks for a progress display: start(label, total tokens), advance(tokens), done()."""
+
     start: Callable[[str, int], None] = lambda label, total: None
     advance: Callable[[int], None] = lambda tokens: None
     done: Callable[[], None] = lambda: None
@@ -72,15 +73,27 @@ def window_sizes(cfg, context: int | None, stride: int | None) -> tuple[int, int
     context = context or min(cfg.train.seq_len, limit)
     stride = stride or max(1, context // 2)
     if stride > context:
-        raise GptossError(f"--stride {stride} is longer than the context window ({context} tokens): "
-                          "a token would be scored without the tokens before it; use --stride <= --context")
+        raise GptossError(
+            f"--stride {stride} is longer than the context window ({context} tokens): "
+            "a token would be scored without the tokens before it; use --stride <= --context"
+        )
     return context, stride
 
 
-def evaluate(targets: list[Target], data: list[str], *, max_tokens: int | None = None, context: int | None = None,
-             stride: int | None = None, batch_size: int = 8, device: str = "auto", dtype: str = "auto",
-             progress: Progress | None = None, save: bool = True,
-             warn: Callable[[str], None] = lambda message: None) -> list[dict[str, Any]]:
+def evaluate(
+    targets: list[Target],
+    data: list[str],
+    *,
+    max_tokens: int | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    progress: Progress | None = None,
+    save: bool = True,
+    warn: Callable[[str], None] = lambda message: None,
+) -> list[dict[str, Any]]:
     """Score every target on the documents of `data` (see the module docstring for the numbers)."""
     check_options(max_tokens=max_tokens, context=context, stride=stride, batch_size=batch_size)
     progress = progress or Progress()
@@ -102,22 +115,45 @@ def evaluate(targets: list[Target], data: list[str], *, max_tokens: int | None =
         progress.start(label, total)
         start = time.perf_counter()
         try:
-            totals = score_sequences(loaded.model, sequences, context=win, stride=step, batch_size=batch_size,
-                                     pad_id=eos if pad is None else pad, on_batch=progress.advance)
+            totals = score_sequences(
+                loaded.model,
+                sequences,
+                context=win,
+                stride=step,
+                batch_size=batch_size,
+                pad_id=eos if pad is None else pad,
+                on_batch=progress.advance,
+            )
         finally:
             progress.done()
         elapsed = time.perf_counter() - start
         n_bytes = utf8_bytes(docs)
         loss = totals.loss / totals.tokens
         result = {
-            "format": FORMAT, "name": label, "run": str(loaded.run_dir), "checkpoint": str(loaded.checkpoint),
-            "step": loaded.step, "data": list(data), "text_digest": text_digest(docs), "documents": len(docs),
-            "tokens": totals.tokens, "bytes": n_bytes, "loss": loss, "ppl": math.exp(min(loss, 700)),
-            "bits_per_byte": totals.loss / math.log(2) / n_bytes, "bytes_per_token": n_bytes / totals.tokens,
-            "accuracy": totals.correct / totals.tokens, "loss_sum_nats": totals.loss,
-            "context": win, "stride": step, "batch_size": batch_size, "max_tokens": max_tokens,
-            "device": loaded.device.type, "dtype": str(loaded.dtype).removeprefix("torch."),
-            "tokenizer_hash": tokenizer_hash(tok), "elapsed_s": elapsed,
+            "format": FORMAT,
+            "name": label,
+            "run": str(loaded.run_dir),
+            "checkpoint": str(loaded.checkpoint),
+            "step": loaded.step,
+            "data": list(data),
+            "text_digest": text_digest(docs),
+            "documents": len(docs),
+            "tokens": totals.tokens,
+            "bytes": n_bytes,
+            "loss": loss,
+            "ppl": math.exp(min(loss, 700)),
+            "bits_per_byte": totals.loss / math.log(2) / n_bytes,
+            "bytes_per_token": n_bytes / totals.tokens,
+            "accuracy": totals.correct / totals.tokens,
+            "loss_sum_nats": totals.loss,
+            "context": win,
+            "stride": step,
+            "batch_size": batch_size,
+            "max_tokens": max_tokens,
+            "device": loaded.device.type,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "tokenizer_hash": tokenizer_hash(tok),
+            "elapsed_s": elapsed,
             "tokens_per_s": totals.tokens / elapsed if elapsed > 0 else None,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -68,16 +68,23 @@ def _batch(sequences: list[list[int]], windows: list[Window], pad_id: int) -> tu
     targets = torch.full((len(windows), width), IGNORE_INDEX, dtype=torch.long)
     for row, w in enumerate(windows):
         s = sequences[w.doc]
-        inputs[row, :w.length] = torch.tensor(s[w.start:w.end])
+        inputs[row, : w.length] = torch.tensor(s[w.start : w.end])
         skip = w.first - w.start - 1  # columns whose targets an earlier window scored
-        targets[row, skip:w.length] = torch.tensor(s[w.first:w.end + 1])
+        targets[row, skip : w.length] = torch.tensor(s[w.first : w.end + 1])
     return inputs, targets
 
 
 @torch.inference_mode()
-def score_sequences(model: torch.nn.Module, sequences: list[list[int]], *, context: int, stride: int,
-                    batch_size: int, pad_id: int = 0,
-                    on_batch: Callable[[int], None] | None = None) -> Totals:
+def score_sequences(
+    model: torch.nn.Module,
+    sequences: list[list[int]],
+    *,
+    context: int,
+    stride: int,
+    batch_size: int,
+    pad_id: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> Totals:
     """Score each sequence s = [EOS] + document ids (targets s[1:]) with `model` (a Transformer in eval mode).
 
     on_batch(tokens) is called after every batch with the number of targets it scored (a progress bar).
@@ -87,7 +94,7 @@ def score_sequences(model: torch.nn.Module, sequences: list[list[int]], *, conte
     windows.sort(key=lambda w: -w.length)  # stable: equal lengths keep document order
     totals = Totals()
     for i in range(0, len(windows), batch_size):
-        inputs, targets = _batch(sequences, windows[i:i + batch_size], pad_id)
+        inputs, targets = _batch(sequences, windows[i : i + batch_size], pad_id)
         count = int((targets != IGNORE_INDEX).sum())
         # The fused unembedding + cross-entropy: no (B, T, V) logits. lm_loss and accuracy are means over
         # the counted targets, computed in fp32; the sums are kept in float64 on the host.

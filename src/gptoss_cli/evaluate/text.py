@@ -20,8 +20,9 @@ from ..errors import GptossError
 def eval_documents(specs: list[str]) -> list[str]:
     """The documents named by --data, in a stable order; an error when there is nothing to score."""
     if not specs:
-        raise GptossError("no text to score: give --data PATH (a .txt or .jsonl file, a directory or a glob; "
-                          "repeat --data for more)")
+        raise GptossError(
+            "no text to score: give --data PATH (a .txt or .jsonl file, a directory or a glob; repeat --data for more)"
+        )
     return load_documents(list(specs))
 
 
@@ -35,7 +36,7 @@ def cut_to_tokens(docs: list[str], tok: Tokenizer, max_tokens: int) -> list[str]
             left -= len(enc.ids)
         else:
             if left > 0:
-                kept.append(doc[:enc.offsets[left - 1][1]])
+                kept.append(doc[: enc.offsets[left - 1][1]])
             break
         if left == 0:
             break

@@ -50,9 +50,16 @@ class EvalProgress:
     """A rich progress bar (tokens scored) for each model in turn; silent when stderr is not a terminal."""
 
     def __init__(self, console: Console):
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("tokens"), TimeRemainingColumn(), console=console, transient=True,
-                             disable=not console.is_terminal)
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("tokens"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not console.is_terminal,
+        )
         self._task = None
         self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)
 

@@ -38,8 +38,12 @@ class CompiledStep:
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel, for a longer first
         # compile that inductor caches on disk (docs/performance.md).
-        self._compiled = torch.compile(_step, mode="reduce-overhead" if cuda else None, dynamic=False,
-                                       options=None if cuda else {"cpp_wrapper": True})
+        self._compiled = torch.compile(
+            _step,
+            mode="reduce-overhead" if cuda else None,
+            dynamic=False,
+            options=None if cuda else {"cpp_wrapper": True},
+        )
         self._checked = False
 
     def begin(self) -> None:

@@ -37,6 +37,7 @@ MEMORY_EVERY = 16  # decode steps between inference memory samples
 
 # ---- the generation loop -------------------------------------------------------------------------
 
+
 @dataclass
 class GenerationStats:
     batch: int
@@ -68,10 +69,16 @@ def context_budget(prompt_len: int, max_new_tokens: int, max_context: int) -> in
 
 @torch.inference_mode()
 def generate_tokens(
-    model: Transformer, prompts: list[list[int]], params: InferConfig, *, pad_id: int, eos_id: int | None,
+    model: Transformer,
+    prompts: list[list[int]],
+    params: InferConfig,
+    *,
+    pad_id: int,
+    eos_id: int | None,
     on_token: Callable[[int, int], bool] | None = None,
     on_memory: Callable[[int | None, int], None] | None = None,
-    on_logits: Callable[[torch.Tensor], None] | None = None, compile_decode: bool = False,
+    on_logits: Callable[[torch.Tensor], None] | None = None,
+    compile_decode: bool = False,
 ) -> tuple[list[list[int]], list[str], GenerationStats]:
     """Generate for a batch of token-id prompts. Returns (new ids per row, stop reason per row, stats).
 
@@ -93,8 +100,8 @@ def generate_tokens(
     tokens = torch.full((b, t), pad_id, dtype=torch.long)
     positions = torch.full((b, t), -1, dtype=torch.long)
     for i, ids in enumerate(prompts):
-        tokens[i, t - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        positions[i, t - len(ids):] = torch.arange(len(ids))
+        tokens[i, t - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        positions[i, t - len(ids) :] = torch.arange(len(ids))
     tokens, positions = tokens.to(device), positions.to(device)
     if compile_decode:  # a static cache and a compiled step, kept for later generations of this shape
         step = compiled_step(model, b, t + budget)
@@ -157,8 +164,9 @@ def generate_tokens(
         on_memory(steps, sum(map(len, out)))
     limited = budget < params.max_new_tokens
     final = [r or ("context" if limited else "length") for r in reasons]
-    stats = GenerationStats(b, sum(lengths), sum(map(len, out)), prefill_s, decode_s, steps, compile_s,
-                            limited and "context" in final)
+    stats = GenerationStats(
+        b, sum(lengths), sum(map(len, out)), prefill_s, decode_s, steps, compile_s, limited and "context" in final
+    )
     return out, final, stats
 
 
@@ -168,6 +176,7 @@ def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor, posit
 
 
 # ---- loading a run -------------------------------------------------------------------------------
+
 
 @dataclass
 class LoadedRun:
@@ -181,8 +190,9 @@ class LoadedRun:
     dtype: torch.dtype
 
 
-def load_run(run: Path | None = None, checkpoint: Path | None = None, device: str = "auto",
-             dtype: str = "auto") -> LoadedRun:
+def load_run(
+    run: Path | None = None, checkpoint: Path | None = None, device: str = "auto", dtype: str = "auto"
+) -> LoadedRun:
     """Open a run (run/open.py: config, checkpoint and tokenizer verified together) and load its weights for
     inference in `dtype` under the precision policy (devices.py)."""
     dev = pick_device(device, "--device")
@@ -198,6 +208,7 @@ def load_run(run: Path | None = None, checkpoint: Path | None = None, device: st
 
 
 # ---- the whole command ---------------------------------------------------------------------------
+
 
 @dataclass
 class Completion:
@@ -216,9 +227,17 @@ class InferResult:
     run: LoadedRun
 
 
-def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | None = None,
-          device: str = "auto", dtype: str = "auto", on_text: Callable[[int, str], None] | None = None,
-          compile_decode: bool = False, **overrides) -> InferResult:
+def infer(
+    prompts: list[str],
+    *,
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    on_text: Callable[[int, str], None] | None = None,
+    compile_decode: bool = False,
+    **overrides,
+) -> InferResult:
     """Generate a continuation of every prompt in one batch; `overrides` are InferConfig fields (None = the
     run config's value). on_text(row, chunk) receives text as it is decoded. Memory goes to
     RUN/inference-memory.jsonl."""
@@ -259,8 +278,15 @@ def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | Non
     eos = tok.token_to_id(EOS)
     try:
         ids, reasons, stats = generate_tokens(
-            loaded.model, encoded, params, pad_id=eos if pad is None else pad, eos_id=eos,
-            on_token=on_token, on_memory=on_memory if sampler else None, compile_decode=compile_decode)
+            loaded.model,
+            encoded,
+            params,
+            pad_id=eos if pad is None else pad,
+            eos_id=eos,
+            on_token=on_token,
+            on_memory=on_memory if sampler else None,
+            compile_decode=compile_decode,
+        )
     finally:
         if sampler:
             sampler.close()
@@ -271,6 +297,8 @@ def infer(prompts: list[str], *, run: Path | None = None, checkpoint: Path | Non
     if sampler:
         stats.peak_bytes = max(peak[0], sampler.peak_bytes())
         stats.memory_label = "GPU, torch peak allocated" if loaded.device.type == "cuda" else "CPU, process RSS"
-    completions = [Completion(p, s.text, len(e), len(i), r, i)
-                   for p, s, e, i, r in zip(prompts, streams, encoded, ids, reasons, strict=True)]
+    completions = [
+        Completion(p, s.text, len(e), len(i), r, i)
+        for p, s, e, i, r in zip(prompts, streams, encoded, ids, reasons, strict=True)
+    ]
     return InferResult(completions, stats, loaded)

@@ -1,8 +1,8 @@
 """Choosing the next token and turning tokens back into text, for `generate.py`.
 
-    (the settings are config.InferConfig: temperature, top-k, top-p, repetition penalty, seed, stop)
-    sample(logits, ...)   (B, V) logits -> (B,) ids on the device: penalty, then greedy or filtered sampling
-    TextStream            incremental detokenisation of one row, honouring stop strings
+(the settings are config.InferConfig: temperature, top-k, top-p, repetition penalty, seed, stop)
+sample(logits, ...)   (B, V) logits -> (B,) ids on the device: penalty, then greedy or filtered sampling
+TextStream            incremental detokenisation of one row, honouring stop strings
 """
 
 from __future__ import annotations
@@ -17,13 +17,18 @@ from ..errors import GptossError
 
 NON_FINITE = "the model produced non-finite logits (NaN or inf): the checkpoint's weights are diverged or damaged"
 
+
 def option_label(key: str) -> str:
     """How an infer setting is named in errors from the command line: its flag."""
     return "-n/--max-new-tokens" if key == "max_new_tokens" else "--" + key.replace("_", "-")
 
 
-def sample(logits: torch.Tensor, params: InferConfig, generator: torch.Generator | None = None,
-           seen: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: InferConfig,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """logits (B, V) fp32 -> next ids (B,). `seen` (B, V) bool marks tokens the penalty applies to.
 
     Greedy: a row whose logits are not all finite gets id -1 (argmax of NaN is an arbitrary id, often EOS,
@@ -50,8 +55,8 @@ def sample(logits: torch.Tensor, params: InferConfig, generator: torch.Generator
         raise GptossError(f"{NON_FINITE} ({err})") from None
 
 
-
 # ---- streaming text ------------------------------------------------------------------------------
+
 
 class TextStream:
     """Incremental detokenisation of one row, with stop strings.
@@ -71,18 +76,18 @@ class TextStream:
     def add(self, token: int) -> str:
         """Append one id; returns the newly releasable text (maybe empty)."""
         self.ids.append(token)
-        done = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        now = self.tokenizer.decode(self.ids[self._prefix:])
+        done = self.tokenizer.decode(self.ids[self._prefix : self._read])
+        now = self.tokenizer.decode(self.ids[self._prefix :])
         if len(now) > len(done) and not now.endswith("\ufffd"):
-            self.text += now[len(done):]
+            self.text += now[len(done) :]
             self._prefix, self._read = self._read, len(self.ids)
         return self._release(final=False)
 
     def finish(self) -> str:
         """Whatever is still held back (an unfinished character is decoded lossily)."""
         if not self.stopped and self._read < len(self.ids):
-            done = self.tokenizer.decode(self.ids[self._prefix:self._read])
-            self.text += self.tokenizer.decode(self.ids[self._prefix:])[len(done):]
+            done = self.tokenizer.decode(self.ids[self._prefix : self._read])
+            self.text += self.tokenizer.decode(self.ids[self._prefix :])[len(done) :]
             self._read = len(self.ids)
         return self._release(final=True)
 
@@ -93,12 +98,12 @@ class TextStream:
         search_from = max(0, self._emitted - longest)
         cuts = [i for i in (self.text.find(s, search_from) for s in self.stop) if i >= 0]
         if cuts:
-            self.text, self.stopped = self.text[:min(cuts)], True
+            self.text, self.stopped = self.text[: min(cuts)], True
             end = len(self.text)
         elif final:
             end = len(self.text)
         else:  # hold back the longest tail that is a proper prefix of a stop string
             hold = max((k for s in self.stop for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
             end = max(self._emitted, len(self.text) - hold)
-        chunk, self._emitted = self.text[self._emitted:end], end
+        chunk, self._emitted = self.text[self._emitted : end], end
         return chunk

@@ -49,8 +49,9 @@ def read_hf_template(root: Path, tok: Tokenizer) -> dict | None:
             return None
     template = config.get("chat_template") if isinstance(config, dict) else None
     if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
     jinja = root / "chat_template.jinja"
     if jinja.is_file():
         template = jinja.read_text(encoding="utf-8")

@@ -31,8 +31,18 @@ from .names import expected_shapes, to_hf_config, to_hf_state_dict
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 BOS_CANDIDATES = ("<|startoftext|>", EOS)  # o200k_harmony has a start token; our BPE reuses <|endoftext|>
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -61,15 +71,19 @@ def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], limit: int) -
     Returns the file names."""
     sizes = {n: t.numel() * t.dtype.itemsize for n, t in tensors.items()}
     groups = shard(sizes, limit)
-    names = ["model.safetensors"] if len(groups) == 1 else [
-        f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    names = (
+        ["model.safetensors"]
+        if len(groups) == 1
+        else [f"model-{k:05d}-of-{len(groups):05d}.safetensors" for k in range(1, len(groups) + 1)]
+    )
     for fname, group in zip(names, groups, strict=True):  # one shard in memory at a time, cast on the way
-        save_file({n: tensors[n].contiguous() for n in group}, str(out / fname),
-                  metadata={"format": "pt"})
+        save_file({n: tensors[n].contiguous() for n in group}, str(out / fname), metadata={"format": "pt"})
     if len(groups) == 1:
         return names
-    index = {"metadata": {"total_size": sum(sizes.values())},
-             "weight_map": {n: fname for fname, group in zip(names, groups, strict=True) for n in group}}
+    index = {
+        "metadata": {"total_size": sum(sizes.values())},
+        "weight_map": {n: fname for fname, group in zip(names, groups, strict=True) for n in group},
+    }
     _dump(out / "model.safetensors.index.json", index)
     return names + ["model.safetensors.index.json"]
 
@@ -77,8 +91,13 @@ def write_safetensors(out: Path, tensors: dict[str, torch.Tensor], limit: int) -
 def generation_config(cfg: RunConfig, token_ids: dict) -> dict:
     """The run's infer section as HF generate() defaults (temperature 0 = greedy)."""
     i = cfg.infer
-    out = {"bos_token_id": token_ids.get("bos"), "eos_token_id": token_ids.get("eos"),
-           "pad_token_id": token_ids.get("pad"), "max_new_tokens": i.max_new_tokens, "do_sample": i.temperature > 0}
+    out = {
+        "bos_token_id": token_ids.get("bos"),
+        "eos_token_id": token_ids.get("eos"),
+        "pad_token_id": token_ids.get("pad"),
+        "max_new_tokens": i.max_new_tokens,
+        "do_sample": i.temperature > 0,
+    }
     if i.temperature > 0:
         out |= {"temperature": i.temperature, "top_k": i.top_k, "top_p": i.top_p}
     if i.repetition_penalty != 1.0:
@@ -90,8 +109,14 @@ def _dump(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
-def export_run(run: Path | None, out: Path, dtype: str = "bf16", checkpoint: Path | None = None,
-               max_shard_size: str | int = "5GB", force: bool = False) -> dict:
+def export_run(
+    run: Path | None,
+    out: Path,
+    dtype: str = "bf16",
+    checkpoint: Path | None = None,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+) -> dict:
     """Write the HF directory `out`; returns a summary (files, tensors, bytes, checkpoint)."""
     if dtype not in ("bf16", "fp32"):
         raise GptossError(f"--dtype {dtype!r}: expected one of bf16, fp32")
@@ -130,13 +155,23 @@ def export_run(run: Path | None, out: Path, dtype: str = "bf16", checkpoint: Pat
         if tok_path is not None:
             shutil.copyfile(tok_path, tmp / "tokenizer.json")
             tok_config = {
-                "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": pad,
-                "model_max_length": cfg.model.max_context_length, "clean_up_tokenization_spaces": False,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": bos,
+                "eos_token": eos,
+                "pad_token": pad,
+                "model_max_length": cfg.model.max_context_length,
+                "clean_up_tokenization_spaces": False,
             }
             if chat is not None:  # an imported template keeps the special tokens it was written for
                 tok_config |= chat["special"] | {"chat_template": chat["template"]}
             _dump(tmp / "tokenizer_config.json", tok_config)
             files += ["tokenizer.json", "tokenizer_config.json"]
-    return {"out": str(out), "checkpoint": str(ckpt), "step": opened.step, "dtype": dtype,
-            "files": files, "tensors": len(hf_tensors),
-            "bytes": sum((out / f).stat().st_size for f in files if f.endswith(".safetensors"))}
+    return {
+        "out": str(out),
+        "checkpoint": str(ckpt),
+        "step": opened.step,
+        "dtype": dtype,
+        "files": files,
+        "tensors": len(hf_tensors),
+        "bytes": sum((out / f).stat().st_size for f in files if f.endswith(".safetensors")),
+    }

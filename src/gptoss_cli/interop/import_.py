@@ -84,8 +84,9 @@ class TensorFiles:
         self.used.add(name)
         tensor = self.handles[self.where[name]].get_tensor(name)
         if shape is not None and tuple(tensor.shape) != tuple(shape):
-            raise GptossError(f"{self.where[name]}: tensor {name} has shape {tuple(tensor.shape)}, "
-                              f"config.json implies {tuple(shape)}")
+            raise GptossError(
+                f"{self.where[name]}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(shape)}"
+            )
         return tensor
 
     def load_mxfp4(self, blocks_name: str, scales_name: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -99,8 +100,10 @@ class TensorFiles:
             blocks = blocks.view(e, rows, cols // mxfp4.BLOCK, mxfp4.BLOCK // 2)
         want = (e, rows, cols // mxfp4.BLOCK, mxfp4.BLOCK // 2)
         if tuple(blocks.shape) != want or blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
-            raise GptossError(f"{self.where[blocks_name]}: tensor {blocks_name} is {blocks.dtype} "
-                              f"{tuple(blocks.shape)}, MXFP4 for config.json needs uint8 {want}")
+            raise GptossError(
+                f"{self.where[blocks_name]}: tensor {blocks_name} is {blocks.dtype} "
+                f"{tuple(blocks.shape)}, MXFP4 for config.json needs uint8 {want}"
+            )
         return mxfp4.dequantize(blocks, scales, torch.bfloat16)
 
 
@@ -156,12 +159,18 @@ def read_hf(raw: dict, files: TensorFiles, source: str):
 def read_openai(raw: dict, files: TensorFiles, source: str):
     """openai/gpt-oss `original/` layout (our own names) -> (ModelConfig, our weights)."""
     fields = model_config_from_openai(raw)
-    tied = not files.has("unembedding.weight") or _same(files.load("embedding.weight"),
-                                                        files.load("unembedding.weight"))
-    cfg = build_model_config(fields | {
-        "tie_word_embeddings": tied, "attention_bias": files.has("block.0.attn.qkv.bias"),
-        "router_bias": files.has("block.0.mlp.gate.bias"),
-    }, source)
+    tied = not files.has("unembedding.weight") or _same(
+        files.load("embedding.weight"), files.load("unembedding.weight")
+    )
+    cfg = build_model_config(
+        fields
+        | {
+            "tie_word_embeddings": tied,
+            "attention_bias": files.has("block.0.attn.qkv.bias"),
+            "router_bias": files.has("block.0.mlp.gate.bias"),
+        },
+        source,
+    )
     weights = {}
     for name, shape in expected_shapes(cfg).items():
         if not files.has(name) and files.has(name + ".blocks"):
@@ -193,8 +202,10 @@ def find_tokenizer(root: Path, layout: str, vocab_size: int) -> tuple[Path, Toke
     candidates = [root / "tokenizer.json"] + ([root.parent / "tokenizer.json"] if layout == "openai" else [])
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        warn(f"{root} has no tokenizer.json: importing the weights only; `gptoss infer` needs a tokenizer.json "
-             "in the run directory")
+        warn(
+            f"{root} has no tokenizer.json: importing the weights only; `gptoss infer` needs a tokenizer.json "
+            "in the run directory"
+        )
         return None
     try:
         tok = Tokenizer.from_file(str(path))
@@ -238,9 +249,14 @@ def import_dir(hf_dir: Path, run_dir: Path) -> dict:
     template = read_hf_template(found[0].parent, found[1]) if found else None
     kept = False
 
-    state = CheckpointState(step=0, tokenizer_hash=tokenizer_hash(found[1]) if found else None,
-                            config=run_cfg.to_dict(), imported_from=str(hf_dir.resolve()), source_layout=layout,
-                            quantization="mxfp4" if quantized else None)
+    state = CheckpointState(
+        step=0,
+        tokenizer_hash=tokenizer_hash(found[1]) if found else None,
+        config=run_cfg.to_dict(),
+        imported_from=str(hf_dir.resolve()),
+        source_layout=layout,
+        quantization="mxfp4" if quantized else None,
+    )
     with staged_directory(run_dir, flag="--run") as tmp:
         staged = RunDir(tmp)
         staged.write_config(run_cfg)
@@ -249,9 +265,16 @@ def import_dir(hf_dir: Path, run_dir: Path) -> dict:
             if template is not None:
                 kept = keep_hf_template(template, found[1], tmp, str(found[0].parent))
         ckpt = save_checkpoint(staged.checkpoints, 0, weights, {}, state, keep=1)
-    return {"run": str(run_dir), "checkpoint": str(RunDir(run_dir).checkpoints / ckpt.name), "layout": layout,
-            "quantized_tensors": len(quantized), "tensors": len(weights),
-            "params": sum(t.numel() for t in weights.values()), "tokenizer": found is not None,
-            "chat_template": kept,
-            "tie_word_embeddings": model_cfg.tie_word_embeddings, "attention_bias": model_cfg.attention_bias,
-            "rope_scaling_factor": model_cfg.rope_scaling_factor}
+    return {
+        "run": str(run_dir),
+        "checkpoint": str(RunDir(run_dir).checkpoints / ckpt.name),
+        "layout": layout,
+        "quantized_tensors": len(quantized),
+        "tensors": len(weights),
+        "params": sum(t.numel() for t in weights.values()),
+        "tokenizer": found is not None,
+        "chat_template": kept,
+        "tie_word_embeddings": model_cfg.tie_word_embeddings,
+        "attention_bias": model_cfg.attention_bias,
+        "rope_scaling_factor": model_cfg.rope_scaling_factor,
+    }

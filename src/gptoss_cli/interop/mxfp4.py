@@ -27,8 +27,10 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"expected uint8 blocks and scales, got {blocks.dtype} and {scales.dtype}")
     if blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not pair up "
-                         f"(expected blocks = scales + ({BLOCK // 2},))")
+        raise ValueError(
+            f"blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} do not pair up "
+            f"(expected blocks = scales + ({BLOCK // 2},))"
+        )
     if blocks.dim() > 2:  # one leading slice (expert) at a time: the int64 codes are 16x the packed bytes
         return torch.stack([dequantize(b, s, dtype) for b, s in zip(blocks, scales, strict=True)])
     lut = torch.tensor(FP4_VALUES, dtype=torch.float32)

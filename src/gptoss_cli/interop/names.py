@@ -26,15 +26,33 @@ HF_SWIGLU_LIMIT = 7.0  # older transformers (5.18: GptOssExperts, integrations/m
 HF_SWIGLU_ALPHA = 1.702
 HF_DEFAULT_THETA = 150000.0  # GptOssConfig.default_theta
 # What GptOssConfig fills in when config.json has neither rope_parameters nor rope_scaling.
-HF_DEFAULT_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-                   "original_max_position_embeddings": 4096}
+HF_DEFAULT_ROPE = {
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
 SLIDING, FULL = "sliding_attention", "full_attention"
 # The openai/gpt-oss ModelConfig defaults (the 120b), used for keys an original config.json leaves out.
 OPENAI_DEFAULTS = dict(
-    num_hidden_layers=36, num_experts=128, experts_per_token=4, vocab_size=201088, hidden_size=2880,
-    intermediate_size=2880, swiglu_limit=7.0, head_dim=64, num_attention_heads=64, num_key_value_heads=8,
-    sliding_window=128, initial_context_length=4096, rope_theta=150000.0, rope_scaling_factor=32.0,
-    rope_ntk_alpha=1.0, rope_ntk_beta=32.0,
+    num_hidden_layers=36,
+    num_experts=128,
+    experts_per_token=4,
+    vocab_size=201088,
+    hidden_size=2880,
+    intermediate_size=2880,
+    swiglu_limit=7.0,
+    head_dim=64,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    sliding_window=128,
+    initial_context_length=4096,
+    rope_theta=150000.0,
+    rope_scaling_factor=32.0,
+    rope_ntk_alpha=1.0,
+    rope_ntk_beta=32.0,
 )
 
 
@@ -43,6 +61,7 @@ def layer_types(cfg: ModelConfig) -> list[str]:
 
 
 # ---- weights ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -86,8 +105,11 @@ TAIL_RULES = (
 
 def rules(cfg: ModelConfig) -> list[Rule]:
     """Every rule that applies to `cfg`, with full names, in HF's order."""
-    layers = [Rule(f"block.{i}.{r.ours}", tuple(f"model.layers.{i}.{h}" for h in r.hf), r.transpose, r.when)
-              for i in range(cfg.num_hidden_layers) for r in LAYER_RULES]
+    layers = [
+        Rule(f"block.{i}.{r.ours}", tuple(f"model.layers.{i}.{h}" for h in r.hf), r.transpose, r.when)
+        for i in range(cfg.num_hidden_layers)
+        for r in LAYER_RULES
+    ]
     return [r for r in (*HEAD_RULES, *layers, *TAIL_RULES) if r.when(cfg)]
 
 
@@ -131,21 +153,30 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 # ---- config: ours -> HF -------------------------------------------------------------------------
 
+
 def hf_rope_parameters(cfg: ModelConfig) -> dict:
     if cfg.rope_scaling_factor == 1:
         return {"rope_type": "default", "rope_theta": cfg.rope_theta}
     # truncate False: openai's YaRN uses the fractional correction range (gpt_oss/torch/model.py); HF's
     # _compute_yarn_parameters (modeling_rope_utils.py) floors/ceils otherwise.
-    return {"rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": cfg.rope_scaling_factor,
-            "beta_fast": cfg.rope_ntk_beta, "beta_slow": cfg.rope_ntk_alpha,
-            "original_max_position_embeddings": cfg.initial_context_length, "truncate": False}
+    return {
+        "rope_type": "yarn",
+        "rope_theta": cfg.rope_theta,
+        "factor": cfg.rope_scaling_factor,
+        "beta_fast": cfg.rope_ntk_beta,
+        "beta_slow": cfg.rope_ntk_alpha,
+        "original_max_position_embeddings": cfg.initial_context_length,
+        "truncate": False,
+    }
 
 
 def to_hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None]) -> dict:
     """config.json for GptOssForCausalLM. `dtype` is "bfloat16" or "float32"; token_ids has bos/eos/pad."""
     if cfg.swiglu_limit != HF_SWIGLU_LIMIT:
-        raise GptossError(f"model.swiglu_limit is {cfg.swiglu_limit:g}, but older transformers releases and its MXFP4 "
-                          f"kernels hard-code {HF_SWIGLU_LIMIT:g}: the export would compute another model")
+        raise GptossError(
+            f"model.swiglu_limit is {cfg.swiglu_limit:g}, but older transformers releases and its MXFP4 "
+            f"kernels hard-code {HF_SWIGLU_LIMIT:g}: the export would compute another model"
+        )
     return {
         "architectures": ["GptOssForCausalLM"],
         "model_type": "gpt_oss",
@@ -186,6 +217,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None])
 
 # ---- config: HF or openai -> ours ---------------------------------------------------------------
 
+
 def _rope_from_hf(raw: dict, max_positions: int, source: str) -> dict:
     """HF rope keys -> our rope fields, with HF's semantics (defaults included) so the logits match."""
     # GptOssConfig: a legacy `rope_scaling` wins over `rope_parameters`; neither means YaRN x32 (its __post_init__).
@@ -197,25 +229,38 @@ def _rope_from_hf(raw: dict, max_positions: int, source: str) -> dict:
         raise GptossError(f"{source}: partial_rotary_factor != 1 is not supported (gptoss rotates every dim)")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
-        return {"rope_theta": theta, "rope_scaling_factor": 1.0,
-                "initial_context_length": int(raw.get("initial_context_length") or max_positions)}
+        return {
+            "rope_theta": theta,
+            "rope_scaling_factor": 1.0,
+            "initial_context_length": int(raw.get("initial_context_length") or max_positions),
+        }
     if kind != "yarn":
         raise GptossError(f"{source}: rope_type {kind!r} is not supported (only default and yarn)")
     # HF: a top-level original_max_position_embeddings wins; else the rope dict's; else max_position_embeddings.
-    original = int(raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
-                   or max_positions)
+    original = int(
+        raw.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or max_positions
+    )
     factor = float(rope.get("factor") or max_positions / original)
     if rope.get("truncate", True):
-        raise GptossError(f"{source}: YaRN with truncate=true (HF's default when the key is absent) rounds the "
-                          "correction range; gptoss follows openai's unrounded one")
+        raise GptossError(
+            f"{source}: YaRN with truncate=true (HF's default when the key is absent) rounds the "
+            "correction range; gptoss follows openai's unrounded one"
+        )
     concentration = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
     attention_factor = rope.get("attention_factor")
-    if (attention_factor is not None and not math.isclose(attention_factor, concentration, rel_tol=1e-6)) \
-            or rope.get("mscale") or rope.get("mscale_all_dim"):
+    if (
+        (attention_factor is not None and not math.isclose(attention_factor, concentration, rel_tol=1e-6))
+        or rope.get("mscale")
+        or rope.get("mscale_all_dim")
+    ):
         raise GptossError(f"{source}: YaRN attention_factor/mscale overrides are not supported")
-    return {"rope_theta": theta, "rope_scaling_factor": factor, "initial_context_length": original,
-            "rope_ntk_beta": float(rope.get("beta_fast") or 32.0),  # HF: `or 32`, `or 1` as well
-            "rope_ntk_alpha": float(rope.get("beta_slow") or 1.0)}
+    return {
+        "rope_theta": theta,
+        "rope_scaling_factor": factor,
+        "initial_context_length": original,
+        "rope_ntk_beta": float(rope.get("beta_fast") or 32.0),  # HF: `or 32`, `or 1` as well
+        "rope_ntk_alpha": float(rope.get("beta_slow") or 1.0),
+    }
 
 
 def _window_from_layer_types(raw: dict, layers: int, source: str) -> int:
@@ -227,8 +272,10 @@ def _window_from_layer_types(raw: dict, layers: int, source: str) -> int:
     if not any(slides):
         return 0
     if not window or slides != [i % 2 == 0 for i in range(layers)]:
-        raise GptossError(f"{source}: layer_types {kinds} with sliding_window {window} is not supported: "
-                          "gptoss slides on the even layers (0, 2, ...) only")
+        raise GptossError(
+            f"{source}: layer_types {kinds} with sliding_window {window} is not supported: "
+            "gptoss slides on the even layers (0, 2, ...) only"
+        )
     return int(window)
 
 

@@ -7,7 +7,13 @@ imported on first use.
 from .config import ModelConfig, ModelConfigError
 
 __all__ = [
-    "KVCache", "ModelConfig", "ModelConfigError", "ModelOutput", "StaticKVCache", "Transformer", "attention_mask",
+    "KVCache",
+    "ModelConfig",
+    "ModelConfigError",
+    "ModelOutput",
+    "StaticKVCache",
+    "Transformer",
+    "attention_mask",
 ]
 
 

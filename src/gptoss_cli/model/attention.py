@@ -64,9 +64,7 @@ def sdpa_attention(q, k, v, sinks, mask, scale):
         v_ext = v_ext.repeat_interleave(nh // nkv, dim=1)
         out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, attn_mask=mask_ext, scale=scale)
     else:
-        out = F.scaled_dot_product_attention(
-            q_ext, k_ext, v_ext, attn_mask=mask_ext, scale=scale, enable_gqa=nkv != nh
-        )
+        out = F.scaled_dot_product_attention(q_ext, k_ext, v_ext, attn_mask=mask_ext, scale=scale, enable_gqa=nkv != nh)
     return out[..., :d]
 
 
@@ -124,16 +122,18 @@ class AttentionBlock(nn.Module):
 
     def extra_repr(self) -> str:
         # The window is left out on purpose: it would keep torch from folding the repeated blocks.
-        return (f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, "
-                f"head_dim={self.head_dim}, sinks=({self.num_attention_heads},), backend={self.backend}")
+        return (
+            f"heads={self.num_attention_heads}, kv_heads={self.num_key_value_heads}, "
+            f"head_dim={self.head_dim}, sinks=({self.num_attention_heads},), backend={self.backend}"
+        )
 
     def forward(self, x, rope, mask, cache=None):
         """x (B, T, H); rope = rotary_tables(...), (B, T, 1, D) each; mask (B, 1, T, S) bool over the keys."""
         b, t, _ = x.shape
         nh, nkv, d = self.num_attention_heads, self.num_key_value_heads, self.head_dim
         qkv = self.qkv(self.norm(x)).view(b, t, nh + 2 * nkv, d)  # heads [q: NH | k: NKV | v: NKV]
-        qk = apply_rotary_tables(qkv[:, :, :nh + nkv], *rope)  # one rotation for queries and keys
-        q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv:]  # keys are cached after RoPE
+        qk = apply_rotary_tables(qkv[:, :, : nh + nkv], *rope)  # one rotation for queries and keys
+        q, k, v = qk[:, :, :nh], qk[:, :, nh:], qkv[:, :, nh + nkv :]  # keys are cached after RoPE
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, S, NKV, D) including the past
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, D)

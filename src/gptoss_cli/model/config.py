@@ -80,15 +80,30 @@ class ModelConfig:
     # ---- validation -----------------------------------------------------------------------------
     def validate(self) -> None:
         positive = (
-            "num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
-            "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads",
-            "initial_context_length", "max_context_length",
+            "num_hidden_layers",
+            "num_experts",
+            "experts_per_token",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "head_dim",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "initial_context_length",
+            "max_context_length",
         )
         for key in positive:
             if getattr(self, key) <= 0:
                 raise ModelConfigError(key, f"must be > 0, got {getattr(self, key)}")
-        for key in ("swiglu_limit", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta",
-                    "rms_norm_eps", "initializer_range"):
+        for key in (
+            "swiglu_limit",
+            "rope_theta",
+            "rope_scaling_factor",
+            "rope_ntk_alpha",
+            "rope_ntk_beta",
+            "rms_norm_eps",
+            "initializer_range",
+        ):
             if not getattr(self, key) > 0:
                 raise ModelConfigError(key, f"must be > 0, got {getattr(self, key)}")
         if self.head_dim % 2:
@@ -126,6 +141,4 @@ class ModelConfig:
                 "attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
             )
         if self.moe_backend not in MOE_BACKENDS:
-            raise ModelConfigError(
-                "moe_backend", f"must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}"
-            )
+            raise ModelConfigError("moe_backend", f"must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}")

@@ -46,9 +46,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         buf = torch.empty(min(rows, n), weight.shape[0], dtype=acc, device=x.device)  # reused by every chunk
         with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen here, explicitly
             for s in range(0, n, rows):
-                xc = x[s:s + rows].to(compute_dtype)  # (c, H)
-                tc, vc = safe[s:s + rows], valid[s:s + rows]  # (c, 1), (c,)
-                logits = buf[:xc.shape[0]]  # (c, V); a fresh (c, V) per chunk would page-fault on CPU
+                xc = x[s : s + rows].to(compute_dtype)  # (c, H)
+                tc, vc = safe[s : s + rows], valid[s : s + rows]  # (c, 1), (c,)
+                logits = buf[: xc.shape[0]]  # (c, V); a fresh (c, V) per chunk would page-fault on CPU
                 if compute_dtype == acc:
                     torch.mm(xc, w_t, out=logits)
                 else:
@@ -69,9 +69,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = probs.to(compute_dtype)  # no copy in fp32
                 if want_dx:
                     if dx.dtype == compute_dtype:
-                        torch.mm(grad, w, out=dx[s:s + rows])  # (c, H)
+                        torch.mm(grad, w, out=dx[s : s + rows])  # (c, H)
                     else:
-                        dx[s:s + rows] = grad @ w
+                        dx[s : s + rows] = grad @ w
                 if want_dw:
                     first = 0.0 if s == 0 else 1.0  # beta = 0: the empty buffer is not read
                     if compute_dtype == dw.dtype:
@@ -88,16 +88,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct, _grad_count):
         if ctx.grads is None:
-            raise RuntimeError("the fused cross-entropy can be backpropagated once (its buffers are "
-                               "scaled in place); use train.fused_loss=false for retain_graph")
+            raise RuntimeError(
+                "the fused cross-entropy can be backpropagated once (its buffers are "
+                "scaled in place); use train.fused_loss=false for retain_graph"
+            )
         dx, dw = ctx.grads
         ctx.grads = None  # the buffers are scaled in place and handed over
-        return (None if dx is None else dx.mul_(grad_loss.to(dx.dtype)),
-                None if dw is None else dw.mul_(grad_loss.to(dw.dtype)), None, None, None, None, None)
+        return (
+            None if dx is None else dx.mul_(grad_loss.to(dx.dtype)),
+            None if dw is None else dw.mul_(grad_loss.to(dw.dtype)),
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x (N, H), weight (V, H), targets (N,) -> (mean cross-entropy of x @ weight.T, argmax accuracy).
 
     Gradients flow to x and weight (a tied weight gets its unembedding share, added by autograd). Under
@@ -108,6 +118,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     grad = torch.is_grad_enabled()
     loss_sum, correct, count = _LinearCrossEntropy.apply(
-        x, weight, targets, compute, rows or chunk_rows(weight.shape[0], device),
-        grad and x.requires_grad, grad and weight.requires_grad)
+        x,
+        weight,
+        targets,
+        compute,
+        rows or chunk_rows(weight.shape[0], device),
+        grad and x.requires_grad,
+        grad and weight.requires_grad,
+    )
     return loss_sum / count, correct / count

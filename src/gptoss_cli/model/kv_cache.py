@@ -15,8 +15,9 @@ from .config import ModelConfig
 
 
 class KVCache:
-    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device | str
+    ):
         self.config = config
         self.max_length = max_length
         self.length = 0  # tokens written so far, per sequence
@@ -44,8 +45,8 @@ class KVCache:
         if self.length + t > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} tokens; {self.length}+{t} do not fit")
         self._start, self._t = self.length, t
-        self.pos_full[:, self.length:self.length + t] = positions
-        kpos_full = self.pos_full[:, :self.length + t]
+        self.pos_full[:, self.length : self.length + t] = positions
+        kpos_full = self.pos_full[:, : self.length + t]
         kpos_ring = torch.cat([self.pos_ring, positions], dim=1)
         ring = self.pos_ring.shape[1]
         if ring:
@@ -66,8 +67,8 @@ class KVCache:
             self.v[layer][:, self._ring_dst] = v[:, self._ring_src]
             return k_all, v_all
         end = self._start + self._t
-        self.k[layer][:, self._start:end] = k
-        self.v[layer][:, self._start:end] = v
+        self.k[layer][:, self._start : end] = k
+        self.v[layer][:, self._start : end] = v
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
 
@@ -82,8 +83,9 @@ class StaticKVCache(KVCache):
     `max_length` slots), so generate() uses it only when asked to compile.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self, config: ModelConfig, batch_size: int, max_length: int, dtype: torch.dtype, device: torch.device | str
+    ):
         super().__init__(config, batch_size, max_length, dtype, device)
         self.index = torch.zeros((), dtype=torch.long, device=device)  # tokens written, on the device
         self._slots = None
@@ -113,7 +115,7 @@ class StaticKVCache(KVCache):
         if ring:
             keep = min(t, ring)  # from the shape: the same on every decode step
             self._ring_src = slice(t - keep, t)
-            self._ring_dst = self._slots[t - keep:] % ring
+            self._ring_dst = self._slots[t - keep :] % ring
             self.pos_ring.index_copy_(1, self._ring_dst, positions[:, self._ring_src])
         self.index += t
         return self.pos_full, kpos_ring

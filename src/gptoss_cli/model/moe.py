@@ -163,10 +163,11 @@ def _experts_per_token(tokens, top_idx, weights, w1, b1, w2, b2, limit):
         return (y.float() * dense[..., None]).sum(1)
     out = []
     for n, experts in enumerate(top_idx.tolist()):  # the one host sync
-        row = tokens[n:n + 1]
-        ys = torch.cat([torch.addmm(b2[e], swiglu(torch.addmm(b1[e], row, w1[e].t()), limit), w2[e].t())
-                        for e in experts])  # (k, H)
-        out.append(weights[n:n + 1] @ ys.float())  # (1, H): the weighted sum, in fp32 as the sorted path
+        row = tokens[n : n + 1]
+        ys = torch.cat(
+            [torch.addmm(b2[e], swiglu(torch.addmm(b1[e], row, w1[e].t()), limit), w2[e].t()) for e in experts]
+        )  # (k, H)
+        out.append(weights[n : n + 1] @ ys.float())  # (1, H): the weighted sum, in fp32 as the sorted path
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
@@ -231,9 +232,11 @@ class MLPBlock(nn.Module):
         self.mlp2_bias = nn.Parameter(torch.zeros(e, h))
 
     def extra_repr(self) -> str:
-        return (f"experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
-                f"mlp1_weight={tuple(self.mlp1_weight.shape)}, mlp2_weight={tuple(self.mlp2_weight.shape)}, "
-                f"swiglu_limit={self.swiglu_limit}")
+        return (
+            f"experts={self.num_experts}, experts_per_token={self.experts_per_token}, "
+            f"mlp1_weight={tuple(self.mlp1_weight.shape)}, mlp2_weight={tuple(self.mlp2_weight.shape)}, "
+            f"swiglu_limit={self.swiglu_limit}"
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         """x (B, T, H) -> (x + moe, router statistics)."""

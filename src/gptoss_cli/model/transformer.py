@@ -63,8 +63,9 @@ class Transformer(nn.Module):
         self.config = config
         # Created empty (init_weights fills it): normal_ on the meta device would import torch._refs,
         # which takes seconds (docs/performance.md).
-        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size,
-                                      _weight=torch.empty(config.vocab_size, config.hidden_size))
+        self.embedding = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
         self.block = nn.ModuleList(TransformerBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -88,9 +89,15 @@ class Transformer(nn.Module):
             else:  # embedding, unembedding (untied), qkv, gate, mlp1
                 p.normal_(0.0, std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+        targets: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> ModelOutput:
         """tokens (B, T) -> ModelOutput. positions (B, T) default to 0..T-1 (after the cache's length).
 
         segments (B, T) int, without a cache: documents packed in one row (their positions restart at 0);

@@ -16,8 +16,12 @@ from .logs import GIB, RunData, is_number
 
 DPI = 120
 # memory.py's fields, as drawn: (record key, legend name, colour when one run and one rank are shown)
-CUDA_FIELDS = [("allocated_bytes", "allocated", "C0"), ("reserved_bytes", "reserved", "C1"),
-               ("peak_bytes", "peak allocated", "C3"), ("nvml_used_bytes", "NVML device used", "C2")]
+CUDA_FIELDS = [
+    ("allocated_bytes", "allocated", "C0"),
+    ("reserved_bytes", "reserved", "C1"),
+    ("peak_bytes", "peak allocated", "C3"),
+    ("nvml_used_bytes", "NVML device used", "C2"),
+]
 CPU_FIELDS = [("rss_bytes", "CPU memory (process RSS)", "C4")]
 STYLES = ["-", "--", ":", "-."]
 
@@ -78,8 +82,9 @@ def plot_loss(runs: list[RunData], path: Path) -> bool:
     _legend(ax)
     # Perplexity is exp(loss), so it gets an axis rather than lines of its own; log-spaced ticks
     # (1, 2, 5, 10, ...) fall evenly along the linear loss axis.
-    ppl = ax.secondary_yaxis("right", functions=(lambda x: np.exp(np.clip(x, -50, 50)),
-                                                 lambda y: np.log(np.maximum(y, 1e-300))))
+    ppl = ax.secondary_yaxis(
+        "right", functions=(lambda x: np.exp(np.clip(x, -50, 50)), lambda y: np.log(np.maximum(y, 1e-300)))
+    )
     ppl.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ppl.yaxis.set_minor_locator(NullLocator())
     ppl.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:g}"))
@@ -199,8 +204,9 @@ def plot_memory(runs: list[RunData], phase: str, path: Path) -> bool:
                 color, style = f"C{rank % 10}", STYLES[f % 4]
             else:
                 style = "-"
-            name = " ".join(p for p in (run.name if several_runs else "", f"rank {rank}" if several_ranks else "",
-                                        label) if p)
+            name = " ".join(
+                p for p in (run.name if several_runs else "", f"rank {rank}" if several_ranks else "", label) if p
+            )
             ax.plot(xs / scale, ys, color=color, ls=style, lw=1.5, label=name, marker="." if len(xs) < 30 else None)
             top = max(top, float(np.nanmax(ys)))
         for start in starts:
@@ -209,8 +215,9 @@ def plot_memory(runs: list[RunData], phase: str, path: Path) -> bool:
     ax.set_ylim(0, 1.1 * top if top > 0 else 1.0)  # headroom: a flat line would sit on the frame
     ax.set_xlim(left=0)
     first_run, first_rank, first_recs, first_xs, _ = laid[0]
-    owner = ", ".join(p for p in (first_run.name if several_runs else "",
-                                  f"rank {first_rank}" if several_ranks else "") if p)
+    owner = ", ".join(
+        p for p in (first_run.name if several_runs else "", f"rank {first_rank}" if several_ranks else "") if p
+    )
     _marker_axis(ax, first_xs, first_recs, phase, scale, owner)
     what = "Training" if phase == "train" else "Inference"
     ax.set_title(f"{what} memory over time: {' and '.join(sorted(kinds))}")
@@ -251,15 +258,25 @@ def plot_expert_load(loads: list[tuple[str, np.ndarray | None, list]], window: i
             for (layer, e), v in np.ndenumerate(shares):
                 if np.isfinite(v):
                     dark = (layer, e) in dead_cells or abs(norm(v) - 0.5) > 0.33
-                    ax.text(e, layer, f"{v:.0%}" if v >= 0.01 or v == 0 else "<1%", ha="center", va="center",
-                            fontsize=7, color="white" if dark else "black")
+                    ax.text(
+                        e,
+                        layer,
+                        f"{v:.0%}" if v >= 0.01 or v == 0 else "<1%",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if dark else "black",
+                    )
         step = max(1, experts // 32)
         ax.set_xticks(range(0, experts, step))
         ax.set_yticks(range(layers))
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
         verdict = f"{len(dead)} dead (black: 0 tokens in the last {window} logs)" if dead else "no dead experts"
-        ax.set_title(f"{name + ': ' if len(loads) > 1 else ''}expert load over the whole run, "
-                     f"uniform = {uniform:.1%}; {verdict}", fontsize="medium")
+        ax.set_title(
+            f"{name + ': ' if len(loads) > 1 else ''}expert load over the whole run, "
+            f"uniform = {uniform:.1%}; {verdict}",
+            fontsize="medium",
+        )
     fig.suptitle("MoE expert load (share of token-slots routed, per layer)")
     return _save(fig, path)

@@ -78,8 +78,10 @@ def read_jsonl(path: Path, warn: Warn) -> list[dict]:
         shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
         warn(f"{path}: skipped {len(bad)} unreadable line(s): {shown}")
     if joined:
-        warn(f"{path}: line(s) {', '.join(map(str, joined[:5]))} began with a record cut off by a kill; "
-             "kept the record that follows it")
+        warn(
+            f"{path}: line(s) {', '.join(map(str, joined[:5]))} began with a record cut off by a kill; "
+            "kept the record that follows it"
+        )
     return records
 
 
@@ -120,8 +122,9 @@ class RunData:
 
     @property
     def has_data(self) -> bool:
-        return bool(self.train or self.evals or self.train_memory or self.infer_memory or self.summary
-                    or self.eval_results)
+        return bool(
+            self.train or self.evals or self.train_memory or self.infer_memory or self.summary or self.eval_results
+        )
 
 
 def load_run(path: Path, name: str, warn: Warn) -> RunData:

@@ -30,17 +30,32 @@ from .logs import GIB, INFER_MEMORY, METRICS, SUMMARY, TRAIN_MEMORY, RunData, Wa
 DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
 # The figures, in report order: file name, section title, what it shows (for report.md).
 FIGURES = [
-    ("loss.png", "Loss", "Training and validation LM loss per optimizer step; perplexity on the right axis; "
-     "learning rate below."),
+    (
+        "loss.png",
+        "Loss",
+        "Training and validation LM loss per optimizer step; perplexity on the right axis; learning rate below.",
+    ),
     ("throughput.png", "Throughput", "Training tokens per second per logging interval; dotted: the median."),
-    ("expert-load.png", "Expert load", "Share of each layer's token-slots routed to each expert over the run; "
-     f"white is balanced, blue underused, red overloaded; black cells are dead (0 tokens in the last "
-     f"{DEAD_WINDOW} logs)."),
-    ("train-gpu-memory.png", "Training memory", "Memory over time in GiB (GPU: torch allocated, reserved, peak, "
-     "NVML device used; CPU: process RSS); training steps on the top axis."),
-    ("inference-gpu-memory.png", "Inference memory", "Memory over time in GiB during generation; tokens "
-     "generated on the top axis."),
+    (
+        "expert-load.png",
+        "Expert load",
+        "Share of each layer's token-slots routed to each expert over the run; "
+        f"white is balanced, blue underused, red overloaded; black cells are dead (0 tokens in the last "
+        f"{DEAD_WINDOW} logs).",
+    ),
+    (
+        "train-gpu-memory.png",
+        "Training memory",
+        "Memory over time in GiB (GPU: torch allocated, reserved, peak, "
+        "NVML device used; CPU: process RSS); training steps on the top axis.",
+    ),
+    (
+        "inference-gpu-memory.png",
+        "Inference memory",
+        "Memory over time in GiB during generation; tokens generated on the top axis.",
+    ),
 ]
+
 
 def expert_load(train: list[dict]) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
     """(shares (layers, experts) over the whole run, dead experts as (layer, expert)); (None, []) without counts."""
@@ -93,8 +108,11 @@ def summarize(run: RunData) -> dict[str, Any]:
     tokens = first_number(s.get("tokens"), last.get("tokens"))
     logged_tps = [r["tokens_per_s"] for r in run.train if is_number(r.get("tokens_per_s"))]
     # Overall tokens / wall time when known; the median logged rate otherwise.
-    tps = first_number(s.get("tokens_per_s"), tokens / elapsed if tokens and elapsed else None,
-                 float(np.median(logged_tps)) if logged_tps else None)
+    tps = first_number(
+        s.get("tokens_per_s"),
+        tokens / elapsed if tokens and elapsed else None,
+        float(np.median(logged_tps)) if logged_tps else None,
+    )
     train_peak, train_kind = _peak_memory(run.train_memory)
     if train_peak is None and is_number(s.get("peak_memory_bytes")):
         train_peak, train_kind = int(s["peak_memory_bytes"]), f"{s.get('device', '?')}, from summary.json"
@@ -113,7 +131,7 @@ def summarize(run: RunData) -> dict[str, Any]:
     if not run.train_memory:
         missing.append(f"training memory ({TRAIN_MEMORY})")
     if not run.infer_memory:
-        missing.append(f"inference memory ({INFER_MEMORY}): gptoss infer \"Hello\" --run {run.path}")
+        missing.append(f'inference memory ({INFER_MEMORY}): gptoss infer "Hello" --run {run.path}')
     if run.summary is None and run.train:
         missing.append(f"{SUMMARY} (training did not finish: killed or still running); figures come from the logs")
     return {
@@ -132,8 +150,9 @@ def summarize(run: RunData) -> dict[str, Any]:
         "final_loss": loss,
         "final_ppl": first_number(last.get("ppl"), math.exp(min(loss, 700)) if loss is not None else None),
         "final_val_loss": val_loss,
-        "final_val_ppl": first_number(last_eval.get("val_ppl"),
-                                math.exp(min(val_loss, 700)) if val_loss is not None else None),
+        "final_val_ppl": first_number(
+            last_eval.get("val_ppl"), math.exp(min(val_loss, 700)) if val_loss is not None else None
+        ),
         "best_val_loss": first_number(min(vals) if vals else None, s.get("best_val_loss")),
         "train_peak_memory_bytes": train_peak,
         "train_memory_measure": train_kind,
@@ -151,8 +170,23 @@ def summarize(run: RunData) -> dict[str, Any]:
     }
 
 
-EVAL_FIELDS = ("checkpoint", "step", "data", "text_digest", "tokens", "bytes", "loss", "ppl", "bits_per_byte",
-               "accuracy", "context", "stride", "device", "dtype", "time")
+EVAL_FIELDS = (
+    "checkpoint",
+    "step",
+    "data",
+    "text_digest",
+    "tokens",
+    "bytes",
+    "loss",
+    "ppl",
+    "bits_per_byte",
+    "accuracy",
+    "context",
+    "stride",
+    "device",
+    "dtype",
+    "time",
+)
 
 
 def _number(value: Any, fmt: str) -> str:
@@ -164,17 +198,32 @@ def eval_markdown(summaries: list[dict]) -> list[str]:
     rows = [(s["name"], r) for s in summaries for r in s["eval_results"]]
     if not rows:
         return []
-    lines = ["", "## Evaluation", "", "Scored by `gptoss eval` (docs/eval.md). Bits per byte compare runs with "
-             "different tokenizers; rows with the same text digest scored exactly the same text.", "",
-             "| run | checkpoint | text (digest) | tokens | bytes | loss | ppl | bits/byte | top-1 | context / stride "
-             "| device |", "|---" * 11 + "|"]
+    lines = [
+        "",
+        "## Evaluation",
+        "",
+        "Scored by `gptoss eval` (docs/eval.md). Bits per byte compare runs with "
+        "different tokenizers; rows with the same text digest scored exactly the same text.",
+        "",
+        "| run | checkpoint | text (digest) | tokens | bytes | loss | ppl | bits/byte | top-1 | context / stride "
+        "| device |",
+        "|---" * 11 + "|",
+    ]
     for name, r in rows:
         data = ", ".join(map(str, r["data"])) if isinstance(r.get("data"), list) else str(r.get("data") or "?")
-        cells = [name, Path(str(r.get("checkpoint") or "?")).name, f"{data} ({r.get('text_digest') or '?'})",
-                 _number(r.get("tokens"), "{:,}"), _number(r.get("bytes"), "{:,}"), _number(r.get("loss"), "{:.4f}"),
-                 _number(r.get("ppl"), "{:,.2f}"), _number(r.get("bits_per_byte"), "{:.4f}"),
-                 _number(r.get("accuracy"), "{:.2%}"), f"{r.get('context', '?')} / {r.get('stride', '?')}",
-                 f"{r.get('device', '?')} {r.get('dtype', '')}".strip()]
+        cells = [
+            name,
+            Path(str(r.get("checkpoint") or "?")).name,
+            f"{data} ({r.get('text_digest') or '?'})",
+            _number(r.get("tokens"), "{:,}"),
+            _number(r.get("bytes"), "{:,}"),
+            _number(r.get("loss"), "{:.4f}"),
+            _number(r.get("ppl"), "{:,.2f}"),
+            _number(r.get("bits_per_byte"), "{:.4f}"),
+            _number(r.get("accuracy"), "{:.2%}"),
+            f"{r.get('context', '?')} / {r.get('stride', '?')}",
+            f"{r.get('device', '?')} {r.get('dtype', '')}".strip(),
+        ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return lines
 
@@ -212,6 +261,7 @@ def _dead(s: dict) -> str:
 
 def summary_rows(summaries: list[dict]) -> list[tuple[str, list[str]]]:
     """(label, one cell per run) rows shared by the terminal table and report.md."""
+
     def row(label: str, cell: Callable[[dict], Any]) -> tuple[str, list[str]]:
         return label, [str(cell(s)) for s in summaries]
 
@@ -229,8 +279,10 @@ def summary_rows(summaries: list[dict]) -> list[tuple[str, list[str]]]:
         row("final validation loss", lambda s: _loss(s["final_val_loss"], s["final_val_ppl"])),
         row("best validation loss", lambda s: _loss(s["best_val_loss"], None)),
         row("peak memory, training", lambda s: _memory(s["train_peak_memory_bytes"], s["train_memory_measure"])),
-        row("peak memory, inference",
-            lambda s: _memory(s["infer_peak_memory_bytes"], s["infer_memory_measure"], "missing (no inference run)")),
+        row(
+            "peak memory, inference",
+            lambda s: _memory(s["infer_peak_memory_bytes"], s["infer_memory_measure"], "missing (no inference run)"),
+        ),
         row(f"dead experts (last {DEAD_WINDOW} logs)", _dead),
     ]
 
@@ -251,9 +303,16 @@ def summary_table(summaries: list[dict]):
 def write_markdown(path: Path, summaries: list[dict], figures: list[str]) -> None:
     """report.md: the summary table, the figures (relative links, so the folder can be shared as is), gaps."""
     names = ", ".join(f"`{s['name']}`" for s in summaries)
-    lines = [f"# gptoss run report: {names}", "",
-             f"Written by `gptoss report` on {time.strftime('%Y-%m-%d %H:%M')} from "
-             + ", ".join(f"`{s['path']}`" for s in summaries) + ".", "", "## Summary", ""]
+    lines = [
+        f"# gptoss run report: {names}",
+        "",
+        f"Written by `gptoss report` on {time.strftime('%Y-%m-%d %H:%M')} from "
+        + ", ".join(f"`{s['path']}`" for s in summaries)
+        + ".",
+        "",
+        "## Summary",
+        "",
+    ]
     rows = summary_rows(summaries)
     lines.append("| | " + " | ".join(s["name"] for s in summaries) + " |")
     lines.append("|---" * (len(summaries) + 1) + "|")
@@ -293,8 +352,10 @@ def make_report(runs: list[Path], out: Path | None = None, warn: Warn = lambda m
             warn(f"{run.path}: nothing to report yet (no {METRICS}, {TRAIN_MEMORY} or {INFER_MEMORY}); skipped")
     loaded = [run for run in loaded if run.has_data]
     if not loaded:
-        raise GptossError(f"nothing to report in {', '.join(map(str, paths))}: no {METRICS}, {TRAIN_MEMORY} or "
-                          f"{INFER_MEMORY}; train first: gptoss train --config tiny --run {paths[0]}")
+        raise GptossError(
+            f"nothing to report in {', '.join(map(str, paths))}: no {METRICS}, {TRAIN_MEMORY} or "
+            f"{INFER_MEMORY}; train first: gptoss train --config tiny --run {paths[0]}"
+        )
     out_dir = Path(out) if out is not None else loaded[0].path / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
 

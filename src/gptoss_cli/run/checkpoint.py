@@ -69,8 +69,9 @@ class CheckpointState:
         if raw.get("format", FORMAT) > FORMAT:
             raise CheckpointError(f"{source}: written by a newer gptoss (state format {raw['format']}); upgrade gptoss")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in raw.items() if k in known},
-                   extra={k: v for k, v in raw.items() if k not in known})
+        return cls(
+            **{k: v for k, v in raw.items() if k in known}, extra={k: v for k, v in raw.items() if k not in known}
+        )
 
     def to_json(self) -> dict[str, Any]:
         out = {k: v for k, v in dataclasses.asdict(self).items() if k != "extra" and v is not None}
@@ -123,8 +124,14 @@ def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
-def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor],
-                    trainer_tensors: dict[str, torch.Tensor], state: CheckpointState, keep: int) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    trainer_tensors: dict[str, torch.Tensor],
+    state: CheckpointState,
+    keep: int,
+) -> Path:
     """Write one checkpoint atomically and keep the newest `keep`. Returns its directory.
 
     Weights holding a NaN or an infinity are refused before anything is written, so every checkpoint on
@@ -133,8 +140,9 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
     final = ckpt_root / step_dir_name(step)
     bad = first_non_finite(weights)
     if bad is not None:
-        raise CheckpointError(f"refusing to save {final}: tensor {bad} holds non-finite values; "
-                              f"{newest_finite_text(ckpt_root)}")
+        raise CheckpointError(
+            f"refusing to save {final}: tensor {bad} holds non-finite values; {newest_finite_text(ckpt_root)}"
+        )
     ckpt_root.mkdir(parents=True, exist_ok=True)
     remove_stale(ckpt_root)  # hidden directories of writers that were killed
     try:
@@ -148,8 +156,11 @@ def save_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor]
             (tmp / STATE).write_text(json.dumps(state.to_json(), indent=1), encoding="utf-8")
     except AtomicWriteError as err:
         previous = list_checkpoints(ckpt_root)
-        kept = (f"the previous checkpoint is intact ({previous[-1].name})" if previous
-                else "no checkpoint was saved before this one")
+        kept = (
+            f"the previous checkpoint is intact ({previous[-1].name})"
+            if previous
+            else "no checkpoint was saved before this one"
+        )
         raise CheckpointError(f"could not save checkpoint {final} ({err.reason}); {kept}") from None
     for old in list_checkpoints(ckpt_root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -189,9 +200,9 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
         return []
     found = []
     for p in ckpt_root.iterdir():
-        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX):].isdigit() and _is_valid(p):
+        if p.is_dir() and p.name.startswith(STEP_PREFIX) and p.name[len(STEP_PREFIX) :].isdigit() and _is_valid(p):
             found.append(p)
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -230,6 +241,7 @@ def read_trainer_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
 # The state is keyed by parameter name (torch.distributed.checkpoint's full optimizer state dict), so it
 # does not depend on how many processes trained it or how they sharded it.
 
+
 def optimizer_to_tensors(osd: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, scalars = {}, {}
     for name, state in osd["state"].items():
@@ -245,7 +257,7 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
     state: dict[str, dict[str, Any]] = {}
     for full, value in tensors.items():
         if full.startswith("optim."):
-            name, key = full[len("optim."):].rsplit(".", 1)
+            name, key = full[len("optim.") :].rsplit(".", 1)
             state.setdefault(name, {})[key] = value
     for full, value in meta.get("scalars", {}).items():
         name, key = full.rsplit(".", 1)

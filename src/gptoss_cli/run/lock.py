@@ -45,13 +45,14 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
-            raise RunLocked(f"{self.path.parent} is being trained by another process ({holder}); wait for it to "
-                            f"finish or stop it, or pick another --run") from None
+            raise RunLocked(
+                f"{self.path.parent} is being trained by another process ({holder}); wait for it to "
+                f"finish or stop it, or pick another --run"
+            ) from None
         except OSError:
             os.close(fd)
             raise
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         self._fd = fd
@@ -88,4 +89,3 @@ def _describe(raw: bytes) -> str:
         return f"pid {rec['pid']} on {rec['host']}, since {rec['started']}"
     except (ValueError, KeyError, TypeError):
         return "holder unknown: the lock file is still being written"
-

@@ -51,8 +51,9 @@ def locate(run: Path | None, checkpoint: Path | None) -> tuple[RunDir, Path]:
     if run is None:
         found = RunDir.newest(need=CHECKPOINTS)
     elif not Path(run).is_dir():
-        raise GptossError(f"run directory {run} does not exist; train one first: "
-                          f"gptoss train --config tiny --run {run}")
+        raise GptossError(
+            f"run directory {run} does not exist; train one first: gptoss train --config tiny --run {run}"
+        )
     else:
         found = RunDir(run)
     return found, resolve_checkpoint(found.path)
@@ -81,8 +82,10 @@ def check_tokenizer(tok: Tokenizer, path: Path, state: CheckpointState, ckpt: Pa
     """The tokenizer must be the one the checkpoint was trained with (when the checkpoint recorded it)."""
     actual = tokenizer_hash(tok)
     if state.tokenizer_hash and state.tokenizer_hash != actual:
-        raise GptossError(f"{path} (hash {actual}) is not the tokenizer checkpoint {ckpt.name} was trained "
-                          f"with (hash {state.tokenizer_hash}); use the run directory the checkpoint came from")
+        raise GptossError(
+            f"{path} (hash {actual}) is not the tokenizer checkpoint {ckpt.name} was trained "
+            f"with (hash {state.tokenizer_hash}); use the run directory the checkpoint came from"
+        )
 
 
 def open_run(run: Path | None = None, checkpoint: Path | None = None, *, need_tokenizer: bool = True) -> OpenRun:

@@ -40,8 +40,15 @@ POLL_S = 0.5  # how often a non-streaming request checks whether its client is s
 class Served:
     """What the routes need: the engine, the tokenizer, the model's name, its conversation format."""
 
-    def __init__(self, engine: Engine, tokenizer, *, model_name: str, defaults: InferConfig,
-                 chat_format: ChatFormat | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer,
+        *,
+        model_name: str,
+        defaults: InferConfig,
+        chat_format: ChatFormat | None = None,
+    ):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.defaults, self.chat_format = defaults, chat_format
         self.created = int(time.time())
@@ -71,8 +78,13 @@ def create_app(served: Served, api_key: str | None = None):
         _check_model(served, body.model)
         fmt = served.chat_format
         if fmt is None:
-            raise ApiError(400, f"the model {served.model_name} has no conversation format (its run defines no "
-                           "chat template): use /v1/completions", param="messages", code="no_chat_format")
+            raise ApiError(
+                400,
+                f"the model {served.model_name} has no conversation format (its run defines no "
+                "chat template): use /v1/completions",
+                param="messages",
+                code="no_chat_format",
+            )
         try:
             ids = fmt.render(body.plain_messages(), add_generation_prompt=True)
         except MessageError as err:
@@ -87,8 +99,11 @@ def create_app(served: Served, api_key: str | None = None):
         return JSONResponse(ApiError(exc.status_code, str(exc.detail), code=kind).body(), status_code=exc.status_code)
 
     async def server_error(request: HttpRequest, exc: Exception) -> Response:
-        print(f"serve: {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)
+        print(
+            f"serve: {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         error = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
         return JSONResponse(error.body(), status_code=500)
 
@@ -109,12 +124,19 @@ def create_app(served: Served, api_key: str | None = None):
     ]
     # Plain routes that parse their own bodies, so every error is the OpenAI error object (FastAPI's own
     # validation answers 422 in another shape); no generated docs pages.
-    app = FastAPI(routes=routes, lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None,
-                  exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
+    app = FastAPI(
+        routes=routes,
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+    )
     return RequestLog(Auth(app, api_key))
 
 
 # ---- parsing and checking a request --------------------------------------------------------------
+
 
 async def _parse(request: HttpRequest, model: type[BaseModel]) -> Any:
     raw = await request.body()
@@ -138,8 +160,12 @@ async def _parse(request: HttpRequest, model: type[BaseModel]) -> Any:
 
 def _check_model(served: Served, name: str) -> None:
     if name != served.model_name:
-        raise ApiError(404, f"the model {name!r} does not exist; this server holds {served.model_name!r}",
-                       param="model", code="model_not_found")
+        raise ApiError(
+            404,
+            f"the model {name!r} does not exist; this server holds {served.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
 
 
 def _encode_prompts(served: Served, prompt: Any) -> list[list[int]]:
@@ -163,22 +189,33 @@ def _encode_prompts(served: Served, prompt: Any) -> list[list[int]]:
 def _sampling(served: Served, body, prompt_len: int, chat: bool, choice: int) -> InferConfig:
     limit = served.engine.max_length
     if prompt_len >= limit:
-        raise ApiError(400, f"the prompt has {prompt_len} tokens; this model's context is {limit} tokens, leaving "
-                       "no room to generate", param="messages" if chat else "prompt", code="context_length_exceeded")
+        raise ApiError(
+            400,
+            f"the prompt has {prompt_len} tokens; this model's context is {limit} tokens, leaving no room to generate",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+        )
     d = served.defaults
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
     if max_tokens is None:  # completions: the run's infer.max_new_tokens; chat: the rest of the context
         max_tokens = limit if chat else d.max_new_tokens
     seed = body.seed if body.seed is None else body.seed + choice  # n choices of one seed differ
     try:  # the request's fields over the run's defaults (a field left out is None: the default stays)
-        return d.with_overrides(max_new_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,
-                                top_p=body.top_p, repetition_penalty=body.repetition_penalty, seed=seed,
-                                stop=body.stop_list())
+        return d.with_overrides(
+            max_new_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=seed,
+            stop=body.stop_list(),
+        )
     except ConfigError as err:
         raise ApiError(400, str(err)) from None
 
 
 # ---- generating and answering --------------------------------------------------------------------
+
 
 async def _generate(request: HttpRequest, served: Served, body, prompts: list[list[int]], chat: bool) -> Response:
     loop = asyncio.get_running_loop()
@@ -192,11 +229,15 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
         def emit(event: Event) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody to tell
                 loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
         return emit
 
     if len(prompts) * body.n > served.engine.max_queue:
-        raise ApiError(400, f"{len(prompts)} prompts x n={body.n} exceed what the queue holds "
-                       f"({served.engine.max_queue}, --max-queue)", param="n" if body.n > 1 else "prompt")
+        raise ApiError(
+            400,
+            f"{len(prompts)} prompts x n={body.n} exceed what the queue holds ({served.engine.max_queue}, --max-queue)",
+            param="n" if body.n > 1 else "prompt",
+        )
     jobs = []
     for ids in prompts:
         for j in range(body.n):
@@ -205,20 +246,32 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
     try:
         served.engine.submit(jobs)
     except QueueFull as err:
-        raise ApiError(429, f"the server is busy: {err}; retry shortly", type="rate_limit_error",
-                       code="queue_full", headers={"Retry-After": "1"}) from None
+        raise ApiError(
+            429,
+            f"the server is busy: {err}; retry shortly",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
     except EngineClosed as err:
         raise ApiError(503, str(err), type="server_error", code="shutting_down", headers={"Retry-After": "5"}) from None
 
     info = request.scope.get("gptoss", {})
     info["tokens"] = [sum(map(len, prompts)), 0]
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": served.model_name}
+    head = {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": served.model_name,
+    }
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(_stream(queue, jobs, head, chat, include_usage, info), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(queue, jobs, head, chat, include_usage, info),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
 
     results: dict[int, Done] = {}
     try:
@@ -242,15 +295,20 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
         done = results[i]
         if chat:
             content = done.text if jobs[i].params.stop else served.chat_format.parse_reply(done.token_ids)["content"]
-            choices.append({"index": i, "message": {"role": "assistant", "content": content},
-                            "logprobs": None, "finish_reason": done.reason})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": None,
+                    "finish_reason": done.reason,
+                }
+            )
         else:
             choices.append({"index": i, "text": done.text, "logprobs": None, "finish_reason": done.reason})
     return JSONResponse({**head, "choices": choices, "usage": _usage(info["tokens"])})
 
 
-async def _stream(queue: asyncio.Queue, jobs: list[Request], head: dict, chat: bool, include_usage: bool,
-                  info: dict):
+async def _stream(queue: asyncio.Queue, jobs: list[Request], head: dict, chat: bool, include_usage: bool, info: dict):
     """Server-sent events: one chunk per piece of text, a last chunk per choice with its finish reason."""
     if chat:
         head = {**head, "object": "chat.completion.chunk"}
@@ -266,8 +324,19 @@ async def _stream(queue: asyncio.Queue, jobs: list[Request], head: dict, chat: b
     try:
         if chat:
             for i in range(len(jobs)):
-                yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]})
+                yield _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": i,
+                                "delta": {"role": "assistant", "content": ""},
+                                "logprobs": None,
+                                "finish_reason": None,
+                            }
+                        ],
+                    }
+                )
         finished = 0
         while finished < len(jobs):
             index, event = await queue.get()
@@ -304,6 +373,7 @@ def _usage(tokens: list[int]) -> dict[str, int]:
 
 # ---- middleware ----------------------------------------------------------------------------------
 
+
 class Auth:
     """With an API key, every request needs `Authorization: Bearer KEY` (401 otherwise)."""
 
@@ -314,8 +384,9 @@ class Auth:
         if scope["type"] == "http" and self.expected is not None:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not secrets.compare_digest(given, self.expected):
-                error = ApiError(401, "a valid API key is needed: send 'Authorization: Bearer KEY'",
-                                 code="invalid_api_key")
+                error = ApiError(
+                    401, "a valid API key is needed: send 'Authorization: Bearer KEY'", code="invalid_api_key"
+                )
                 response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
@@ -349,5 +420,9 @@ class RequestLog:
             count = f" tokens {tokens[0]}+{tokens[1]}" if tokens else ""
             client = scope.get("client") or ("-", 0)
             cut = " (cut off at shutdown)" if info.get("cancelled") else ""
-            print(f"{client[0]} {scope['method']} {scope['path']} {status[0] or 499}{count} "
-                  f"{(time.perf_counter() - start) * 1e3:.0f} ms{cut}", file=sys.stderr, flush=True)
+            print(
+                f"{client[0]} {scope['method']} {scope['path']} {status[0] or 499}{count} "
+                f"{(time.perf_counter() - start) * 1e3:.0f} ms{cut}",
+                file=sys.stderr,
+                flush=True,
+            )

@@ -82,8 +82,7 @@ class Request:
 class _Running:
     """A request inside the loop: its slot, generator, text stream and the next token to feed."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer, device: torch.device, max_length: int,
-                 vocab_size: int):
+    def __init__(self, request: Request, tokenizer: Tokenizer, device: torch.device, max_length: int, vocab_size: int):
         self.request = request
         self.params = request.params
         self.stream = TextStream(tokenizer, request.params.stop)
@@ -104,8 +103,17 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, eos_id: int | None, max_batch: int = 16,
-                 max_queue: int = 64, max_length: int | None = None, prefill_chunk: int = 256):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        *,
+        eos_id: int | None,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_length: int | None = None,
+        prefill_chunk: int = 256,
+    ):
         cfg = model.config
         self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
@@ -146,8 +154,13 @@ class Engine:
             self._thread.join(timeout)
 
     def load(self) -> dict[str, int]:
-        return {"running": len(self._decoding) + (self._joining is not None), "waiting": len(self._waiting),
-                "max_batch": self.max_batch, "max_queue": self.max_queue, **self.counts}
+        return {
+            "running": len(self._decoding) + (self._joining is not None),
+            "waiting": len(self._waiting),
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            **self.counts,
+        }
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -181,8 +194,9 @@ class Engine:
                 with self._wake:
                     request = self._waiting.popleft() if self._waiting else None
                 if request is not None:
-                    self._joining = _Running(request, self.tokenizer, self.device, self.max_length,
-                                             self.model.config.vocab_size)
+                    self._joining = _Running(
+                        request, self.tokenizer, self.device, self.max_length, self.model.config.vocab_size
+                    )
                     self.cache.reset(len(self._decoding))
             if self._joining is None:
                 break
@@ -257,7 +271,7 @@ class Engine:
         for i, r in enumerate(rows):
             if i not in picked:
                 try:
-                    drawn.append(sample(logits[i:i + 1], r.params, r.generator, r.seen))  # (1,)
+                    drawn.append(sample(logits[i : i + 1], r.params, r.generator, r.seen))  # (1,)
                     sampled.append(i)
                 except Exception as err:
                     failed[i] = _failure(err)

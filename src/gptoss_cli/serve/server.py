@@ -47,8 +47,9 @@ class ServeOptions:
                 raise GptossError(message)
 
 
-def serve(run: Path | None, checkpoint: Path | None, options: ServeOptions, device: str = "auto",
-          dtype: str = "auto") -> None:
+def serve(
+    run: Path | None, checkpoint: Path | None, options: ServeOptions, device: str = "auto", dtype: str = "auto"
+) -> None:
     import uvicorn
 
     from ..data.chat_format import chat_format
@@ -64,9 +65,15 @@ def serve(run: Path | None, checkpoint: Path | None, options: ServeOptions, devi
     ctx = loaded.config.model.max_context_length
     if options.max_length is not None and options.max_length > ctx:
         raise GptossError(f"--max-length {options.max_length} exceeds the model's context ({ctx} tokens)")
-    engine = Engine(loaded.model, loaded.tokenizer, eos_id=loaded.tokenizer.token_to_id(EOS),
-                    max_batch=options.max_batch, max_queue=options.max_queue, max_length=options.max_length,
-                    prefill_chunk=options.prefill_chunk)
+    engine = Engine(
+        loaded.model,
+        loaded.tokenizer,
+        eos_id=loaded.tokenizer.token_to_id(EOS),
+        max_batch=options.max_batch,
+        max_queue=options.max_queue,
+        max_length=options.max_length,
+        prefill_chunk=options.prefill_chunk,
+    )
     fmt = chat_format(loaded.tokenizer, loaded.run_dir)  # None: completions only, chat answers 400
     # What a request leaves out: the run's infer section, but a seed and stop strings only when the request
     # gives them (as the OpenAI API: no seed, fresh randomness).
@@ -74,14 +81,22 @@ def serve(run: Path | None, checkpoint: Path | None, options: ServeOptions, devi
     name = options.model_name or loaded.run_dir.resolve().name
     served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt)
     app = create_app(served, options.api_key)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=options.drain_s + FINAL_WRITES_S)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=options.drain_s + FINAL_WRITES_S,
+    )
     host, port = listener.getsockname()[:2]
     console.print(
         f"serving {name} ({loaded.checkpoint.name} on {loaded.device.type}) at http://{host}:{port}/v1 | "
         f"max batch {options.max_batch} | context {engine.max_length} | chat "
         f"{'yes' if fmt is not None else 'no'}{' | API key required' if options.api_key else ''}",
-        markup=False, highlight=False, soft_wrap=True)
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
     server = _draining_server(config, lambda: engine.stop(), options.drain_s)
     server.run(sockets=[listener])
     if server.started is False:

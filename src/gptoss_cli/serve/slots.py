@@ -17,8 +17,9 @@ from ..model import ModelConfig
 
 
 class SlotKVCache:
-    def __init__(self, config: ModelConfig, slots: int, max_length: int, dtype: torch.dtype,
-                 device: torch.device | str):
+    def __init__(
+        self, config: ModelConfig, slots: int, max_length: int, dtype: torch.dtype, device: torch.device | str
+    ):
         self.config = config
         self.slots, self.max_length = slots, max_length
         self.window = config.sliding_window
@@ -71,7 +72,7 @@ class SlotKVCache:
             self._ring_src = slice(t - keep, t)
             self._ring_dst = positions[:, self._ring_src] % ring  # (R, keep), distinct within a row
             pos_ring.scatter_(1, self._ring_dst, positions[:, self._ring_src])
-        return pos_full[:, :self._end], kpos_ring
+        return pos_full[:, : self._end], kpos_ring
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (R, T, NKV, D) of the current chunk -> the keys and values this layer attends over."""
@@ -86,4 +87,4 @@ class SlotKVCache:
         index = self._positions[:, :, None, None].expand(-1, -1, k.shape[2], k.shape[3])
         kc.scatter_(1, index, k)
         vc.scatter_(1, index, v)
-        return kc[:, :self._end], vc[:, :self._end]
+        return kc[:, : self._end], vc[:, : self._end]

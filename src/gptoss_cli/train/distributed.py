@@ -65,13 +65,17 @@ def shutdown() -> None:
 
 def _guard(what: str):
     """Turn a broken collective (a peer died or timed out) into one clear line."""
+
     @contextmanager
     def guard():
         try:
             yield
         except (RuntimeError, dist.DistError) as err:
-            raise GptossError(f"rank {dist.get_rank()}: {what} failed: another process died or timed out "
-                              f"(see its log) [{str(err).splitlines()[0][:200]}]") from None
+            raise GptossError(
+                f"rank {dist.get_rank()}: {what} failed: another process died or timed out "
+                f"(see its log) [{str(err).splitlines()[0][:200]}]"
+            ) from None
+
     return guard()
 
 
@@ -159,8 +163,9 @@ def full_weights(model: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """AdamW state keyed by parameter name, unsharded (collective under FSDP)."""
     with _guard("gathering optimizer state"):
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

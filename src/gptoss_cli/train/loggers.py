@@ -38,13 +38,27 @@ NAMES = ("tensorboard", "wandb", "csv")
 GIB = 1024**3
 # metrics.jsonl key -> scalar name, per kind of line
 SCALARS = {
-    "train": {"loss": "train/loss", "ppl": "train/ppl", "accuracy": "train/accuracy", "lr": "train/lr",
-              "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "aux_loss": "train/aux_loss",
-              "z_loss": "train/z_loss", "tokens": "train/tokens", "epoch": "train/epoch"},
+    "train": {
+        "loss": "train/loss",
+        "ppl": "train/ppl",
+        "accuracy": "train/accuracy",
+        "lr": "train/lr",
+        "grad_norm": "train/grad_norm",
+        "tokens_per_s": "train/tokens_per_s",
+        "aux_loss": "train/aux_loss",
+        "z_loss": "train/z_loss",
+        "tokens": "train/tokens",
+        "epoch": "train/epoch",
+    },
     "eval": {"val_loss": "val/loss", "val_ppl": "val/ppl", "val_accuracy": "val/accuracy"},
 }
-MEMORY = {"allocated_bytes": "memory/allocated_gib", "reserved_bytes": "memory/reserved_gib",
-          "peak_bytes": "memory/peak_gib", "nvml_used_bytes": "memory/nvml_used_gib", "rss_bytes": "memory/rss_gib"}
+MEMORY = {
+    "allocated_bytes": "memory/allocated_gib",
+    "reserved_bytes": "memory/reserved_gib",
+    "peak_bytes": "memory/peak_gib",
+    "nvml_used_bytes": "memory/nvml_used_gib",
+    "rss_bytes": "memory/rss_gib",
+}
 Warn = Callable[[str], None]
 
 
@@ -88,12 +102,14 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise RuntimeError("the wandb package is not installed: uv sync --extra wandb "
-                               "(or pip install 'gptoss[wandb]')") from None
+            raise RuntimeError(
+                "the wandb package is not installed: uv sync --extra wandb (or pip install 'gptoss[wandb]')"
+            ) from None
         mode = os.environ.get("WANDB_MODE", "online")  # read here too: W&B keeps settings per process
         if mode not in ("offline", "dryrun", "disabled") and not wandb.login(prompt=False, verify=False):
-            raise RuntimeError("not logged in to W&B: run `wandb login`, set WANDB_API_KEY, "
-                               "or WANDB_MODE=offline to log locally")
+            raise RuntimeError(
+                "not logged in to W&B: run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to log locally"
+            )
         RunDir(run_dir).wandb.mkdir(exist_ok=True)
         resume = {}
         if mode == "online":  # a resumed run continues its W&B run; offline runs cannot be resumed (W&B)
@@ -103,9 +119,15 @@ class WandbLogger:
             resume = {"id": run_id, "resume": "allow"}
         t = cfg.train
         # console="off": W&B would otherwise wrap stdout, which carries `train --json`'s summary.
-        self.run = wandb.init(project=t.wandb_project, name=t.wandb_name or run_dir.name, dir=str(run_dir),
-                              config=cfg.to_dict(), mode=mode, settings=wandb.Settings(console="off", quiet=True),
-                              **resume)
+        self.run = wandb.init(
+            project=t.wandb_project,
+            name=t.wandb_name or run_dir.name,
+            dir=str(run_dir),
+            config=cfg.to_dict(),
+            mode=mode,
+            settings=wandb.Settings(console="off", quiet=True),
+            **resume,
+        )
 
     def log(self, step: int, kind: str, values: dict[str, float], line: dict) -> None:
         self.run.log(values, step=step)

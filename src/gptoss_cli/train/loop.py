@@ -52,8 +52,10 @@ class StopRequest:
         self.requested = True
         self.signal = signal.Signals(signum).name
         if self.announce:
-            console.print("[yellow]stop requested: finishing this step and saving a checkpoint "
-                          "(Ctrl-C again to abort without saving)[/]")
+            console.print(
+                "[yellow]stop requested: finishing this step and saving a checkpoint "
+                "(Ctrl-C again to abort without saving)[/]"
+            )
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -79,8 +81,9 @@ class Trainer:
         self.stop_after = stop_after  # tests: behave as if Ctrl-C arrived after this many steps
         self.precision = p.precision
         # FSDP2 does bf16 through its mixed-precision policy; everything else through autocast.
-        use_autocast = self.precision == "bf16-mixed" and not (self.dist.enabled and self.dist.parallel == "fsdp"
-                                                                 and p.device.type == "cuda")
+        use_autocast = self.precision == "bf16-mixed" and not (
+            self.dist.enabled and self.dist.parallel == "fsdp" and p.device.type == "cuda"
+        )
         self.autocast = torch.autocast(p.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
         per_epoch = p.train_data.batches_per_epoch
         self.total_steps = self.t.max_steps or max(1, self.t.epochs * per_epoch // self.accum)
@@ -103,8 +106,10 @@ class Trainer:
         """The LR schedule is a function of (step, total steps): say when that surprises (docs/training.md)."""
         t = self.t
         if t.warmup_steps >= self.total_steps:
-            warn(f"train.warmup_steps={t.warmup_steps} is not below the run's {self.total_steps} steps: the "
-                 f"learning rate never reaches train.lr={t.lr:g} (lower train.warmup_steps)")
+            warn(
+                f"train.warmup_steps={t.warmup_steps} is not below the run's {self.total_steps} steps: the "
+                f"learning rate never reaches train.lr={t.lr:g} (lower train.warmup_steps)"
+            )
         s = self.p.resume_state
         old = (s.config or {}).get("train", {}) if s else {}
         if not old:
@@ -113,9 +118,11 @@ class Trainer:
         old_total = old.get("max_steps") or max(1, old.get("epochs", t.epochs) * per_epoch // self.accum)
         before, now = lr_at(s.step, old_t, old_total), lr_at(s.step, t, self.total_steps)
         if old_total != self.total_steps and not math.isclose(before, now, rel_tol=1e-6):
-            warn(f"resuming with {self.total_steps} total steps instead of {old_total}: the cosine schedule is "
-                 f"stretched over the new total, so the learning rate at step {s.step} moves from {before:.2e} "
-                 f"to {now:.2e}")
+            warn(
+                f"resuming with {self.total_steps} total steps instead of {old_total}: the cosine schedule is "
+                f"stretched over the new total, so the learning rate at step {s.step} moves from {before:.2e} "
+                f"to {now:.2e}"
+            )
 
     def _restore_rng(self, state: ckpt.CheckpointState, tensors: dict) -> None:
         torch.set_rng_state(tensors["rng.torch"])
@@ -149,9 +156,15 @@ class Trainer:
         loss = total / count
         self.best_val = min(self.best_val, loss)
         self.final_val = loss
-        return {"kind": "eval", "step": self.step, "epoch": self.epoch, "val_loss": loss,
-                "val_ppl": math.exp(min(loss, 50)), "val_accuracy": correct / count,
-                "elapsed_s": self.elapsed()}
+        return {
+            "kind": "eval",
+            "step": self.step,
+            "epoch": self.epoch,
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50)),
+            "val_accuracy": correct / count,
+            "elapsed_s": self.elapsed(),
+        }
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start
@@ -160,13 +173,20 @@ class Trainer:
     def save(self) -> Path | None:
         """Every rank takes part in gathering the state; rank 0 writes it. Non-finite weights are never
         saved: every rank checks its own (shard of the) parameters and all agree before any gather."""
-        bad = next((name for name, param in self.model.named_parameters()
-                    if not bool(torch.isfinite(param.to_local() if hasattr(param, "to_local") else param).all())),
-                   None)
+        bad = next(
+            (
+                name
+                for name, param in self.model.named_parameters()
+                if not bool(torch.isfinite(param.to_local() if hasattr(param, "to_local") else param).all())
+            ),
+            None,
+        )
         if distributed.all_reduce(torch.tensor([float(bad is not None)]), self.dist)[0] > 0:
-            raise GptossError(f"refusing to save a checkpoint at step {self.step}: the weights hold non-finite "
-                              f"values ({bad or 'on another rank'}); "
-                              f"{ckpt.newest_finite_text(self.files.checkpoints)}")
+            raise GptossError(
+                f"refusing to save a checkpoint at step {self.step}: the weights hold non-finite "
+                f"values ({bad or 'on another rank'}); "
+                f"{ckpt.newest_finite_text(self.files.checkpoints)}"
+            )
         # Both gathers are collectives under FSDP; with cpu_offload only rank 0 receives the tensors.
         weights = distributed.full_weights(self.model, self.cfg.model.tie_word_embeddings)
         osd = distributed.full_optimizer_state(self.model, self.p.optimizer)
@@ -177,13 +197,23 @@ class Trainer:
             if self.device.type == "cuda":
                 tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
             state = ckpt.CheckpointState(
-                step=self.step, epoch=self.epoch, batch_idx=self.batch_idx, tokens=self.tokens,
-                final_val_loss=self.final_val, epoch_loss=self.epoch_loss, elapsed_s=self.elapsed(),
-                tokenizer_hash=self.p.tok_hash, world_size=self.dist.world, python_rng=list(random.getstate()),
-                optimizer=opt_meta, config=self.cfg.to_dict(),
-                best_val_loss=self.best_val if math.isfinite(self.best_val) else None)
-            self.last_ckpt = ckpt.save_checkpoint(self.files.checkpoints, self.step, weights, tensors,
-                                                  state, self.t.keep_checkpoints)
+                step=self.step,
+                epoch=self.epoch,
+                batch_idx=self.batch_idx,
+                tokens=self.tokens,
+                final_val_loss=self.final_val,
+                epoch_loss=self.epoch_loss,
+                elapsed_s=self.elapsed(),
+                tokenizer_hash=self.p.tok_hash,
+                world_size=self.dist.world,
+                python_rng=list(random.getstate()),
+                optimizer=opt_meta,
+                config=self.cfg.to_dict(),
+                best_val_loss=self.best_val if math.isfinite(self.best_val) else None,
+            )
+            self.last_ckpt = ckpt.save_checkpoint(
+                self.files.checkpoints, self.step, weights, tensors, state, self.t.keep_checkpoints
+            )
         distributed.barrier(self.dist)
         return self.last_ckpt
 
@@ -202,8 +232,10 @@ class Trainer:
         t, data, main = self.t, self.p.train_data, self.dist.main
         self.start = time.time()
         if self.step >= self.total_steps:
-            raise GptossError(f"{self.p.run_dir} already trained {self.step} of {self.total_steps} steps; "
-                              "raise train.max_steps (e.g. --set train.max_steps=N) to continue")
+            raise GptossError(
+                f"{self.p.run_dir} already trained {self.step} of {self.total_steps} steps; "
+                "raise train.max_steps (e.g. --set train.max_steps=N) to continue"
+            )
         if self.p.resumed_from is not None:
             self.say(f"resuming from {self.p.resumed_from} (step {self.step})")
         resumed = self.p.resume_state.step if self.p.resume_state else None
@@ -215,44 +247,61 @@ class Trainer:
         world = self.dist.world
         setup = self.p.setup_times
         if setup:
-            self.say("setup: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in setup.items())
-                     + f" (data {self.p.data_root})")
-        self.say(f"run {self.p.run_dir}: {self.total_steps} steps; global batch {t.batch_size} x {self.accum} "
-                 f"accumulation x {world} process{'es' if world > 1 else ''} = {t.batch_size * self.accum * world} "
-                 f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
-                 f"{', ' + self.dist.parallel if world > 1 else ''})")
+            self.say(
+                "setup: "
+                + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in setup.items())
+                + f" (data {self.p.data_root})"
+            )
+        self.say(
+            f"run {self.p.run_dir}: {self.total_steps} steps; global batch {t.batch_size} x {self.accum} "
+            f"accumulation x {world} process{'es' if world > 1 else ''} = {t.batch_size * self.accum * world} "
+            f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
+            f"{', ' + self.dist.parallel if world > 1 else ''})"
+        )
         window = _Window(self.cfg.model.num_hidden_layers, self.cfg.model.num_experts, self.device)
         status, stop_signal = "completed", None
-        columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
-                   TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn())
+        columns = (
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         self.p.wrapped.train()
         try:
-            with StopRequest(announce=main) as stop, Progress(*columns, console=console, transient=True,
-                                                               disable=not main) as bar:
+            with (
+                StopRequest(announce=main) as stop,
+                Progress(*columns, console=console, transient=True, disable=not main) as bar,
+            ):
                 task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
                 while self.step < self.total_steps:
                     stopping = self._step(data, window, stop)
                     sample = memory.sample(self.step)
-                    bar.update(task, completed=self.step,
-                               info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s")
+                    bar.update(
+                        task, completed=self.step, info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s"
+                    )
                     if self.step % t.log_every == 0 or self.step == self.total_steps:
                         line = window.flush(self)
                         if main:
                             metrics.write(json.dumps(line) + "\n")
                             metrics.flush()
                             trackers.log(line, sample)
-                            bar.console.print(f"Epoch {line['epoch']}, Step {line['step']}: Loss={line['loss']:.4f}, "
-                                              f"PPL={line['ppl']:.2f}, Acc={line['accuracy']:.3f}, "
-                                              f"LR={line['lr']:.2e}", highlight=False)
+                            bar.console.print(
+                                f"Epoch {line['epoch']}, Step {line['step']}: Loss={line['loss']:.4f}, "
+                                f"PPL={line['ppl']:.2f}, Acc={line['accuracy']:.3f}, "
+                                f"LR={line['lr']:.2e}",
+                                highlight=False,
+                            )
                     if self.step % t.eval_every == 0 or self.step == self.total_steps:
                         ev = self._evaluate()
                         if ev and main:
                             metrics.write(json.dumps(ev) + "\n")
                             metrics.flush()
                             trackers.log(ev)
-                            bar.console.print(f"  validation: loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}",
-                                              highlight=False)
+                            bar.console.print(
+                                f"  validation: loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}", highlight=False
+                            )
                     if stopping or (self.stop_after is not None and self.step >= self.stop_after):
                         status, stop_signal = "interrupted", stop.signal or "SIGTERM" if stopping else None
                         break
@@ -273,14 +322,26 @@ class Trainer:
             if self.device.type == "cpu":  # the highest RSS of the whole process, data preparation included
                 peak = max(peak, _max_rss_bytes())
             memory.close()
-        summary = {"status": status, "signal": stop_signal, "steps": self.step, "epochs": self.epoch,
-                   "elapsed_s": self.elapsed(),
-                   "tokens": self.tokens, "tokens_per_s": self.tokens / max(self.elapsed(), 1e-9),
-                   "final_loss": window.final_loss, "best_val_loss": self.best_val if math.isfinite(self.best_val)
-                   else None, "final_val_loss": self.final_val, "peak_memory_bytes": peak,
-                   "device": self.device.type, "precision": self.precision, "world_size": world,
-                   "run_dir": str(self.p.run_dir), "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
-                   "setup_s": dict(self.p.setup_times), "data": str(self.p.data_root) if self.p.data_root else None}
+        summary = {
+            "status": status,
+            "signal": stop_signal,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "elapsed_s": self.elapsed(),
+            "tokens": self.tokens,
+            "tokens_per_s": self.tokens / max(self.elapsed(), 1e-9),
+            "final_loss": window.final_loss,
+            "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
+            "final_val_loss": self.final_val,
+            "peak_memory_bytes": peak,
+            "device": self.device.type,
+            "precision": self.precision,
+            "world_size": world,
+            "run_dir": str(self.p.run_dir),
+            "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
+            "setup_s": dict(self.p.setup_times),
+            "data": str(self.p.data_root) if self.p.data_root else None,
+        }
         if main:
             write_atomic(self.files.summary, json.dumps(summary, indent=1))
         return summary
@@ -321,7 +382,8 @@ class Trainer:
         # The norm is computed even when clipping is off (max_norm=inf); it is global under DDP and FSDP,
         # so every rank takes the same decision. A finite loss can still have non-finite gradients.
         grad_norm = distributed.unwrap_norm(
-            torch.nn.utils.clip_grad_norm_(self.p.wrapped.parameters(), t.grad_clip or float("inf")))
+            torch.nn.utils.clip_grad_norm_(self.p.wrapped.parameters(), t.grad_clip or float("inf"))
+        )
         norm_value = float(grad_norm)
         if not math.isfinite(norm_value):
             opt.zero_grad(set_to_none=True)
@@ -335,8 +397,9 @@ class Trainer:
 
     def _diverged(self, what: str) -> None:
         """Training diverged before this step's update: name the step and what survives on disk."""
-        raise GptossError(f"{what} at step {self.step + 1}; no update was applied; "
-                          f"{ckpt.newest_finite_text(self.files.checkpoints)}")
+        raise GptossError(
+            f"{what} at step {self.step + 1}; no update was applied; {ckpt.newest_finite_text(self.files.checkpoints)}"
+        )
 
     def _end_epoch(self) -> None:
         total, n = self.epoch_loss
@@ -390,9 +453,21 @@ class _Window:
         aux, z, acc = (self.stats / n).tolist()
         loss = self.loss / n
         self.final_loss = loss
-        line = {"kind": "train", "step": tr.step, "epoch": tr.epoch, "loss": loss, "aux_loss": aux, "z_loss": z,
-                "ppl": math.exp(min(loss, 50)), "accuracy": acc, "lr": self.lr, "grad_norm": float(self.grad_norm),
-                "tokens_per_s": self.tokens / max(time.time() - self.t0, 1e-9), "tokens": tr.tokens,
-                "elapsed_s": tr.elapsed(), "expert_counts": self.counts.tolist()}
+        line = {
+            "kind": "train",
+            "step": tr.step,
+            "epoch": tr.epoch,
+            "loss": loss,
+            "aux_loss": aux,
+            "z_loss": z,
+            "ppl": math.exp(min(loss, 50)),
+            "accuracy": acc,
+            "lr": self.lr,
+            "grad_norm": float(self.grad_norm),
+            "tokens_per_s": self.tokens / max(time.time() - self.t0, 1e-9),
+            "tokens": tr.tokens,
+            "elapsed_s": tr.elapsed(),
+            "expert_counts": self.counts.tolist(),
+        }
         self._reset()
         return line

@@ -26,9 +26,15 @@ class Objective(NamedTuple):
     out: ModelOutput  # the router statistics (aux_loss, z_loss, expert_counts)
 
 
-def objective(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, t: TrainConfig,
-              autocast: AbstractContextManager | None = None, positions: torch.Tensor | None = None,
-              segments: torch.Tensor | None = None) -> Objective:
+def objective(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    t: TrainConfig,
+    autocast: AbstractContextManager | None = None,
+    positions: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+) -> Objective:
     """inputs, targets (B, T) token ids -> the loss terms. `model` may be wrapped (DDP, FSDP).
 
     Targets of -100 are not counted (conversations train on assistant tokens only); positions and segments

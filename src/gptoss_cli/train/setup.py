@@ -109,8 +109,10 @@ def _conversation_tokenizer(cfg, run_dir, source_ckpt, tokenizer_path, texts, in
         else:
             tok = train_tokenizer(texts, cfg.model.vocab_size)
             if tok.get_vocab_size() < cfg.model.vocab_size:
-                warn(f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
-                     "the model keeps model.vocab_size")
+                warn(
+                    f"the corpus fills only {tok.get_vocab_size()} of {cfg.model.vocab_size} vocabulary entries; "
+                    "the model keeps model.vocab_size"
+                )
         text = tok.to_str()
     return Tokenizer.from_str(distributed.broadcast_object(text, info))
 
@@ -121,8 +123,10 @@ def _accumulation(cfg: RunConfig, world: int) -> int:
         return t.grad_accum_steps
     per_step = t.batch_size * world
     if t.global_batch_size % per_step:
-        raise GptossError(f"train.global_batch_size={t.global_batch_size} is not a multiple of batch_size x world "
-                          f"size = {t.batch_size} x {world}")
+        raise GptossError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of batch_size x world "
+            f"size = {t.batch_size} x {world}"
+        )
     return t.global_batch_size // per_step
 
 
@@ -149,8 +153,15 @@ def _source_run(checkpoint: Path | None) -> Path | None:
     return RunDir.of_checkpoint(checkpoint).path
 
 
-def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_from: Path | None = None,
-            tokenizer_path: Path | None = None, init_from: Path | None = None, progress: bool = True) -> Prepared:
+def prepare(
+    cfg: RunConfig,
+    run_dir: Path | None,
+    resume: bool = False,
+    resume_from: Path | None = None,
+    tokenizer_path: Path | None = None,
+    init_from: Path | None = None,
+    progress: bool = True,
+) -> Prepared:
     """Set up a run. `resume`/`resume_from` continue a checkpoint exactly (weights, optimizer, data
     position); `init_from` starts a new run (step 0, fresh optimizer) from a checkpoint's weights.
     `progress`: progress bars (stderr) while the data is prepared.
@@ -167,8 +178,16 @@ def prepare(cfg: RunConfig, run_dir: Path | None, resume: bool = False, resume_f
         raise
 
 
-def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Path | None,
-             tokenizer_path: Path | None, init_from: Path | None, progress: bool, held: list) -> Prepared:
+def _prepare(
+    cfg: RunConfig,
+    run_dir: Path | None,
+    resume: bool,
+    resume_from: Path | None,
+    tokenizer_path: Path | None,
+    init_from: Path | None,
+    progress: bool,
+    held: list,
+) -> Prepared:
     t = cfg.train
     if init_from is not None and (resume or resume_from):
         raise GptossError("--init-from starts a new run from weights; it cannot be combined with --resume")
@@ -188,8 +207,10 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
         resume_ckpt = ckpt.resolve_checkpoint(source)
         if run_dir is None:
             if RunDir.of_checkpoint(resume_ckpt).path == resume_ckpt:
-                raise GptossError(f"--resume-from {source}: not inside a run's checkpoints/ folder; "
-                                  "say where the continued run goes with --run DIR")
+                raise GptossError(
+                    f"--resume-from {source}: not inside a run's checkpoints/ folder; "
+                    "say where the continued run goes with --run DIR"
+                )
             run_dir = RunDir.of_checkpoint(resume_ckpt).path
     if run_dir is None:
         run_dir = distributed.broadcast_object(RunDir.new(cfg.name).path if info.main else None, info)
@@ -207,8 +228,7 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
     if state:
         _check_same_model(cfg, state, resume_ckpt, flag)
         if state.optimizer is None:
-            raise GptossError(f"{flag}: {resume_ckpt} holds weights only (imported?); "
-                              "use --init-from to train from it")
+            raise GptossError(f"{flag}: {resume_ckpt} holds weights only (imported?); use --init-from to train from it")
     init_ckpt = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
     if init_ckpt:
         _check_same_model(cfg, ckpt.read_state(init_ckpt), init_ckpt, "--init-from")
@@ -218,16 +238,29 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
     data_times, data_root = {}, None
     if chats is not None:  # supervised fine-tuning: the loss on assistant tokens, conversations packed per row
         train_chats, val_chats = split_documents(chats, cfg.data.val_fraction, t.seed)
-        tok = _conversation_tokenizer(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path,
-                                      conversations.conversation_text(train_chats), info)
+        tok = _conversation_tokenizer(
+            cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path, conversations.conversation_text(train_chats), info
+        )
         template_run = _source_run(resume_ckpt or init_ckpt) or run_dir
         tok, train_data, val_data = conversations.conversation_data(
-            tok, template_run, train_chats, val_chats, t.seq_len, t.batch_size * info.world, t.seed,
-            cfg.model.vocab_size, "tokenizer")
+            tok,
+            template_run,
+            train_chats,
+            val_chats,
+            t.seq_len,
+            t.batch_size * info.world,
+            t.seed,
+            cfg.model.vocab_size,
+            "tokenizer",
+        )
         tok_hash = tokenizer_hash(tok)
     else:
-        data = open_training_data(cfg, _tokenizer_source(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path),
-                                  info.rank, show=progress and info.main)
+        data = open_training_data(
+            cfg,
+            _tokenizer_source(cfg, run_dir, resume_ckpt or init_ckpt, tokenizer_path),
+            info.rank,
+            show=progress and info.main,
+        )
         tok, data_times, data_root = data.tokenizer, data.times, data.root
         tok_hash = tokenizer_hash(tok)
         # Every rank walks the same global order and draws only its own slice of each global micro-batch.
@@ -249,8 +282,9 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
     if not held:  # a new directory: created by taking its lock, then checked again under it
         held.append(_take_lock(run, info))
         if resume_ckpt is None and ckpt.list_checkpoints(run.checkpoints):
-            raise GptossError(f"{run_dir} already holds checkpoints: add --resume to continue it, "
-                              "or pick another --run")
+            raise GptossError(
+                f"{run_dir} already holds checkpoints: add --resume to continue it, or pick another --run"
+            )
     # A new run writes its config and tokenizer now; a resume only once it saves (Prepared.commit_files),
     # so a resume that fails (bad weights, divergence) leaves RUN/ exactly as it was.
     pending = [lambda: run.write_config(cfg), lambda: write_atomic(run.tokenizer, tok.to_str())] if info.main else []
@@ -271,15 +305,18 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
         bad = ckpt.first_non_finite(dict(model.named_parameters()))
         if bad is not None:
             where = flag if resume_ckpt else "--init-from"
-            raise GptossError(f"{where}: {resume_ckpt or init_ckpt} holds non-finite weights ({bad}); "
-                              f"{ckpt.newest_finite_text(RunDir.of_checkpoint(resume_ckpt or init_ckpt).checkpoints)}"
-                              " (pass it to --resume-from)")
+            raise GptossError(
+                f"{where}: {resume_ckpt or init_ckpt} holds non-finite weights ({bad}); "
+                f"{ckpt.newest_finite_text(RunDir.of_checkpoint(resume_ckpt or init_ckpt).checkpoints)}"
+                " (pass it to --resume-from)"
+            )
         if init_ckpt and info.main:
             console.print(f"starting from the weights of {init_ckpt}")
     bf16_ok = native_bf16(device)
     if device.type == "cuda" and not bf16_ok and t.precision in ("bf16", "bf16-mixed"):
-        raise GptossError(f"train.precision: {torch.cuda.get_device_name(device)} has no native bf16; "
-                          "use --set train.precision=fp32")
+        raise GptossError(
+            f"train.precision: {torch.cuda.get_device_name(device)} has no native bf16; use --set train.precision=fp32"
+        )
     precision = resolve_precision(t.precision, bf16_ok)
     place_model(model, t, precision, device)
     mixed = precision == "bf16-mixed" and device.type == "cuda"
@@ -290,8 +327,27 @@ def _prepare(cfg: RunConfig, run_dir: Path | None, resume: bool, resume_from: Pa
         tensors = ckpt.read_trainer_tensors(resume_ckpt)
         distributed.load_optimizer_state(model, optimizer, ckpt.optimizer_from_tensors(tensors, state.optimizer))
     times = {**data_times, "model_s": time.perf_counter() - model_start}
-    return Prepared(cfg, run_dir, device, model, wrapped, optimizer, train_data, val_data, tok_hash, accum,
-                    precision, info, state, tensors, resume_ckpt, times, data_root, held[0], pending)
+    return Prepared(
+        cfg,
+        run_dir,
+        device,
+        model,
+        wrapped,
+        optimizer,
+        train_data,
+        val_data,
+        tok_hash,
+        accum,
+        precision,
+        info,
+        state,
+        tensors,
+        resume_ckpt,
+        times,
+        data_root,
+        held[0],
+        pending,
+    )
 
 
 def place_model(model: Transformer, t: TrainConfig, precision: str, device: torch.device) -> None:

@@ -22,8 +22,9 @@ def test_token_batches_are_next_token_windows():
     assert torch.equal(data.batch(0, 1)[0], inputs)  # a pure function of (seed, epoch, index)
     seen = torch.cat([data.batch(0, i)[0][:, 0] for i in range(4)])
     assert sorted(seen.tolist()) == list(range(0, 48, 4))  # one epoch visits every window once
-    assert not torch.equal(torch.cat([data.batch(1, i)[0] for i in range(4)]),
-                           torch.cat([data.batch(0, i)[0] for i in range(4)]))
+    assert not torch.equal(
+        torch.cat([data.batch(1, i)[0] for i in range(4)]), torch.cat([data.batch(0, i)[0] for i in range(4)])
+    )
     # Each rank draws its own rows of the global batch.
     halves = TokenBatches([stream], seq_len=4, batch_size=4, seed=3)
     whole = halves.batch(2, 1)[0]

@@ -18,8 +18,10 @@ from gptoss_cli.data.chat_format import (
 )
 from gptoss_cli.data.tokenizer import EOS, PAD, train_tokenizer
 
-TEXT = ["Hello there, how are you today? I am a small model and I answer questions about the weather.",
-        "user assistant system developer: the quick brown fox jumps over the lazy dog. Sunny, rainy, windy."]
+TEXT = [
+    "Hello there, how are you today? I am a small model and I answer questions about the weather.",
+    "user assistant system developer: the quick brown fox jumps over the lazy dog. Sunny, rainy, windy.",
+]
 CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Hi, how are you?"},
@@ -41,8 +43,10 @@ def text_of(tok: Tokenizer, ids: list[int]) -> str:
 def test_render_is_the_harmony_shape_tokenized_whole(tok):
     fmt = chat_format(tok)
     ids = fmt.render(CHAT[:2])
-    want = ("<|start|>system<|message|>You are terse.<|end|><|start|>user<|message|>Hi, how are you?<|end|>"
-            "<|start|>assistant<|message|>")
+    want = (
+        "<|start|>system<|message|>You are terse.<|end|><|start|>user<|message|>Hi, how are you?<|end|>"
+        "<|start|>assistant<|message|>"
+    )
     assert ids == tok.encode(want).ids  # the tokenizer on the whole string is the reference
     assert text_of(tok, ids) == want
     full = fmt.render(CHAT, add_generation_prompt=False)
@@ -65,12 +69,18 @@ def test_training_mask_covers_assistant_content_and_its_closing_token(tok):
     assert [text_of(tok, r) for r in runs] == ["Fine, thanks.<|end|>", "Sunny today.<|return|>"]
 
 
-@pytest.mark.parametrize("messages, match", [
-    ("hello", "list of messages"), ([], "list of messages"), (["hi"], r"messages\[0\]"),
-    ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
-    ([{"role": "user", "content": ""}], "non-empty string"), ([{"role": "user", "content": 3}], "non-empty string"),
-    ([{"role": "user"}], "non-empty string"),
-])
+@pytest.mark.parametrize(
+    "messages, match",
+    [
+        ("hello", "list of messages"),
+        ([], "list of messages"),
+        (["hi"], r"messages\[0\]"),
+        ([{"role": "robot", "content": "x"}], "unknown role 'robot'"),
+        ([{"role": "user", "content": ""}], "non-empty string"),
+        ([{"role": "user", "content": 3}], "non-empty string"),
+        ([{"role": "user"}], "non-empty string"),
+    ],
+)
 def test_bad_messages_are_refused(tok, messages, match):
     with pytest.raises(MessageError, match=match):
         ChatFormat(tok).render(messages)
@@ -89,8 +99,12 @@ def test_a_tokenizer_without_the_conversation_tokens_has_no_format():
     old = Tokenizer(models.BPE())
     old.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     old.decoder = decoders.ByteLevel()
-    old.train_from_iterator(TEXT, trainers.BpeTrainer(vocab_size=280, special_tokens=[EOS, PAD],
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    old.train_from_iterator(
+        TEXT,
+        trainers.BpeTrainer(
+            vocab_size=280, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
     assert chat_format(old) is None
 
 
@@ -161,8 +175,9 @@ def test_a_foreign_template_renders_as_transformers_renders_it(tok, tmp_path, n,
 def test_a_foreign_template_reply_keeps_the_final_channel(tok, tmp_path):
     save_template(tmp_path, HARMONY, {}, ["<|return|>"])
     fmt = chat_format(tok, tmp_path)
-    reply = tok.encode("<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final"
-                       "<|message|>Sunny today.<|return|>").ids
+    reply = tok.encode(
+        "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>Sunny today.<|return|>"
+    ).ids
     assert fmt.parse_reply(reply) == {"role": "assistant", "content": "Sunny today."}
     ids, trained = fmt.render_with_mask(CHAT)
     assert text_of(tok, [i for i, t in zip(ids, trained, strict=True) if t]).count("<|message|>") == 2

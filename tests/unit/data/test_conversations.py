@@ -28,9 +28,13 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 CHATS = [
     [{"role": "user", "content": "What is a token?"}, {"role": "assistant", "content": "A piece of text."}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-     {"role": "assistant", "content": "Bye now."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Bye now."},
+    ],
     [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."}],
 ]
 
@@ -46,13 +50,16 @@ def write_jsonl(path: Path, lines: list) -> Path:
     return path
 
 
-@pytest.mark.parametrize("line, match", [
-    ("{not json", r"chats.jsonl:2: invalid JSON"),
-    ({"text": "a document"}, r"chats.jsonl:2: expected an object with a 'messages' list"),
-    ({"messages": [{"role": "bot", "content": "x"}]}, r"chats.jsonl:2: messages\[0\]: unknown role 'bot'"),
-    ({"messages": [{"role": "user", "content": ""}]}, r"chats.jsonl:2: messages\[0\]: content must be"),
-    ({"messages": "hello"}, r"chats.jsonl:2: messages: expected a non-empty list"),
-])
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ("{not json", r"chats.jsonl:2: invalid JSON"),
+        ({"text": "a document"}, r"chats.jsonl:2: expected an object with a 'messages' list"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, r"chats.jsonl:2: messages\[0\]: unknown role 'bot'"),
+        ({"messages": [{"role": "user", "content": ""}]}, r"chats.jsonl:2: messages\[0\]: content must be"),
+        ({"messages": "hello"}, r"chats.jsonl:2: messages: expected a non-empty list"),
+    ],
+)
 def test_a_bad_line_names_the_file_and_line(tmp_path, line, match):
     path = write_jsonl(tmp_path / "chats.jsonl", [{"messages": CHATS[0]}, line])
     with pytest.raises(GptossError, match=match):
@@ -151,9 +158,17 @@ def test_fine_tune_on_conversations(small_cfg, small_corpus, tmp_path):
     base = small_cfg(f"data.paths=[{small_corpus}]", "train.max_steps=2")
     Trainer(prepare(base, tmp_path / "base")).run()
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 6])
-    cfg = load_config(str(tmp_path / "base" / "config.yaml"),
-                      [f"data.paths=[{chats}]", "train.seq_len=48", "train.batch_size=2", "train.max_steps=3",
-                       "train.eval_every=3", "train.save_every=3"])
+    cfg = load_config(
+        str(tmp_path / "base" / "config.yaml"),
+        [
+            f"data.paths=[{chats}]",
+            "train.seq_len=48",
+            "train.batch_size=2",
+            "train.max_steps=3",
+            "train.eval_every=3",
+            "train.save_every=3",
+        ],
+    )
     p = prepare(cfg, tmp_path / "sft", init_from=tmp_path / "base")
     masked = p.train_data.targets == IGNORE
     assert masked.any() and not masked.all()  # user turns and headers masked, assistant replies counted

@@ -21,6 +21,7 @@ def write(path: Path, text: str) -> Path:
 
 # ---- documents ------------------------------------------------------------------------------------
 
+
 def test_txt_documents_are_split_at_blank_lines(tmp_path):
     path = write(tmp_path / "a.txt", "first line\nsame doc\n\n\n  second, indented\n   \n\t\nthird\tdoc\n")
     assert load_documents([str(path)]) == ["first line\nsame doc", "  second, indented", "third\tdoc"]
@@ -29,17 +30,27 @@ def test_txt_documents_are_split_at_blank_lines(tmp_path):
 
 
 def test_jsonl_text_field(tmp_path):
-    path = write(tmp_path / "d.jsonl", json.dumps({"text": "one", "id": 1}) + "\n\n"
-                 + json.dumps({"text": "two\n\nstill two"}) + "\n" + json.dumps({"text": "   "}) + "\n")
+    path = write(
+        tmp_path / "d.jsonl",
+        json.dumps({"text": "one", "id": 1})
+        + "\n\n"
+        + json.dumps({"text": "two\n\nstill two"})
+        + "\n"
+        + json.dumps({"text": "   "})
+        + "\n",
+    )
     assert load_documents([str(path)]) == ["one", "two\n\nstill two"]  # no paragraph split, blank text skipped
 
 
-@pytest.mark.parametrize(("line", "problem"), [
-    ({"body": "no text field"}, "expected an object with a string 'text' field"),
-    ({"text": 3}, "expected an object with a string 'text' field"),
-    ("[1, 2]", "expected a JSON object"),
-    ("{not json", "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ({"body": "no text field"}, "expected an object with a string 'text' field"),
+        ({"text": 3}, "expected an object with a string 'text' field"),
+        ("[1, 2]", "expected a JSON object"),
+        ("{not json", "invalid JSON"),
+    ],
+)
 def test_jsonl_bad_line_names_file_and_line(tmp_path, line, problem):
     bad = line if isinstance(line, str) else json.dumps(line)
     path = write(tmp_path / "d.jsonl", json.dumps({"text": "fine"}) + "\n\n" + bad + "\n")

@@ -109,6 +109,7 @@ def test_directory_reads_every_format_and_warns_once_about_the_rest(tmp_path):
 
 # ---- bad inputs: one line that names the file -----------------------------------------------------
 
+
 def one_line(exc_info) -> str:
     message = str(exc_info.value)
     assert message and "\n" not in message

@@ -11,18 +11,21 @@ from gptoss_cli.data.tokenizer import EOS, PAD, check_vocab, load_tokenizer, tok
 from gptoss_cli.errors import GptossError
 
 
-@pytest.mark.parametrize("text", [
-    "plain ascii text",
-    "  leading spaces and trailing  ",
-    "multiple     spaces\tand\ttabs\t\t",
-    "line one\nline two\n\n\nafter blank lines\r\nwindows line\n",
-    "caf\u00e9 na\u00efve \u00fcber \u00c5ngstr\u00f6m fa\u00e7ade",
-    "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3068\u4e2d\u6587\u5b57\u7b26",
-    "emoji \U0001f600\U0001f680 family \U0001f468\u200d\U0001f469\u200d\U0001f467 flag \U0001f1e9\U0001f1ea",
-    "\u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947",
-    "\x00control\x07chars\x1b[0m and \u00a0nbsp",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain ascii text",
+        "  leading spaces and trailing  ",
+        "multiple     spaces\tand\ttabs\t\t",
+        "line one\nline two\n\n\nafter blank lines\r\nwindows line\n",
+        "caf\u00e9 na\u00efve \u00fcber \u00c5ngstr\u00f6m fa\u00e7ade",
+        "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0\u3068\u4e2d\u6587\u5b57\u7b26",
+        "emoji \U0001f600\U0001f680 family \U0001f468\u200d\U0001f469\u200d\U0001f467 flag \U0001f1e9\U0001f1ea",
+        "\u0645\u0631\u062d\u0628\u0627 \u05e9\u05dc\u05d5\u05dd \u0928\u092e\u0938\u094d\u0924\u0947",
+        "\x00control\x07chars\x1b[0m and \u00a0nbsp",
+        "",
+    ],
+)
 def test_round_trip_is_lossless(builtin_tok, text):
     assert builtin_tok.decode(builtin_tok.encode(text).ids) == text
 
@@ -50,8 +53,9 @@ def test_saved_tokenizer_loads_and_checks_the_vocabulary(builtin_tok, tmp_path):
         load_tokenizer(tmp_path / "bad.json")
 
 
-def test_tiny_corpus_fills_fewer_tokens_than_asked_and_prepare_warns_once(small_cfg, small_corpus, tmp_path,
-                                                                            capsys, torch_one_thread):
+def test_tiny_corpus_fills_fewer_tokens_than_asked_and_prepare_warns_once(
+    small_cfg, small_corpus, tmp_path, capsys, torch_one_thread
+):
     docs = load_documents([str(small_corpus)])
     small = train_tokenizer(docs, 5000)
     assert 258 < small.get_vocab_size() < 5000  # 256 bytes + 2 specials, then the merges the text supports

@@ -22,9 +22,19 @@ from tests.conftest import assert_close, randomise, rtol_for
 
 W = 8  # sliding window
 CFG = ModelConfig(
-    num_hidden_layers=4, num_experts=4, experts_per_token=2, vocab_size=96, hidden_size=64, intermediate_size=32,
-    head_dim=16, num_attention_heads=4, num_key_value_heads=2, sliding_window=W, initial_context_length=96,
-    max_context_length=96, moe_backend="loop",
+    num_hidden_layers=4,
+    num_experts=4,
+    experts_per_token=2,
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=32,
+    head_dim=16,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    sliding_window=W,
+    initial_context_length=96,
+    max_context_length=96,
+    moe_backend="loop",
 )
 PAD = 95
 # fp32 logits of a 4-layer model (cached decoding against a full forward: other shapes, other summation
@@ -55,8 +65,15 @@ def prompt(n: int, seed: int = 1) -> list[int]:
 
 def run(model, prompts, params=GREEDY, **kwargs):
     steps = []
-    ids, reasons, stats = generate_tokens(model, prompts, params, pad_id=PAD, eos_id=kwargs.pop("eos_id", None),
-                                          on_logits=lambda x: steps.append(x.clone()), **kwargs)
+    ids, reasons, stats = generate_tokens(
+        model,
+        prompts,
+        params,
+        pad_id=PAD,
+        eos_id=kwargs.pop("eos_id", None),
+        on_logits=lambda x: steps.append(x.clone()),
+        **kwargs,
+    )
     return ids, reasons, stats, torch.stack(steps, 1)  # logits (B, steps, V)
 
 
@@ -72,7 +89,7 @@ def test_cached_decode_matches_full_forward_across_ring_wrap(models, prompt_len)
     ids, reasons, _, steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=5 * W))
     assert reasons == ["length"] and len(ids[0]) == 5 * W  # the ring wrapped several times
     full = full_logits(ref, p + ids[0])
-    expected = full[prompt_len - 1:prompt_len - 1 + 5 * W]  # logits that predicted each generated token
+    expected = full[prompt_len - 1 : prompt_len - 1 + 5 * W]  # logits that predicted each generated token
     assert_close(steps[0], expected, rtol=LOGITS_RTOL)
     assert expected.std() > 0.5  # a real comparison, not of near-constant logits
 
@@ -81,7 +98,7 @@ def test_eager_backend_cache_matches_too(models):
     model, ref = models
     p = prompt(W + 1, seed=3)
     ids, _, _, steps = run(ref, [p], dataclasses.replace(GREEDY, max_new_tokens=3 * W))
-    assert_close(steps[0], full_logits(ref, p + ids[0])[W:W + 3 * W], rtol=LOGITS_RTOL)
+    assert_close(steps[0], full_logits(ref, p + ids[0])[W : W + 3 * W], rtol=LOGITS_RTOL)
 
 
 def test_left_padded_batch_matches_each_prompt_alone(models):
@@ -92,7 +109,7 @@ def test_left_padded_batch_matches_each_prompt_alone(models):
     for row, p in enumerate(prompts):
         alone, _, _, _ = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=20))
         assert ids[row] == alone[0]
-        full = full_logits(ref, p + ids[row])[len(p) - 1:len(p) + 19]
+        full = full_logits(ref, p + ids[row])[len(p) - 1 : len(p) + 19]
         assert_close(steps[row], full, rtol=LOGITS_RTOL)
 
 
@@ -198,6 +215,7 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
 
 # ---- the static cache behind `infer --compile` ----------------------------------------------------
 
+
 @pytest.fixture
 def fresh_steps(monkeypatch):
     """An empty registry of compiled steps: no test sees a step another test built (or faked)."""
@@ -216,7 +234,7 @@ def test_static_cache_decode_matches_full_forward(models, prompt_len, monkeypatc
     ids, reasons, _, steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=4 * W), compile_decode=True)
     assert reasons == ["length"]
     full = full_logits(ref, p + ids[0])
-    assert_close(steps[0], full[prompt_len - 1:prompt_len - 1 + 4 * W], rtol=LOGITS_RTOL)
+    assert_close(steps[0], full[prompt_len - 1 : prompt_len - 1 + 4 * W], rtol=LOGITS_RTOL)
     eager_ids, *_ = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=4 * W))
     assert ids == eager_ids
 
@@ -256,8 +274,9 @@ def test_compiled_decode_matches_eager(models, fresh_steps):
     model, _ = models
     for seed in (10, 15):
         p = prompt(W + 2, seed=seed)
-        compiled_ids, _, _, compiled_steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W),
-                                                 compile_decode=True)
+        compiled_ids, _, _, compiled_steps = run(
+            model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W), compile_decode=True
+        )
         eager_ids, _, _, eager_steps = run(model, [p], dataclasses.replace(GREEDY, max_new_tokens=2 * W))
         assert compiled_ids == eager_ids
         assert_close(compiled_steps, eager_steps, rtol=LOGITS_RTOL)  # inductor fuses and reorders the sums

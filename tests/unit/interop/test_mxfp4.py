@@ -22,8 +22,9 @@ def test_mxfp4_decodes_the_format_table():
         assert out.shape == (32,)
         assert out[:6].tolist() == [v * factor for v in (0.5, 1.0, -0.0, -6.0, -4.0, 6.0)]
         assert not out[6:].any()
-    every = torch.tensor([[lo | (hi << 4) for lo, hi in zip(range(0, 16, 2), range(1, 16, 2), strict=True)] * 2],
-                         dtype=torch.uint8)
+    every = torch.tensor(
+        [[lo | (hi << 4) for lo, hi in zip(range(0, 16, 2), range(1, 16, 2), strict=True)] * 2], dtype=torch.uint8
+    )
     assert dequantize(every, torch.tensor([127], dtype=torch.uint8), torch.float32).tolist() == LUT * 2
 
 

@@ -18,10 +18,22 @@ ALPHA = 1.702
 
 def small_config(**overrides) -> ModelConfig:
     base = dict(
-        num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=64, hidden_size=32,
-        intermediate_size=16, head_dim=8, num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
-        max_context_length=64, attention_bias=True, router_bias=True, tie_word_embeddings=False,
-        attention_backend="eager", moe_backend="loop",
+        num_hidden_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_context_length=64,
+        attention_bias=True,
+        router_bias=True,
+        tie_word_embeddings=False,
+        attention_backend="eager",
+        moe_backend="loop",
     )
     return ModelConfig(**(base | overrides))
 
@@ -98,8 +110,7 @@ def moe_ref(block: MLPBlock, x: torch.Tensor, variant: str = "gpt-oss") -> torch
             y = torch.zeros_like(v)
             for wt, e in zip(weights, chosen, strict=True):
                 h = (w1[e] @ t + b1[e]).tolist()
-                a = torch.tensor([swiglu_ref(h[2 * j], h[2 * j + 1]) for j in range(len(h) // 2)],
-                                 dtype=torch.float64)
+                a = torch.tensor([swiglu_ref(h[2 * j], h[2 * j + 1]) for j in range(len(h) // 2)], dtype=torch.float64)
                 if variant == "bias_unweighted":
                     y = y + wt * (w2[e] @ a) + b2[e]
                 else:

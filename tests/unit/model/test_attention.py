@@ -34,7 +34,7 @@ def test_attention_mask_formula(window):
             expected = j <= t and (window == 0 or t - window < j)
             assert bool(mask[0, 0, t, j]) is expected
     if window:
-        assert (mask[0, 0].sum(-1)[window - 1:] == window).all()  # exactly W keys, the current one included
+        assert (mask[0, 0].sum(-1)[window - 1 :] == window).all()  # exactly W keys, the current one included
 
 
 def test_attention_mask_ignores_empty_slots():
@@ -147,8 +147,7 @@ def test_banded_sliding_attention_matches_sdpa(t, window):
     """The block-skipping sliding path against full sdpa, in float64: outputs and all four gradients,
     with a left-padded row (positions -1, then 0..) and T not a multiple of W."""
     g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(2, heads, t, 8, generator=g, dtype=torch.float64, requires_grad=True)
-               for heads in (4, 2, 2))
+    q, k, v = (torch.randn(2, heads, t, 8, generator=g, dtype=torch.float64, requires_grad=True) for heads in (4, 2, 2))
     sinks = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
     pos = torch.arange(t).expand(2, t).clone()
     pos[0, :5], pos[0, 5:] = -1, torch.arange(t - 5)

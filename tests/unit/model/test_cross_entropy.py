@@ -114,5 +114,3 @@ def test_chunks_follow_the_device():
     assert chunk_rows(8000, "cpu") == 2**20 // 8000  # ~4 MB of fp32 logits: stays in cache
     assert chunk_rows(32000, "cuda") == 2**24 // 32000
     assert chunk_rows(10**7, "cpu") == 32  # a floor, so a huge vocabulary still makes real matmuls
-
-

@@ -41,8 +41,12 @@ def test_swiglu_interleaved_layout():
     torch.manual_seed(0)
     gate, lin = torch.randn(5, 6) * 4, torch.randn(5, 6) * 4
     interleaved = torch.stack([gate, lin], -1).reshape(5, 12)
-    expected = torch.tensor([[swiglu_ref(g, x) for g, x in zip(gr.tolist(), lr.tolist(), strict=True)]
-                             for gr, lr in zip(gate, lin, strict=True)])
+    expected = torch.tensor(
+        [
+            [swiglu_ref(g, x) for g, x in zip(gr.tolist(), lr.tolist(), strict=True)]
+            for gr, lr in zip(gate, lin, strict=True)
+        ]
+    )
     assert_close(swiglu(interleaved, 7.0), expected, rtol=1e-5, atol=1e-5, elementwise=True)
     chunked = torch.cat([gate, lin], -1)  # the seed's chunk(2) layout must give something else
     assert max_diff(swiglu(chunked, 7.0), expected) > 1e-2
@@ -92,8 +96,12 @@ def _moe_run(backend: str, dtype=torch.float32):
     return out.detach(), stats, grads
 
 
-MOE_FAST = ["fused_loop", pytest.param("grouped_mm", marks=pytest.mark.skipif(
-    not hasattr(torch, "_grouped_mm"), reason="torch lacks _grouped_mm"))]
+MOE_FAST = [
+    "fused_loop",
+    pytest.param(
+        "grouped_mm", marks=pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch lacks _grouped_mm")
+    ),
+]
 
 
 @pytest.mark.parametrize("backend", MOE_FAST)

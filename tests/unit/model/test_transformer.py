@@ -22,6 +22,7 @@ from tests.unit.model.references import (
 @pytest.mark.parametrize("backend", ["fused_loop", "sdpa", "sdpa_dense"])
 def test_model_gradients_match_the_reference_backends(backend):
     """A whole model (loss, aux loss) under a fast backend against eager attention and the loop MoE."""
+
     def grads(**kernels):
         model = Transformer(small_config(**kernels))
         randomise(model, **SCALES)
@@ -52,7 +53,7 @@ def _cached_logits(model, ids, prefill, step, max_length):
     cache = KVCache(model.config, ids.shape[0], max_length, torch.float32, "cpu")
     outs = [model(ids[:, :prefill], cache=cache).logits]
     for start in range(prefill, ids.shape[1], step):
-        outs.append(model(ids[:, start:start + step], cache=cache).logits)
+        outs.append(model(ids[:, start : start + step], cache=cache).logits)
     assert cache.length == ids.shape[1]
     return torch.cat(outs, 1)
 
@@ -104,9 +105,19 @@ def test_model_aux_loss_is_mean_over_layers():
 # ---------------------------------------------------------------------------------------------------
 
 RELEASE = dict(
-    experts_per_token=4, vocab_size=201088, hidden_size=2880, intermediate_size=2880, head_dim=64,
-    num_attention_heads=64, num_key_value_heads=8, sliding_window=128, tie_word_embeddings=False,
-    attention_bias=True, router_bias=True, rope_scaling_factor=32.0, rope_theta=150000.0,
+    experts_per_token=4,
+    vocab_size=201088,
+    hidden_size=2880,
+    intermediate_size=2880,
+    head_dim=64,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    sliding_window=128,
+    tie_word_embeddings=False,
+    attention_bias=True,
+    router_bias=True,
+    rope_scaling_factor=32.0,
+    rope_theta=150000.0,
     initial_context_length=4096,
 )
 
@@ -141,9 +152,20 @@ def test_compact_defaults_are_tied_without_biases():
 # ---------------------------------------------------------------------------------------------------
 
 POSITIVE = (
-    "num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size", "intermediate_size",
-    "head_dim", "num_attention_heads", "num_key_value_heads", "initial_context_length", "max_context_length",
-    "rope_theta", "rms_norm_eps", "swiglu_limit",
+    "num_hidden_layers",
+    "num_experts",
+    "experts_per_token",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "head_dim",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "initial_context_length",
+    "max_context_length",
+    "rope_theta",
+    "rms_norm_eps",
+    "swiglu_limit",
 )
 
 
@@ -160,8 +182,10 @@ def test_config_rejects_non_positive(key, value):
     [
         (dict(num_attention_heads=24, num_key_value_heads=5), "num_attention_heads"),
         (dict(num_experts=4, experts_per_token=5), "experts_per_token"),
-        (dict(initial_context_length=32, rope_theta=1e4, head_dim=16, rope_scaling_factor=4.0),
-         "initial_context_length"),
+        (
+            dict(initial_context_length=32, rope_theta=1e4, head_dim=16, rope_scaling_factor=4.0),
+            "initial_context_length",
+        ),
         (dict(head_dim=15), "head_dim"),
         (dict(sliding_window=-1), "sliding_window"),
         (dict(rope_scaling_factor=0.5), "rope_scaling_factor"),

@@ -57,13 +57,23 @@ def memory_records(device: str, phase: str, ranks: int, n: int = 40) -> list[dic
     out = []
     for i in range(n):
         for rank in range(ranks):
-            rec = {"time": 1.5 * i, "wall": 1.7e9 + 1.5 * i, "phase": phase, "rank": rank,
-                   "step": i * 8 if phase == "train" else None, "device": device,
-                   "rss_bytes": int((0.6 + 0.01 * i) * GIB)}
+            rec = {
+                "time": 1.5 * i,
+                "wall": 1.7e9 + 1.5 * i,
+                "phase": phase,
+                "rank": rank,
+                "step": i * 8 if phase == "train" else None,
+                "device": device,
+                "rss_bytes": int((0.6 + 0.01 * i) * GIB),
+            }
             if device == "cuda":
                 alloc = (1.0 + 0.5 * rank + 0.02 * i) * GIB
-                rec.update(allocated_bytes=int(alloc), reserved_bytes=int(alloc + 0.5 * GIB),
-                           peak_bytes=int(alloc + 0.25 * GIB), nvml_used_bytes=int(alloc + 1.0 * GIB))
+                rec.update(
+                    allocated_bytes=int(alloc),
+                    reserved_bytes=int(alloc + 0.5 * GIB),
+                    peak_bytes=int(alloc + 0.25 * GIB),
+                    nvml_used_bytes=int(alloc + 1.0 * GIB),
+                )
                 rec["label"] = "GPU memory"
             else:
                 rec["label"] = "CPU memory (process RSS)"
@@ -73,8 +83,15 @@ def memory_records(device: str, phase: str, ranks: int, n: int = 40) -> list[dic
     return out
 
 
-def make_run(root: Path, name: str = "demo", device: str = "cuda", ranks: int = 1, infer: bool = True,
-             finished: bool = True, cut_last: bool = False) -> Path:
+def make_run(
+    root: Path,
+    name: str = "demo",
+    device: str = "cuda",
+    ranks: int = 1,
+    infer: bool = True,
+    finished: bool = True,
+    cut_last: bool = False,
+) -> Path:
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("name: tiny\ntrain:\n  precision: auto\n")
@@ -82,22 +99,59 @@ def make_run(root: Path, name: str = "demo", device: str = "cuda", ranks: int = 
     for step in range(LOG_EVERY, STEPS + 1, LOG_EVERY):
         elapsed += 0.5
         loss = 2.0 + 5.0 * math.exp(-step / 80)
-        metrics.append({"kind": "train", "step": step, "epoch": 0, "loss": loss, "aux_loss": 0.01, "z_loss": 0.0,
-                        "ppl": math.exp(loss), "accuracy": 0.3, "lr": 3e-3 * min(1.0, step / 30),
-                        "grad_norm": 1.0, "tokens_per_s": 20000.0 + 100 * (step % 7), "tokens": step * 1024,
-                        "elapsed_s": elapsed, "expert_counts": expert_counts(step)})
+        metrics.append(
+            {
+                "kind": "train",
+                "step": step,
+                "epoch": 0,
+                "loss": loss,
+                "aux_loss": 0.01,
+                "z_loss": 0.0,
+                "ppl": math.exp(loss),
+                "accuracy": 0.3,
+                "lr": 3e-3 * min(1.0, step / 30),
+                "grad_norm": 1.0,
+                "tokens_per_s": 20000.0 + 100 * (step % 7),
+                "tokens": step * 1024,
+                "elapsed_s": elapsed,
+                "expert_counts": expert_counts(step),
+            }
+        )
         if step % 50 == 0:
-            metrics.append({"kind": "eval", "step": step, "epoch": 0, "val_loss": loss + 0.1,
-                            "val_ppl": math.exp(loss + 0.1), "val_accuracy": 0.28, "elapsed_s": elapsed})
+            metrics.append(
+                {
+                    "kind": "eval",
+                    "step": step,
+                    "epoch": 0,
+                    "val_loss": loss + 0.1,
+                    "val_ppl": math.exp(loss + 0.1),
+                    "val_accuracy": 0.28,
+                    "elapsed_s": elapsed,
+                }
+            )
     write_lines(run / "metrics.jsonl", metrics, cut_last)
     write_lines(run / "memory.jsonl", memory_records(device, "train", ranks), cut_last)
     if infer:
         write_lines(run / "inference-memory.jsonl", memory_records(device, "infer", 1, n=20))
     if finished:
-        (run / "summary.json").write_text(json.dumps({
-            "steps": STEPS, "epochs": 1, "elapsed_s": elapsed, "tokens": STEPS * 1024, "tokens_per_s": 20480.0,
-            "final_loss": loss, "best_val_loss": 2.2, "final_val_loss": 2.2,
-            "peak_memory_bytes": 123, "device": device, "precision": "bf16-mixed", "status": "finished"}))
+        (run / "summary.json").write_text(
+            json.dumps(
+                {
+                    "steps": STEPS,
+                    "epochs": 1,
+                    "elapsed_s": elapsed,
+                    "tokens": STEPS * 1024,
+                    "tokens_per_s": 20480.0,
+                    "final_loss": loss,
+                    "best_val_loss": 2.2,
+                    "final_val_loss": 2.2,
+                    "peak_memory_bytes": 123,
+                    "device": device,
+                    "precision": "bf16-mixed",
+                    "status": "finished",
+                }
+            )
+        )
     return run
 
 

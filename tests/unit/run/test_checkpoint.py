@@ -20,9 +20,20 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny shapes on a sha
 
 
 def test_untied_model_stores_its_unembedding():
-    model = Transformer(ModelConfig(num_hidden_layers=1, num_experts=2, experts_per_token=1, vocab_size=64,
-                                    hidden_size=16, intermediate_size=16, head_dim=8, num_attention_heads=2,
-                                    num_key_value_heads=1, tie_word_embeddings=False))
+    model = Transformer(
+        ModelConfig(
+            num_hidden_layers=1,
+            num_experts=2,
+            experts_per_token=1,
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=16,
+            head_dim=8,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=False,
+        )
+    )
     assert {"embedding.weight", "unembedding.weight"} <= ckpt.weights_state_dict(model).keys()
 
 

@@ -11,9 +11,21 @@ from gptoss_cli.serve.slots import SlotKVCache
 
 
 def _model() -> Transformer:
-    cfg = ModelConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=64, hidden_size=32,
-                      intermediate_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
-                      sliding_window=4, initial_context_length=48, max_context_length=48, moe_backend="loop")
+    cfg = ModelConfig(
+        num_hidden_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        initial_context_length=48,
+        max_context_length=48,
+        moe_backend="loop",
+    )
     model = Transformer(cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     return model.eval()
@@ -40,8 +52,9 @@ def test_slots_decode_rows_of_different_lengths_like_full_forwards(torch_one_thr
         for start in range(0, len(ids), 3):  # chunked prefill, 3 tokens at a time
             end = min(start + 3, len(ids))
             cache.select(slot, slot + 1, end)
-            logits = model(torch.tensor([ids[start:end]]), torch.arange(start, end)[None], cache,
-                           last_only=True).logits[0, -1]
+            logits = model(
+                torch.tensor([ids[start:end]]), torch.arange(start, end)[None], cache, last_only=True
+            ).logits[0, -1]
         _close(logits, _reference(model, ids))
         seqs[slot].append(int(logits.argmax()))
 

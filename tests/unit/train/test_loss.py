@@ -22,9 +22,20 @@ FP64_RTOL = 1e-12  # float64 on both sides: ~4500 eps, a check of the algorithm,
 @pytest.mark.parametrize("tied", [True, False])
 def test_objective_fused_equals_unfused(tied):
     """The whole training objective, both ways: loss, accuracy and every parameter's gradient."""
-    cfg = ModelConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=64, hidden_size=32,
-                      intermediate_size=16, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
-                      sliding_window=4, max_context_length=64, tie_word_embeddings=tied)
+    cfg = ModelConfig(
+        num_hidden_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+        max_context_length=64,
+        tie_word_embeddings=tied,
+    )
     ids = torch.randint(0, 64, (3, 13), generator=torch.Generator().manual_seed(2))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     results = {}
@@ -44,9 +55,19 @@ def test_objective_fused_equals_unfused(tied):
 
 
 def _mlp_block(experts_per_token: int = 2, router_bias: bool = False) -> MLPBlock:
-    cfg = ModelConfig(num_hidden_layers=1, num_experts=4, experts_per_token=experts_per_token, vocab_size=64,
-                      hidden_size=32, intermediate_size=16, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
-                      router_bias=router_bias, moe_backend="loop")
+    cfg = ModelConfig(
+        num_hidden_layers=1,
+        num_experts=4,
+        experts_per_token=experts_per_token,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        router_bias=router_bias,
+        moe_backend="loop",
+    )
     block = MLPBlock(cfg)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():

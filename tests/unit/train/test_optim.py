@@ -17,9 +17,20 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny shapes on a sha
 
 
 def test_adamw_decays_only_the_projection_matrices():
-    cfg = ModelConfig(num_hidden_layers=2, num_experts=4, experts_per_token=2, vocab_size=64, hidden_size=32,
-                      intermediate_size=16, head_dim=8, num_attention_heads=4, num_key_value_heads=2,
-                      tie_word_embeddings=False, attention_bias=True, router_bias=True)
+    cfg = ModelConfig(
+        num_hidden_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=16,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        router_bias=True,
+    )
     model = Transformer(cfg)
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1, lr=1e-3), torch.device("cpu"))
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -27,8 +38,19 @@ def test_adamw_decays_only_the_projection_matrices():
     assert len(decay_of) == len(names) == sum(len(g["params"]) for g in opt.param_groups)
 
     decayed = ("attn.qkv.weight", "attn.out.weight", "mlp.gate.weight", "mlp.mlp1_weight", "mlp.mlp2_weight")
-    no_decay = ("embedding.weight", "unembedding.weight", "norm.scale", "attn.sinks", "attn.norm.scale",
-                "attn.qkv.bias", "attn.out.bias", "mlp.norm.scale", "mlp.gate.bias", "mlp.mlp1_bias", "mlp.mlp2_bias")
+    no_decay = (
+        "embedding.weight",
+        "unembedding.weight",
+        "norm.scale",
+        "attn.sinks",
+        "attn.norm.scale",
+        "attn.qkv.bias",
+        "attn.out.bias",
+        "mlp.norm.scale",
+        "mlp.gate.bias",
+        "mlp.mlp1_bias",
+        "mlp.mlp2_bias",
+    )
     seen = set()
     for name, p in names.items():
         if name.endswith(decayed):
