@@ -6,11 +6,12 @@ from typing import Annotated
 
 import typer
 
-from .infer import (
+from .options import (
     CheckpointOpt,
     DeviceOpt,
     DtypeOpt,
     PenaltyOpt,
+    ReadRunOpt,
     SeedOpt,
     StopOpt,
     TemperatureOpt,
@@ -18,7 +19,6 @@ from .infer import (
     TopKOpt,
     TopPOpt,
 )
-from .options import ReadRunOpt
 
 SystemOpt = Annotated[str | None, typer.Option("--system", help="The system message (/system TEXT changes it).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per reply (JSON Lines) instead of text.")]

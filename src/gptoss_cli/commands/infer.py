@@ -8,22 +8,22 @@ from typing import Annotated
 
 import typer
 
-from .options import CheckpointOpt, DeviceOpt, DtypeOpt, ReadRunOpt
+from .options import (
+    CheckpointOpt,
+    DeviceOpt,
+    DtypeOpt,
+    PenaltyOpt,
+    ReadRunOpt,
+    SeedOpt,
+    StopOpt,
+    TemperatureOpt,
+    TokensOpt,
+    TopKOpt,
+    TopPOpt,
+)
 
 PromptArg = Annotated[str | None, typer.Argument(help="Text to continue.", show_default=False)]
 PromptOpt = Annotated[str | None, typer.Option("--prompt", "-p", help="Text to continue (instead of the argument).")]
-TokensOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--max-new-tokens", "--max-tokens", "-n", help="Tokens to generate (default: the run's infer.max_new_tokens)."
-    ),
-]
-TemperatureOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 means greedy.")]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")]
-TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus: the smallest set with this mass (1 = off).")]
-PenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeated tokens.")]
-SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")]
-StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.")]
 PromptsFileOpt = Annotated[
     Path | None,
     typer.Option(

@@ -62,3 +62,17 @@ DtypeOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+
+# The sampling options of infer and chat (each None = the run's infer section).
+TokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-new-tokens", "--max-tokens", "-n", help="Tokens to generate (default: the run's infer.max_new_tokens)."
+    ),
+]
+TemperatureOpt = Annotated[float | None, typer.Option("--temperature", "-t", help="0 means greedy.")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k most likely tokens (0 = off).")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus: the smallest set with this mass (1 = off).")]
+PenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeated tokens.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")]
+StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.")]

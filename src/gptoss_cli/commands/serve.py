@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .infer import CheckpointOpt, DeviceOpt, DtypeOpt
-from .options import ReadRunOpt
+from .options import CheckpointOpt, DeviceOpt, DtypeOpt, ReadRunOpt
 
 HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")]
 PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
