@@ -42,10 +42,11 @@ import transformers
 from safetensors.torch import load_file, save_file
 from transformers import GptOssConfig, GptOssForCausalLM
 
-from gptoss_cli.bench import cpu_name, peak_flops, peak_rss
+from gptoss_cli.bench import cpu_name, peak_flops
 from gptoss_cli.config import InferConfig, RunConfig, TrainConfig
 from gptoss_cli.infer.generate import generate_tokens
 from gptoss_cli.interop.names import to_hf_config, to_hf_state_dict
+from gptoss_cli.memory import peak_rss
 from gptoss_cli.model import ModelConfig, Transformer
 from gptoss_cli.sizing import describe
 from gptoss_cli.train.loss import objective

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import itertools
 import platform
-import resource
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 
@@ -30,6 +28,7 @@ import torch
 
 from .config import RunConfig
 from .devices import apply_precision, native_bf16, resolve_dtype, resolve_precision
+from .memory import peak_rss, reset_peak_rss
 from .model import KVCache, Transformer
 from .sizing import describe
 from .train.loss import objective
@@ -141,25 +140,6 @@ def memory_bandwidth(device: torch.device) -> tuple[float, str]:
         _sync(device)
         times.append(time.perf_counter() - start)
     return x.numel() * 4 / statistics.median(times), "measured read of 512 MiB (sum)"
-
-
-def peak_rss() -> int:
-    """The process's peak resident set size in bytes (VmHWM: unlike ru_maxrss it is not inherited over exec)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak (Linux: writing 5 to clear_refs resets VmHWM). False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # ---- training ------------------------------------------------------------------------------------

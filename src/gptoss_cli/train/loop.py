@@ -12,8 +12,6 @@ import dataclasses
 import json
 import math
 import random
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,7 +20,7 @@ import torch
 
 from ..data.batches import TokenBatches
 from ..errors import GptossError
-from ..memory import MemorySampler
+from ..memory import MemorySampler, peak_rss
 from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.atomic import write_atomic
@@ -33,39 +31,10 @@ from .loggers import Loggers
 from .loss import objective
 from .optim import lr_at
 from .setup import Prepared, prepare
+from .signals import StopRequest
+from .window import MetricsWindow
 
 __all__ = ["Trainer", "prepare"]
-
-
-class StopRequest:
-    """Ctrl-C / SIGTERM set a flag: the loop finishes its step, saves, and exits. A second Ctrl-C aborts."""
-
-    def __init__(self, announce: bool):
-        self.requested = False
-        self.signal: str | None = None  # SIGINT or SIGTERM: the exit status is 128 + its number
-        self.announce = announce
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        self.signal = signal.Signals(signum).name
-        if self.announce:
-            console.print(
-                "[yellow]stop requested: finishing this step and saving a checkpoint "
-                "(Ctrl-C again to abort without saving)[/]"
-            )
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
@@ -258,7 +227,7 @@ class Trainer:
             f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
             f"{', ' + self.dist.parallel if world > 1 else ''})"
         )
-        window = _Window(self.cfg.model.num_hidden_layers, self.cfg.model.num_experts, self.device)
+        window = MetricsWindow(self.cfg.model.num_hidden_layers, self.cfg.model.num_experts, self.device)
         status, stop_signal = "completed", None
         columns = (
             TextColumn("[progress.description]{task.description}"),
@@ -320,7 +289,7 @@ class Trainer:
             trackers.close()
             peak = memory.peak_bytes()
             if self.device.type == "cpu":  # the highest RSS of the whole process, data preparation included
-                peak = max(peak, _max_rss_bytes())
+                peak = max(peak, peak_rss())
             memory.close()
         summary = {
             "status": status,
@@ -346,7 +315,7 @@ class Trainer:
             write_atomic(self.files.summary, json.dumps(summary, indent=1))
         return summary
 
-    def _step(self, data: TokenBatches, window: _Window, stop: StopRequest) -> bool:
+    def _step(self, data: TokenBatches, window: MetricsWindow, stop: StopRequest) -> bool:
         """One optimizer step over `accum` micro-batches. Returns whether any rank asked to stop.
 
         Nothing non-finite reaches the weights: a NaN/inf loss or gradient norm (the global norm, the same
@@ -407,67 +376,3 @@ class Trainer:
         self.epoch += 1
         self.batch_idx = 0
         self.epoch_loss = [0.0, 0]
-
-
-def _max_rss_bytes() -> int:
-    import resource
-    import sys
-
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-class _Window:
-    """Sums over one logging interval (device tensors where possible: no extra host syncs)."""
-
-    def __init__(self, layers: int, experts: int, device: torch.device):
-        self.shape = (layers, experts)
-        self.device = device
-        self.final_loss = None
-        self.last_loss, self.last_tps = math.nan, 0.0
-        self._reset()
-
-    def _reset(self):
-        self.loss = 0.0
-        self.n = self.tokens = 0
-        self.stats = torch.zeros(3, device=self.device)  # aux, z, accuracy sums over micro-batches
-        self.counts = torch.zeros(self.shape, dtype=torch.long, device=self.device)
-        self.t0 = time.time()
-
-    def add(self, out, acc, tokens: int) -> None:
-        self.stats += torch.stack([out.aux_loss.detach().float(), out.z_loss.detach().float(), acc.detach()])
-        self.counts += out.expert_counts
-        self.tokens += tokens
-
-    def end_step(self, loss: float, micro: int, lr: float, grad_norm) -> None:
-        self.loss += loss * micro
-        self.n += micro
-        self.lr, self.grad_norm, self.last_loss = lr, grad_norm, loss
-        self.last_tps = self.tokens / max(time.time() - self.t0, 1e-9)
-
-    def flush(self, tr: Trainer) -> dict:
-        """The metrics line; aux, z, accuracy and expert counts are combined over ranks (collective)."""
-        n = max(self.n, 1)
-        distributed.all_reduce(self.stats, tr.dist, op="mean")
-        distributed.all_reduce(self.counts, tr.dist)
-        aux, z, acc = (self.stats / n).tolist()
-        loss = self.loss / n
-        self.final_loss = loss
-        line = {
-            "kind": "train",
-            "step": tr.step,
-            "epoch": tr.epoch,
-            "loss": loss,
-            "aux_loss": aux,
-            "z_loss": z,
-            "ppl": math.exp(min(loss, 50)),
-            "accuracy": acc,
-            "lr": self.lr,
-            "grad_norm": float(self.grad_norm),
-            "tokens_per_s": self.tokens / max(time.time() - self.t0, 1e-9),
-            "tokens": tr.tokens,
-            "elapsed_s": tr.elapsed(),
-            "expert_counts": self.counts.tolist(),
-        }
-        self._reset()
-        return line
