@@ -1,11 +1,12 @@
 """Checkpoint step directories (run/checkpoint.py) on their own: an untied model stores its unembedding, a
 first checkpoint that fails leaves nothing behind and claims no previous one, and temporary, incomplete or
-corrupt step directories are never picked.
+corrupt step directories are never picked, and state.json files of earlier versions read unchanged.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from pathlib import Path
@@ -73,3 +74,47 @@ def test_temporary_and_incomplete_checkpoint_dirs_are_never_picked(tmp_path):
             ckpt.resolve_checkpoint(broken)
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint"):
         ckpt.resolve_checkpoint(tmp_path / "elsewhere")
+
+
+def test_state_json_of_earlier_versions_reads_unchanged_and_writes_back_the_same_fields(tmp_path):
+    """state.json is the on-disk contract: the dict the trainer and the importer wrote before CheckpointState
+    existed (None values included, an unknown field from a newer writer) reads into the same values."""
+    trained = {
+        "format": 1,
+        "step": 100,
+        "epoch": 6,
+        "batch_idx": 2,
+        "tokens": 102400,
+        "final_val_loss": None,
+        "epoch_loss": [12.5, 3],
+        "elapsed_s": 7.5,
+        "tokenizer_hash": "0123456789abcdef",
+        "world_size": 1,
+        "python_rng": [3, [1, 2, 3], None],
+        "optimizer": {"param_groups": [], "scalars": {}},
+        "config": {"model": {"hidden_size": 32}},
+        "best_val_loss": 4.87,
+        "from_the_future": {"x": 1},
+    }
+    imported = {
+        "format": 1,
+        "step": 0,
+        "tokenizer_hash": None,
+        "config": {"model": {}},
+        "imported_from": "/models/hf",
+        "source_layout": "hf",
+        "quantization": None,
+    }
+    for i, raw in enumerate((trained, imported)):
+        step = tmp_path / f"step-{i}"
+        step.mkdir()
+        (step / "state.json").write_text(json.dumps(raw), encoding="utf-8")
+        state = ckpt.read_state(step)
+        for key, value in raw.items():
+            assert getattr(state, key, state.extra.get(key)) == value, key
+        assert state.to_json() == {k: v for k, v in raw.items() if v is not None}  # None and absent: the same
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / "state.json").write_text(json.dumps({"format": 2, "step": 1}), encoding="utf-8")
+    with pytest.raises(ckpt.CheckpointError, match="newer gptoss"):
+        ckpt.read_state(newer)
