@@ -58,14 +58,28 @@ def root(
 
 
 def main() -> None:
-    """Entry point. Usage errors are click's (usage line, exit 2); our known errors become one line on
+    """Entry point. A usage error (unknown option, bad value) is one line and exit 2; our known errors one line on
     stderr and exit 2; an OS error (disk full, read-only file system, permission) one line naming the path,
     exit 1; anything unforeseen one line saying it is a bug, exit 1 (GPTOSS_DEBUG=1 re-raises all three)."""
     from .errors import GptossError
 
     debug = os.environ.get("GPTOSS_DEBUG", "") not in ("", "0")
     try:
-        app()  # standalone mode: click handles its own usage errors, --help and Ctrl-C, then sys.exit
+        # Not standalone: click's usage errors come here, to be one line like every other error; --help,
+        # typer.Exit(code) and the commands' own exit statuses come back as the return value.
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C outside a command's own handling
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as err:  # click's usage errors (typer's public base class of them)
+        message = err.format_message()
+        if not message.strip() or "\n" in message.strip():  # a bare `gptoss`: show the help text
+            err.show()
+        else:
+            ctx = getattr(err, "ctx", None)
+            where = ctx.command_path if ctx is not None else "gptoss"
+            print(f"error: {message.rstrip('.')} (see {where} --help)", file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
     except GptossError as err:
         if debug:
             raise
@@ -86,6 +100,7 @@ def main() -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def os_error_line(err: OSError) -> str:

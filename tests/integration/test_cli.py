@@ -174,15 +174,20 @@ def test_error_boundary_in_a_real_process(tmp_path, args):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_usage_errors_are_click_usage_errors(gptoss):
-    for args, problem in (
-        (["build", "--no-such-option"], "No such option: --no-such-option"),
-        (["frobnicate"], "No such command 'frobnicate'"),
-        (["build", "--set"], "Option '--set' requires an argument"),
+def test_usage_errors_are_one_line_naming_the_help(gptoss):
+    for args, problem, where in (
+        (["build", "--no-such-option"], "No such option: --no-such-option", "gptoss build --help"),
+        (["frobnicate"], "No such command 'frobnicate'", "gptoss --help"),
+        (["build", "--set"], "Option '--set' requires an argument", "--help"),
+        (["infer", "x", "--device", "gpu"], "'gpu' is not one of 'auto', 'cpu', 'cuda'", "gptoss infer --help"),
+        (["export"], "Missing option '--out'", "gptoss export --help"),
     ):
-        code, _, err = gptoss(*args)
-        assert "Traceback" not in err and problem in err
-        assert code == 2 and "GPTOSS_DEBUG" not in err, err  # click's own usage error, not our fallback
+        code, out, err = gptoss(*args)
+        assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, err
+        assert problem in err and where in err and err.rstrip().endswith("--help)"), err
+        assert "Traceback" not in err and "GPTOSS_DEBUG" not in err, err  # a usage error, not our bug fallback
+    code, out, err = gptoss()  # bare: the help text, as click shows it
+    assert code == 2 and "Usage: gptoss" in out + err
 
 
 # ---- training through the CLI ---------------------------------------------------------------------
