@@ -22,7 +22,7 @@ app = typer.Typer(
     "[bold]gptoss train --config tiny --run runs/demo[/], "
     '[bold]gptoss infer "GPT models are" -n 20 --run runs/demo[/].',
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
 )

@@ -141,7 +141,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "status": (f"{s['status']} ({s['signal']})" if s.get("signal") else s.get("status"))
         or ("unfinished (no summary.json)" if run.train else "not trained"),
         "device": s.get("device") or ", ".join(devices) or None,
-        "precision": s.get("precision") or train_cfg.get("precision"),
+        "precision": s.get("precision") or last.get("precision") or train_cfg.get("precision"),
         "steps": first_number(s.get("steps"), last.get("step")),
         "epochs": first_number(s.get("epochs"), last.get("epoch")),
         "elapsed_s": elapsed,

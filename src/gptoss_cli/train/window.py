@@ -54,6 +54,7 @@ class MetricsWindow:
         line = {
             "kind": "train",
             "step": tr.step,
+            "precision": tr.precision,  # resolved (never "auto"), so a killed run's report still knows it
             "epoch": tr.epoch,
             "loss": loss,
             "aux_loss": aux,
