@@ -89,11 +89,11 @@ def test_resume_appends_to_the_same_runs_without_duplicate_steps(small_cfg, tmp_
         got = [(e.step, e.value) for e in acc.Scalars(tag)]
         assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6]
         assert [v for _, v in got] == pytest.approx([line[key] for line in lines], rel=1e-6)
-    assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
+    assert [e.step for e in acc.Scalars("val/loss")] == [0, 3, 6]  # step 0: the untrained loss
     with open(run / "csv" / "train.csv", encoding="utf-8", newline="") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
     with open(run / "csv" / "eval.csv", encoding="utf-8", newline="") as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [3, 6]
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [0, 3, 6]
 
 
 def test_a_logger_that_cannot_write_warns_once_and_training_goes_on(small_cfg, tmp_path, capsys):
@@ -124,7 +124,7 @@ def test_a_logger_failing_mid_run_warns_once(small_cfg, tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert summary["status"] == "completed"
     assert err.count("train.loggers: csv failed (") == 1 and "No space left on device" in err
-    assert calls == [1, 2]  # dropped after the failure
+    assert calls == [0, 1, 2]  # step 0 (the untrained validation), 1, then 2 fails: dropped after it
     assert [e.step for e in events(tmp_path / "run").Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
 
 

@@ -170,7 +170,7 @@ def test_run_directory_contents(small_cfg, tmp_path):
         assert len(counts) == cfg.model.num_hidden_layers and all(len(row) == cfg.model.num_experts for row in counts)
         assert all(sum(row) == tokens_per_step * cfg.model.experts_per_token for row in counts)
     evals = metric_lines(run, "eval")
-    assert [rec["step"] for rec in evals] == [3, 6]
+    assert [rec["step"] for rec in evals] == [0, 3, 6]  # step 0: the untrained loss, a reference
     for rec in evals:
         assert rec["val_ppl"] == pytest.approx(math.exp(rec["val_loss"]))
 

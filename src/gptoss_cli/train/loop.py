@@ -123,8 +123,9 @@ class Trainer:
             count += counted
         self.p.wrapped.train()
         loss = total / count
-        self.best_val = min(self.best_val, loss)
-        self.final_val = loss
+        if self.step > 0:  # the untrained model's loss is a reference, not a result
+            self.best_val = min(self.best_val, loss)
+            self.final_val = loss
         return {
             "kind": "eval",
             "step": self.step,
@@ -246,6 +247,17 @@ class Trainer:
                 Progress(*columns, console=console, transient=True, disable=not main) as bar,
             ):
                 task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
+                if self.step == 0:  # the untrained loss, which a user checks against ln(vocab_size)
+                    ev = self._evaluate()
+                    if ev and main:
+                        metrics.write(json.dumps(ev) + "\n")
+                        metrics.flush()
+                        trackers.log(ev)
+                        bar.console.print(
+                            f"Step 0 (untrained): validation loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}; "
+                            f"ln(vocab_size) = {math.log(self.cfg.model.vocab_size):.4f}",
+                            highlight=False,
+                        )
                 while self.step < self.total_steps:
                     stopping = self._step(data, window, stop)
                     sample = memory.sample(self.step)
