@@ -269,3 +269,20 @@ def gptoss(monkeypatch, capsys):
         return code, out, err
 
     return call
+
+
+def save_run(path: Path, cfg, tok, model: torch.nn.Module, step: int) -> Path:
+    """A run directory as `gptoss train` leaves it: config.yaml, tokenizer.json and one checkpoint of `model`
+    at `step` (tests build the model and tokenizer they need, then write them the one way a run is laid out)."""
+    from gptoss_cli.config import save_config
+    from gptoss_cli.data.tokenizer import tokenizer_hash
+    from gptoss_cli.run.checkpoint import CheckpointState, save_checkpoint, weights_state_dict
+    from gptoss_cli.run.layout import RunDir
+
+    run = RunDir(path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.config)
+    run.tokenizer.write_text(tok.to_str(), encoding="utf-8")
+    state = CheckpointState(step=step, tokenizer_hash=tokenizer_hash(tok), config=cfg.to_dict())
+    save_checkpoint(run.checkpoints, step, weights_state_dict(model), {"rng.torch": torch.zeros(1)}, state, keep=1)
+    return run.path

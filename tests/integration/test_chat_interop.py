@@ -17,13 +17,12 @@ from gptoss_cli.cli import app  # noqa: E402
 from gptoss_cli.config import (  # noqa: E402
     InferConfig,  # noqa: E402
     RunConfig,
-    save_config,
 )
 from gptoss_cli.data.chat_format import ChatFormat, TemplateFormat, chat_format  # noqa: E402
-from gptoss_cli.data.tokenizer import PAD, load_tokenizer, tokenizer_hash, train_tokenizer  # noqa: E402
+from gptoss_cli.data.tokenizer import PAD, load_tokenizer, train_tokenizer  # noqa: E402
 from gptoss_cli.infer.generate import generate_tokens  # noqa: E402
 from gptoss_cli.model import ModelConfig, Transformer  # noqa: E402
-from gptoss_cli.run.checkpoint import CheckpointState, save_checkpoint, weights_state_dict  # noqa: E402
+from tests.conftest import save_run  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -88,13 +87,7 @@ def run(tmp_path: Path) -> Path:
         model.embedding.weight.mul_(20)  # logits far apart: greedy picks are not near-ties
     tok = train_tokenizer(TEXTS, 300)
     run_cfg = RunConfig(model=cfg, name="chat")
-    path = tmp_path / "run"
-    path.mkdir()
-    save_config(run_cfg, path / "config.yaml")
-    (path / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
-    state = CheckpointState(step=1, tokenizer_hash=tokenizer_hash(tok), config=run_cfg.to_dict())
-    save_checkpoint(path / "checkpoints", 1, weights_state_dict(model), {}, state, keep=1)
-    return path
+    return save_run(tmp_path / "run", run_cfg, tok, model, step=1)
 
 
 def test_export_chats_in_transformers(run, tmp_path):

@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_cli.config import RunConfig, TrainConfig, config_from_dict, read_yaml, save_config
-from gptoss_cli.data.tokenizer import EOS, tokenizer_hash, train_tokenizer
+from gptoss_cli.config import RunConfig, TrainConfig, config_from_dict, read_yaml
+from gptoss_cli.data.tokenizer import EOS, train_tokenizer
 from gptoss_cli.evaluate.score import plan_windows, score_sequences
 from gptoss_cli.model import ModelConfig, Transformer
 from gptoss_cli.run.checkpoint import (
-    CheckpointState,
     load_weights,
     resolve_checkpoint,
-    save_checkpoint,
-    weights_state_dict,
 )
+from tests.conftest import save_run
 
 VOCAB, CONTEXT = 320, 12
 WORDS = (
@@ -84,13 +82,7 @@ def make_run(root: Path, name: str, *, seed: int = 0, vocab: int = 300, zero: bo
         randomise(model, seed)
     tok = train_tokenizer(TEXTS, vocab)
     cfg = RunConfig(model=model.config, train=TrainConfig(seq_len=CONTEXT), name=name)
-    run = root / name
-    run.mkdir(parents=True)
-    save_config(cfg, run / "config.yaml")
-    (run / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
-    state = CheckpointState(step=5, tokenizer_hash=tokenizer_hash(tok), config=cfg.to_dict())
-    save_checkpoint(run / "checkpoints", 5, weights_state_dict(model), {}, state, keep=1)
-    return run
+    return save_run(root / name, cfg, tok, model, step=5)
 
 
 def held_out(tmp_path: Path, paragraphs: list[str]) -> Path:

@@ -20,20 +20,18 @@ from typer.testing import CliRunner
 transformers = pytest.importorskip("transformers")
 
 from gptoss_cli.commands import export, import_  # noqa: E402
-from gptoss_cli.config import RunConfig, config_from_dict, read_yaml, save_config  # noqa: E402
-from gptoss_cli.data.tokenizer import EOS, PAD, tokenizer_hash, train_tokenizer  # noqa: E402
+from gptoss_cli.config import RunConfig, config_from_dict, read_yaml  # noqa: E402
+from gptoss_cli.data.tokenizer import EOS, PAD, train_tokenizer  # noqa: E402
 from gptoss_cli.devices import keeps_fp32  # noqa: E402
 from gptoss_cli.errors import GptossError  # noqa: E402
 from gptoss_cli.model import ModelConfig, Transformer  # noqa: E402
 from gptoss_cli.run.checkpoint import (  # noqa: E402
-    CheckpointState,
     load_weights,
     read_state,
     resolve_checkpoint,
-    save_checkpoint,
     weights_state_dict,
 )
-from tests.conftest import assert_close, randomise, tiny_model_config  # noqa: E402
+from tests.conftest import assert_close, randomise, save_run, tiny_model_config  # noqa: E402
 from tests.unit.interop.test_mxfp4 import quantize_by_hand  # noqa: E402
 
 # TOL is absolute on purpose: randomise's 0.08 weights keep the logits O(1) (assert_close prints max|ref|).
@@ -98,13 +96,7 @@ def make_run(root: Path, layout: str, **over) -> tuple[Path, Transformer]:
     randomise(model)
     tok = train_tokenizer(TEXTS, 300)
     cfg = RunConfig(model=model.config, name=f"tiny-{layout}")
-    run = root / f"run-{layout}"
-    run.mkdir()
-    save_config(cfg, run / "config.yaml")
-    (run / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
-    state = CheckpointState(step=7, tokenizer_hash=tokenizer_hash(tok), config=cfg.to_dict())
-    save_checkpoint(run / "checkpoints", 7, weights_state_dict(model), {}, state, keep=1)
-    return run, model
+    return save_run(root / f"run-{layout}", cfg, tok, model, step=7), model
 
 
 def load_run(run: Path) -> Transformer:

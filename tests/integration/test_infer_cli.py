@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_cli.config import InferConfig, RunConfig, TrainConfig, save_config
-from gptoss_cli.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
+from gptoss_cli.config import InferConfig, RunConfig, TrainConfig
+from gptoss_cli.data.tokenizer import load_tokenizer, train_tokenizer
 from gptoss_cli.model import ModelConfig, Transformer
-from gptoss_cli.run.checkpoint import CheckpointState, load_weights, save_checkpoint, weights_state_dict
+from gptoss_cli.run.checkpoint import load_weights
+from tests.conftest import save_run
 
 LINES = [
     "GPT models are language models trained to predict the next token.",
@@ -55,16 +56,11 @@ def make_run(path: Path, lines: list[str] = LINES, vocab_size: int = 320) -> Pat
         infer=InferConfig(max_new_tokens=8, temperature=0.8, top_k=20),
         name="demo",
     )
-    path.mkdir(parents=True)
-    save_config(cfg, path / "config.yaml")
-    tok.save(str(path / "tokenizer.json"))
     model = Transformer(model_cfg)
     model.init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():  # a spread of logits, so greedy text does not hinge on near-ties
         model.embedding.weight.mul_(5)
-    state = CheckpointState(step=10, tokenizer_hash=tokenizer_hash(tok), config=cfg.to_dict())
-    save_checkpoint(path / "checkpoints", 10, weights_state_dict(model), {"rng.torch": torch.zeros(1)}, state, keep=3)
-    return path
+    return save_run(path, cfg, tok, model, step=10)
 
 
 @pytest.fixture(scope="module")
