@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from gptoss_cli.config import TrainConfig
-from gptoss_cli.model import ModelConfig, Transformer
+from gptoss_cli.model import Transformer
 from gptoss_cli.model.moe import MLPBlock
 from gptoss_cli.train.loss import objective
 from tests.conftest import assert_close
+from tests.unit.model.references import small_config
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny shapes on a shared machine
 
@@ -22,19 +23,8 @@ FP64_RTOL = 1e-12  # float64 on both sides: ~4500 eps, a check of the algorithm,
 @pytest.mark.parametrize("tied", [True, False])
 def test_objective_fused_equals_unfused(tied):
     """The whole training objective, both ways: loss, accuracy and every parameter's gradient."""
-    cfg = ModelConfig(
-        num_hidden_layers=2,
-        num_experts=4,
-        experts_per_token=2,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=16,
-        head_dim=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=4,
-        max_context_length=64,
-        tie_word_embeddings=tied,
+    cfg = small_config(
+        tie_word_embeddings=tied, attention_bias=False, router_bias=False, attention_backend="sdpa", moe_backend="auto"
     )
     ids = torch.randint(0, 64, (3, 13), generator=torch.Generator().manual_seed(2))
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -55,18 +45,15 @@ def test_objective_fused_equals_unfused(tied):
 
 
 def _mlp_block(experts_per_token: int = 2, router_bias: bool = False) -> MLPBlock:
-    cfg = ModelConfig(
+    cfg = small_config(
         num_hidden_layers=1,
-        num_experts=4,
         experts_per_token=experts_per_token,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=16,
-        head_dim=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         router_bias=router_bias,
-        moe_backend="loop",
+        attention_bias=False,
+        tie_word_embeddings=True,
+        sliding_window=128,
+        max_context_length=4096,
+        attention_backend="sdpa",
     )
     block = MLPBlock(cfg)
     g = torch.Generator().manual_seed(0)

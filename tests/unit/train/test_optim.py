@@ -10,27 +10,15 @@ import pytest
 import torch
 
 from gptoss_cli.config import TrainConfig
-from gptoss_cli.model import ModelConfig, Transformer
+from gptoss_cli.model import Transformer
 from gptoss_cli.train.optim import build_optimizer, lr_at
+from tests.unit.model.references import small_config
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # tiny shapes on a shared machine
 
 
 def test_adamw_decays_only_the_projection_matrices():
-    cfg = ModelConfig(
-        num_hidden_layers=2,
-        num_experts=4,
-        experts_per_token=2,
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=16,
-        head_dim=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        attention_bias=True,
-        router_bias=True,
-    )
+    cfg = small_config(sliding_window=128, max_context_length=4096, attention_backend="sdpa", moe_backend="auto")
     model = Transformer(cfg)
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1, lr=1e-3), torch.device("cpu"))
     decay_of = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
