@@ -1,8 +1,9 @@
 """Batch-1 greedy decode speed: gptoss's KV-cache loop against transformers' `GptOssForCausalLM.generate()`.
 
-Both models get the same shapes and the same weights (the name map of docs/interop.md#the-weight-map), fp32,
-in one process. Each implementation generates 1 token and N tokens from the same prompt; decode ms/token is
-(t(N) - t(1)) / (N - 1), so the prefill and fixed costs cancel. Rounds alternate the two implementations and
+Both models get the same shapes and the same weights, built as benchmarks/compare_hf.py builds them (the
+product's own name map, docs/interop.md#the-weight-map), fp32, in one process. Each implementation generates
+1 token and N tokens from the same prompt; decode ms/token is (t(N) - t(1)) / (N - 1), so the prefill and
+fixed costs cancel. Rounds alternate the two implementations and
 the medians are reported. The greedy tokens of both are compared as a correctness check.
 
     uv run python benchmarks/compare_hf_decode.py --new-tokens 128 --threads 1
@@ -20,91 +21,14 @@ import time
 
 import torch
 import transformers
-from transformers import GptOssConfig, GptOssForCausalLM
+from compare_hf import bench_config, build_hf  # same folder: the shapes and the HF twin of one benchmark
+from transformers import GptOssForCausalLM
 
 from gptoss_cli.bench import cpu_name
 from gptoss_cli.config import InferConfig
 from gptoss_cli.infer.generate import generate_tokens
-from gptoss_cli.model import ModelConfig, Transformer
-
-
-def tiny_config(context: int) -> ModelConfig:
-    """The compact layout (tied embeddings, no qkv/out/router bias) at the benchmark shapes of docs/performance.md."""
-    return ModelConfig(
-        num_hidden_layers=4,
-        num_experts=8,
-        experts_per_token=2,
-        vocab_size=8000,
-        hidden_size=256,
-        intermediate_size=512,
-        head_dim=32,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        sliding_window=64,
-        initial_context_length=context,
-        max_context_length=context,
-        tie_word_embeddings=True,
-        attention_bias=False,
-        router_bias=False,
-    )
-
-
-def hf_model(ours: Transformer) -> GptOssForCausalLM:
-    """An HF model of the same shape holding our weights (qkv rows split, expert matrices transposed)."""
-    cfg = ours.config
-    hcfg = GptOssConfig(
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_local_experts=cfg.num_experts,
-        num_experts_per_tok=cfg.experts_per_token,
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        head_dim=cfg.head_dim,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads,
-        sliding_window=cfg.sliding_window,
-        rms_norm_eps=cfg.rms_norm_eps,
-        swiglu_limit=cfg.swiglu_limit,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        attention_bias=False,
-        max_position_embeddings=cfg.max_context_length,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},  # else HF defaults to YaRN x32
-        layer_types=[
-            "sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.num_hidden_layers)
-        ],
-    )
-    hcfg._attn_implementation = "eager"  # HF refuses SDPA for gpt-oss (sinks)
-    sd = ours.state_dict()
-    mapped = {
-        "model.embed_tokens.weight": sd["embedding.weight"],
-        "model.norm.weight": sd["norm.scale"],
-        "lm_head.weight": sd["unembedding.weight"],
-    }
-    for i in range(cfg.num_hidden_layers):
-        src, dst = f"block.{i}.", f"model.layers.{i}."
-        q, k, v = sd[src + "attn.qkv.weight"].split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=0)
-        mapped |= {
-            dst + "input_layernorm.weight": sd[src + "attn.norm.scale"],
-            dst + "post_attention_layernorm.weight": sd[src + "mlp.norm.scale"],
-            dst + "self_attn.q_proj.weight": q,
-            dst + "self_attn.k_proj.weight": k,
-            dst + "self_attn.v_proj.weight": v,
-            dst + "self_attn.o_proj.weight": sd[src + "attn.out.weight"],
-            dst + "self_attn.sinks": sd[src + "attn.sinks"],
-            dst + "mlp.router.weight": sd[src + "mlp.gate.weight"],
-            dst + "mlp.router.bias": torch.zeros(cfg.num_experts),  # HF's router bias cannot be turned off
-            dst + "mlp.experts.gate_up_proj": sd[src + "mlp.mlp1_weight"].transpose(1, 2),
-            dst + "mlp.experts.gate_up_proj_bias": sd[src + "mlp.mlp1_bias"],
-            dst + "mlp.experts.down_proj": sd[src + "mlp.mlp2_weight"].transpose(1, 2),
-            dst + "mlp.experts.down_proj_bias": sd[src + "mlp.mlp2_bias"],
-        }
-    hf = GptOssForCausalLM(hcfg).eval()
-    missing = set(hf.state_dict()) ^ set(mapped)
-    assert not missing, missing
-    hf.load_state_dict(mapped)
-    hf.generation_config.eos_token_id = None  # generate exactly N tokens
-    hf.generation_config.pad_token_id = 0
-    return hf
+from gptoss_cli.model import Transformer
+from gptoss_cli.run.checkpoint import weights_state_dict
 
 
 def ours_generate(model: Transformer, prompt: list[int], n: int) -> list[int]:
@@ -134,14 +58,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     n = args.new_tokens
-    cfg = tiny_config(context=max(1024, args.prompt_tokens + n))
+    cfg = bench_config(context=max(1024, args.prompt_tokens + n))
     torch.manual_seed(0)
     ours = Transformer(cfg)
     ours.init_weights(torch.Generator().manual_seed(0))
     with torch.no_grad():  # spread the logits, so greedy choices are not near-ties between the two libraries
         ours.embedding.weight.mul_(10)
     ours.eval()
-    hf = hf_model(ours)
+    hf = build_hf(cfg, weights_state_dict(ours)).eval()
     prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(1))
     prompt = prompt.tolist()
 
