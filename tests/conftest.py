@@ -286,3 +286,39 @@ def save_run(path: Path, cfg, tok, model: torch.nn.Module, step: int) -> Path:
     state = CheckpointState(step=step, tokenizer_hash=tokenizer_hash(tok), config=cfg.to_dict())
     save_checkpoint(run.checkpoints, step, weights_state_dict(model), {"rng.torch": torch.zeros(1)}, state, keep=1)
     return run.path
+
+
+def save_demo_run(
+    path: Path, tok, *, context: int, max_new_tokens: int, vocab_size: int = 320, window: int = 8, name: str = "demo"
+):
+    """The generation tests' run: a 2-layer model with random weights whose logits are spread out,
+    so greedy text never hinges on a near-tie, and sampling defaults of temperature 0.8, top-k 20."""
+    from gptoss_cli.config import InferConfig, RunConfig, TrainConfig
+    from gptoss_cli.model import ModelConfig, Transformer
+
+    model_cfg = ModelConfig(
+        num_hidden_layers=2,
+        num_experts=4,
+        experts_per_token=2,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=32,
+        head_dim=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=window,
+        initial_context_length=context,
+        max_context_length=context,
+        moe_backend="loop",
+    )
+    cfg = RunConfig(
+        model=model_cfg,
+        train=TrainConfig(seq_len=32),
+        infer=InferConfig(max_new_tokens=max_new_tokens, temperature=0.8, top_k=20),
+        name=name,
+    )
+    model = Transformer(model_cfg)
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.embedding.weight.mul_(5)
+    return save_run(path, cfg, tok, model, step=10)

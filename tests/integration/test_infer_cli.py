@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptoss_cli.config import InferConfig, RunConfig, TrainConfig
 from gptoss_cli.data.tokenizer import load_tokenizer, train_tokenizer
-from gptoss_cli.model import ModelConfig, Transformer
+from gptoss_cli.model import Transformer
 from gptoss_cli.run.checkpoint import load_weights
-from tests.conftest import save_run
+from tests.conftest import save_demo_run
 
 LINES = [
     "GPT models are language models trained to predict the next token.",
@@ -35,32 +34,7 @@ STEP_DIR = "checkpoints/step-00000010"
 def make_run(path: Path, lines: list[str] = LINES, vocab_size: int = 320) -> Path:
     """A run directory as `gptoss train` leaves it: config.yaml, tokenizer.json, one checkpoint."""
     tok = train_tokenizer(lines, 300)
-    model_cfg = ModelConfig(
-        num_hidden_layers=2,
-        num_experts=4,
-        experts_per_token=2,
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=32,
-        head_dim=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=8,
-        initial_context_length=CONTEXT,
-        max_context_length=CONTEXT,
-        moe_backend="loop",
-    )
-    cfg = RunConfig(
-        model=model_cfg,
-        train=TrainConfig(seq_len=32),
-        infer=InferConfig(max_new_tokens=8, temperature=0.8, top_k=20),
-        name="demo",
-    )
-    model = Transformer(model_cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    with torch.no_grad():  # a spread of logits, so greedy text does not hinge on near-ties
-        model.embedding.weight.mul_(5)
-    return save_run(path, cfg, tok, model, step=10)
+    return save_demo_run(path, tok, context=CONTEXT, max_new_tokens=8, vocab_size=vocab_size)
 
 
 @pytest.fixture(scope="module")

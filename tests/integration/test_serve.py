@@ -24,10 +24,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gptoss_cli.config import InferConfig, RunConfig, TrainConfig
+from gptoss_cli.config import InferConfig
 from gptoss_cli.data.tokenizer import EOS, PAD, train_tokenizer
-from gptoss_cli.model import ModelConfig, Transformer
-from tests.conftest import save_run
+from tests.conftest import save_demo_run
 
 openai = pytest.importorskip("openai")
 
@@ -80,33 +79,7 @@ def _tokenizer(chat: bool) -> Tokenizer:
 
 
 def make_run(path: Path, chat: bool = True) -> Path:
-    tok = _tokenizer(chat)
-    model_cfg = ModelConfig(
-        num_hidden_layers=2,
-        num_experts=4,
-        experts_per_token=2,
-        vocab_size=320,
-        hidden_size=32,
-        intermediate_size=32,
-        head_dim=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=WINDOW,
-        initial_context_length=CONTEXT,
-        max_context_length=CONTEXT,
-        moe_backend="loop",
-    )
-    cfg = RunConfig(
-        model=model_cfg,
-        train=TrainConfig(seq_len=32),
-        infer=InferConfig(max_new_tokens=12, temperature=0.8, top_k=20),
-        name=path.name,
-    )
-    model = Transformer(model_cfg)
-    model.init_weights(torch.Generator().manual_seed(0))
-    with torch.no_grad():  # a spread of logits, so greedy text does not hinge on near-ties
-        model.embedding.weight.mul_(5)
-    return save_run(path, cfg, tok, model, step=10)
+    return save_demo_run(path, _tokenizer(chat), context=CONTEXT, max_new_tokens=12, window=WINDOW, name=path.name)
 
 
 class Server:
@@ -301,7 +274,6 @@ def test_stop_string_and_n(client):
 
 def _chat_reference(run: Path, messages: list[dict], max_tokens: int) -> str:
     """The reply generate_tokens gives for the rendered conversation, cut at the format's stop ids."""
-    from gptoss_cli.config import InferConfig
     from gptoss_cli.data.chat_format import chat_format
     from gptoss_cli.infer.generate import generate_tokens, load_run
 
@@ -332,7 +304,6 @@ def test_chat_completions(runs, client):
 def test_one_failing_request_leaves_the_others_alone(runs):
     """In process, on the engine alone: a request whose own callback breaks is failed; the loop and the
     requests decoding beside it go on to infer's text."""
-    from gptoss_cli.config import InferConfig
     from gptoss_cli.infer.generate import load_run
     from gptoss_cli.serve.engine import Done, Engine, Failed, Request, Token
 
