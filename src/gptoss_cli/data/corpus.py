@@ -161,11 +161,6 @@ def _blocks(src: Source, meter: Meter) -> Iterator[str]:
                 return
 
 
-def split_paragraphs(text: str) -> list[str]:
-    """Blank-line separated documents of one text, each exactly as written (whitespace-only ones dropped)."""
-    return [d for d in (_clean(p) for p in _SEPARATOR.split(text)) if d]
-
-
 def _clean(piece: str) -> str:
     """A piece between separators -> the document: blank lines at a file's start and line breaks at its
     end are not part of it; a piece of whitespace only is no document."""
