@@ -38,8 +38,10 @@ COMPRESSIONS = (".gz", ".zst")
 BLOCK = 1 << 22  # 4 MiB read size: large enough for throughput, small enough for bounded memory
 
 # One or more blank lines between two documents: the line break ending the last line of a document,
-# then lines of spaces/tabs only. Only \n and \r\n end a line, unlike str.splitlines().
-_SEPARATOR = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+# then lines of spaces/tabs only. Only \n and \r\n end a line, unlike str.splitlines(). The pattern
+# starts at the \n (a literal the regex engine scans for, 3x faster than a leading `\r?`); the \r of a
+# \r\n that ends a document is cut from the piece before it.
+_SEPARATOR = re.compile(r"\n(?:[ \t]*\r?\n)+")
 _LEADING_BLANK = re.compile(r"(?:[ \t]*\r?\n)+")
 _TRAILING_BREAK = re.compile(r"(?:\r?\n[ \t]*)+\Z")
 
@@ -151,12 +153,14 @@ def _open_binary(src: Source, meter: Meter):
 
 
 def _blocks(src: Source, meter: Meter) -> Iterator[str]:
-    """The file's text in blocks, decoded as UTF-8 without changing a line break."""
+    """The file's text in blocks, decoded as UTF-8 without changing a line break; then one ""."""
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     with _open_binary(src, meter) as f:
         while True:
             data = f.read(BLOCK)
-            yield decoder.decode(data, final=not data)
+            text = decoder.decode(data, final=not data)
+            if text or not data:  # "" only at the end: a block inside one UTF-8 character decodes to ""
+                yield text
             if not data:
                 return
 
@@ -180,9 +184,18 @@ def _paragraphs(src: Source, meter: Meter) -> Iterator[str]:
         pieces = _SEPARATOR.split(carry)
         # The last piece may continue in the next block (and so may a separator touching the end).
         carry = pieces.pop()
+        if not pieces:
+            continue
+        # The separator is greedy and the leftmost match wins, so a piece between two separators of one
+        # split neither starts with a blank line nor ends with a line break: only the first piece (the
+        # file's start, or text after a separator that straddled the block boundary) needs trimming, and
+        # _clean's trailing regex (a scan of the whole piece) runs once per file instead of per document.
+        pieces[0] = pieces[0][m.end() :] if (m := _LEADING_BLANK.match(pieces[0])) else pieces[0]
         for piece in pieces:
-            if doc := _clean(piece):
-                yield doc
+            if piece.endswith("\r"):
+                piece = piece[:-1]
+            if piece and not piece.isspace():  # isspace: strip()'s test without copying the document
+                yield piece
     if doc := _clean(carry):
         yield doc
 

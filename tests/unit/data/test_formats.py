@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import random
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -62,6 +64,29 @@ def test_text_file_edges(tmp_path, block):
     assert load_documents([str(path)]) == DOCS  # blank lines before the first and after the last
     one = write_bytes(tmp_path / "one.txt", b"no blank line\nat all")
     assert load_documents([str(one)]) == ["no blank line\nat all"]
+
+
+def trimmed(piece: str) -> str:
+    """The documented rule on one piece of the whole text: no blank lines before, no line breaks after,
+    nothing of whitespace only."""
+    piece = re.sub(r"\A(?:[ \t]*\r?\n)+", "", piece)
+    piece = re.sub(r"(?:\r?\n[ \t]*)+\Z", "", piece)
+    return "" if piece.isspace() else piece
+
+
+def test_streamed_paragraphs_equal_one_split_of_the_whole_file(tmp_path, monkeypatch):
+    """Random texts of separator-like characters, read in blocks of 1 to 64 bytes (a block can end
+    inside a UTF-8 character or a separator): the documents are those of one split of the whole text."""
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", "\t", "\n", "\r", "\r\n", "\x0c", "\u00e9", "\U0001f600"]
+    path = tmp_path / "a.txt"
+    for _ in range(400):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))
+        path.write_bytes(text.encode("utf-8"))
+        whole = [doc for piece in re.split(r"\r?\n(?:[ \t]*\r?\n)+", text) if (doc := trimmed(piece))]
+        for size in (1, 2, 3, 5, 64):
+            monkeypatch.setattr(corpus, "BLOCK", size)
+            assert list(iter_documents(find_sources([str(path)]))) == whole, (text, size)
 
 
 @pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst"])
