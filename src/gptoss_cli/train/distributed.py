@@ -18,12 +18,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
 
 from ..errors import GptossError
 
@@ -151,10 +145,19 @@ def gradient_sync(wrapped: torch.nn.Module, info: DistInfo, sync: bool):
     return nullcontext() if sync else wrapped.no_sync()
 
 
+def _state_dict():
+    """torch.distributed.checkpoint.state_dict, imported on first use: the import takes seconds (longer than
+    the rest of gptoss together), and a command must print its first line soon after torch is imported."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
 def full_weights(model: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
     """Unsharded weights by gpt-oss name on CPU (a collective under FSDP: every rank calls it)."""
+    sdm = _state_dict()
     with _guard("gathering weights"):
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = sdm.get_model_state_dict(model, options=sdm.StateDictOptions(full_state_dict=True, cpu_offload=True))
     if tied:
         sd.pop("unembedding.weight", None)  # shares the embedding's storage: stored once
     return sd
@@ -162,15 +165,17 @@ def full_weights(model: torch.nn.Module, tied: bool) -> dict[str, torch.Tensor]:
 
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """AdamW state keyed by parameter name, unsharded (collective under FSDP)."""
+    sdm = _state_dict()
     with _guard("gathering optimizer state"):
-        return get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return sdm.get_optimizer_state_dict(
+            model, optimizer, options=sdm.StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load a name-keyed full optimizer state (every rank holds all of it; FSDP keeps its shard)."""
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    sdm = _state_dict()
+    sdm.set_optimizer_state_dict(model, optimizer, state, options=sdm.StateDictOptions(full_state_dict=True))
 
 
 def unwrap_norm(norm: torch.Tensor) -> torch.Tensor:
