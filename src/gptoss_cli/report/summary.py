@@ -143,7 +143,9 @@ def summarize(run: RunData) -> dict[str, Any]:
         "device": s.get("device") or ", ".join(devices) or None,
         "precision": s.get("precision") or last.get("precision") or train_cfg.get("precision"),
         "steps": first_number(s.get("steps"), last.get("step")),
-        "epochs": first_number(s.get("epochs"), last.get("epoch")),
+        # Epochs done, a fraction included; a log line's "epoch" is the zero-based index of the one in
+        # progress, so a killed run's count is read from "epochs" (older logs: the epochs completed).
+        "epochs": first_number(s.get("epochs"), last.get("epochs"), last.get("epoch")),
         "elapsed_s": elapsed,
         "tokens": tokens,
         "tokens_per_s": tps,
@@ -268,10 +270,13 @@ def summary_rows(summaries: list[dict]) -> list[tuple[str, list[str]]]:
     def count(v: float | None) -> str:
         return "—" if v is None else f"{v:,.0f}"
 
+    def epochs(v: float | None) -> str:
+        return "—" if v is None else f"{v:,.2f}".rstrip("0").rstrip(".") + (" epoch" if v == 1 else " epochs")
+
     return [
         row("config / device", lambda s: f"{s['config'] or '?'} / {s['device'] or '?'} ({s['precision'] or '?'})"),
         row("status", lambda s: s["status"]),
-        row("steps (epochs)", lambda s: f"{count(s['steps'])} ({count(s['epochs'])})"),
+        row("steps (epochs)", lambda s: f"{count(s['steps'])} ({epochs(s['epochs'])})"),
         row("wall time", lambda s: _duration(s["elapsed_s"])),
         row("tokens", lambda s: count(s["tokens"])),
         row("tokens/s (training)", lambda s: count(s["tokens_per_s"])),

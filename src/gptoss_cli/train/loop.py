@@ -139,6 +139,12 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start
 
+    @property
+    def epochs_done(self) -> float:
+        """Passes over the training data so far, a fraction of the current one included (0.35 after a
+        third of the first epoch): what "epochs" means in metrics.jsonl and summary.json."""
+        return self.epoch + self.batch_idx / self.p.train_data.batches_per_epoch
+
     # ---- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path | None:
         """Every rank takes part in gathering the state; rank 0 writes it. Non-finite weights are never
@@ -309,7 +315,7 @@ class Trainer:
             "status": status,
             "signal": stop_signal,
             "steps": self.step,
-            "epochs": self.epoch,
+            "epochs": self.epochs_done,
             "elapsed_s": self.elapsed(),
             "tokens": self.tokens,
             "tokens_per_s": self.tokens / max(self.elapsed(), 1e-9),

@@ -55,7 +55,8 @@ class MetricsWindow:
             "kind": "train",
             "step": tr.step,
             "precision": tr.precision,  # resolved (never "auto"), so a killed run's report still knows it
-            "epoch": tr.epoch,
+            "epoch": tr.epoch,  # zero-based index of the epoch in progress
+            "epochs": tr.epochs_done,
             "loss": loss,
             "aux_loss": aux,
             "z_loss": z,

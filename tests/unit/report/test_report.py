@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from gptoss_cli.commands import report
 from gptoss_cli.errors import GptossError
 from gptoss_cli.report.logs import load_run, read_jsonl
-from gptoss_cli.report.summary import expert_load, summarize
+from gptoss_cli.report.summary import expert_load, summarize, summary_rows
 
 GIB = 1024**3
 LAYERS, EXPERTS, LOG_EVERY, STEPS = 4, 8, 10, 300
@@ -104,6 +104,7 @@ def make_run(
                 "kind": "train",
                 "step": step,
                 "epoch": 0,
+                "epochs": step / (2 * STEPS),  # half of the first epoch when the run ends
                 "loss": loss,
                 "aux_loss": 0.01,
                 "z_loss": 0.0,
@@ -229,6 +230,8 @@ def test_killed_cpu_run_without_inference_warns_and_still_plots(tmp_path, monkey
     summary = summarize(load_run(run, "demo", warnings.append))
     assert len(warnings) == 2
     assert summary["steps"] == STEPS  # the half-written step 99999 was skipped
+    assert summary["epochs"] == 0.5  # the passes done, from the last train line; not its epoch index 0
+    assert dict(summary_rows([summary]))["steps (epochs)"] == [f"{STEPS:,} (0.5 epochs)"]
     assert summary["train_memory_measure"].startswith("CPU")
     assert summary["train_peak_memory_bytes"] == int((0.6 + 0.01 * 39) * GIB)
     assert summary["infer_peak_memory_bytes"] is None and summary["status"].startswith("unfinished")
