@@ -40,3 +40,25 @@ def test_resume_from_a_step_dir_uses_that_runs_config_and_names_its_flag(gptoss,
         "train", "--config", "tiny", "--resume-from", run / "checkpoints" / "step-00000004", "--run", tmp_path / "other"
     )
     assert code == 2 and err.startswith("error: --resume-from: ") and "was trained with model." in err
+
+
+def test_resume_from_a_lone_step_dir_takes_the_config_saved_in_its_state(gptoss, small_overrides, tmp_path):
+    """A step directory copied on its own has no RUN/config.yaml: its state.json's config is the run's,
+    not the compact default (whose shapes would not fit its weights)."""
+    import shutil
+
+    run = tmp_path / "run"
+    sets = [a for o in [*small_overrides, "train.max_steps=3"] for a in ("--set", o)]
+    code, out, err = gptoss("train", "--config", "tiny", *sets, "--run", run)
+    assert code == 0, err
+    lone = tmp_path / "copied" / "step-00000003"
+    shutil.copytree(run / "checkpoints" / "step-00000003", lone)
+    shutil.copy(run / "tokenizer.json", tmp_path / "tokenizer.json")
+
+    code, out, err = gptoss(
+        "train", "--resume-from", lone, "--tokenizer", tmp_path / "tokenizer.json",
+        "--run", tmp_path / "again", "--set", "train.max_steps=4",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "warning: no --config" not in err and f"resuming from {lone} (step 3)" in err
+    assert (tmp_path / "again" / "checkpoints" / "step-00000004").is_dir()

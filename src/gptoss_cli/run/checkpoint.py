@@ -27,10 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import GptossError
 from .atomic import AtomicWriteError, remove_stale, staged_directory
-from .layout import CHECKPOINTS
+from .layout import CHECKPOINTS, MODEL, STATE, TRAINER
 
 STEP_PREFIX = "step-"
-MODEL, TRAINER, STATE = "model.safetensors", "trainer.safetensors", "state.json"
 FILES = (MODEL, TRAINER, STATE)
 FORMAT = 1
 

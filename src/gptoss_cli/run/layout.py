@@ -6,7 +6,7 @@
     RUN/metrics.jsonl           one line per logged step / evaluation (train/loop.py)
     RUN/memory.jsonl            training memory samples (memory.py)
     RUN/inference-memory.jsonl  inference memory samples
-    RUN/checkpoints/step-N/     run/checkpoint.py
+    RUN/checkpoints/step-N/     model.safetensors, trainer.safetensors, state.json (run/checkpoint.py)
     RUN/summary.json            written when training ends
     RUN/train.lock              held (flock) by the one trainer of this run (run/lock.py)
     RUN/report/                 gptoss report's PNGs and report.md
@@ -30,6 +30,7 @@ RUNS_ROOT = Path("runs")
 CONFIG, TOKENIZER, CHECKPOINTS, SUMMARY = "config.yaml", "tokenizer.json", "checkpoints", "summary.json"
 METRICS, MEMORY, INFER_MEMORY, REPORT = "metrics.jsonl", "memory.jsonl", "inference-memory.jsonl", "report"
 LOCK = "train.lock"
+MODEL, TRAINER, STATE = "model.safetensors", "trainer.safetensors", "state.json"  # in each step-N/
 CHAT_TEMPLATE = "chat_template.json"  # an imported run's own chat template and its special tokens
 EVAL_DIR, TENSORBOARD, CSV_DIR, WANDB_DIR = "eval", "tensorboard", "csv", "wandb"
 

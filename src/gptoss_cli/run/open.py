@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 from ..config import RunConfig, config_from_dict
 from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash
 from ..errors import GptossError
-from .checkpoint import MODEL, STATE, CheckpointState, read_state, resolve_checkpoint
-from .layout import CHECKPOINTS, TOKENIZER, RunDir
+from .checkpoint import CheckpointState, read_state, resolve_checkpoint
+from .layout import CHECKPOINTS, MODEL, STATE, TOKENIZER, RunDir
 
 
 @dataclass
