@@ -30,7 +30,6 @@ app = typer.Typer(
 app.command("env")(env.command)
 app.command("build")(build.command)
 app.command("prepare")(prepare.command)
-app.command("prepare")(prepare.command)
 app.command("train")(train.command)
 app.command("infer")(infer.command)
 app.command("chat")(chat.command)
@@ -67,7 +66,9 @@ def main() -> None:
     try:
         # Not standalone: click's usage errors come here, to be one line like every other error; --help,
         # typer.Exit(code) and the commands' own exit statuses come back as the return value.
-        code = app(standalone_mode=False)
+        command = typer.main.get_command(app)
+        _plain_flags(command)
+        code = command.main(standalone_mode=False)
     except typer.Abort:  # Ctrl-C outside a command's own handling
         print("aborted", file=sys.stderr)
         sys.exit(130)
@@ -101,6 +102,22 @@ def main() -> None:
         )
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _plain_flags(command) -> None:
+    """Typer's help prints a type beside every option, `<bool>` for an on/off flag that takes no value and
+    `<list[str]>` for a repeatable one: a flag shows nothing and a repeatable option its element type.
+    (A variadic argument, `prepare DATA...`, keeps Typer's `<list[str]>`: Typer takes no metavar for its
+    type column.)"""
+    for cmd in [command, *getattr(command, "commands", {}).values()]:
+        ctx = typer.Context(cmd)
+        for param in [*cmd.params, cmd.get_help_option(ctx)]:
+            if param is None or param.metavar is not None:
+                continue
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+            elif getattr(param, "multiple", False):  # --stop X --stop Y
+                param.metavar = param.display_type_rich(ctx).replace("list[", "").replace("]", "")
 
 
 def os_error_line(err: OSError) -> str:

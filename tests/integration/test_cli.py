@@ -174,6 +174,20 @@ def test_error_boundary_in_a_real_process(tmp_path, args):
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_help_shows_no_type_for_flags_and_the_element_type_for_repeatable_options(gptoss, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")  # one line per option, so each option's row can be read
+    for command in ("train", "infer", "chat", "eval", "serve", "export", "report", "bench", "prepare"):
+        code, out, err = gptoss(command, "--help")
+        rows = {m.group(1): line for line in out.splitlines() if (m := re.match(r"│\s*\*?\s*(--[\w-]+)", line))}
+        assert code == 0 and rows, (command, out)
+        assert not [row for row in rows.values() if "<bool>" in row or "list[" in row], (command, out)
+        assert "<" not in rows["--help"], rows["--help"]
+        if "--stop" in rows:
+            assert "<str>" in rows["--stop"], rows["--stop"]
+    code, out, err = gptoss("infer", "--help")
+    assert "<" not in out.split("--compile", 1)[1].splitlines()[0]  # a flag: no value to show
+
+
 def test_usage_errors_are_one_line_naming_the_help(gptoss):
     for args, problem, where in (
         (["build", "--no-such-option"], "No such option: --no-such-option", "gptoss build --help"),

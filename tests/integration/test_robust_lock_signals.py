@@ -96,6 +96,26 @@ def test_ctrl_c_saves_and_exits_130(small_overrides, tmp_path):
     assert ckpt.read_state(ckpt.resolve_checkpoint(run)).step == summary["steps"]
 
 
+def test_a_second_ctrl_c_aborts_with_130_and_no_traceback(small_overrides, tmp_path):
+    """Wherever the second SIGINT lands (the step, the save, the shutdown), the exit status is still 130
+    and stderr holds no traceback; the newest complete checkpoint, if any, stays loadable."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    proc = gptoss_process(run, cache, *LONG, small=small_overrides)
+    try:
+        wait_for_steps(proc, run, 2)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Aborted!" not in err, err
+    if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
+        assert ckpt.read_state(ckpt.resolve_checkpoint(run)).step >= 1
+
+
 def test_lock_of_a_killed_trainer_is_taken_over(small_overrides, tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     dead = gptoss_process(run, cache, *LONG, small=small_overrides)
