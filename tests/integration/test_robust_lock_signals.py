@@ -79,17 +79,25 @@ def test_second_trainer_is_refused_naming_the_holder_then_sigterm_saves_and_exit
     assert (run / "train.lock").read_text(encoding="utf-8") == ""  # released: nobody holds it
 
 
-def test_ctrl_c_saves_and_exits_130(small_overrides, tmp_path):
+def train_then_signal(small: list[str], tmp_path: Path, *signals: int) -> tuple[Path, int, str]:
+    """A long `gptoss train` sent `signals` (20 ms apart) once it trains -> (run, exit status, stderr)."""
     run, cache = tmp_path / "run", tmp_path / "cache"
-    proc = gptoss_process(run, cache, *LONG, small=small_overrides)
+    proc = gptoss_process(run, cache, *LONG, small=small)
     try:
         wait_for_steps(proc, run, 2)
-        proc.send_signal(signal.SIGINT)
+        for n, sig in enumerate(signals):
+            time.sleep(0.02 if n else 0)
+            proc.send_signal(sig)
         out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, err
+    return run, proc.returncode, err
+
+
+def test_ctrl_c_saves_and_exits_130(small_overrides, tmp_path):
+    run, code, err = train_then_signal(small_overrides, tmp_path, signal.SIGINT)
+    assert code == 130, err
     assert "stop requested" in err and "interrupted" in err
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
@@ -99,18 +107,8 @@ def test_ctrl_c_saves_and_exits_130(small_overrides, tmp_path):
 def test_a_second_ctrl_c_aborts_with_130_and_no_traceback(small_overrides, tmp_path):
     """Wherever the second SIGINT lands (the step, the save, the shutdown), the exit status is still 130
     and stderr holds no traceback; the newest complete checkpoint, if any, stays loadable."""
-    run, cache = tmp_path / "run", tmp_path / "cache"
-    proc = gptoss_process(run, cache, *LONG, small=small_overrides)
-    try:
-        wait_for_steps(proc, run, 2)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    run, code, err = train_then_signal(small_overrides, tmp_path, signal.SIGINT, signal.SIGINT)
+    assert code == 130, err
     assert "Traceback" not in err and "Aborted!" not in err, err
     if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         assert ckpt.read_state(ckpt.resolve_checkpoint(run)).step >= 1
