@@ -69,7 +69,7 @@ def main() -> None:
         command = typer.main.get_command(app)
         _plain_flags(command)
         code = command.main(standalone_mode=False)
-    except typer.Abort:  # Ctrl-C outside a command's own handling
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C outside a command's own handling
         print("aborted", file=sys.stderr)
         sys.exit(130)
     except typer.TyperException as err:  # click's usage errors (typer's public base class of them)

@@ -109,7 +109,7 @@ def test_a_second_ctrl_c_aborts_with_130_and_no_traceback(small_overrides, tmp_p
     and stderr holds no traceback; the newest complete checkpoint, if any, stays loadable."""
     run, code, err = train_then_signal(small_overrides, tmp_path, signal.SIGINT, signal.SIGINT)
     assert code == 130, err
-    assert "Traceback" not in err and "Aborted!" not in err, err
+    assert "Traceback" not in err and "Aborted!" not in err and "unexpected" not in err, err
     if (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir()):
         assert ckpt.read_state(ckpt.resolve_checkpoint(run)).step >= 1
 
