@@ -12,6 +12,7 @@ import pytest
 README = Path(__file__).resolve().parents[2] / "README.md"
 NUM = r"[0-9][0-9,]*(?:\.[0-9]+)?"
 LINE_KINDS = {
+    "model": r"^building the model for \S+ on \w+$",
     "setup": rf"^setup: read {NUM} s, tokenizer {NUM} s, tokenize {NUM} s, model {NUM} s( \(data .+\))?$",
     "header": rf"^run \S+: {NUM} steps; global batch {NUM} x {NUM} accumulation x {NUM} process(es)? = {NUM} "
     rf"sequences of {NUM} tokens; \w+ \([\w-]+\)$",

@@ -30,7 +30,7 @@ from . import distributed
 from .loggers import Loggers
 from .loss import objective
 from .optim import lr_at
-from .setup import Prepared, prepare
+from .setup import Prepared, prepare, total_steps
 from .signals import StopRequest
 from .window import MetricsWindow
 
@@ -55,7 +55,7 @@ class Trainer:
         )
         self.autocast = torch.autocast(p.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
         per_epoch = p.train_data.batches_per_epoch
-        self.total_steps = self.t.max_steps or max(1, self.t.epochs * per_epoch // self.accum)
+        self.total_steps = total_steps(self.t, per_epoch, self.accum)
         s = p.resume_state or ckpt.CheckpointState()
         self.step = s.step
         self.epoch = s.epoch or 0
@@ -207,11 +207,6 @@ class Trainer:
 
         t, data, main = self.t, self.p.train_data, self.dist.main
         self.start = time.time()
-        if self.step >= self.total_steps:
-            raise GptossError(
-                f"{self.p.run_dir} already trained {self.step} of {self.total_steps} steps; "
-                "raise train.max_steps (e.g. --set train.max_steps=N) to continue"
-            )
         if self.p.resumed_from is not None:
             self.say(f"resuming from {self.p.resumed_from} (step {self.step})")
         resumed = self.p.resume_state.step if self.p.resume_state else None

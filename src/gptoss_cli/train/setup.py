@@ -178,6 +178,11 @@ def prepare(
         raise
 
 
+def total_steps(t: TrainConfig, batches_per_epoch: int, accum: int) -> int:
+    """The run's optimizer steps: train.max_steps, else train.epochs passes of accum micro-batches a step."""
+    return t.max_steps or max(1, t.epochs * batches_per_epoch // accum)
+
+
 def _prepare(
     cfg: RunConfig,
     run_dir: Path | None,
@@ -277,6 +282,15 @@ def _prepare(
     if state and state.tokenizer_hash not in (None, tok_hash):
         where = f" of {data_root}" if data_root is not None else ""
         raise GptossError(f"{flag}: the tokenizer{where} differs from the one {resume_ckpt} was trained with")
+    done = state.step if state else 0
+    steps = total_steps(t, train_data.batches_per_epoch, accum)
+    if done >= steps:  # before the model is built: a finished run is refused in an instant
+        raise GptossError(
+            f"{run_dir} already trained {done} of {steps} steps; "
+            "raise train.max_steps (e.g. --set train.max_steps=N) to continue"
+        )
+    if info.main:  # every input is checked; building the model and optimizer takes seconds (imports included)
+        console.print(f"building the model for {run_dir} on {device.type}", highlight=False, soft_wrap=True)
     model_start = time.perf_counter()
 
     if not held:  # a new directory: created by taking its lock, then checked again under it
