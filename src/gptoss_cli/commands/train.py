@@ -38,21 +38,17 @@ def command(
     Exit status: 0 finished, 2 refused (bad config or input, run locked, divergence), 130 / 143 stopped by
     Ctrl-C / SIGTERM after saving a checkpoint (summary.json says "interrupted").
     """
-    from ..config import apply_overrides, config_from_dict, load_config
+    from ..config import load_config
     from ..output import console, print_json, warn
-    from ..run.layout import RunDir
 
-    default_model, saved = False, None
+    # Before torch is imported: a bad config fails in an instant.
+    cfg = None
     if config is None:  # resuming or starting from weights: that run's config; otherwise the reference model
         source = init_from or resume_from or (run if resume else None)
-        saved = _saved_config(RunDir, Path(source)) if source is not None else None
-        default_model = saved is None
-        config = str(saved) if isinstance(saved, Path) else "compact"
-    # Before torch is imported: a bad config fails in an instant.
-    if isinstance(saved, tuple):  # a lone checkpoint directory: the config its state.json was saved with
-        cfg = config_from_dict(apply_overrides(saved[1], set_ or []), str(saved[0]))
-    else:
-        cfg = load_config(config, set_)
+        cfg = _saved_config(Path(source), set_) if source is not None else None
+    default_model = config is None and cfg is None
+    if cfg is None:
+        cfg = load_config(config or "compact", set_)
     cfg.validate_for_training()
     if default_model:
         warn(
@@ -99,18 +95,22 @@ def command(
     raise typer.Exit(code)
 
 
-def _saved_config(run_dir, source: Path) -> Path | tuple[Path, dict] | None:
-    """The config.yaml of the run that `source` (a run, its checkpoints/ folder or a step directory) belongs
-    to; for a step directory without one (copied on its own), (its state.json, the config saved there)."""
+def _saved_config(source: Path, overrides: list[str] | None):
+    """The config of the run that `source` (a run, its checkpoints/ folder or a step directory) belongs to,
+    with `overrides` applied: its config.yaml, or for a step directory copied on its own, the config saved
+    in its state.json; None when there is neither."""
     import json
 
-    from ..run.layout import STATE
+    from ..config import apply_overrides, config_from_dict, load_config
+    from ..run.layout import STATE, RunDir
 
-    for candidate in (run_dir(source), run_dir(source.parent), run_dir.of_checkpoint(source)):
+    for candidate in (RunDir(source), RunDir(source.parent), RunDir.of_checkpoint(source)):
         if candidate.config.is_file():
-            return candidate.config
+            return load_config(str(candidate.config), overrides)
     try:
         saved = json.loads((source / STATE).read_text(encoding="utf-8")).get("config")
     except (OSError, ValueError, AttributeError):
         return None  # not a readable checkpoint: the trainer's own checks name the problem
-    return (source / STATE, saved) if isinstance(saved, dict) else None
+    if not isinstance(saved, dict):
+        return None
+    return config_from_dict(apply_overrides(saved, overrides or []), str(source / STATE))
