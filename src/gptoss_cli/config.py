@@ -27,6 +27,10 @@ from .run.atomic import write_atomic
 # tokenizer here would load `tokenizers` for every config read).
 TOKENIZER_MIN_VOCAB = 256 + 7
 
+# The seeds torch.Generator.manual_seed takes (a negative one counts modulo 2^64); every seed a config or a
+# request gives is checked against this range before any work, not deep inside a decode step.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
 
 class ConfigError(GptossError):
     """A config problem the user can fix; the message is one line."""
@@ -42,6 +46,19 @@ Label = Callable[[str], str]  # field name -> how an error names it ("train.lr",
 def _require(ok: bool, label: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{label}: {message}")
+
+
+def _require_seed(seed: int | None, label: str) -> None:
+    _require(
+        seed is None or SEED_MIN <= seed <= SEED_MAX,
+        label,
+        f"must be a 64-bit seed (from -2^63 to 2^64-1), got {seed}",
+    )
+
+
+def seed64(value: int) -> int:
+    """A seed derived by arithmetic (seed + choice, seed * k + epoch) brought back into torch's range."""
+    return value & SEED_MAX
 
 
 @dataclass
@@ -139,6 +156,7 @@ class TrainConfig:
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _require(bool(self.wandb_project.strip()), "train.wandb_project", "must not be empty")
+        _require_seed(self.seed, "train.seed")
 
 
 @dataclass
@@ -154,6 +172,9 @@ class InferConfig:
     stop: list[str] = field(default_factory=list)  # generation ends before any of these strings
 
     def validate(self, label: Label = lambda key: f"infer.{key}") -> None:
+        for key in ("temperature", "top_p", "repetition_penalty"):  # a NaN passes every range check below
+            value = getattr(self, key)
+            _require(math.isfinite(value), label(key), f"must be a finite number, got {value}")
         _require(self.max_new_tokens > 0, label("max_new_tokens"), f"must be > 0, got {self.max_new_tokens}")
         _require(self.temperature >= 0, label("temperature"), f"must be >= 0 (0 = greedy), got {self.temperature}")
         _require(self.top_k >= 0, label("top_k"), f"must be >= 0 (0 = off), got {self.top_k}")
@@ -162,6 +183,7 @@ class InferConfig:
             self.repetition_penalty > 0, label("repetition_penalty"), f"must be > 0, got {self.repetition_penalty}"
         )
         _require(all(self.stop), label("stop"), "stop strings must not be empty")
+        _require_seed(self.seed, label("seed"))
 
     def with_overrides(self, label: Label | None = None, **overrides: Any) -> InferConfig:
         """A copy with every override that is not None applied, validated (errors named by `label`)."""

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,18 @@ def test_greedy_on_nan_weights_is_one_error_line(gptoss, demo):
     assert err == (
         "error: the model produced non-finite logits (NaN or inf): the checkpoint's weights are diverged or damaged\n"
     )
+
+
+def test_a_seed_torch_cannot_take_is_one_error_line(gptoss, demo):
+    """A seed beyond 64 bits is refused with the option's name before the run loads; the widest seeds torch
+    takes work, and a negative one is the same as its value modulo 2^64."""
+    for seed in (2**64, -(2**63) - 1):
+        code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "3", "--seed", seed)
+        assert (code, out) == (2, "")
+        assert err == f"error: --seed: must be a 64-bit seed (from -2^63 to 2^64-1), got {seed}\n"
+    texts = []
+    for seed in (2**64 - 1, -1):
+        code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "6", "--seed", seed, "--json")
+        assert code == 0, err
+        texts.append(json.loads(out)["completion"])
+    assert texts[0] == texts[1]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import seed64
 from ..errors import GptossError
 from ..output import warn
 from .tokenizer import CHAT_TOKENS, PAD
@@ -120,7 +121,7 @@ class ConversationBatches:
 
     def batch(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, ...]:
         """Batch `index` of `epoch` -> inputs, targets, positions, segments (B/world, T); rank takes its slice."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(seed64(self.seed * 1_000_003 + epoch))
         order = torch.randperm(self.num_samples, generator=g)
         picks = order[index * self.batch_size : (index + 1) * self.batch_size]
         per_rank = self.batch_size // world
