@@ -30,6 +30,8 @@ TOKENIZER_MIN_VOCAB = 256 + 7
 # The seeds torch.Generator.manual_seed takes (a negative one counts modulo 2^64); every seed a config or a
 # request gives is checked against this range before any work, not deep inside a decode step.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MIN_TEMPERATURE = 1e-6  # below it (but above 0) logits / temperature can overflow float32
+MAX_PENALTY = 1e6  # repetition_penalty in [1 / MAX_PENALTY, MAX_PENALTY], for the same reason
 
 
 class ConfigError(GptossError):
@@ -176,11 +178,19 @@ class InferConfig:
             value = getattr(self, key)
             _require(math.isfinite(value), label(key), f"must be a finite number, got {value}")
         _require(self.max_new_tokens > 0, label("max_new_tokens"), f"must be > 0, got {self.max_new_tokens}")
-        _require(self.temperature >= 0, label("temperature"), f"must be >= 0 (0 = greedy), got {self.temperature}")
+        # The float32 logits are divided by the temperature and multiplied or divided by the penalty: these
+        # bounds keep any finite logit finite (sampling would fail on an infinity), with room to spare.
+        _require(
+            self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+            label("temperature"),
+            f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature}",
+        )
         _require(self.top_k >= 0, label("top_k"), f"must be >= 0 (0 = off), got {self.top_k}")
         _require(0 < self.top_p <= 1, label("top_p"), f"must be in (0, 1], got {self.top_p}")
         _require(
-            self.repetition_penalty > 0, label("repetition_penalty"), f"must be > 0, got {self.repetition_penalty}"
+            1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY,
+            label("repetition_penalty"),
+            f"must be in [{1 / MAX_PENALTY:g}, {MAX_PENALTY:g}], got {self.repetition_penalty}",
         )
         _require(all(self.stop), label("stop"), "stop strings must not be empty")
         _require_seed(self.seed, label("seed"))

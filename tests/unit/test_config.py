@@ -257,3 +257,16 @@ def test_sampling_overrides_are_finite_and_seeded_in_range():
     with pytest.raises(ConfigError, match="infer.seed: must be a 64-bit seed"):
         base.with_overrides(seed=2**64)
     assert seed64(SEED_MAX + 3) == 2 and seed64(-1) == SEED_MAX
+
+
+def test_temperature_and_penalty_keep_float32_logits_finite():
+    """Below these bounds logits / temperature (or * penalty) overflow float32 and sampling fails as if the
+    weights were damaged: refused up front instead."""
+    base = InferConfig()
+    assert base.with_overrides(temperature=1e-6).temperature == 1e-6
+    assert base.with_overrides(repetition_penalty=1e6).repetition_penalty == 1e6
+    with pytest.raises(ConfigError, match=r"infer.temperature: must be 0 \(greedy\) or at least 1e-06, got 1e-30"):
+        base.with_overrides(temperature=1e-30)
+    for penalty in (1e-7, 1e7):
+        with pytest.raises(ConfigError, match=r"infer.repetition_penalty: must be in \[1e-06, 1e\+06\]"):
+            base.with_overrides(repetition_penalty=penalty)
