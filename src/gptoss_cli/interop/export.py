@@ -11,7 +11,6 @@ The directory is built next to HF_DIR and renamed into place, so a failure leave
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -26,31 +25,12 @@ from ..output import warn
 from ..run.atomic import staged_directory
 from ..run.checkpoint import read_weights
 from ..run.open import open_run
+from ..sizes import parse_size
 from .chat_template import export_chat
 from .names import expected_shapes, to_hf_config, to_hf_state_dict
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 BOS_CANDIDATES = ("<|startoftext|>", EOS)  # o200k_harmony has a start token; our BPE reuses <|endoftext|>
-UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9 bytes (decimal, as transformers' max_shard_size), '512MiB' -> binary, '1000' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in UNITS or float(match.group(1)) <= 0:
-        raise GptossError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
 def shard(sizes: dict[str, int], limit: int) -> list[list[str]]:
@@ -122,7 +102,7 @@ def export_run(
         raise GptossError(f"--dtype {dtype!r}: expected one of bf16, fp32")
     torch_dtype = resolve_dtype(dtype)
     dtype_name = HF_DTYPE_NAMES[torch_dtype]
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "--max-shard-size")
     opened = open_run(run, checkpoint, need_tokenizer=False)
     cfg, ckpt, tok, tok_path = opened.config, opened.checkpoint, opened.tokenizer, opened.tokenizer_path
     out = Path(out)
