@@ -12,7 +12,10 @@ infer/generate.py's generate_tokens for the same prompt and settings: the same s
 the same logits, one generator per request seeded as there.
 
 Events go back through each request's `emit` callback (called on this thread; the HTTP side hands them
-to its event loop). A failing request is answered with an error and dropped; the loop carries on.
+to its event loop). A failing request is answered with an error and dropped; the loop carries on. What can
+fail for one request (its generator and seed, its sampling, its text, its callback) is done per request, and
+when the batched forward itself fails, every row is run again alone: only the rows that still fail are
+failed, so one request cannot end the others' generations.
 """
 
 from __future__ import annotations
@@ -194,9 +197,14 @@ class Engine:
                 with self._wake:
                     request = self._waiting.popleft() if self._waiting else None
                 if request is not None:
-                    self._joining = _Running(
-                        request, self.tokenizer, self.device, self.max_length, self.model.config.vocab_size
-                    )
+                    try:  # its generator, penalty mask, text stream: what fails here is this request's alone
+                        joining = _Running(
+                            request, self.tokenizer, self.device, self.max_length, self.model.config.vocab_size
+                        )
+                    except Exception as err:
+                        self._fail(request, _failure(err))
+                        continue
+                    self._joining = joining
                     self.cache.reset(len(self._decoding))
             if self._joining is None:
                 break
@@ -253,23 +261,52 @@ class Engine:
             self._leave(len(self._decoding) - 1)
         return end - start
 
+    def _forward(self, start: int, stop: int) -> torch.Tensor:
+        """One decode forward over decoding rows start..stop-1 -> their logits (stop - start, V) fp32."""
+        rows = self._decoding[start:stop]
+        tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
+        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
+        self.cache.select(start, stop, max(r.pos for r in rows) + 1)
+        return self.model(tokens, positions, self.cache).logits[:, -1]
+
+    def _forward_one_by_one(self, err: Exception) -> tuple[torch.Tensor, dict[int, str]]:
+        """After the batched forward failed: each row alone, so a failure that belongs to one request (or that
+        a smaller batch avoids, like running out of memory) fails only the rows that still fail on their own.
+        Rewriting a row's keys at the same positions is idempotent, so what the failed step wrote is harmless.
+        Returns the logits (R, V) (zeros for failed rows) and {row: message} for the failed ones."""
+        rows = self._decoding
+        print(
+            f"serve: a decode step of {len(rows)} requests failed ({type(err).__name__}: {err}); "
+            "running them one by one",
+            file=sys.stderr,
+            flush=True,
+        )
+        logits = torch.zeros(len(rows), self.model.config.vocab_size, device=self.device)
+        failed: dict[int, str] = {}
+        for i in range(len(rows)):
+            try:
+                logits[i] = self._forward(i, i + 1)[0]
+            except Exception as row_err:
+                failed[i] = _failure(row_err)
+        return logits, failed
+
     def _decode(self) -> None:
         rows = self._decoding
         self.counts["peak_batch"] = max(self.counts["peak_batch"], len(rows))
-        tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
-        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
-        self.cache.select(0, len(rows), max(r.pos for r in rows) + 1)
-        logits = self.model(tokens, positions, self.cache).logits[:, -1]  # (R, V) fp32
+        failed: dict[int, str] = {}
+        try:
+            logits = self._forward(0, len(rows))  # (R, V) fp32
+        except Exception as err:
+            logits, failed = self._forward_one_by_one(err)
         for r in rows:
             r.pos += 1
-        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.seen is None]
+        greedy = [i for i, r in enumerate(rows) if i not in failed and r.params.temperature == 0 and r.seen is None]
         picked: dict[int, int] = {}
         if greedy:
             picked.update(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True))
-        failed: dict[int, str] = {}
         sampled, drawn = [], []
         for i, r in enumerate(rows):
-            if i not in picked:
+            if i not in picked and i not in failed:
                 try:
                     drawn.append(sample(logits[i : i + 1], r.params, r.generator, r.seen))  # (1,)
                     sampled.append(i)
