@@ -31,6 +31,9 @@ NameOpt = Annotated[
     str | None, typer.Option("--model-name", help="Model id clients ask for (default: the run directory's name).")
 ]
 DrainOpt = Annotated[float, typer.Option("--drain-timeout", help="Seconds SIGTERM waits for requests in flight.")]
+BodyOpt = Annotated[
+    str, typer.Option("--max-body", help="Largest request body (4MiB, 500KB, bytes); a larger one gets 413.")
+]
 
 
 def command(
@@ -45,6 +48,7 @@ def command(
     api_key: KeyOpt = None,
     model_name: NameOpt = None,
     drain_timeout: DrainOpt = 30.0,
+    max_body: BodyOpt = "4MiB",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -54,6 +58,7 @@ def command(
     http://127.0.0.1:8000/v1 with the run directory's name as the model.
     """
     from ..serve.server import ServeOptions, serve
+    from ..sizes import parse_size
 
     options = ServeOptions(
         host=host,
@@ -65,5 +70,6 @@ def command(
         api_key=api_key,
         model_name=model_name,
         drain_s=drain_timeout,
+        max_body=parse_size(max_body, "--max-body"),
     )
     serve(Path(run) if run else None, checkpoint, options, device=device, dtype=dtype)

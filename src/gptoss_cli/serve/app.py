@@ -20,18 +20,18 @@ import secrets
 import sys
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..config import ConfigError, InferConfig
-from ..data.chat_format import ChatFormat, MessageError
+from ..config import InferConfig
+from ..data.chat_format import ChatFormat
+from .admission import PromptEncoder, check_model, parse_body, sampling_params
 from .engine import Done, Engine, EngineClosed, Event, Failed, QueueFull, Request, Token
+from .limits import DEFAULT_MAX_BODY, BodyLimit
 from .protocol import ApiError, ChatRequest, CompletionRequest
 
 POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
@@ -51,12 +51,14 @@ class Served:
     ):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.defaults, self.chat_format = defaults, chat_format
+        self.encoder = PromptEncoder(tokenizer, engine.model.config.vocab_size, engine.max_length)
         self.created = int(time.time())
 
 
-def create_app(served: Served, api_key: str | None = None):
+def create_app(served: Served, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY):
     async def health(request: HttpRequest) -> Response:
-        return JSONResponse({"status": "ok", "model": served.model_name, **served.engine.load()})
+        load = served.engine.load()
+        return JSONResponse({"status": "ok", "model": served.model_name, **load, "tokenizing": served.encoder.busy})
 
     card = {"id": served.model_name, "object": "model", "created": served.created, "owned_by": "gptoss"}
 
@@ -64,18 +66,18 @@ def create_app(served: Served, api_key: str | None = None):
         return JSONResponse({"object": "list", "data": [card]})
 
     async def model(request: HttpRequest) -> Response:
-        _check_model(served, request.path_params["model"])
+        check_model(request.path_params["model"], served.model_name)
         return JSONResponse(card)
 
     async def completions(request: HttpRequest) -> Response:
-        body = await _parse(request, CompletionRequest)
-        _check_model(served, body.model)
-        prompts = _encode_prompts(served, body.prompt)
+        body = await parse_body(request, CompletionRequest)
+        check_model(body.model, served.model_name)
+        prompts = await served.encoder.prompts(body.prompt, body.n, served.engine.max_queue)
         return await _generate(request, served, body, prompts, chat=False)
 
     async def chat_completions(request: HttpRequest) -> Response:
-        body = await _parse(request, ChatRequest)
-        _check_model(served, body.model)
+        body = await parse_body(request, ChatRequest)
+        check_model(body.model, served.model_name)
         fmt = served.chat_format
         if fmt is None:
             raise ApiError(
@@ -85,10 +87,7 @@ def create_app(served: Served, api_key: str | None = None):
                 param="messages",
                 code="no_chat_format",
             )
-        try:
-            ids = fmt.render(body.plain_messages(), add_generation_prompt=True)
-        except MessageError as err:
-            raise ApiError(400, str(err), param="messages") from None
+        ids = await served.encoder.chat(fmt, body.plain_messages())
         return await _generate(request, served, body, [ids], chat=True)
 
     async def api_error(request: HttpRequest, exc: ApiError) -> Response:
@@ -114,6 +113,7 @@ def create_app(served: Served, api_key: str | None = None):
             yield
         finally:
             served.engine.stop()
+            served.encoder.close()
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -132,86 +132,7 @@ def create_app(served: Served, api_key: str | None = None):
         redoc_url=None,
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
     )
-    return RequestLog(Auth(app, api_key))
-
-
-# ---- parsing and checking a request --------------------------------------------------------------
-
-
-async def _parse(request: HttpRequest, model: type[BaseModel]) -> Any:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        if first["type"] == "extra_forbidden":
-            message = f"unknown field {param!r}"
-        else:
-            message = f"{param}: {first['msg']}" if param else first["msg"].removeprefix("Value error, ")
-        raise ApiError(400, message, param=param, code=first["type"]) from None
-
-
-def _check_model(served: Served, name: str) -> None:
-    if name != served.model_name:
-        raise ApiError(
-            404,
-            f"the model {name!r} does not exist; this server holds {served.model_name!r}",
-            param="model",
-            code="model_not_found",
-        )
-
-
-def _encode_prompts(served: Served, prompt: Any) -> list[list[int]]:
-    """A string, a list of strings, a list of token ids or a list of such lists -> token-id prompts."""
-    if isinstance(prompt, str):
-        prompts = [served.tokenizer.encode(prompt).ids]
-    elif prompt and all(isinstance(p, str) for p in prompt):
-        prompts = [served.tokenizer.encode(p).ids for p in prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
-        prompts = [list(prompt)]
-    else:
-        prompts = [list(p) for p in prompt]
-    vocab = served.engine.model.config.vocab_size
-    if not prompts or any(not p for p in prompts):
-        raise ApiError(400, "empty prompt: give some text to continue", param="prompt")
-    if any(not 0 <= t < vocab for p in prompts for t in p):
-        raise ApiError(400, f"token ids must be in [0, {vocab})", param="prompt")
-    return prompts
-
-
-def _sampling(served: Served, body, prompt_len: int, chat: bool, choice: int) -> InferConfig:
-    limit = served.engine.max_length
-    if prompt_len >= limit:
-        raise ApiError(
-            400,
-            f"the prompt has {prompt_len} tokens; this model's context is {limit} tokens, leaving no room to generate",
-            param="messages" if chat else "prompt",
-            code="context_length_exceeded",
-        )
-    d = served.defaults
-    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if max_tokens is None:  # completions: the run's infer.max_new_tokens; chat: the rest of the context
-        max_tokens = limit if chat else d.max_new_tokens
-    seed = body.seed if body.seed is None else body.seed + choice  # n choices of one seed differ
-    try:  # the request's fields over the run's defaults (a field left out is None: the default stays)
-        return d.with_overrides(
-            max_new_tokens=max_tokens,
-            temperature=body.temperature,
-            top_k=body.top_k,
-            top_p=body.top_p,
-            repetition_penalty=body.repetition_penalty,
-            seed=seed,
-            stop=body.stop_list(),
-        )
-    except ConfigError as err:
-        raise ApiError(400, str(err)) from None
+    return RequestLog(Auth(BodyLimit(app, max_body), api_key))
 
 
 # ---- generating and answering --------------------------------------------------------------------
@@ -232,16 +153,10 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
 
         return emit
 
-    if len(prompts) * body.n > served.engine.max_queue:
-        raise ApiError(
-            400,
-            f"{len(prompts)} prompts x n={body.n} exceed what the queue holds ({served.engine.max_queue}, --max-queue)",
-            param="n" if body.n > 1 else "prompt",
-        )
     jobs = []
     for ids in prompts:
         for j in range(body.n):
-            params = _sampling(served, body, len(ids), chat, j)
+            params = sampling_params(served.defaults, body, len(ids), served.engine.max_length, chat, j)
             jobs.append(Request(ids, params, emitter(len(jobs)), stop_ids=stop_ids))
     try:
         served.engine.submit(jobs)

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..config import SEED_MAX, SEED_MIN
+
+MAX_STOP_CHARS = 256  # per stop string: the decode loop looks for every prefix of each after every token
 
 # Fields the API defines that we accept only at the value that means "off".
 _NEUTRAL = {
@@ -56,9 +60,10 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """What both endpoints share: sampling, stopping, streaming."""
+    """What both endpoints share: sampling, stopping, streaming. Numbers must be finite; the ranges the engine
+    needs beyond these types (temperature, repetition_penalty) are config.InferConfig's, checked on admission."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
     max_tokens: Annotated[int, Field(gt=0)] | None = None
@@ -68,7 +73,7 @@ class _Sampling(BaseModel):
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # likewise
     n: Annotated[int, Field(ge=1, le=16)] = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None  # what torch.Generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -84,12 +89,19 @@ class _Sampling(BaseModel):
             value = getattr(self, name, off)
             if value is not off and value not in (None, False, 0, {}, []):
                 raise ValueError(f"{name} is not supported by this server (leave it unset)")
-        stops = self.stop_list()
+        return self
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
         if len(stops) > 4:
             raise ValueError("stop takes at most 4 strings")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
-        return self
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop strings may have at most {MAX_STOP_CHARS} characters")
+        return stop
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -124,8 +136,8 @@ class ChatRequest(_Sampling):
         for m in self.messages:
             d = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
-                if any(part.get("type") != "text" for part in m.content):
-                    raise ApiError(400, "only text content parts are supported", param="messages")
-                d["content"] = "".join(str(part.get("text", "")) for part in m.content)
+                if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in m.content):
+                    raise ApiError(400, "only text content parts (with a string text) are supported", param="messages")
+                d["content"] = "".join(part["text"] for part in m.content)
             out.append(d)
         return out

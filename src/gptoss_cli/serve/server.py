@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GptossError
+from .limits import DEFAULT_MAX_BODY
 
 FINAL_WRITES_S = 3.0  # after the drain, time for the answers of stopped requests to go out
 
@@ -31,6 +32,7 @@ class ServeOptions:
     api_key: str | None = None
     model_name: str | None = None
     drain_s: float = 30.0
+    max_body: int = DEFAULT_MAX_BODY  # bytes of one request body
 
     def validate(self) -> None:
         checks = [
@@ -41,6 +43,7 @@ class ServeOptions:
             (0 <= self.port < 65536, f"--port must be in 0..65535, got {self.port}"),
             (self.drain_s >= 0, f"--drain-timeout must be >= 0, got {self.drain_s}"),
             (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
+            (self.max_body >= 1024, f"--max-body must be at least 1024 bytes, got {self.max_body}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -55,11 +58,16 @@ def serve(
     from ..data.chat_format import chat_format
     from ..data.tokenizer import EOS
     from ..infer.generate import load_run
-    from ..output import console
+    from ..output import console, warn
     from .app import Served, create_app
     from .engine import Engine
 
     options.validate()
+    if options.api_key is None and not _is_loopback(options.host):
+        warn(
+            f"--host {options.host} without an API key: anyone who can reach this port can use the model; "
+            "set --api-key (or GPTOSS_API_KEY), or keep the default 127.0.0.1 behind a reverse proxy"
+        )
     listener = _listen(options.host, options.port)  # before loading: a busy port fails fast
     loaded = load_run(run, checkpoint, device, dtype)  # the one place the server opens a run
     ctx = loaded.config.model.max_context_length
@@ -80,7 +88,7 @@ def serve(
     defaults = dataclasses.replace(loaded.config.infer, seed=None, stop=[])
     name = options.model_name or loaded.run_dir.resolve().name
     served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt)
-    app = create_app(served, options.api_key)
+    app = create_app(served, options.api_key, options.max_body)
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -103,6 +111,15 @@ def serve(
         raise GptossError("the server did not start (see the message above)")
     console.print("serve: stopped", markup=False, highlight=False)
     sys.stderr.flush()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: only "localhost" is known to stay on this machine
+        return host == "localhost"
 
 
 def _listen(host: str, port: int) -> socket.socket:
