@@ -89,6 +89,50 @@ def test_streamed_paragraphs_equal_one_split_of_the_whole_file(tmp_path, monkeyp
             assert list(iter_documents(find_sources([str(path)]))) == whole, (text, size)
 
 
+def test_long_documents_come_in_bounded_pieces_that_join_to_them(tmp_path, monkeypatch):
+    """With pieces of at most 12 characters and blocks of 1 to 64 bytes, random texts (long runs of words,
+    spaces and separator-like characters) give pieces that join to exactly the documents of one split of the
+    whole text, each at most a piece plus a block long, the last of each document marked."""
+    rng = random.Random(1)
+    alphabet = ["ab", "cde", " ", "  ", "\t", "\n", "\r\n", "\x0c", "\u00e9", "\U0001f600", "word word word"]
+    path = tmp_path / "a.txt"
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 12)
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        path.write_bytes(text.encode("utf-8"))
+        whole = [doc for piece in re.split(r"\r?\n(?:[ \t]*\r?\n)+", text) if (doc := trimmed(piece))]
+        for size in (1, 5, 64):
+            monkeypatch.setattr(corpus, "BLOCK", size)
+            pieces = list(corpus.iter_pieces(find_sources([str(path)])))
+            assert all(len(p) <= 12 + size for p, _ in pieces), (text, size)
+            docs, parts = [], []
+            for piece, last in pieces:
+                parts.append(piece)
+                if last:
+                    docs.append("".join(parts))
+                    parts = []
+            assert docs == whole and not parts, (text, size)
+
+
+def test_pieces_tokenize_as_the_whole_document():
+    """A long document is cut before a space that follows a non-space character, where the byte-level
+    pre-tokenizer splits anyway: its pieces' tokens are the whole document's."""
+    from gptoss_cli.data.tokenizer import train_tokenizer
+
+    rng = random.Random(2)
+    words = ["the", "expert's", "route", "1234", "!!", "café", "\U0001f600", "a.b", "  ", "\n", "x,y"]
+    texts = [" ".join(rng.choice(words) for _ in range(400)) for _ in range(20)]
+    tok = train_tokenizer(texts, 400)
+    for text in texts:
+        ids, start = [], 0
+        while len(text) - start > 50:
+            cut = corpus.cut_point(text, start, 50)
+            assert start < cut <= start + 50
+            ids += tok.encode(text[start:cut]).ids
+            start = cut
+        assert ids + tok.encode(text[start:]).ids == tok.encode(text).ids
+
+
 @pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst"])
 def test_jsonl(tmp_path, block, name):
     lines = [json.dumps({"body": d, "n": i}, ensure_ascii=i % 2 == 0) for i, d in enumerate(DOCS)]
@@ -169,6 +213,12 @@ def test_parquet_without_a_string_column(tmp_path):
 def test_damaged_files(tmp_path):
     good = gzip.compress(b"some text\n\nmore text\n" * 100)
     assert "cannot read" in error_of(write_bytes(tmp_path / "cut.txt.gz", good[: len(good) // 2]))
+    good = zstandard.ZstdCompressor().compress(b"some text\n\nmore text\n" * 100)
+    assert "cut short" in error_of(write_bytes(tmp_path / "cut.txt.zst", good[: len(good) // 2]))
+    assert "cut short" in error_of(write_bytes(tmp_path / "cut.jsonl.zst", good[:-1]))
+    table = tmp_path / "cut.parquet"
+    pq.write_table(pa.table({"text": ["x" * 100] * 50}), table)
+    assert "not a readable parquet file" in error_of(write_bytes(table, table.read_bytes()[:-10]))
     assert "cannot read" in error_of(write_bytes(tmp_path / "bad.txt.gz", b"not gzip data"))
     assert "cannot decompress" in error_of(write_bytes(tmp_path / "bad.txt.zst", b"not zstd data"))
     assert "not UTF-8 text" in error_of(write_bytes(tmp_path / "latin.md", "caf\u00e9".encode("latin-1")))
