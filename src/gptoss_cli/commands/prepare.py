@@ -33,7 +33,8 @@ def command(
     """Read documents, train the tokenizer once on a sample, and write token shards plus an index.
 
     The config gives model.vocab_size, data.text_field, data.val_fraction, data.tokenizer_sample_bytes and
-    train.seed. A killed prepare, run again with the same arguments, keeps its finished shards.
+    train.seed. A killed prepare, run again with the same arguments, keeps its finished shards (each checked)
+    and continues; a dataset with a damaged shard is prepared again from that shard.
 
     Example: gptoss prepare docs/ books.jsonl.zst --out data/books -c tiny;  then
     gptoss train -c tiny --set data.prepared=data/books
@@ -64,6 +65,7 @@ def command(
     summary = {
         "out": str(result.root),
         "cached": result.cached,
+        "redone": result.redone,
         "sources": len(index["sources"]),
         "source_bytes": sum(s["size"] for s in index["sources"]),
         "documents": index["documents"],
@@ -78,6 +80,11 @@ def command(
     if json:
         print_json(summary)
         return
+    if result.redone:
+        warn(
+            f"{out}: {len(result.redone)} damaged shard(s) ({', '.join(result.redone[:3])}"
+            f"{', ...' if len(result.redone) > 3 else ''}): prepared again from the first of them"
+        )
     if result.cached:
         console.print(f"{out}: already prepared (nothing to do)", highlight=False)
     else:

@@ -2,9 +2,11 @@
 
 Plain data.paths are prepared (`data/prepare.py`) into GPTOSS_CACHE/datasets/KEY, where KEY hashes the
 files (path, size, modification time), the data settings and the tokenizer's origin, so an unchanged
-corpus is read, tokenized and its tokenizer trained only once. Every process computes KEY alone, with no
-collective: under torchrun rank 0 prepares while the other ranks poll for the index file, so a long
-preparation never meets a collective timeout; a file lock keeps two runs from preparing one entry at once.
+corpus is read, tokenized and its tokenizer trained only once; an entry whose preparation was killed is
+continued, and one with a damaged shard is prepared again from that shard, by the next run. Every process
+computes KEY alone, with no collective: under torchrun rank 0 prepares while the other ranks poll for the
+index file, so a long preparation never meets a collective timeout; a file lock keeps two runs from
+preparing one entry at once.
 """
 
 from __future__ import annotations
@@ -92,9 +94,11 @@ def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: 
         trained = given is None
         if rank == 0:
             with _locked(root.with_suffix(".lock")):
-                result = prepare_dataset(sources, root, settings, given, show=show)
+                result = prepare_dataset(sources, root, settings, given, show=show, flag=None)
             times.update(result.times)
             index = result.index
+            if result.redone:
+                warn(f"{root}: damaged shard(s) {', '.join(result.redone[:3])} of the data cache prepared again")
         else:
             _wait_for(root / shards.INDEX, rank)
             index = shards.read_index(root)
