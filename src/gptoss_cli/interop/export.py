@@ -85,6 +85,18 @@ def generation_config(cfg: RunConfig, token_ids: dict) -> dict:
     return out
 
 
+def _refuse_overlap(out: Path, sources: list[Path]) -> None:
+    """An export never replaces what it reads: --out may not be the run or a file of it, lie inside it, or
+    hold it (with --force the old --out is deleted once the new one is in place)."""
+    target = out.resolve()
+    for source in sources:
+        real = Path(source).resolve()
+        if target == real or target.is_relative_to(real) or real.is_relative_to(target):
+            raise GptossError(
+                f"--out {out} overlaps {source}, which this export reads; choose a directory outside the run"
+            )
+
+
 def _dump(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
@@ -106,6 +118,7 @@ def export_run(
     opened = open_run(run, checkpoint, need_tokenizer=False)
     cfg, ckpt, tok, tok_path = opened.config, opened.checkpoint, opened.tokenizer, opened.tokenizer_path
     out = Path(out)
+    _refuse_overlap(out, [opened.run.path, ckpt, opened.weights, *([tok_path] if tok_path else [])])
     if out.is_dir() and any(out.iterdir()) and not force:  # fail before reading gigabytes
         raise GptossError(f"--out {out} is not empty (add --force to replace it)")
 
