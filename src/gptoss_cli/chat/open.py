@@ -18,6 +18,7 @@ def open_chat(
     """-> a ChatSession. A run whose tokenizer has no conversation format is refused with the way out."""
     from ..config import InferConfig
     from ..data.chat_format import ChatFormat, chat_format
+    from ..data.tokenizer import check_text
     from ..infer.generate import load_run
     from ..infer.sampling import option_label
     from ..output import warn
@@ -25,6 +26,8 @@ def open_chat(
     from .session import ChatSession
 
     InferConfig().with_overrides(option_label, **overrides)  # bad options fail before the weights load
+    if system is not None:
+        check_text(system, "--system")
     loaded = load_run(run, checkpoint, device, dtype)
     fmt = chat_format(loaded.tokenizer, loaded.run_dir)
     if fmt is None:

@@ -40,6 +40,28 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool =
     return tok
 
 
+def check_text(text: str, what: str) -> str:
+    """`text` if it is valid Unicode; else a one-line error naming `what` and the first bad byte. Python decodes
+    command-line arguments (and a pipe, under some locales) with surrogateescape, so bytes that are not UTF-8
+    arrive as lone surrogates, which the tokenizer refuses with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        byte = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"U+{code:04X}"
+        raise GptossError(f"{what}: not UTF-8 text ({byte} at character {err.start + 1})") from None
+    return text
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    """Bytes read from a file or a pipe -> text; a one-line error naming `what`, the line and the bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise GptossError(f"{what}: line {line} is not UTF-8 text (byte 0x{data[err.start]:02x})") from None
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(path))
