@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,13 +47,13 @@ def _sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace the file `path` with `text` in one step."""
+def write_atomic(path: Path, text: str | Iterable[str]) -> None:
+    """Replace the file `path` with `text` (a string, or pieces written as they come) in one step."""
     path = Path(path)
     tmp = _sibling(path, "tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.writelines([text] if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
