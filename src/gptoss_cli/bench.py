@@ -22,16 +22,16 @@ import itertools
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 
 from .config import RunConfig
-from .devices import apply_precision, native_bf16, resolve_dtype, resolve_precision
+from .devices import native_bf16, resolve_dtype, resolve_precision
 from .memory import peak_rss, reset_peak_rss
 from .model import KVCache, Transformer
 from .sizing import describe
 from .train.loss import objective
+from .transforms import apply_transforms, build_model, inference_transforms
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets. Matched in this order
 # against torch.cuda.get_device_name(); an unknown GPU gets a measured bf16 GEMM instead.
@@ -145,28 +145,17 @@ def memory_bandwidth(device: torch.device) -> tuple[float, str]:
 # ---- training ------------------------------------------------------------------------------------
 
 
-def build_train_model(cfg: RunConfig, device: torch.device, precision: str) -> Transformer:
-    """The model as train.setup.prepare builds it for one process: seed, init, dtype, checkpointing, compile."""
-    from .train.setup import place_model
-
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
-    place_model(model, cfg.train, precision, device)
-    return model
-
-
 def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -> dict:
     from .train.optim import build_optimizer
+    from .train.setup import model_for_training, training_autocast
 
     t, m = cfg.train, cfg.model
-    # As train.setup.prepare: bf16 by default only where the GPU computes it natively.
+    # The trainer's own steps: bf16 by default only where the GPU computes it natively, its transforms,
+    # its optimizer and its autocast rule.
     precision = resolve_precision(t.precision, native_bf16(device))
-    model = build_train_model(cfg, device, precision).train()
+    model = model_for_training(cfg, device, precision).train()
     optimizer = build_optimizer(model, t, device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
-    )  # as Trainer: bf16-mixed means autocast
+    autocast = training_autocast(precision, device)
     gen = torch.Generator().manual_seed(t.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -230,13 +219,10 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
 
 
 def build_infer_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Random weights, laid out as infer.generate.load_run lays out a checkpoint: eval mode, no grads."""
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
-    model.to(device)
-    apply_precision(model, dtype)
-    return model.requires_grad_(False).eval()
+    """Random weights from train.seed, through the inference transforms a loaded run gets (run/open.py)."""
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    apply_transforms(model, inference_transforms(device, dtype))
+    return model
 
 
 @torch.inference_mode()

@@ -19,9 +19,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .atomic import write_atomic
 from .errors import GptossError
 from .model.config import ModelConfig, ModelConfigError
-from .run.atomic import write_atomic
 
 # data/tokenizer.py's 256 byte tokens + its SPECIAL_TOKENS (a test keeps the two in step; importing the
 # tokenizer here would load `tokenizers` for every config read).

@@ -45,10 +45,10 @@ def test_a_killed_runs_report_shows_the_precision_it_trained_in(small_cfg, tmp_p
     summary.json was written still reports fp32 (on this CPU), not `auto`."""
     from gptoss_cli.report.logs import load_run
     from gptoss_cli.report.summary import summarize
-    from gptoss_cli.train.loop import Trainer, prepare
+    from gptoss_cli.train.loop import Trainer, setup_training
 
     cfg = small_cfg("train.precision=auto", "train.max_steps=2")
-    Trainer(prepare(cfg, tmp_path / "run")).run()
+    Trainer(setup_training(cfg, tmp_path / "run")).run()
     (tmp_path / "run" / "summary.json").unlink()  # as if killed before the end
     assert (tmp_path / "run" / "config.yaml").read_text().count("precision: auto") == 1
     assert summarize(load_run(tmp_path / "run", "run", warn=lambda *a: None))["precision"] == "fp32"

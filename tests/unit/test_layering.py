@@ -44,8 +44,11 @@ LAYERS: dict[str, int] = {
     "bench": 2,
     "sizing": 2,
     "envinfo": 2,
-    # 3: what the stages share: the run directory, data, the config, devices and memory, output and errors
+    # 3: what the stages share: the run directory, data, the config, devices and memory, output and errors,
+    # atomic writes, building and transforming models
     "run": 3,
+    "transforms": 3,
+    "atomic": 3,
     "data": 3,
     "config": 3,
     "devices": 3,

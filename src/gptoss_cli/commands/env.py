@@ -37,6 +37,7 @@ def command(json: JsonOpt = False) -> None:
         )
     table.add_row("NVML", info["nvml"])
     table.add_row("attention", ", ".join(f"{k} {yes(v)}" for k, v in info["attention_backends"].items()))
+    table.add_row("MoE", ", ".join(f"{k} {yes(v)}" for k, v in info["moe_backends"].items()))
     table.add_row("torch.compile", f"{yes(info['compile']['available'])} ({info['compile']['why']})")
     table.add_row("CPU threads", str(info["cpu_threads"]))
     console.print(table)

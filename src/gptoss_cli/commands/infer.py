@@ -143,11 +143,10 @@ def command(
     decode = f"decode {s.decode_tokens_per_s:.1f} tokens/s" if s.decode_tokens_per_s else "decode n/a"
     if s.compile_s:
         decode = f"compile {s.compile_s:.1f} s | {decode}"
-    dtype_name = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(loaded.dtype), str(loaded.dtype))
     batch = f" | batch {s.batch}" if s.batch > 1 else ""
     console.print(
         f"prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | prefill {s.prefill_s * 1e3:.1f} ms | "
-        f"{decode} | {peak} | {loaded.checkpoint} on {loaded.device.type} {dtype_name}{batch}",
+        f"{decode} | {peak} | {loaded.checkpoint} on {loaded.device.type} {loaded.dtype_name}{batch}",
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -56,10 +56,10 @@ def command(
             "for a first run on a CPU use --config tiny"
         )
     from ..train.distributed import shutdown
-    from ..train.loop import Trainer, prepare
+    from ..train.loop import Trainer, setup_training
 
     try:
-        prepared = prepare(
+        setup = setup_training(
             cfg,
             run,
             resume=resume,
@@ -69,12 +69,12 @@ def command(
             progress=not json,
         )
         try:
-            summary = Trainer(prepared).run()
+            summary = Trainer(setup).run()
         finally:
-            prepared.release()
+            setup.release()
     finally:
         shutdown()
-    if not prepared.dist.main:  # under torchrun only rank 0 reports
+    if not setup.dist.main:  # under torchrun only rank 0 reports
         return
     code = {"SIGINT": 130, "SIGTERM": 143}.get(summary.get("signal"), 0) if summary["status"] == "interrupted" else 0
     if json:

@@ -212,7 +212,7 @@ def read_conversation_paths(paths: list[str]) -> list[list[dict]] | None:
 
 def conversation_data(
     tokenizer,
-    template_dir: Path | None,
+    template: Path | None,
     train: list[list[dict]],
     val: list[list[dict]],
     seq_len: int,
@@ -225,7 +225,7 @@ def conversation_data(
     the conversation tokens when it lacks them (a run trained before they were reserved)."""
     from .chat_format import chat_format
 
-    fmt = chat_format(tokenizer, template_dir)
+    fmt = chat_format(tokenizer, template)
     if fmt is None:
         tokenizer = add_chat_tokens(tokenizer, vocab_size, source)
         fmt = chat_format(tokenizer)

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..atomic import staged_directory
 from ..config import RunConfig
 from ..data.tokenizer import EOS, PAD
 from ..devices import param_dtypes, resolve_dtype
 from ..errors import GptossError
 from ..output import warn
-from ..run.atomic import staged_directory
 from ..run.checkpoint import read_weights
 from ..run.open import open_run
 from .chat_template import export_chat
@@ -138,7 +138,7 @@ def export_run(
         bos = next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None)
         pad = PAD if tok.token_to_id(PAD) is not None else EOS
         token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
-        chat = export_chat(tok, opened.run.path)
+        chat = export_chat(tok, opened.run.chat_template)
     hf_config = to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently
     weights = read_weights(opened.weights, expected_shapes(cfg.model))
     dtypes = param_dtypes(weights, torch_dtype)  # the precision policy: norms and router stay fp32, losslessly

@@ -153,10 +153,10 @@ def test_long_conversations_are_truncated_with_one_warning(tok, capsys):
 
 
 def test_fine_tune_on_conversations(small_cfg, small_corpus, tmp_path):
-    from gptoss_cli.train.loop import Trainer, prepare
+    from gptoss_cli.train.loop import Trainer, setup_training
 
     base = small_cfg(f"data.paths=[{small_corpus}]", "train.max_steps=2")
-    Trainer(prepare(base, tmp_path / "base")).run()
+    Trainer(setup_training(base, tmp_path / "base")).run()
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 6])
     cfg = load_config(
         str(tmp_path / "base" / "config.yaml"),
@@ -169,7 +169,7 @@ def test_fine_tune_on_conversations(small_cfg, small_corpus, tmp_path):
             "train.save_every=3",
         ],
     )
-    p = prepare(cfg, tmp_path / "sft", init_from=tmp_path / "base")
+    p = setup_training(cfg, tmp_path / "sft", init_from=tmp_path / "base")
     masked = p.train_data.targets == IGNORE
     assert masked.any() and not masked.all()  # user turns and headers masked, assistant replies counted
     summary = Trainer(p).run()
