@@ -20,6 +20,7 @@ from ..atomic import write_atomic
 from ..data.batches import TokenBatches
 from ..errors import GptossError
 from ..memory import MemorySampler, peak_rss
+from ..model.cross_entropy import IGNORE_INDEX
 from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.metrics import MetricsFile
@@ -87,7 +88,7 @@ class Trainer:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             layout = [x.to(self.device) for x in layout]  # conversations: positions, segments
             _, lm, acc, _ = objective(self.p.wrapped, inputs, targets, self.t, self.autocast, *layout)
-            counted = int((targets != -100).sum())  # every target, except the masked ones of conversations
+            counted = int((targets != IGNORE_INDEX).sum())  # every target, except the masked ones of conversations
             if not counted:
                 continue
             total += lm.item() * counted
