@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from ..errors import GptossError
-from ..output import warn
 from ..model.cross_entropy import IGNORE_INDEX
+from ..output import warn
 from .tokenizer import CHAT_TOKENS, PAD
 
 
