@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from gptoss_cli.commands import report
 from gptoss_cli.errors import GptossError
-from gptoss_cli.report.logs import read_run_logs, read_jsonl
+from gptoss_cli.report.logs import read_jsonl, read_run_logs
 from gptoss_cli.report.summary import expert_load, summarize, summary_rows
 
 GIB = 1024**3
