@@ -12,6 +12,7 @@ from .options import (
     CheckpointOpt,
     DeviceOpt,
     DtypeOpt,
+    JsonLinesOpt,
     PenaltyOpt,
     ReadRunOpt,
     SeedOpt,
@@ -37,7 +38,6 @@ CompileOpt = Annotated[
         help="Compile the decode step (CUDA graphs on CUDA); pays a one-time compile for faster long generations.",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt (JSON Lines) on stdout.")]
 
 
 def command(
@@ -56,7 +56,7 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     compile: CompileOpt = False,
-    json: JsonOpt = False,
+    json: JsonLinesOpt = False,
 ) -> None:
     """Generate text with a trained run (default: the newest under ./runs).
 
