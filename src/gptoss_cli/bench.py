@@ -225,6 +225,38 @@ def build_infer_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype) 
     return model
 
 
+def _decode_at(model, b: int, gen, repeats: int, warmup: int, new_tokens: int, compile_decode: bool) -> dict:
+    """Decode at batch `b` through generate.py's real loop: the median time between two tokens."""
+    from .config import InferConfig
+    from .infer.generate import generate_tokens
+
+    m = model.config
+    prompt_len = min(32, m.max_context_length // 4)
+    new_tokens = max(4, min(new_tokens, m.max_context_length - prompt_len))
+    params = InferConfig(max_new_tokens=new_tokens, temperature=0.0)
+    prompts = torch.randint(0, m.vocab_size, (b, prompt_len), generator=gen).tolist()
+    steps = []  # every decode step of every measured run: forward, greedy sample, the host sync
+    for run in range(warmup + repeats):
+        stamps: list[float] = []
+
+        def stamp(row: int, _token: int, stamps=stamps) -> bool:
+            if row == 0:  # called for every row after each step's sample: row 0 marks the step
+                stamps.append(time.perf_counter())
+            return False  # never stops a row
+
+        generate_tokens(model, prompts, params, pad_id=0, eos_id=None, on_token=stamp, compile_decode=compile_decode)
+        if run >= warmup:  # the first decode step may (re)compile: left out
+            steps += [later - earlier for earlier, later in itertools.pairwise(stamps[1:])]
+    step_s = statistics.median(steps)
+    return {
+        "batch": b,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "ms_per_step": 1e3 * step_s,
+        "tokens_per_s": b / step_s,
+    }
+
+
 @torch.inference_mode()
 def _prefill_s(model: Transformer, prompt: torch.Tensor, dtype: torch.dtype) -> float:
     cache = KVCache(model.config, prompt.shape[0], prompt.shape[1] + 1, dtype, prompt.device)
@@ -245,9 +277,6 @@ def bench_infer(
     compile_decode: bool = False,
     prefill_tokens: int | None = None,
 ) -> dict:
-    from .config import InferConfig
-    from .infer.generate import generate_tokens
-
     m = cfg.model
     dtype = resolve_dtype("auto", device)
     model = build_infer_model(cfg, device, dtype)
@@ -266,36 +295,7 @@ def bench_infer(
         "tokens_per_s": prefill_len / statistics.median(times),
     }
 
-    prompt_len = min(32, m.max_context_length // 4)
-    new_tokens = max(4, min(new_tokens, m.max_context_length - prompt_len))
-    params = InferConfig(max_new_tokens=new_tokens, temperature=0.0)
-    decode = []
-    for b in batches:
-        prompts = torch.randint(0, m.vocab_size, (b, prompt_len), generator=gen).tolist()
-        steps = []  # every decode step of every measured run: forward, greedy sample, the host sync
-        for run in range(warmup + repeats):
-            stamps: list[float] = []
-
-            def stamp(row: int, _token: int, stamps=stamps) -> bool:
-                if row == 0:  # called for every row after each step's sample: row 0 marks the step
-                    stamps.append(time.perf_counter())
-                return False  # never stops a row
-
-            generate_tokens(
-                model, prompts, params, pad_id=0, eos_id=None, on_token=stamp, compile_decode=compile_decode
-            )
-            if run >= warmup:  # the first decode step may (re)compile: left out
-                steps += [later - earlier for earlier, later in itertools.pairwise(stamps[1:])]
-        step_s = statistics.median(steps)
-        decode.append(
-            {
-                "batch": b,
-                "prompt_tokens": prompt_len,
-                "new_tokens": new_tokens,
-                "ms_per_step": 1e3 * step_s,
-                "tokens_per_s": b / step_s,
-            }
-        )
+    decode = [_decode_at(model, b, gen, repeats, warmup, new_tokens, compile_decode) for b in batches]
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:

@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "run": 3,
     "transforms": 3,
     "atomic": 3,
+    "strict": 3,
     "data": 3,
     "config": 3,
     "devices": 3,

@@ -64,25 +64,10 @@ def command(
 
     Example: gptoss infer "GPT models are" -n 20 --run runs/demo
     """
-    import json as jsonlib
-
-    from ..errors import GptossError
     from ..infer.generate import infer
-    from ..output import console, warn
+    from ..output import console
 
-    prompts = [p for p in (prompt, prompt_opt) if p is not None]
-    if prompts_file is not None:
-        try:
-            text = sys.stdin.read() if str(prompts_file) == "-" else prompts_file.read_text(encoding="utf-8")
-            lines = text.splitlines()
-        except OSError as err:
-            raise GptossError(f"--prompts-file {prompts_file}: cannot read ({err.strerror or err})") from None
-        prompts += [line for line in lines if line.strip()]
-        if not prompts:
-            raise GptossError(f"--prompts-file {prompts_file}: no prompts in it (one per line)")
-    if not prompts:
-        raise GptossError('no prompt: gptoss infer "GPT models are" -n 20 (or --prompt, --prompts-file)')
-
+    prompts = _read_prompts(prompt, prompt_opt, prompts_file)
     stream = not json and len(prompts) == 1  # a batch prints whole completions, one after another
     echoed = []  # the prompt is echoed with the first text, so an error before it leaves stdout empty
 
@@ -113,25 +98,52 @@ def command(
         seed=seed,
         stop=stop,
     )
-    for i, c in enumerate(result.completions):
+    _write_completions(result.completions, json=json, stream=stream, echoed=bool(echoed))
+    _summary_line(result)
+
+
+def _read_prompts(prompt: str | None, prompt_opt: str | None, prompts_file: Path | None) -> list[str]:
+    from ..errors import GptossError
+
+    prompts = [p for p in (prompt, prompt_opt) if p is not None]
+    if prompts_file is not None:
+        try:
+            text = sys.stdin.read() if str(prompts_file) == "-" else prompts_file.read_text(encoding="utf-8")
+            lines = text.splitlines()
+        except OSError as err:
+            raise GptossError(f"--prompts-file {prompts_file}: cannot read ({err.strerror or err})") from None
+        prompts += [line for line in lines if line.strip()]
+        if not prompts:
+            raise GptossError(f"--prompts-file {prompts_file}: no prompts in it (one per line)")
+    if not prompts:
+        raise GptossError('no prompt: gptoss infer "GPT models are" -n 20 (or --prompt, --prompts-file)')
+    return prompts
+
+
+def _write_completions(completions, *, json: bool, stream: bool, echoed: bool) -> None:
+    """stdout: JSON Lines, the end of a streamed completion, or each completion of a batch whole."""
+    import json as jsonlib
+
+    for i, c in enumerate(completions):
         if json:
-            sys.stdout.write(
-                jsonlib.dumps(
-                    {
-                        "prompt": c.prompt,
-                        "completion": c.text,
-                        "prompt_tokens": c.prompt_tokens,
-                        "new_tokens": c.new_tokens,
-                        "stop_reason": c.stop_reason,
-                    }
-                )
-                + "\n"
-            )
+            record = {
+                "prompt": c.prompt,
+                "completion": c.text,
+                "prompt_tokens": c.prompt_tokens,
+                "new_tokens": c.new_tokens,
+                "stop_reason": c.stop_reason,
+            }
+            sys.stdout.write(jsonlib.dumps(record) + "\n")
         elif stream:
             sys.stdout.write(("" if echoed else c.prompt) + "\n")
         else:
             sys.stdout.write(("\n" if i else "") + c.prompt + c.text + "\n")
     sys.stdout.flush()
+
+
+def _summary_line(result) -> None:
+    """stderr: the context warning and one line of counts, speeds, memory and what ran where."""
+    from ..output import console, warn
 
     s, loaded = result.stats, result.run
     if s.context_limited:

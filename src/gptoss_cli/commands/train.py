@@ -39,7 +39,7 @@ def command(
     Ctrl-C / SIGTERM after saving a checkpoint (summary.json says "interrupted").
     """
     from ..config import load_config
-    from ..output import console, print_json, warn
+    from ..output import print_json, warn
 
     # Before torch is imported: a bad config fails in an instant.
     cfg = None
@@ -80,6 +80,13 @@ def command(
     if json:
         print_json(summary)
         raise typer.Exit(code)
+    _print_summary(summary)
+    raise typer.Exit(code)
+
+
+def _print_summary(summary: dict) -> None:
+    from ..output import console
+
     best = summary["best_val_loss"]
     console.print(
         f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
@@ -92,7 +99,6 @@ def command(
     )
     console.print(f"run: {summary['run_dir']}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _saved_config(source: Path, overrides: list[str] | None):

@@ -127,41 +127,46 @@ def evaluate(
         finally:
             progress.done()
         elapsed = time.perf_counter() - start
-        n_bytes = utf8_bytes(docs)
-        loss = totals.loss / totals.tokens
-        result = {
-            "format": FORMAT,
-            "name": label,
-            "run": str(loaded.run),
-            "checkpoint": str(loaded.checkpoint),
-            "step": loaded.step,
-            "data": list(data),
-            "text_digest": text_digest(docs),
-            "documents": len(docs),
-            "tokens": totals.tokens,
-            "bytes": n_bytes,
-            "loss": loss,
-            "ppl": math.exp(min(loss, 700)),
-            "bits_per_byte": totals.loss / math.log(2) / n_bytes,
-            "bytes_per_token": n_bytes / totals.tokens,
-            "accuracy": totals.correct / totals.tokens,
-            "loss_sum_nats": totals.loss,
-            "context": win,
-            "stride": step,
-            "batch_size": batch_size,
-            "max_tokens": max_tokens,
-            "device": loaded.device.type,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "tokenizer_hash": tokenizer_hash(tok),
-            "elapsed_s": elapsed,
-            "tokens_per_s": totals.tokens / elapsed if elapsed > 0 else None,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        result = _result(loaded, label, data, docs, totals, elapsed, win, step, batch_size, max_tokens)
         if save:
             result["saved"] = _save(loaded.run, loaded.checkpoint.name, result, warn)
         results.append(result)
         del loaded  # one model at a time
     return results
+
+
+def _result(loaded, label, data, docs, totals, elapsed, win, step, batch_size, max_tokens) -> dict[str, Any]:
+    """The saved and printed result of one target (the numbers of the module docstring)."""
+    n_bytes = utf8_bytes(docs)
+    loss = totals.loss / totals.tokens
+    return {
+        "format": FORMAT,
+        "name": label,
+        "run": str(loaded.run),
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+        "data": list(data),
+        "text_digest": text_digest(docs),
+        "documents": len(docs),
+        "tokens": totals.tokens,
+        "bytes": n_bytes,
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700)),
+        "bits_per_byte": totals.loss / math.log(2) / n_bytes,
+        "bytes_per_token": n_bytes / totals.tokens,
+        "accuracy": totals.correct / totals.tokens,
+        "loss_sum_nats": totals.loss,
+        "context": win,
+        "stride": step,
+        "batch_size": batch_size,
+        "max_tokens": max_tokens,
+        "device": loaded.device.type,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
+        "elapsed_s": elapsed,
+        "tokens_per_s": totals.tokens / elapsed if elapsed > 0 else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def _save(run: RunDir, checkpoint_name: str, result: dict, warn: Callable[[str], None]) -> str | None:
