@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from ..atomic import staged_directory
 from ..config import RunConfig
-from ..data.tokenizer import EOS, PAD
+from ..data.tokenizer import EOS, PAD, bos_id
 from ..devices import param_dtypes, resolve_dtype
 from ..errors import GptossError
 from ..output import warn
@@ -30,7 +30,6 @@ from .chat_template import export_chat
 from .names import expected_shapes, to_hf_config, to_hf_state_dict
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
-BOS_CANDIDATES = ("<|startoftext|>", EOS)  # o200k_harmony has a start token; our BPE reuses <|endoftext|>
 UNITS = {
     "": 1,
     "B": 1,
@@ -135,7 +134,7 @@ def export_run(
         warn(f"{opened.run} has no tokenizer.json: exporting the weights without a tokenizer")
     else:
         eos = EOS
-        bos = next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None)
+        bos = tok.id_to_token(bos_id(tok))  # o200k_harmony's start token; our BPE reuses <|endoftext|>
         pad = PAD if tok.token_to_id(PAD) is not None else EOS
         token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
         chat = export_chat(tok, opened.run.chat_template)
