@@ -1,13 +1,17 @@
-"""What `gptoss eval` shows on stderr: a progress bar per model and the results side by side (rich)."""
+"""What `gptoss eval` shows on stderr: progress per model (a rich bar on a terminal, a plain line every
+so often elsewhere, e.g. in a log file) and the results side by side: the text scores or the lm-eval task
+metrics (rich tables)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..report.tasks import task_metrics
 from .evaluator import Progress as Callbacks
 
 ROWS = [  # (label, result key, format)
@@ -46,28 +50,60 @@ def results_table(results: list[dict[str, Any]]) -> Table:
     return table
 
 
-class EvalProgress:
-    """A rich progress bar (tokens scored) for each model in turn; silent when stderr is not a terminal."""
+def tasks_table(results: list[dict[str, Any]]) -> Table:
+    """lm-eval's metrics (value ± standard error), one row per task and metric, one column per run."""
+    table = Table(title="lm-evaluation-harness tasks")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("n", justify="right")
+    for r in results:
+        table.add_column(r["gptoss"]["name"], justify="right", overflow="fold")
+    rows: dict[tuple[str, str], list[str]] = {}
+    for i, r in enumerate(results):
+        for task, metric, value, stderr in task_metrics(r):
+            n = r.get("n-samples", {}).get(task, {}).get("effective")
+            cells = rows.setdefault((task, metric), ["" if n is None else f"{n:,}"] + ["—"] * len(results))
+            cells[1 + i] = _metric(value, stderr)
+    for (task, metric), cells in rows.items():
+        table.add_row(task, metric, *cells)
+    return table
 
-    def __init__(self, console: Console):
+
+def _metric(value: Any, stderr: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return str(value)
+    text = f"{value:.4f}"
+    return text + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+
+
+class EvalProgress:
+    """A rich progress bar for each model (or request type) in turn on a terminal; elsewhere plain lines
+    (_PlainLines), so a log file shows it moving."""
+
+    def __init__(self, console: Console, unit: str = "tokens", every_s: float = 30.0):
+        plain = not console.is_terminal
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("tokens"),
+            TextColumn(unit),
             TimeRemainingColumn(),
             console=console,
             transient=True,
-            disable=not console.is_terminal,
+            disable=plain,
         )
         self._task = None
-        self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)
+        if plain:
+            lines = _PlainLines(console, unit, every_s)
+            self.callbacks = Callbacks(start=lines.start, advance=lines.advance, done=lines.done)
+        else:
+            self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)
 
     def _start(self, label: str, total: int) -> None:
         self._task = self._bar.add_task(f"scoring {label}", total=total)
 
-    def _advance(self, tokens: int) -> None:
-        self._bar.update(self._task, advance=tokens)
+    def _advance(self, n: int) -> None:
+        self._bar.update(self._task, advance=n)
 
     def _done(self) -> None:
         if self._task is not None:
@@ -80,3 +116,39 @@ class EvalProgress:
 
     def __exit__(self, *exc) -> None:
         self._bar.__exit__(*exc)
+
+
+class _PlainLines:
+    """Progress as lines: one when a stage starts, one every `every_s` seconds while it runs, one at its end."""
+
+    def __init__(self, console: Console, unit: str, every_s: float):
+        self.console, self.unit, self.every_s = console, unit, every_s
+        self.label, self.total, self.count = "", 0, 0
+        self.started = self.printed = 0.0
+        self.running = False
+
+    def start(self, label: str, total: int) -> None:
+        self.label, self.total, self.count, self.running = label, total, 0, True
+        self.started = self.printed = time.monotonic()
+        self._print(f"scoring {label}: {total:,} {self.unit}")
+
+    def advance(self, n: int) -> None:
+        self.count += n
+        now = time.monotonic()
+        if self.running and now - self.printed >= self.every_s:
+            self.printed = now
+            share = self.count / max(self.total, 1)
+            self._print(
+                f"scoring {self.label}: {self.count:,}/{self.total:,} {self.unit} ({share:.0%}, {self._elapsed()})"
+            )
+
+    def done(self) -> None:
+        if self.running:
+            self._print(f"scored {self.label}: {self.count:,}/{self.total:,} {self.unit} in {self._elapsed()}")
+            self.running = False
+
+    def _elapsed(self) -> str:
+        return f"{time.monotonic() - self.started:.0f} s"
+
+    def _print(self, line: str) -> None:
+        self.console.print(line, highlight=False, soft_wrap=True)
