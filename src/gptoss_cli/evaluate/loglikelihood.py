@@ -7,8 +7,10 @@ A row's input is tokens[:-1] and its last n tokens are the targets, so each targ
 token before it in the row (the caller cuts a row to the model's context, as lm-evaluation-harness does:
 the last max_length + 1 tokens). Rows are sorted longest first and batched with right padding (a causal
 model's real tokens never see the pads after them); the logits are computed only at the n target
-positions of each row (the model's `logits_at`), so a long context costs no (T, V) logits. The
-log-probabilities are infer/logprobs.py's, the same the server reports for `echo` and `logprobs`.
+positions of each row (the model's `logits_at`), so a long context costs no (T, V) logits, and a batch
+holds at most `max_logits` of them (B x K x V: rolling windows score every position, and K x V fp32 logits
+of a 4,096-token window over a 201,088-token vocabulary are 3.3 GB). The log-probabilities are
+infer/logprobs.py's, the same the server reports for `echo` and `logprobs`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..infer.logprobs import log_probs
+
+MAX_LOGITS = 2**28  # logits per forward (1 GiB in fp32; the log-softmax holds as much again)
 
 
 @dataclass(frozen=True)
@@ -45,15 +49,16 @@ def score_tokens(
     batch_size: int,
     pad_id: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    max_logits: int = MAX_LOGITS,
 ) -> list[Scored]:
     """Score the last n tokens of each (tokens, n) row with `model` (a Transformer in eval mode); results
-    in the order of `rows`. on_batch(rows done) is called after every batch (a progress bar)."""
+    in the order of `rows`. A batch holds at most `batch_size` rows and `max_logits` logits (one row always
+    fits). on_batch(rows done) is called after every batch (a progress bar)."""
     check_rows(rows)
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # stable: equal lengths keep their order
     out: list[Scored | None] = [None] * len(rows)
-    for start in range(0, len(order), batch_size):
-        part = order[start : start + batch_size]
+    for part in _batches(order, [n for _, n in rows], batch_size, model.config.vocab_size, max_logits):
         inputs, at, targets = _batch([rows[i] for i in part], pad_id)
         logits = model(inputs.to(device), logits_at=at.to(device)).logits  # (B, K, V) fp32
         lp = log_probs(logits)
@@ -66,6 +71,19 @@ def score_tokens(
         if on_batch is not None:
             on_batch(len(part))
     return out  # type: ignore[return-value]
+
+
+def _batches(order: list[int], scored: list[int], batch_size: int, vocab: int, max_logits: int):
+    """Consecutive runs of `order` with at most batch_size rows and (rows x widest K x vocab) <= max_logits."""
+    batch: list[int] = []
+    for i in order:
+        k = max([scored[j] for j in batch] + [scored[i]])
+        if batch and (len(batch) == batch_size or (len(batch) + 1) * k * vocab > max_logits):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
 
 
 def _batch(rows: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -42,7 +42,11 @@ def test_score_tokens_equals_one_full_forward_per_row():
         (torch.randint(0, 64, (n,), generator=g).tolist(), k) for n, k in [(9, 3), (4, 1), (13, 12), (6, 5), (2, 1)]
     ]
     got = score_tokens(model, rows, batch_size=2, pad_id=63)
-    for (tokens, k), scored in zip(rows, got, strict=True):
+    batches = []
+    one_by_one = score_tokens(model, rows, batch_size=5, max_logits=1, on_batch=batches.append)
+    assert batches == [1] * 5  # the logits budget, not batch_size, decided: one row per forward
+    for (tokens, k), scored, alone in zip(rows, got, one_by_one, strict=True):
+        assert_close(torch.tensor(scored.logprobs), torch.tensor(alone.logprobs), rtol_for(torch.float32, 64, 16))
         with torch.no_grad():
             ref = model(torch.tensor([tokens[:-1]])).logits[0].double().log_softmax(-1)  # (n - 1, V)
         targets = torch.tensor(tokens[-k:])
