@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 import torch
 
+from gptoss_cli.config import InferConfig
 from gptoss_cli.data.tokenizer import EOS
 from tests.conftest import assert_close, rtol_for
 from tests.integration.test_serve import LINES, Server, make_run
@@ -245,3 +247,30 @@ def test_bad_logprob_requests_are_400(server, path, body, param):
     r = httpx.post(server.url + path, json={"model": "demo", **body})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_a_scored_prompt_with_non_finite_logits_fails_alone(run, loaded):
+    """max_tokens 0 samples nothing, so sampling would not notice NaN logits: the scoring itself fails the
+    request with the non-finite message instead of answering NaN, which is not JSON."""
+    import copy
+
+    from gptoss_cli.infer.sampling import NON_FINITE
+    from gptoss_cli.serve.engine import Engine, Failed, Request
+
+    broken = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        broken.unembedding.weight.fill_(float("nan"))
+    tok = loaded.tokenizer
+    engine = Engine(broken, tok, eos_id=tok.token_to_id(EOS), max_batch=2, max_queue=4, prefill_chunk=5)
+    events: list = []
+    params = InferConfig(max_new_tokens=1, temperature=0)
+    engine.start()
+    try:
+        engine.submit([Request(tok.encode(TEXT).ids, params, events.append, logprobs=0, echo=True, generate=False)])
+        deadline = time.monotonic() + 60
+        while not events:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert isinstance(events[-1], Failed) and events[-1].message == NON_FINITE

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import math
 import sys
 import threading
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from ..config import InferConfig
 from ..errors import GptossError
 from ..infer.decode import DecodeState, failure, next_tokens
 from ..infer.logprobs import TokenLogprob
+from ..infer.sampling import NON_FINITE
 from ..model import Transformer
 from .logprobs import prompt_logprobs, sampled
 from .slots import SlotKVCache
@@ -282,7 +284,10 @@ class Engine:
         if not run.request.echo:
             return self.model(tokens, positions, self.cache, last_only=True).logits[:, -1]
         logits = self.model(tokens, positions, self.cache).logits[0]  # (C, V) fp32
-        run.prompt_logprobs += prompt_logprobs(logits, run.request.prompt, start, run.request.logprobs or 0)
+        scored = prompt_logprobs(logits, run.request.prompt, start, run.request.logprobs or 0)
+        if not all(math.isfinite(e.logprob) for e in scored):  # a scored prompt is answered without sampling
+            raise GptossError(NON_FINITE)
+        run.prompt_logprobs += scored
         return logits[-1:]
 
     def _scored(self, run: _Running) -> None:
