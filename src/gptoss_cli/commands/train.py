@@ -87,16 +87,19 @@ def command(
 def _print_summary(summary: dict) -> None:
     from ..output import console
 
-    best = summary["best_val_loss"]
+    best, final = summary["best_val_loss"], summary["final_loss"]
+    rate = f"{summary['tokens_per_s']:,.0f} tokens/s"
+    if summary["session_tokens"] != summary["tokens"]:  # resumed: the rate is this session's
+        rate = f"this session {summary['session_tokens']:,} tokens in {summary['session_s']:.1f} s, {rate}"
     console.print(
         f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
-        f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)",
+        f"{summary['elapsed_s']:.1f} s ({rate})",
         highlight=False,
     )
-    console.print(
-        f"final loss {summary['final_loss']:.4f}" + (f", best validation loss {best:.4f}" if best is not None else ""),
-        highlight=False,
-    )
+    losses = [f"final loss {final:.4f}" if final is not None else "no step finished"]
+    if best is not None:
+        losses.append(f"best validation loss {best:.4f}")
+    console.print(", ".join(losses), highlight=False)
     console.print(f"run: {summary['run_dir']}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
 
