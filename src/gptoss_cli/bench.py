@@ -334,8 +334,10 @@ def run_bench(
     decode_batch: int = 8,
     threads: int = 0,
     compile_decode: bool = False,
+    say=lambda line: None,
 ) -> dict:
-    """Everything `gptoss bench` prints, as one JSON-ready dict."""
+    """Everything `gptoss bench` prints, as one JSON-ready dict. `say(line)` is told each phase as it starts
+    (a bench of a big config takes minutes)."""
     from .devices import pick_device
 
     if threads:
@@ -347,8 +349,10 @@ def run_bench(
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if train:
+        say(f"bench: training {cfg.name} on {device.type}, {warmup} warm-up + {steps} measured steps")
         report["train"] = bench_train(cfg, device, steps, warmup)
     if infer:
         batches = (1, decode_batch) if decode_batch > 1 else (1,)
+        say(f"bench: prefill, then decoding at batch {' and '.join(map(str, batches))}")
         report["infer"] = bench_infer(cfg, device, min(3, steps), min(warmup, 1), new_tokens, batches, compile_decode)
     return report

@@ -187,3 +187,20 @@ def test_a_signal_during_a_step_stops_at_that_step(small_cfg, tmp_path, monkeypa
     assert summary["steps"] == 2 and summary["status"] == "interrupted"  # not step 3
     assert summary["signal"] == "SIGINT"
     assert ckpt.resolve_checkpoint(run).name == ckpt.step_dir_name(2)
+
+
+def test_off_a_terminal_training_prints_progress_lines(small_overrides, tmp_path):
+    """Under nohup, Slurm, CI or `| tee log` stderr is no terminal: a plain progress line still comes."""
+    sets = [a for o in [*small_overrides, "train.max_steps=3", "train.log_every=100"] for a in ("--set", o)]
+    env = dict(os.environ, GPTOSS_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", GPTOSS_PROGRESS_SECONDS="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_cli", "train", "--config", "tiny", *sets, "--run", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("training: ")]
+    assert lines[0] == "training: started" and lines[-1].startswith("training: done, 3/3 steps (100%), loss ")
+    assert any(line.startswith("training: 1/3 steps (33%), loss ") for line in lines), lines

@@ -35,7 +35,7 @@ def command(
     """
     from ..bench import run_bench
     from ..config import load_config
-    from ..output import print_json
+    from ..output import console, print_json
 
     cfg = load_config(config, set_)
     both = not train and not infer
@@ -49,6 +49,7 @@ def command(
         decode_batch=decode_batch,
         threads=threads,
         compile_decode=compile_decode,
+        say=lambda line: console.print(line, highlight=False),
     )
     if json:
         print_json(report)

@@ -373,8 +373,10 @@ class Trainer:
 
 
 def _progress(disable: bool):
-    """The training bar (terminal only, stderr): steps, loss and tokens/s, elapsed and left."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """The training bar on stderr: steps, loss and tokens/s, elapsed and left (plain lines off a terminal)."""
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..progress import progress
 
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -386,4 +388,4 @@ def _progress(disable: bool):
         TextColumn("left"),
         TimeRemainingColumn(),
     )
-    return Progress(*columns, console=console, transient=True, disable=disable)
+    return progress(*columns, console=console, transient=True, disable=disable, unit="steps")
