@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
     "atomic": 3,
     "strict": 3,
     "progress": 3,
+    "threads": 3,
     "data": 3,
     "config": 3,
     "devices": 3,

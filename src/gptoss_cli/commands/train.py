@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import JsonOpt, OptionalConfigOpt, RunOpt, SetOpt
+from .options import JsonOpt, OptionalConfigOpt, RunOpt, SetOpt, ThreadsOpt
 
 
 def command(
@@ -29,6 +29,7 @@ def command(
         ),
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Reuse this tokenizer.json.")] = None,
+    threads: ThreadsOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Train from scratch on a text corpus (the built-in sample corpus when data.paths is empty).
@@ -55,9 +56,11 @@ def command(
             "no --config: training the compact reference model (~1.4 billion parameters), which needs a GPU; "
             "for a first run on a CPU use --config tiny"
         )
+    from ..threads import set_threads
     from ..train.distributed import shutdown
     from ..train.loop import Trainer, setup_training
 
+    set_threads(threads)
     try:
         setup = setup_training(
             cfg,

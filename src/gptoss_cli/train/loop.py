@@ -24,6 +24,7 @@ from ..model.cross_entropy import IGNORE_INDEX
 from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.metrics import MetricsFile
+from ..threads import describe
 from . import distributed
 from .loggers import Loggers
 from .loss import objective
@@ -229,7 +230,8 @@ class Trainer:
             f"run {self.files}: {self.total_steps} steps; global batch {t.batch_size} x {self.accum} "
             f"accumulation x {world} process{'es' if world > 1 else ''} = {t.batch_size * self.accum * world} "
             f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
-            f"{', ' + self.dist.parallel if world > 1 else ''})"
+            f"{', ' + self.dist.parallel if world > 1 else ''}"
+            f"{'; ' + describe() if self.device.type == 'cpu' else ''})"
         )
 
     def _loop(self, stop, bar, window, metrics, trackers, memory) -> tuple[str, str | None]:
