@@ -184,10 +184,10 @@ def test_results_are_lm_evals_json_in_the_run_and_the_report_shows_them(ours, ru
 
 def test_progress_is_plain_lines_off_a_terminal(ours):
     lines = ours["stderr"].splitlines()
-    assert "scoring demo/step-00000010 loglikelihood: 40 requests" in lines
-    assert "scored demo/step-00000010 loglikelihood: 40/40 requests" in "\n".join(lines)
-    assert any(line.startswith("scored demo/step-00000010 rolling loglikelihood: 4/4 requests") for line in lines)
-    assert any(line.startswith("scored demo/step-00000010 generate_until: 6/6 requests") for line in lines)
+    for kind, count in (("loglikelihood", 40), ("generate_until", 6), ("rolling loglikelihood", 4)):
+        assert f"scoring demo/step-00000010 {kind}: started" in lines
+        done = f"scoring demo/step-00000010 {kind}: done, {count}/{count} requests (100%); "
+        assert any(line.startswith(done) for line in lines), (kind, lines)
 
 
 @pytest.mark.parametrize(

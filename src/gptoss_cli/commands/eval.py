@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from .options import CheckpointsOpt, DeviceOpt, DtypeOpt, JsonLinesOpt, RunsOpt
+from .options import CheckpointsOpt, DeviceOpt, DtypeOpt, JsonLinesOpt, RunsOpt, ThreadsOpt
 
 DataOpt = Annotated[
     list[str] | None,
@@ -76,6 +76,7 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     no_save: NoSaveOpt = False,
+    threads: ThreadsOpt = None,
     json: JsonLinesOpt = False,
     tasks: TasksOpt = None,
     include_path: IncludePathOpt = None,
@@ -90,7 +91,9 @@ def command(
     Example: gptoss eval --run runs/demo --tasks hellaswag,arc_easy --limit 100
     """
     from ..evaluate.evaluator import Target
+    from ..threads import set_threads
 
+    set_threads(threads)
     targets = [Target(run=r) for r in run or []] + [Target(checkpoint=c) for c in checkpoint or []]
     text_options = {"--data": data, "--max-tokens": max_tokens, "--context": context, "--stride": stride}
     task_options = {"--include-path": include_path, "--limit": limit, "--num-fewshot": num_fewshot}

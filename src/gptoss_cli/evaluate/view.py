@@ -1,16 +1,15 @@
-"""What `gptoss eval` shows on stderr: progress per model (a rich bar on a terminal, a plain line every
-so often elsewhere, e.g. in a log file) and the results side by side: the text scores or the lm-eval task
-metrics (rich tables)."""
+"""What `gptoss eval` shows on stderr: a progress bar per model (plain lines off a terminal) and the results
+side by side: the text scores or the lm-eval task metrics (rich tables)."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..progress import progress
 from ..report.tasks import task_metrics
 from .evaluator import Progress as Callbacks
 
@@ -77,12 +76,11 @@ def _metric(value: Any, stderr: Any) -> str:
 
 
 class EvalProgress:
-    """A rich progress bar for each model (or request type) in turn on a terminal; elsewhere plain lines
-    (_PlainLines), so a log file shows it moving."""
+    """A progress bar for each model (or request type) in turn; plain lines when stderr is not a terminal.
+    `unit` is what it counts: tokens (a text) or requests (lm-eval tasks)."""
 
-    def __init__(self, console: Console, unit: str = "tokens", every_s: float = 30.0):
-        plain = not console.is_terminal
-        self._bar = Progress(
+    def __init__(self, console: Console, disable: bool = False, unit: str = "tokens"):
+        self._bar = progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -90,20 +88,17 @@ class EvalProgress:
             TimeRemainingColumn(),
             console=console,
             transient=True,
-            disable=plain,
+            disable=disable,
+            unit=unit,
         )
         self._task = None
-        if plain:
-            lines = _PlainLines(console, unit, every_s)
-            self.callbacks = Callbacks(start=lines.start, advance=lines.advance, done=lines.done)
-        else:
-            self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)
+        self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)
 
     def _start(self, label: str, total: int) -> None:
         self._task = self._bar.add_task(f"scoring {label}", total=total)
 
-    def _advance(self, n: int) -> None:
-        self._bar.update(self._task, advance=n)
+    def _advance(self, tokens: int) -> None:
+        self._bar.update(self._task, advance=tokens)
 
     def _done(self) -> None:
         if self._task is not None:
@@ -116,39 +111,3 @@ class EvalProgress:
 
     def __exit__(self, *exc) -> None:
         self._bar.__exit__(*exc)
-
-
-class _PlainLines:
-    """Progress as lines: one when a stage starts, one every `every_s` seconds while it runs, one at its end."""
-
-    def __init__(self, console: Console, unit: str, every_s: float):
-        self.console, self.unit, self.every_s = console, unit, every_s
-        self.label, self.total, self.count = "", 0, 0
-        self.started = self.printed = 0.0
-        self.running = False
-
-    def start(self, label: str, total: int) -> None:
-        self.label, self.total, self.count, self.running = label, total, 0, True
-        self.started = self.printed = time.monotonic()
-        self._print(f"scoring {label}: {total:,} {self.unit}")
-
-    def advance(self, n: int) -> None:
-        self.count += n
-        now = time.monotonic()
-        if self.running and now - self.printed >= self.every_s:
-            self.printed = now
-            share = self.count / max(self.total, 1)
-            self._print(
-                f"scoring {self.label}: {self.count:,}/{self.total:,} {self.unit} ({share:.0%}, {self._elapsed()})"
-            )
-
-    def done(self) -> None:
-        if self.running:
-            self._print(f"scored {self.label}: {self.count:,}/{self.total:,} {self.unit} in {self._elapsed()}")
-            self.running = False
-
-    def _elapsed(self) -> str:
-        return f"{time.monotonic() - self.started:.0f} s"
-
-    def _print(self, line: str) -> None:
-        self.console.print(line, highlight=False, soft_wrap=True)

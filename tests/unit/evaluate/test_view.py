@@ -1,5 +1,5 @@
-"""What `gptoss eval` shows: progress off a terminal as plain lines (a start line, one every `every_s`
-seconds, an end line), and lm-eval's metrics as rows of task, metric, value ± standard error."""
+"""What `gptoss eval --tasks` shows: progress off a terminal in requests, and lm-eval's metrics as rows of
+task, metric, value ± standard error."""
 
 from __future__ import annotations
 
@@ -11,19 +11,20 @@ from gptoss_cli.evaluate.view import EvalProgress, tasks_table
 from gptoss_cli.report.tasks import task_metrics
 
 
-def test_progress_off_a_terminal_is_plain_lines():
+def test_task_progress_off_a_terminal_counts_requests(monkeypatch):
+    """progress.py's plain lines (tested there), counting lm-eval requests per request type."""
+    monkeypatch.setenv("GPTOSS_PROGRESS_SECONDS", "0")
     out = io.StringIO()
-    progress = EvalProgress(Console(file=out, width=200), unit="requests", every_s=0).callbacks
+    progress = EvalProgress(Console(file=out, width=200), unit="requests").callbacks
     progress.start("demo/step-1 loglikelihood", 10)
     progress.advance(4)
     progress.advance(6)
     progress.done()
-    progress.done()  # a second done (the next stage's start calls it) prints nothing
+    progress.done()  # a second done (the next request type's start calls it) prints nothing
     lines = out.getvalue().splitlines()
-    assert lines[0] == "scoring demo/step-1 loglikelihood: 10 requests"
-    assert lines[1].startswith("scoring demo/step-1 loglikelihood: 4/10 requests (40%, ")
-    assert lines[2].startswith("scoring demo/step-1 loglikelihood: 10/10 requests (100%, ")
-    assert lines[3].startswith("scored demo/step-1 loglikelihood: 10/10 requests in ") and len(lines) == 4
+    assert lines[0] == "scoring demo/step-1 loglikelihood: started"
+    assert lines[1].startswith("scoring demo/step-1 loglikelihood: 4/10 requests (40%); ")
+    assert lines[2].startswith("scoring demo/step-1 loglikelihood: done, 10/10 requests (100%); ") and len(lines) == 3
 
 
 RESULT = {
