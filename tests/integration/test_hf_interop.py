@@ -32,7 +32,7 @@ from gptoss_cli.run.checkpoint import (  # noqa: E402
     weights_state_dict,
 )
 from tests.conftest import assert_close, randomise, save_run, tiny_model_config  # noqa: E402
-from tests.unit.interop.test_mxfp4 import quantize_by_hand  # noqa: E402
+from tests.unit.model.test_mxfp4 import quantize_by_hand  # noqa: E402
 
 # TOL is absolute on purpose: randomise's 0.08 weights keep the logits O(1) (assert_close prints max|ref|).
 VOCAB, SEQ, TOL = 320, 20, 1e-5

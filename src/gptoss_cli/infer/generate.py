@@ -23,10 +23,11 @@ from tokenizers import Tokenizer
 
 from ..config import InferConfig, RunConfig
 from ..data.tokenizer import EOS, PAD
-from ..devices import apply_precision, pick_device, resolve_dtype
+from ..devices import materialize, pick_device, resolve_dtype
 from ..errors import GptossError
 from ..model import KVCache, Transformer
-from ..run.checkpoint import load_weights
+from ..model.mxfp4 import pack_experts
+from ..run.checkpoint import load_weights, packed_weights, tensor_names
 from ..run.layout import RunDir
 from ..run.open import open_run
 from .compiled import compiled_step
@@ -198,11 +199,14 @@ def load_run(
     dev = pick_device(device, "--device")
     dt = resolve_dtype(dtype, dev)
     opened = open_run(run, checkpoint)
-    with torch.device(dev):  # parameters are created on the device; the rope table is built on the CPU
+    with torch.device("meta"):  # shapes only: allocated below, in their final dtypes (the rope table is CPU)
         model = Transformer(opened.config.model)
-    model.to(dev)
+    # ---- structural model transforms, chosen by what the checkpoint holds, before its weights load ----
+    if packed_weights(tensor_names(opened.weights)):  # MXFP4 experts stay packed (model/mxfp4.py)
+        pack_experts(model)
+    # ----
+    materialize(model, dev, dt)  # the precision policy: norms and router fp32, the rest in `dt`
     load_weights(model, opened.weights)
-    apply_precision(model, dt)
     model.requires_grad_(False).eval()
     return LoadedRun(model, opened.tokenizer, opened.config, opened.run.path, opened.checkpoint, opened.step, dev, dt)
 

@@ -25,11 +25,11 @@ from tokenizers import Tokenizer
 from ..config import ConfigError, RunConfig, config_from_dict
 from ..data.tokenizer import EOS, check_vocab, tokenizer_hash
 from ..errors import GptossError
+from ..model import mxfp4
 from ..output import warn
 from ..run.atomic import staged_directory
 from ..run.checkpoint import CheckpointState, save_checkpoint
 from ..run.layout import RunDir
-from . import mxfp4
 from .chat_template import keep_hf_template, read_hf_template
 from .names import (
     LAYER_RULES,
