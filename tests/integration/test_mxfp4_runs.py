@@ -66,6 +66,16 @@ def test_a_packed_run_loads_packed_and_computes_the_decoded_model(runs):
     assert_close(got, ref, rtol=rtol_for(torch.float32, 32, 6))
 
 
+def test_build_on_a_run_says_what_it_holds(runs, gptoss):
+    for name, holds in (("packed", "mxfp4"), ("decoded", "dense")):
+        code, out, err = gptoss("build", "--run", runs[name], "--json", "--context", "64")
+        assert code == 0, err
+        info = json.loads(out)
+        assert info["experts_stored"] == holds and info["inference_at_context"]["context"] == 64
+    code, out, err = gptoss("build", "--run", runs["packed"], "--no-tree")
+    assert code == 0 and "this run holds MXFP4 experts" in err and "estimated peak" in err
+
+
 def test_infer_greedy_tokens_equal_the_decoded_run(runs):
     for prompt in PROMPTS:
         got = infer([prompt], run=runs["packed"], device="cpu", temperature=0.0).completions[0]
@@ -169,3 +179,13 @@ def test_import_of_20b_expert_shapes_stays_within_a_shard_and_a_layer(tmp_path):
     assert grown < sizes["largest_shard"] + sizes["layer_bytes"], (grown, sizes)
     weights = load_file(resolve_checkpoint(tmp_path / "run") / "model.safetensors")
     assert weights["block.1.mlp.mlp1_weight.blocks"].shape == (32, 5760, 90, 16)
+
+
+@pytest.mark.slow
+def test_compiled_decode_on_a_packed_run_equals_eager(runs):
+    """`infer --compile` traces the packed experts' gather-and-decode branch (CPU inductor: a minute)."""
+    for prompt in PROMPTS[:2]:
+        compiled = infer([prompt], run=runs["packed"], device="cpu", temperature=0.0, compile_decode=True)
+        eager = infer([prompt], run=runs["packed"], device="cpu", temperature=0.0)
+        assert compiled.completions[0].token_ids == eager.completions[0].token_ids
+        assert compiled.stats.compile_s > 0
