@@ -85,6 +85,9 @@ def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype
                 made[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
             module._parameters[name] = made[id(p)]
         for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta and name in module._non_persistent_buffers_set:
+                # no checkpoint fills it: it would stay uninitialised (the rope table is built on the CPU)
+                raise ValueError(f"{prefix}.{name}: a derived buffer on the meta device cannot be materialized")
             if buf is not None:
                 module._buffers[name] = torch.empty_like(buf, device=device) if buf.is_meta else buf.to(device)
 

@@ -94,7 +94,7 @@ def test_greedy_text_streams_to_stdout_and_summary_to_stderr(gptoss, demo):
 
 
 def test_bf16_keeps_norms_and_router_fp32_and_the_tie(gptoss, demo):
-    from gptoss_cli.infer.generate import load_run
+    from gptoss_cli.run.open import load_run
 
     loaded = load_run(demo, dtype="bf16", device="cpu")
     dtypes = {name: p.dtype for name, p in loaded.model.named_parameters()}

@@ -21,9 +21,10 @@ from safetensors.torch import load_file
 
 from gptoss_cli.chat.open import open_chat
 from gptoss_cli.chat.session import run_chat
-from gptoss_cli.infer.generate import infer, load_run
+from gptoss_cli.infer.generate import infer
 from gptoss_cli.model.mxfp4 import PackedExperts
 from gptoss_cli.run.checkpoint import resolve_checkpoint
+from gptoss_cli.run.open import load_run
 from tests.conftest import assert_close, rtol_for, save_demo_run
 from tests.integration.test_serve import LINES, Server, _tokenizer
 

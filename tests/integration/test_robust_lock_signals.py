@@ -147,7 +147,7 @@ def test_a_signal_during_a_step_stops_at_that_step(small_cfg, tmp_path, monkeypa
 
     monkeypatch.setattr(loop, "objective", objective_then_ctrl_c)
     run = tmp_path / "run"
-    p = loop.prepare(small_cfg("train.grad_accum_steps=2"), run)
+    p = loop.setup_training(small_cfg("train.grad_accum_steps=2"), run)
     summary = loop.Trainer(p).run()
     assert summary["steps"] == 2 and summary["status"] == "interrupted"  # not step 3
     assert summary["signal"] == "SIGINT"

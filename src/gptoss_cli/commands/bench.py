@@ -35,7 +35,7 @@ def command(
     """
     from ..bench import run_bench
     from ..config import load_config
-    from ..output import console, print_json
+    from ..output import print_json
 
     cfg = load_config(config, set_)
     both = not train and not infer
@@ -53,6 +53,12 @@ def command(
     if json:
         print_json(report)
         return
+    _print_report(report)
+
+
+def _print_report(report: dict) -> None:
+    from ..output import console
+
     dev = report["device"]
     where = dev.get("gpu") or f"{dev['cpu']}, {dev['cpu_threads']} thread(s)"
     console.print(f"[bold]{report['config']}[/] on {dev['type']} ({where}), torch {dev['torch']}", highlight=False)

@@ -10,6 +10,7 @@ from .options import (
     CheckpointOpt,
     DeviceOpt,
     DtypeOpt,
+    JsonLinesOpt,
     PenaltyOpt,
     ReadRunOpt,
     SeedOpt,
@@ -21,7 +22,6 @@ from .options import (
 )
 
 SystemOpt = Annotated[str | None, typer.Option("--system", help="The system message (/system TEXT changes it).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per reply (JSON Lines) instead of text.")]
 
 
 def command(
@@ -37,7 +37,7 @@ def command(
     stop: StopOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    json: JsonOpt = False,
+    json: JsonLinesOpt = False,
 ) -> None:
     """Chat with a run in its conversation format (default: the newest run under ./runs).
 

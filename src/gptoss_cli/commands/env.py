@@ -38,6 +38,7 @@ def command(json: JsonOpt = False) -> None:
         )
     table.add_row("NVML", info["nvml"])
     table.add_row("attention", ", ".join(f"{k} {yes(v)}" for k, v in info["attention_backends"].items()))
+    table.add_row("MoE", ", ".join(f"{k} {yes(v)}" for k, v in info["moe_backends"].items()))
     mx = info["mxfp4_experts"]
     table.add_row(
         "MXFP4 experts", f"{yes(mx['works'])} on {mx['device']}: {mx['path']}; fused kernel: {mx['fused_kernel']}"

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-RunsOpt = Annotated[
-    list[Path] | None,
-    typer.Option(
-        "--run",
-        "--run-dir",
-        "-r",
-        metavar="DIR",
-        help="Run directory (its newest checkpoint); repeat to compare runs. Default: the newest under ./runs.",
-    ),
-]
-CheckpointsOpt = Annotated[
-    list[Path] | None,
-    typer.Option("--checkpoint", metavar="DIR", help="A checkpoint directory (RUN/checkpoints/step-N); repeatable."),
-]
+from .options import CheckpointsOpt, DeviceOpt, DtypeOpt, JsonLinesOpt, RunsOpt
+
 DataOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -52,10 +39,7 @@ StrideOpt = Annotated[
     ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Windows per forward.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on a bf16 GPU, else fp32), fp32 or bf16.")]
 NoSaveOpt = Annotated[bool, typer.Option("--no-save", help="Do not write RUN/eval/*.json.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per run (JSON Lines) on stdout.")]
 
 
 def command(
@@ -69,7 +53,7 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     no_save: NoSaveOpt = False,
-    json: JsonOpt = False,
+    json: JsonLinesOpt = False,
 ) -> None:
     """Score runs on a text: mean loss, perplexity, bits per byte (comparable across tokenizers) and top-1
     accuracy. Results go to RUN/eval/ for gptoss report.

@@ -39,49 +39,19 @@ def command(
     gptoss train -c tiny --set data.prepared=data/books
     """
     from ..config import load_config
+    from ..data.dataset import prepare_paths
     from ..output import console, print_json
 
     cfg = load_config(config, set_)
     cfg.data.paths = list(data)  # the arguments, not YAML: any file name works
-    from ..data.corpus import find_sources
-    from ..data.dataset import settings_of
-    from ..data.prepare import prepare_dataset
-    from ..data.tokenizer import check_vocab, load_tokenizer
-    from ..output import warn
-
-    given = None
-    if tokenizer is not None or cfg.data.tokenizer:
-        source = tokenizer or Path(cfg.data.tokenizer)
-        if not source.is_file():
-            from ..errors import GptossError
-
-            raise GptossError(f"--tokenizer: {source} does not exist")
-        given = load_tokenizer(source)
-        check_vocab(given, cfg.model.vocab_size, str(source))
-    sources = find_sources(cfg.data.paths, warn)
-    result = prepare_dataset(sources, out, settings_of(cfg), given, workers=workers, show=not json)
-    index = result.index
-    summary = {
-        "out": str(result.root),
-        "cached": result.cached,
-        "sources": len(index["sources"]),
-        "source_bytes": sum(s["size"] for s in index["sources"]),
-        "documents": index["documents"],
-        "train_tokens": index["train"]["tokens"],
-        "val_tokens": index["val"]["tokens"],
-        "shards": len(index["train"]["shards"]) + len(index["val"]["shards"]),
-        "dtype": index["dtype"],
-        "tokenizer_hash": index["tokenizer_hash"],
-        "vocab_size": index["vocab_size"],
-        "times_s": result.times,
-    }
+    summary = prepare_paths(cfg, out, tokenizer, workers=workers, show=not json)
     if json:
         print_json(summary)
         return
-    if result.cached:
+    if summary["cached"]:
         console.print(f"{out}: already prepared (nothing to do)", highlight=False)
     else:
-        t = result.times
+        t = summary["times_s"]
         mb = summary["source_bytes"] / 1e6
         console.print(
             f"prepared {mb:,.1f} MB from {summary['sources']} file(s): sample {t['read_s']:.1f} s, "

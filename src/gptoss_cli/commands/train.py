@@ -39,7 +39,7 @@ def command(
     Ctrl-C / SIGTERM after saving a checkpoint (summary.json says "interrupted").
     """
     from ..config import load_config
-    from ..output import console, print_json, warn
+    from ..output import print_json, warn
 
     # Before torch is imported: a bad config fails in an instant.
     cfg = None
@@ -56,10 +56,10 @@ def command(
             "for a first run on a CPU use --config tiny"
         )
     from ..train.distributed import shutdown
-    from ..train.loop import Trainer, prepare
+    from ..train.loop import Trainer, setup_training
 
     try:
-        prepared = prepare(
+        setup = setup_training(
             cfg,
             run,
             resume=resume,
@@ -69,17 +69,24 @@ def command(
             progress=not json,
         )
         try:
-            summary = Trainer(prepared).run()
+            summary = Trainer(setup).run()
         finally:
-            prepared.release()
+            setup.release()
     finally:
         shutdown()
-    if not prepared.dist.main:  # under torchrun only rank 0 reports
+    if not setup.dist.main:  # under torchrun only rank 0 reports
         return
     code = {"SIGINT": 130, "SIGTERM": 143}.get(summary.get("signal"), 0) if summary["status"] == "interrupted" else 0
     if json:
         print_json(summary)
         raise typer.Exit(code)
+    _print_summary(summary)
+    raise typer.Exit(code)
+
+
+def _print_summary(summary: dict) -> None:
+    from ..output import console
+
     best = summary["best_val_loss"]
     console.print(
         f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
@@ -92,7 +99,6 @@ def command(
     )
     console.print(f"run: {summary['run_dir']}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _saved_config(source: Path, overrides: list[str] | None):

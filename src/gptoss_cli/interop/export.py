@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..atomic import staged_directory
 from ..config import RunConfig
 from ..data.tokenizer import EOS, PAD
 from ..devices import param_dtypes, resolve_dtype
 from ..errors import GptossError
 from ..model import mxfp4
 from ..output import warn
-from ..run.atomic import staged_directory
 from ..run.checkpoint import packed_weights, read_weights, tensor_names
 from ..run.open import open_run
 from .chat_template import export_chat
@@ -179,7 +179,7 @@ def export_run(
         bos = next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None)
         pad = PAD if tok.token_to_id(PAD) is not None else EOS
         token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
-        chat = export_chat(tok, opened.run.path)
+        chat = export_chat(tok, opened.run.chat_template)
     to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently, before reading
     packed = bool(packed_weights(tensor_names(opened.weights)))
     weights = read_weights(opened.weights, expected_shapes(cfg.model, packed))

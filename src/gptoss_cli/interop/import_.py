@@ -25,12 +25,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
+from ..atomic import staged_directory
 from ..config import ConfigError, RunConfig, config_from_dict
 from ..data.tokenizer import EOS, check_vocab, tokenizer_hash
 from ..errors import GptossError
 from ..model import mxfp4
 from ..output import warn
-from ..run.atomic import staged_directory
 from ..run.checkpoint import CheckpointState, save_checkpoint
 from ..run.layout import RunDir
 from .chat_template import keep_hf_template, read_hf_template
@@ -291,7 +291,7 @@ def import_dir(hf_dir: Path, run_dir: Path, dequantize: bool = False) -> dict:
         if found is not None:
             shutil.copyfile(found[0], staged.tokenizer)
             if template is not None:
-                kept = keep_hf_template(template, found[1], tmp, str(found[0].parent))
+                kept = keep_hf_template(template, found[1], RunDir(tmp).chat_template, str(found[0].parent))
         ckpt = save_checkpoint(staged.checkpoints, 0, weights, {}, state, keep=1)
     return {
         "run": str(run_dir),

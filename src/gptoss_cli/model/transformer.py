@@ -20,7 +20,7 @@ from torch import nn
 from .attention import AttentionBlock
 from .config import ModelConfig
 from .cross_entropy import linear_cross_entropy
-from .kv_cache import KVCache
+from .kv_cache import KVCacheProtocol
 from .moe import MLPBlock
 from .norm import RMSNorm
 from .rope import RotaryEmbedding, rotary_tables
@@ -93,12 +93,12 @@ class Transformer(nn.Module):
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCacheProtocol | None = None,
         last_only: bool = False,
         targets: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
     ) -> ModelOutput:
-        """tokens (B, T) -> ModelOutput. positions (B, T) default to 0..T-1 (after the cache's length).
+        """tokens (B, T) -> ModelOutput. positions (B, T) default to 0..T-1, or what the cache says follows it.
 
         segments (B, T) int, without a cache: documents packed in one row (their positions restart at 0);
         a query sees only keys of its own segment, so the row's attention is block-diagonal.
@@ -109,8 +109,10 @@ class Transformer(nn.Module):
         """
         b, t = tokens.shape
         if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
+            if cache is not None:
+                positions = cache.positions(b, t, tokens.device)
+            else:
+                positions = torch.arange(t, device=tokens.device).expand(b, t)
         if cache is not None:
             k_full, k_ring = cache.begin(positions)
         else:

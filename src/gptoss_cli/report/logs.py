@@ -127,7 +127,7 @@ class RunData:
         )
 
 
-def load_run(path: Path, name: str, warn: Warn) -> RunData:
+def read_run_logs(path: Path, name: str, warn: Warn) -> RunData:
     if not path.is_dir():
         raise GptossError(f"run directory not found: {path} (train one: gptoss train --config tiny --run {path})")
     run = RunData(path=path, name=name)

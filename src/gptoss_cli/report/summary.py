@@ -25,7 +25,18 @@ import numpy as np
 
 from ..errors import GptossError
 from ..run.layout import RunDir
-from .logs import GIB, INFER_MEMORY, METRICS, SUMMARY, TRAIN_MEMORY, RunData, Warn, first_number, is_number, load_run
+from .logs import (
+    GIB,
+    INFER_MEMORY,
+    METRICS,
+    SUMMARY,
+    TRAIN_MEMORY,
+    RunData,
+    Warn,
+    first_number,
+    is_number,
+    read_run_logs,
+)
 
 DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
 # The figures, in report order: file name, section title, what it shows (for report.md).
@@ -351,7 +362,7 @@ def make_report(runs: list[Path], out: Path | None = None, warn: Warn = lambda m
     from . import figures as plots
 
     paths = list(runs) or [RunDir.newest().path]
-    loaded = [load_run(p, n, warn) for p, n in zip(paths, _names(paths), strict=True)]
+    loaded = [read_run_logs(p, n, warn) for p, n in zip(paths, _names(paths), strict=True)]
     for run in loaded:
         if not run.has_data:
             warn(f"{run.path}: nothing to report yet (no {METRICS}, {TRAIN_MEMORY} or {INFER_MEMORY}); skipped")

@@ -6,7 +6,7 @@
         trainer.safetensors   AdamW moments and RNG states (tensors only)
         state.json            CheckpointState: step, epoch, data position, optimizer hyper-parameters, hashes
 
-A checkpoint is built in a hidden sibling directory and renamed into place (run/atomic.py), so a crash or
+A checkpoint is built in a hidden sibling directory and renamed into place (atomic.py), so a crash or
 a kill mid-write leaves the previous checkpoint intact and never a directory that looks complete.
 Loading picks the newest `step-*` directory whose files are all present and whose state.json parses.
 The safetensors names and the state.json fields are the on-disk contract: checkpoints written by
@@ -26,9 +26,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..atomic import AtomicWriteError, remove_stale, staged_directory
 from ..errors import GptossError
 from ..model.mxfp4 import SUFFIXES, dequantize
-from .atomic import AtomicWriteError, remove_stale, staged_directory
 from .layout import CHECKPOINTS, MODEL, STATE, TRAINER
 
 STEP_PREFIX = "step-"

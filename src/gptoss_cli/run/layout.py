@@ -39,8 +39,9 @@ EVAL_DIR, TENSORBOARD, CSV_DIR, WANDB_DIR = "eval", "tensorboard", "csv", "wandb
 class RunDir:
     path: Path
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
+    def __post_init__(self) -> None:  # RunDir(a path) or RunDir(a RunDir): the same directory
+        path = self.path.path if isinstance(self.path, RunDir) else Path(self.path)
+        object.__setattr__(self, "path", path)
 
     @property
     def config(self) -> Path:
@@ -97,6 +98,10 @@ class RunDir:
     @property
     def wandb(self) -> Path:
         return self.path / WANDB_DIR
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     def __str__(self) -> str:
         return str(self.path)

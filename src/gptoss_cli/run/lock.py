@@ -3,7 +3,7 @@
 The lock is fcntl.flock on the file, so the kernel releases it when the process dies however it dies
 (kill -9 included): a lock left by a dead trainer is simply taken over. The file's content (pid, host,
 start time) only says who holds it, for the error a second trainer prints. Readers (infer, chat, serve,
-eval, report, export) never take it: a trainer replaces files by whole-file renames (run/atomic.py) or
+eval, report, export) never take it: a trainer replaces files by whole-file renames (atomic.py) or
 appends lines to the logs, so reading a run while it trains is safe. Under torchrun rank 0 alone holds it.
 The lock is advisory, and as good as the file system's flock (a network file system may not honour it).
 """
@@ -76,7 +76,7 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def __del__(self) -> None:  # a Prepared dropped without running (tests, errors) lets go of its lock
+    def __del__(self) -> None:  # a TrainingSetup dropped without running (tests, errors) lets go of its lock
         try:
             self.release()
         except Exception:  # at interpreter exit os may already be torn down; the kernel releases it anyway

@@ -7,9 +7,9 @@ Requests wait in a bounded queue and join the running batch between decode steps
 3. runs one (R, 1) decode forward over every running request, each at its own position, and samples
    each row with that request's settings and its own torch.Generator,
 so a long prompt delays the others by one chunk per step, not by its whole prefill. A request leaves
-as soon as it hits EOS, a stop id or string, its max_tokens or the context. Tokens are those of
-infer/generate.py's generate_tokens for the same prompt and settings: the same sampling (sample()) on
-the same logits, one generator per request seeded as there.
+as soon as it hits EOS, a stop id or string, its max_tokens or the context. Each request is a
+DecodeState of infer/decode.py, the decode core infer and chat use too: the same sampling on the same
+logits, its own generator seeded from its seed, so its tokens are those `gptoss infer` gives alone.
 
 Events go back through each request's `emit` callback (called on this thread; the HTTP side hands them
 to its event loop). A failing request is answered with an error and dropped; the loop carries on.
@@ -29,7 +29,7 @@ from tokenizers import Tokenizer
 
 from ..config import InferConfig
 from ..errors import GptossError
-from ..infer.sampling import TextStream, sample
+from ..infer.decode import DecodeState, failure, next_tokens
 from ..model import Transformer
 from .slots import SlotKVCache
 
@@ -80,24 +80,11 @@ class Request:
 
 
 class _Running:
-    """A request inside the loop: its slot, generator, text stream and the next token to feed."""
+    """A request inside the loop: its decode state, how much of its prompt is cached, the next token to feed."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer, device: torch.device, max_length: int, vocab_size: int):
-        self.request = request
-        self.params = request.params
-        self.stream = TextStream(tokenizer, request.params.stop)
-        self.generator = torch.Generator(device=device)
-        if request.params.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(request.params.seed)
-        self.budget = min(request.params.max_new_tokens, max_length - len(request.prompt))
-        self.seen = None  # (1, V) tokens the repetition penalty applies to, as in generate_tokens
-        if request.params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, torch.tensor(request.prompt, device=device)] = True
+    def __init__(self, request: Request, state: DecodeState):
+        self.request, self.state = request, state
         self.prefilled = 0  # prompt tokens already in the cache
-        self.out: list[int] = []
         self.last = 0  # the token the next decode step feeds, at position `pos`
         self.pos = len(request.prompt)
 
@@ -177,7 +164,7 @@ class Engine:
                 except Exception as err:  # a bug must not take the server down: fail what ran, go on
                     print(f"serve: decode step failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
                     for run in [*self._decoding, *([self._joining] if self._joining else [])]:
-                        self._fail(run.request, _failure(err))
+                        self._fail(run.request, failure(err))
                     self._decoding, self._joining = [], None
         for run in [*self._decoding, *([self._joining] if self._joining else [])]:
             self._fail(run.request, "the server shut down before this request finished", shutdown=True)
@@ -194,15 +181,25 @@ class Engine:
                 with self._wake:
                     request = self._waiting.popleft() if self._waiting else None
                 if request is not None:
-                    self._joining = _Running(
-                        request, self.tokenizer, self.device, self.max_length, self.model.config.vocab_size
-                    )
+                    self._joining = self._start(request)
                     self.cache.reset(len(self._decoding))
             if self._joining is None:
                 break
             budget -= self._prefill_chunk(budget)
         if self._decoding:
             self._decode()
+
+    def _start(self, request: Request) -> _Running:
+        state = DecodeState.start(
+            request.prompt,
+            request.params,
+            max_length=self.max_length,
+            vocab_size=self.model.config.vocab_size,
+            device=self.device,
+            tokenizer=self.tokenizer,
+            stop_ids=request.stop_ids | ({self.eos_id} if self.eos_id is not None else set()),
+        )
+        return _Running(request, state)
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -242,10 +239,12 @@ class Engine:
             run.prefilled = end
             if end < len(prompt):
                 return end - start
-            token = sample(logits, run.params, run.generator, run.seen).item()
+            (token,), failed = next_tokens(logits, [run.state])
+            if failed:
+                raise GptossError(failed[0])
         except Exception as err:
             self._joining = None
-            self._fail(run.request, _failure(err))
+            self._fail(run.request, failure(err))
             return end - start
         self._joining = None
         self._decoding.append(run)  # slot D becomes decoding row D
@@ -262,21 +261,7 @@ class Engine:
         logits = self.model(tokens, positions, self.cache).logits[:, -1]  # (R, V) fp32
         for r in rows:
             r.pos += 1
-        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0 and r.seen is None]
-        picked: dict[int, int] = {}
-        if greedy:
-            picked.update(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True))
-        failed: dict[int, str] = {}
-        sampled, drawn = [], []
-        for i, r in enumerate(rows):
-            if i not in picked:
-                try:
-                    drawn.append(sample(logits[i : i + 1], r.params, r.generator, r.seen))  # (1,)
-                    sampled.append(i)
-                except Exception as err:
-                    failed[i] = _failure(err)
-        if drawn:
-            picked.update(zip(sampled, torch.cat(drawn).tolist(), strict=True))  # one host sync for all
+        picked, failed = next_tokens(logits, [r.state for r in rows])  # a failing row fails alone
         finished = []
         for i, r in enumerate(rows):
             if i in failed:
@@ -292,33 +277,21 @@ class Engine:
         try:
             return self._accept(run, token)
         except Exception as err:
-            self._fail(run.request, _failure(err))
+            self._fail(run.request, failure(err))
             return True
 
     def _accept(self, run: _Running, token: int) -> bool:
         """Hand one sampled token to its request; True when the request is done."""
-        request = run.request
-        reason = None
-        if token == self.eos_id or token in request.stop_ids:
-            reason = "stop"
-        else:
-            run.out.append(token)
-            chunk = run.stream.add(token)
-            if run.stream.stopped:
-                reason = "stop"
-            elif len(run.out) >= run.budget:
-                reason = "length"
-            if chunk:
-                request.emit(Token(chunk, token))
+        state, request = run.state, run.request
+        text = state.accept(token)
+        if text:
+            request.emit(Token(text, token))
+        if not state.done:
             run.last = token
-            if run.seen is not None:
-                run.seen[0, token] = True
-        if reason is None:
             return False
-        tail = run.stream.finish()
-        if tail:
-            request.emit(Token(tail, token))
-        request.emit(Done(reason, len(request.prompt), len(run.out), run.out, run.stream.text))
+        # OpenAI's finish reasons: stop (EOS, a stop id or string) or length (max_tokens or the context)
+        reason = "stop" if state.reason in ("eos", "stop") else "length"
+        request.emit(Done(reason, len(request.prompt), len(state.out), state.out, state.text))
         self.counts["finished"] += 1
         return True
 
@@ -328,9 +301,3 @@ class Engine:
             request.emit(Failed(message, shutdown))
         except Exception as err:  # nothing more can be told to this request; the others go on
             print(f"serve: request {request.id}: {message}; and its callback failed: {err}", file=sys.stderr)
-
-
-def _failure(err: Exception) -> str:
-    if isinstance(err, GptossError):
-        return str(err)
-    return f"generation failed: {type(err).__name__}: {err}"

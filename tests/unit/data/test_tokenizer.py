@@ -60,10 +60,10 @@ def test_tiny_corpus_fills_fewer_tokens_than_asked_and_prepare_warns_once(
     small = train_tokenizer(docs, 5000)
     assert 258 < small.get_vocab_size() < 5000  # 256 bytes + 2 specials, then the merges the text supports
 
-    from gptoss_cli.train.loop import prepare
+    from gptoss_cli.train.loop import setup_training
 
     capsys.readouterr()
-    p = prepare(small_cfg(f"data.paths={small_corpus}", "model.vocab_size=5000"), tmp_path / "run")
+    p = setup_training(small_cfg(f"data.paths={small_corpus}", "model.vocab_size=5000"), tmp_path / "run")
     err = " ".join(capsys.readouterr().err.split())  # rich may wrap the line
     assert err.count("warning:") == 1
     filled = load_tokenizer(tmp_path / "run" / "tokenizer.json").get_vocab_size()
