@@ -7,7 +7,9 @@ is written to --dir, then, each in a fresh process so that its peak RSS is its o
 
 1. `gptoss import` keeps the experts packed: peak RSS (VmHWM, memory-mapped source pages included) and peak
    anonymous memory (sampled every 20 ms) against the packed size on disk.
-2. `gptoss infer --dtype bf16 --device cpu`: greedy decode tokens/s and the process's peak RSS.
+2. `gptoss infer --dtype bf16 --device cpu`: greedy decode tokens/s, the working set (the RSS infer samples
+   while it generates), and the process's peak RSS (which also counts the checkpoint's pages mapped while
+   loading: the kernel drops those under pressure) and peak anonymous memory.
 3. transformers `AutoModelForCausalLM.from_pretrained` of the same directory and `generate()` (greedy): on a
    CPU without its Triton kernels transformers decodes every expert to bf16 at load (Mxfp4Config's
    dequantize path), so this step needs the bf16 model's memory; `--skip-hf` leaves it out.
@@ -264,9 +266,11 @@ def main() -> None:
         env,
     )
     speed = re.search(r"decode ([0-9.]+) tokens/s", infer["stderr"])
+    working = re.search(r"peak memory ([0-9,.]+) MiB", infer["stderr"])  # RSS sampled while generating
     result["gptoss"] = {
         "decode_tokens_per_s": float(speed.group(1)) if speed else None,
         "new_tokens": json.loads(infer["stdout"])["new_tokens"],
+        "working_set_rss_gib": float(working.group(1).replace(",", "")) / 1024 if working else None,
         "peak_rss_gib": infer["peak_rss"] / GIB,
         "peak_anon_gib": infer["peak_anon"] / GIB,
     }

@@ -40,7 +40,8 @@ _SCALES = tuple(2.0 ** (s - SCALE_BIAS) for s in range(256))
 # e2m1 magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 and the midpoints between neighbours (quantize).
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _TIES_UP = (0.75, 1.75, 3.5)  # midpoints whose upper neighbour has the even code
-DECODE_CHUNK_BYTES = 2 << 20  # decoded rows per step of PackedExperts.linear stay in the CPU's cache
+DECODE_CHUNK_BYTES = 8 << 20  # decoded rows per step of PackedExperts.linear (docs/performance.md)
+_SCALED_PAIRS: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _check(blocks: torch.Tensor, scales: torch.Tensor) -> None:
@@ -60,6 +61,17 @@ def _decode(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> t
     factors = torch.tensor(_SCALES, dtype=dtype, device=blocks.device)  # (256,)
     values = F.embedding(blocks.int(), pairs).flatten(-2)  # (..., G, 16, 2) -> (..., G, 32)
     return values.mul_(factors[scales.int()].unsqueeze(-1)).flatten(-2)
+
+
+def _scaled_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(scale byte * 256 + code byte) -> the byte's two values times the scale: (65536, 2) in `dtype`, exact
+    (built in fp32, where every e2m1 value times 2^-127..2^127 is exact), made once per dtype and device."""
+    key = (dtype, device)
+    if key not in _SCALED_PAIRS:
+        pairs = torch.tensor(_PAIRS, dtype=torch.float32, device=device)  # (256, 2)
+        factors = torch.tensor(_SCALES, dtype=torch.float32, device=device)  # (256,)
+        _SCALED_PAIRS[key] = (factors[:, None, None] * pairs).flatten(0, 1).to(dtype)
+    return _SCALED_PAIRS[key]
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -128,9 +140,12 @@ class PackedExperts(nn.Module):
         """x (n, cols) -> x @ W_e^T + bias (n, rows) in x's dtype, W_e decoded a chunk of rows at a time."""
         rows, cols = self.shape[1:]
         step = max(1, DECODE_CHUNK_BYTES // (cols * x.element_size()))
+        table = _scaled_pairs(x.dtype, x.device)
         out = x.new_empty(x.shape[0], rows)
         for r in range(0, rows, step):
-            w = _decode(self.blocks[e, r : r + step], self.scales[e, r : r + step], x.dtype)  # (step, cols)
+            # One lookup per byte gives both of its values already scaled: (step, G, 16, 2) -> (step, cols).
+            index = (self.scales[e, r : r + step].int() << 8).unsqueeze(-1) | self.blocks[e, r : r + step]
+            w = F.embedding(index, table).view(index.shape[0], cols)
             if bias is None:
                 torch.mm(x, w.t(), out=out[:, r : r + step])
             else:

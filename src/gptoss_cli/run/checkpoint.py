@@ -32,6 +32,7 @@ from ..model.mxfp4 import SUFFIXES, dequantize
 from .layout import CHECKPOINTS, MODEL, STATE, TRAINER
 
 STEP_PREFIX = "step-"
+FINITE_CHUNK = 1 << 24  # elements per isfinite check
 FILES = (MODEL, TRAINER, STATE)
 FORMAT = 1
 
@@ -153,10 +154,14 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None. Checked a slice
+    at a time: isfinite's temporaries for a whole embedding are gigabytes (gpt-oss-20b's: several)."""
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
+        if t.is_floating_point():
+            flat = t.reshape(-1)
+            for start in range(0, flat.numel(), FINITE_CHUNK):
+                if not bool(torch.isfinite(flat[start : start + FINITE_CHUNK]).all()):
+                    return name
     return None
 
 
