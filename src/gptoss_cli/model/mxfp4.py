@@ -68,10 +68,15 @@ def _scaled_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     (built in fp32, where every e2m1 value times 2^-127..2^127 is exact), made once per dtype and device."""
     key = (dtype, device)
     if key not in _SCALED_PAIRS:
-        pairs = torch.tensor(_PAIRS, dtype=torch.float32, device=device)  # (256, 2)
-        factors = torch.tensor(_SCALES, dtype=torch.float32, device=device)  # (256,)
-        _SCALED_PAIRS[key] = (factors[:, None, None] * pairs).flatten(0, 1).to(dtype)
+        with torch.inference_mode(False):  # a normal tensor, usable in and out of inference mode
+            _SCALED_PAIRS[key] = _build_scaled_pairs(dtype, device)
     return _SCALED_PAIRS[key]
+
+
+def _build_scaled_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    pairs = torch.tensor(_PAIRS, dtype=torch.float32, device=device)  # (256, 2)
+    factors = torch.tensor(_SCALES, dtype=torch.float32, device=device)  # (256,)
+    return (factors[:, None, None] * pairs).flatten(0, 1).to(dtype)
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
