@@ -119,6 +119,13 @@ def test_build_short_flag_and_overrides():
     assert json.loads(result.stdout)["total_params"] < 20_914_757_184
 
 
+def test_env_writes_its_report_to_stdout(gptoss):
+    code, out, err = gptoss("env")
+    assert code == 0, err
+    assert "attention" in out and "MoE" in out and "torch" in out  # gptoss env > env.txt keeps the report
+    assert ("CPU only" in out) is (not torch.cuda.is_available())
+
+
 def test_env_json():
     result = invoke("env", "--json")
     assert result.exit_code == 0

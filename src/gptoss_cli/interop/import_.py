@@ -291,7 +291,7 @@ def import_dir(hf_dir: Path, run_dir: Path, dequantize: bool = False) -> dict:
         if found is not None:
             shutil.copyfile(found[0], staged.tokenizer)
             if template is not None:
-                kept = keep_hf_template(template, found[1], RunDir(tmp).chat_template, str(found[0].parent))
+                kept = keep_hf_template(template, found[1], staged.chat_template, str(found[0].parent))
         ckpt = save_checkpoint(staged.checkpoints, 0, weights, {}, state, keep=1)
     return {
         "run": str(run_dir),

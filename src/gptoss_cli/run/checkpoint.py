@@ -255,6 +255,11 @@ def resolve_checkpoint(path: Path) -> Path:
     path = Path(path)
     if path.is_file() and path.name == MODEL:
         path = path.parent
+    if (path / "config.json").is_file() and not (path / STATE).is_file():  # transformers' layout, not ours
+        raise CheckpointError(
+            f"{path} is a Hugging Face model directory, not a gptoss checkpoint: import it first, "
+            f"gptoss import {path} --run runs/NAME, then use --run runs/NAME"
+        )
     if (path / STATE).is_file() or (path / MODEL).is_file():
         if not _is_valid(path):
             raise CheckpointError(f"{path}: incomplete or corrupt checkpoint (needs {', '.join(FILES)})")

@@ -60,7 +60,7 @@ def locate(run: Path | None, checkpoint: Path | None) -> tuple[RunDir, Path]:
         ckpt = resolve_checkpoint(checkpoint)
         return (RunDir(run) if run is not None else RunDir.of_checkpoint(ckpt)), ckpt
     if run is None:
-        found = RunDir.newest(need=CHECKPOINTS)
+        found = _newest_run()
     elif not Path(run).is_dir():
         raise GptossError(
             f"run directory {run} does not exist; train one first: gptoss train --config tiny --run {run}"
@@ -68,6 +68,22 @@ def locate(run: Path | None, checkpoint: Path | None) -> tuple[RunDir, Path]:
     else:
         found = RunDir(run)
     return found, resolve_checkpoint(found.path)
+
+
+def _newest_run() -> RunDir:
+    """No --run: the newest run under ./runs that no trainer holds (a run still training has newer
+    checkpoints to come), else the newest one; named on stderr, since the user did not pick it."""
+    from ..output import console
+    from .lock import being_trained
+
+    runs = RunDir.by_age(need=CHECKPOINTS)
+    idle = next((r for r in runs if not being_trained(r)), None)
+    if idle is None:
+        console.print(f"using the newest run, {runs[0]}, which is still training", highlight=False)
+        return runs[0]
+    skipped = "" if idle == runs[0] else f" ({runs[0]} is still training)"
+    console.print(f"using the newest run, {idle}{skipped}", highlight=False, soft_wrap=True)
+    return idle
 
 
 def run_config(run: RunDir, ckpt: Path, state: CheckpointState) -> RunConfig:
