@@ -6,7 +6,8 @@ from .options import JsonOpt
 
 
 def command(json: JsonOpt = False) -> None:
-    """Check Python, torch/CUDA, GPUs (via NVML), nvidia-smi, nvcc, attention and MoE backends, torch.compile.
+    """Check Python, torch/CUDA, GPUs (via NVML), nvidia-smi, nvcc, attention and MoE backends, the MXFP4
+    expert path, torch.compile.
 
     The report goes to stdout (gptoss env > env.txt).
 
@@ -41,6 +42,10 @@ def command(json: JsonOpt = False) -> None:
     table.add_row("NVML", info["nvml"])
     table.add_row("attention", ", ".join(f"{k} {yes(v)}" for k, v in info["attention_backends"].items()))
     table.add_row("MoE", ", ".join(f"{k} {yes(v)}" for k, v in info["moe_backends"].items()))
+    mx = info["mxfp4_experts"]
+    table.add_row(
+        "MXFP4 experts", f"{yes(mx['works'])} on {mx['device']}: {mx['path']}; fused kernel: {mx['fused_kernel']}"
+    )
     table.add_row("torch.compile", f"{yes(info['compile']['available'])} ({info['compile']['why']})")
     table.add_row("CPU threads", str(info["cpu_threads"]))
     console.print(table)
