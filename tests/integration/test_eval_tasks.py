@@ -221,3 +221,36 @@ def test_without_lm_eval_the_error_says_how_to_install_it(gptoss, run, monkeypat
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now fails
     code, out, err = gptoss("eval", "--run", run, "--tasks", "hellaswag")
     assert code == 2 and "uv sync --extra eval" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_packed_mxfp4_run_scores_as_its_decoded_weights(run, offline, gptoss, tmp_path):
+    """The run's loader applies the checkpoint's transforms, so a run whose experts stay packed in MXFP4
+    (exported with --quantize mxfp4, imported packed) scores the tasks as the same weights decoded."""
+    from gptoss_cli.evaluate.evaluator import Target
+    from gptoss_cli.evaluate.harness import run_tasks
+    from gptoss_cli.model.mxfp4 import PackedExperts
+    from gptoss_cli.run.open import load_run
+
+    hf, packed, decoded = tmp_path / "hf", tmp_path / "packed", tmp_path / "decoded"
+    for args in (
+        ["export", "--run", run, "--out", hf, "--quantize", "mxfp4", "--dtype", "fp32"],
+        ["import", hf, "--run", packed],
+        ["import", hf, "--run", decoded, "--dequantize"],
+    ):
+        code, _, err = gptoss(*args)
+        assert code == 0, err
+    assert isinstance(load_run(packed, device="cpu").model.block[0].mlp.mlp1_weight, PackedExperts)
+    got = {}
+    for name, path in (("packed", packed), ("decoded", decoded)):
+        [result] = run_tasks(
+            [Target(run=path)], TASKS[:2], include_path=TASKS_DIR, device="cpu", log_samples=True, save=False
+        )
+        got[name] = {t: _by_doc(result["samples"][t]) for t in TASKS[:2]}
+    for task in TASKS[:2]:
+        lls = {n: torch.tensor([_loglikelihood(r[0]) for s in got[n][task] for r in s["resps"]]) for n in got}
+        assert_close(lls["packed"], lls["decoded"], RTOL, what=task)
+
+
+def _loglikelihood(response) -> float:
+    """A logged response: (log-likelihood, is greedy) for a choice, the log-likelihood alone when rolling."""
+    return response[0] if isinstance(response, (list, tuple)) else response
