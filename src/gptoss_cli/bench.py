@@ -22,16 +22,16 @@ import itertools
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 
 import torch
 
 from .config import RunConfig, seed64
-from .devices import apply_precision, native_bf16, resolve_dtype, resolve_precision
+from .devices import native_bf16, resolve_dtype, resolve_precision
 from .memory import peak_rss, reset_peak_rss
 from .model import KVCache, Transformer
 from .sizing import describe
 from .train.loss import objective
+from .transforms import apply_transforms, build_model, inference_transforms
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' datasheets. Matched in this order
 # against torch.cuda.get_device_name(); an unknown GPU gets a measured bf16 GEMM instead.
@@ -69,7 +69,15 @@ def cpu_name() -> str:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "torch": torch.__version__, "cpu": cpu_name(), "cpu_threads": torch.get_num_threads()}
+    from .threads import describe
+
+    info = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "threads": describe(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
@@ -145,28 +153,17 @@ def memory_bandwidth(device: torch.device) -> tuple[float, str]:
 # ---- training ------------------------------------------------------------------------------------
 
 
-def build_train_model(cfg: RunConfig, device: torch.device, precision: str) -> Transformer:
-    """The model as train.setup.prepare builds it for one process: seed, init, dtype, checkpointing, compile."""
-    from .train.setup import place_model
-
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
-    place_model(model, cfg.train, precision, device)
-    return model
-
-
 def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -> dict:
     from .train.optim import build_optimizer
+    from .train.setup import model_for_training, training_autocast
 
     t, m = cfg.train, cfg.model
-    # As train.setup.prepare: bf16 by default only where the GPU computes it natively.
+    # The trainer's own steps: bf16 by default only where the GPU computes it natively, its transforms,
+    # its optimizer and its autocast rule.
     precision = resolve_precision(t.precision, native_bf16(device))
-    model = build_train_model(cfg, device, precision).train()
+    model = model_for_training(cfg, device, precision).train()
     optimizer = build_optimizer(model, t, device)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-mixed" else nullcontext()
-    )  # as Trainer: bf16-mixed means autocast
+    autocast = training_autocast(precision, device)
     gen = torch.Generator().manual_seed(t.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -230,13 +227,42 @@ def bench_train(cfg: RunConfig, device: torch.device, steps: int, warmup: int) -
 
 
 def build_infer_model(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> Transformer:
-    """Random weights, laid out as infer.generate.load_run lays out a checkpoint: eval mode, no grads."""
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model)
-    model.init_weights(torch.Generator().manual_seed(cfg.train.seed))
-    model.to(device)
-    apply_precision(model, dtype)
-    return model.requires_grad_(False).eval()
+    """Random weights from train.seed, through the inference transforms a loaded run gets (run/open.py)."""
+    model = build_model(cfg.model, seed=cfg.train.seed)
+    apply_transforms(model, inference_transforms(device, dtype))
+    return model
+
+
+def _decode_at(model, b: int, gen, repeats: int, warmup: int, new_tokens: int, compile_decode: bool) -> dict:
+    """Decode at batch `b` through generate.py's real loop: the median time between two tokens."""
+    from .config import InferConfig
+    from .infer.generate import generate_tokens
+
+    m = model.config
+    prompt_len = min(32, m.max_context_length // 4)
+    new_tokens = max(4, min(new_tokens, m.max_context_length - prompt_len))
+    params = InferConfig(max_new_tokens=new_tokens, temperature=0.0)
+    prompts = torch.randint(0, m.vocab_size, (b, prompt_len), generator=gen).tolist()
+    steps = []  # every decode step of every measured run: forward, greedy sample, the host sync
+    for run in range(warmup + repeats):
+        stamps: list[float] = []
+
+        def stamp(row: int, _token: int, stamps=stamps) -> bool:
+            if row == 0:  # called for every row after each step's sample: row 0 marks the step
+                stamps.append(time.perf_counter())
+            return False  # never stops a row
+
+        generate_tokens(model, prompts, params, pad_id=0, eos_id=None, on_token=stamp, compile_decode=compile_decode)
+        if run >= warmup:  # the first decode step may (re)compile: left out
+            steps += [later - earlier for earlier, later in itertools.pairwise(stamps[1:])]
+    step_s = statistics.median(steps)
+    return {
+        "batch": b,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "ms_per_step": 1e3 * step_s,
+        "tokens_per_s": b / step_s,
+    }
 
 
 @torch.inference_mode()
@@ -259,9 +285,6 @@ def bench_infer(
     compile_decode: bool = False,
     prefill_tokens: int | None = None,
 ) -> dict:
-    from .config import InferConfig
-    from .infer.generate import generate_tokens
-
     m = cfg.model
     dtype = resolve_dtype("auto", device)
     model = build_infer_model(cfg, device, dtype)
@@ -280,36 +303,7 @@ def bench_infer(
         "tokens_per_s": prefill_len / statistics.median(times),
     }
 
-    prompt_len = min(32, m.max_context_length // 4)
-    new_tokens = max(4, min(new_tokens, m.max_context_length - prompt_len))
-    params = InferConfig(max_new_tokens=new_tokens, temperature=0.0)
-    decode = []
-    for b in batches:
-        prompts = torch.randint(0, m.vocab_size, (b, prompt_len), generator=gen).tolist()
-        steps = []  # every decode step of every measured run: forward, greedy sample, the host sync
-        for run in range(warmup + repeats):
-            stamps: list[float] = []
-
-            def stamp(row: int, _token: int, stamps=stamps) -> bool:
-                if row == 0:  # called for every row after each step's sample: row 0 marks the step
-                    stamps.append(time.perf_counter())
-                return False  # never stops a row
-
-            generate_tokens(
-                model, prompts, params, pad_id=0, eos_id=None, on_token=stamp, compile_decode=compile_decode
-            )
-            if run >= warmup:  # the first decode step may (re)compile: left out
-                steps += [later - earlier for earlier, later in itertools.pairwise(stamps[1:])]
-        step_s = statistics.median(steps)
-        decode.append(
-            {
-                "batch": b,
-                "prompt_tokens": prompt_len,
-                "new_tokens": new_tokens,
-                "ms_per_step": 1e3 * step_s,
-                "tokens_per_s": b / step_s,
-            }
-        )
+    decode = [_decode_at(model, b, gen, repeats, warmup, new_tokens, compile_decode) for b in batches]
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:
@@ -346,14 +340,16 @@ def run_bench(
     warmup: int = 2,
     new_tokens: int = 32,
     decode_batch: int = 8,
-    threads: int = 0,
+    threads: int | None = None,
     compile_decode: bool = False,
+    say=lambda line: None,
 ) -> dict:
-    """Everything `gptoss bench` prints, as one JSON-ready dict."""
+    """Everything `gptoss bench` prints, as one JSON-ready dict. `say(line)` is told each phase as it starts
+    (a bench of a big config takes minutes)."""
     from .devices import pick_device
+    from .threads import set_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     device = pick_device(cfg.train.device, "train.device")
     report = {
         "config": cfg.name,
@@ -361,8 +357,10 @@ def run_bench(
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if train:
+        say(f"bench: training {cfg.name} on {device.type}, {warmup} warm-up + {steps} measured steps")
         report["train"] = bench_train(cfg, device, steps, warmup)
     if infer:
         batches = (1, decode_batch) if decode_batch > 1 else (1,)
+        say(f"bench: prefill, then decoding at batch {' and '.join(map(str, batches))}")
         report["infer"] = bench_infer(cfg, device, min(3, steps), min(warmup, 1), new_tokens, batches, compile_decode)
     return report

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-from .errors import GptossError
-from .model.config import ModelConfig, ModelConfigError
-from .run.atomic import write_atomic
+from .atomic import write_atomic
+from .model.config import ModelConfig
+from .strict import ConfigError, build_section, coerce
 
 # data/tokenizer.py's 256 byte tokens + its SPECIAL_TOKENS (a test keeps the two in step; importing the
 # tokenizer here would load `tokenizers` for every config read).
@@ -32,10 +30,6 @@ TOKENIZER_MIN_VOCAB = 256 + 7
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 MIN_TEMPERATURE = 1e-6  # below it (but above 0) logits / temperature can overflow float32
 MAX_PENALTY = 1e6  # repetition_penalty in [1 / MAX_PENALTY, MAX_PENALTY], for the same reason
-
-
-class ConfigError(GptossError):
-    """A config problem the user can fix; the message is one line."""
 
 
 # Each section checks itself (validate, naming the key) once its types are right; RunConfig.validate adds
@@ -272,93 +266,6 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config not found: {name} (not a file, and not a shipped config: {known})")
 
 
-# ---- strict conversion ---------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return `value` as type `tp`, or raise ConfigError naming `key`."""
-    origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise bad
-    if origin in (Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError:
-                continue
-        raise bad
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is type(None):
-        if value is None:
-            return None
-        raise bad
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            return int(value)
-        raise bad
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad from None
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise bad
-        if not math.isfinite(value):  # NaN slips through every range check (NaN < 0 is False)
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    raise bad
-
-
-def _build_section(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(fields))})")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
-    try:
-        return cls(**kwargs)
-    except ModelConfigError as err:
-        raise ConfigError(f"{prefix}.{err.key}: {err.message}") from None
-
-
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "infer": InferConfig}
 
 
@@ -371,8 +278,8 @@ def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
         if unknown:
             key = sorted(unknown)[0]
             raise ConfigError(f"{key}: unknown section (known: name, {', '.join(SECTIONS)})")
-        sections = {k: _build_section(cls, raw.get(k), k) for k, cls in SECTIONS.items()}
-        name = _coerce(raw.get("name", "run"), str, "name")
+        sections = {k: build_section(cls, raw.get(k), k) for k, cls in SECTIONS.items()}
+        name = coerce(raw.get("name", "run"), str, "name")
         cfg = RunConfig(name=name, **sections)
         cfg.validate()
         return cfg

@@ -35,7 +35,7 @@ CHATS = [
 
 def _train(tmp: Path, name: str, data: list[str], overrides: list[str], tokenizer: Path | None = None) -> Path:
     from gptoss_cli.config import load_config
-    from gptoss_cli.train.loop import Trainer, prepare
+    from gptoss_cli.train.loop import Trainer, setup_training
 
     cfg = load_config(
         "tiny",
@@ -52,7 +52,7 @@ def _train(tmp: Path, name: str, data: list[str], overrides: list[str], tokenize
             "infer.temperature=0",
         ],
     )
-    Trainer(prepare(cfg, tmp / name, tokenizer_path=tokenizer)).run()
+    Trainer(setup_training(cfg, tmp / name, tokenizer_path=tokenizer)).run()
     return tmp / name
 
 
@@ -239,15 +239,18 @@ def test_fine_tuning_an_old_run_adds_the_conversation_tokens(
 ):
     from gptoss_cli.config import load_config
     from gptoss_cli.data.tokenizer import load_tokenizer
-    from gptoss_cli.train.loop import Trainer, prepare
+    from gptoss_cli.train.loop import Trainer, setup_training
 
     old_tokenizer(small_corpus.read_text(), tmp_path / "old.json")
     base = _train(tmp_path, "old", [str(small_corpus)], small_overrides, tokenizer=tmp_path / "old.json")
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS * 8), encoding="utf-8")
     cfg = load_config(str(base / "config.yaml"), [f"data.paths=[{chats}]", "train.max_steps=2"])
-    Trainer(prepare(cfg, tmp_path / "sft", init_from=base)).run()
-    assert "added 5" in capsys.readouterr().err
+    capsys.readouterr()  # the base run's output
+    Trainer(setup_training(cfg, tmp_path / "sft", init_from=base)).run()
+    err = capsys.readouterr().err
+    assert "added 5" in err
+    assert "untrained" not in err and "(data None)" not in err  # a fine-tune starts trained; no prepared data
     assert load_tokenizer(tmp_path / "sft" / "tokenizer.json").token_to_id("<|return|>") is not None
     out, _ = chat(tmp_path / "sft", "Hello!\n", max_new_tokens=4)
     assert len(out.splitlines()) == 1

@@ -146,7 +146,7 @@ def test_import_keeps_a_harmony_template_and_exports_it_again(run, tmp_path):
     imported = tmp_path / "imported"
     invoke("import", hf_dir, "--run", imported)
     assert (imported / "chat_template.json").is_file()
-    fmt = chat_format(load_tokenizer(imported / "tokenizer.json"), imported)
+    fmt = chat_format(load_tokenizer(imported / "tokenizer.json"), imported / "chat_template.json")
     assert isinstance(fmt, TemplateFormat) and fmt.stop_ids == {tok.token_to_id("<|return|>")}
     hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
     for messages in CHATS:
@@ -164,7 +164,12 @@ def test_import_of_an_export_uses_the_gptoss_format(run, tmp_path):
     invoke("export", "--run", run, "--out", tmp_path / "hf")
     invoke("import", tmp_path / "hf", "--run", tmp_path / "back")
     assert not (tmp_path / "back" / "chat_template.json").exists()
-    assert type(chat_format(load_tokenizer(tmp_path / "back" / "tokenizer.json"), tmp_path / "back")) is ChatFormat
+    assert (
+        type(
+            chat_format(load_tokenizer(tmp_path / "back" / "tokenizer.json"), tmp_path / "back" / "chat_template.json")
+        )
+        is ChatFormat
+    )
 
 
 def test_a_broken_template_fails_the_import_in_one_line(run, tmp_path, gptoss):

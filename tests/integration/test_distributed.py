@@ -15,7 +15,7 @@ import torch
 
 from gptoss_cli.config import load_config
 from gptoss_cli.errors import GptossError
-from gptoss_cli.train.setup import _accumulation
+from gptoss_cli.train.setup import accumulation
 from tests.conftest import rtol_for
 
 # The runs differ only in the order the 8 sequences' gradients are summed (fp32, eps sqrt(8)); a step of
@@ -138,10 +138,10 @@ def test_mismatched_configs_across_ranks_fail_clearly(tmp_path):
 
 def test_global_batch_must_divide_by_world_size():
     cfg = load_config("tiny", ["train.batch_size=8", "train.global_batch_size=24"])
-    assert _accumulation(cfg, 1) == 3
+    assert accumulation(cfg, 1) == 3
     with pytest.raises(GptossError, match="not a multiple of batch_size x world size = 8 x 2"):
-        _accumulation(cfg, 2)
-    assert _accumulation(load_config("tiny", ["train.batch_size=4", "train.global_batch_size=16"]), 2) == 2
+        accumulation(cfg, 2)
+    assert accumulation(load_config("tiny", ["train.batch_size=4", "train.global_batch_size=16"]), 2) == 2
 
 
 def test_two_processes_on_a_prepared_dataset_match_one(tmp_path):

@@ -19,13 +19,13 @@ import pytest
 
 from gptoss_cli.config import ConfigError
 from gptoss_cli.train.loggers import GIB, MEMORY, SCALARS, Loggers
-from gptoss_cli.train.loop import Trainer, prepare
+from gptoss_cli.train.loop import Trainer, setup_training
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def train(cfg, run: Path, **kw) -> dict:
-    return Trainer(prepare(cfg, run, **kw)).run()
+    return Trainer(setup_training(cfg, run, **kw)).run()
 
 
 def metric_lines(run: Path, kind: str) -> list[dict]:

@@ -18,7 +18,7 @@ def test_no_config_warns_about_the_compact_model(gptoss, tmp_path, monkeypatch):
         assert cfg.name == "compact"
         raise GptossError("stopped by the test")
 
-    monkeypatch.setattr(loop, "prepare", stop_here)
+    monkeypatch.setattr(loop, "setup_training", stop_here)
     code, out, err = gptoss("train", "--run", tmp_path / "run")
     assert code == 2 and "stopped by the test" in err
     assert "warning: no --config: training the compact reference model (~1.4 billion parameters)" in err

@@ -104,7 +104,7 @@ def never_prepared(monkeypatch):
     """These configs would otherwise build the 1.4B compact model: fail the test instead if they get that far."""
     from gptoss_cli.train import loop
 
-    monkeypatch.setattr(loop, "prepare", lambda *a, **k: pytest.fail("the config was accepted"))
+    monkeypatch.setattr(loop, "setup_training", lambda *a, **k: pytest.fail("the config was accepted"))
 
 
 @pytest.mark.usefixtures("never_prepared")
@@ -125,9 +125,9 @@ def test_empty_config_file_is_refused(gptoss, tmp_path):
 
 
 def test_run_naming_a_regular_file_is_refused_before_the_tokenizer(gptoss, small_overrides, tmp_path, monkeypatch):
-    from gptoss_cli.train import setup
+    from gptoss_cli.train import inputs
 
-    monkeypatch.setattr(setup, "train_tokenizer", lambda *a: pytest.fail("trained a tokenizer first"))
+    monkeypatch.setattr(inputs, "train_tokenizer", lambda *a: pytest.fail("trained a tokenizer first"))
     target = tmp_path / "notes.txt"
     target.write_text("mine\n", encoding="utf-8")
     code, out, err = gptoss("train", *small_args(small_overrides), "--run", target)
@@ -136,12 +136,12 @@ def test_run_naming_a_regular_file_is_refused_before_the_tokenizer(gptoss, small
 
 
 def test_checkpoint_and_token_cache_files_follow_the_umask(small_cfg, tmp_path, isolated_cache):
-    from gptoss_cli.train.loop import Trainer, prepare
+    from gptoss_cli.train.loop import Trainer, setup_training
 
     old = os.umask(0o022)
     try:
         run = tmp_path / "run"
-        Trainer(prepare(small_cfg("train.max_steps=1"), run)).run()
+        Trainer(setup_training(small_cfg("train.max_steps=1"), run)).run()
     finally:
         os.umask(old)
     cached = [p for p in Path(isolated_cache).rglob("*") if p.is_file()]  # the prepared token shards
@@ -163,14 +163,18 @@ def test_global_batch_and_accumulation_together_are_refused():
 
 
 def test_schedule_surprises_are_warned(small_cfg, tmp_path, capsys):
-    from gptoss_cli.train.loop import Trainer, prepare
+    from gptoss_cli.train.loop import Trainer, setup_training
 
     run = tmp_path / "run"
-    Trainer(prepare(small_cfg("train.warmup_steps=8", "train.max_steps=4"), run)).run()
+    Trainer(setup_training(small_cfg("train.warmup_steps=8", "train.max_steps=4"), run)).run()
     assert (
         "train.warmup_steps=8 is not below the run's 4 steps: the learning rate never reaches"
         in capsys.readouterr().err
     )
-    Trainer(prepare(small_cfg("train.warmup_steps=2", "train.max_steps=40", "train.save_every=100"), run, resume=True))
+    Trainer(
+        setup_training(
+            small_cfg("train.warmup_steps=2", "train.max_steps=40", "train.save_every=100"), run, resume=True
+        )
+    )
     err = capsys.readouterr().err
     assert "resuming with 40 total steps instead of 4: the cosine schedule is stretched" in err

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from gptoss_cli.errors import GptossError
 from gptoss_cli.run import checkpoint as ckpt
-from gptoss_cli.train.loop import Trainer, prepare
+from gptoss_cli.train.loop import Trainer, setup_training
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -44,7 +44,7 @@ def test_infinite_gradient_with_finite_loss_applies_no_update(small_cfg, tmp_pat
     cfg = small_cfg("train.keep_checkpoints=1")  # checkpoints at 3 and 6; rotation keeps one
     run = tmp_path / "run"
     poison_gradients_from(Trainer, monkeypatch, step=5)
-    p = prepare(cfg, run)
+    p = setup_training(cfg, run)
     trainer = Trainer(p)
     seen = {}
     real_zero = p.optimizer.zero_grad
@@ -69,7 +69,7 @@ def test_infinite_gradient_with_finite_loss_applies_no_update(small_cfg, tmp_pat
 
 def test_gradient_norm_is_checked_with_clipping_off(small_cfg, tmp_path, monkeypatch):
     poison_gradients_from(Trainer, monkeypatch, step=2)
-    p = prepare(small_cfg("train.grad_clip=0"), tmp_path / "run")
+    p = setup_training(small_cfg("train.grad_clip=0"), tmp_path / "run")
     with pytest.raises(
         GptossError,
         match=r"^non-finite gradient norm .* at step 2; no update was applied; "
@@ -81,7 +81,7 @@ def test_gradient_norm_is_checked_with_clipping_off(small_cfg, tmp_path, monkeyp
 
 def test_weights_with_nan_are_never_saved(small_cfg, tmp_path):
     run = tmp_path / "run"
-    p = prepare(small_cfg(), run)
+    p = setup_training(small_cfg(), run)
     trainer = Trainer(p, stop_after=3)
     trainer.run()  # a finite checkpoint at step 3
     with torch.no_grad():
@@ -117,13 +117,13 @@ def test_resume_refuses_nan_weights_and_names_the_finite_one(small_cfg, tmp_path
 
     run = tmp_path / "run"
     cfg = small_cfg("train.save_every=2")
-    p = prepare(cfg, run)
+    p = setup_training(cfg, run)
     Trainer(p, stop_after=4).run()  # checkpoints 2 and 4
     weights = load_file(str(step_dir(run, 4) / "model.safetensors"))
     weights["norm.scale"][0] = float("nan")
     save_file(weights, str(step_dir(run, 4) / "model.safetensors"))
     with pytest.raises(GptossError) as info:
-        prepare(cfg, run, resume=True)
+        setup_training(cfg, run, resume=True)
     assert str(info.value) == (
         f"--resume: {step_dir(run, 4)} holds non-finite weights (norm.scale); the newest "
         f"finite checkpoint is {step_dir(run, 2)} (pass it to --resume-from)"

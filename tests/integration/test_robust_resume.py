@@ -12,7 +12,7 @@ import torch
 
 from gptoss_cli.errors import GptossError
 from gptoss_cli.run import checkpoint as ckpt
-from gptoss_cli.train.loop import Trainer, prepare
+from gptoss_cli.train.loop import Trainer, setup_training
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -24,7 +24,7 @@ def snapshot(run: Path) -> dict[str, bytes]:
 @pytest.fixture
 def trained(small_cfg, tmp_path) -> Path:
     run = tmp_path / "run"
-    Trainer(prepare(small_cfg(), run)).run()  # 6 steps, checkpoints 3 and 6, metrics lines 1..6
+    Trainer(setup_training(small_cfg(), run)).run()  # 6 steps, checkpoints 3 and 6, metrics lines 1..6
     return run
 
 
@@ -33,14 +33,14 @@ def test_resume_with_unreadable_weights_changes_nothing(small_cfg, trained):
     (step3 / "model.safetensors").write_bytes(b"\0" * 64)  # damaged
     before = snapshot(trained)
     with pytest.raises(GptossError, match="cannot read weights"):
-        prepare(small_cfg("train.lr=1e6"), trained, resume_from=step3)
+        setup_training(small_cfg("train.lr=1e6"), trained, resume_from=step3)
     assert snapshot(trained) == before  # metrics not cut to step 3, config.yaml without lr 1e6
 
 
 def test_resume_that_diverges_before_its_first_save_changes_nothing(small_cfg, trained):
     step3 = trained / "checkpoints" / ckpt.step_dir_name(3)
     before = snapshot(trained)
-    p = prepare(small_cfg("train.lr=1e6", "train.max_steps=9"), trained, resume_from=step3)
+    p = setup_training(small_cfg("train.lr=1e6", "train.max_steps=9"), trained, resume_from=step3)
     with torch.no_grad():
         p.model.norm.scale.fill_(float("nan"))  # diverged: the very next step is non-finite
     with pytest.raises(GptossError, match="non-finite loss"):
@@ -53,7 +53,7 @@ def test_a_successful_resume_writes_its_config_and_cuts_old_lines(small_cfg, tra
     import json
 
     step3 = trained / "checkpoints" / ckpt.step_dir_name(3)
-    Trainer(prepare(small_cfg("train.max_steps=7"), trained, resume_from=step3)).run()
+    Trainer(setup_training(small_cfg("train.max_steps=7"), trained, resume_from=step3)).run()
     steps = [
         json.loads(line)["step"]
         for line in (trained / "metrics.jsonl").read_text().splitlines()

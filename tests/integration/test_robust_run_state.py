@@ -30,25 +30,25 @@ def test_next_save_removes_temporary_dirs_of_dead_writers_only(tmp_path):
 def test_report_shows_which_signal_interrupted_a_run(tmp_path):
     import json
 
-    from gptoss_cli.report.logs import load_run
+    from gptoss_cli.report.logs import read_run_logs
     from gptoss_cli.report.summary import summarize
     from tests.unit.report.test_report import make_run
 
     run = make_run(tmp_path, device="cpu")
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps(summary | {"status": "interrupted", "signal": "SIGTERM"}))
-    assert summarize(load_run(run, "demo", warn=lambda *a: None))["status"] == "interrupted (SIGTERM)"
+    assert summarize(read_run_logs(run, "demo", warn=lambda *a: None))["status"] == "interrupted (SIGTERM)"
 
 
 def test_a_killed_runs_report_shows_the_precision_it_trained_in(small_cfg, tmp_path):
     """config.yaml says `auto`; the metrics lines carry what it resolved to, so a run killed before its
     summary.json was written still reports fp32 (on this CPU), not `auto`."""
-    from gptoss_cli.report.logs import load_run
+    from gptoss_cli.report.logs import read_run_logs
     from gptoss_cli.report.summary import summarize
-    from gptoss_cli.train.loop import Trainer, prepare
+    from gptoss_cli.train.loop import Trainer, setup_training
 
     cfg = small_cfg("train.precision=auto", "train.max_steps=2")
-    Trainer(prepare(cfg, tmp_path / "run")).run()
+    Trainer(setup_training(cfg, tmp_path / "run")).run()
     (tmp_path / "run" / "summary.json").unlink()  # as if killed before the end
     assert (tmp_path / "run" / "config.yaml").read_text().count("precision: auto") == 1
-    assert summarize(load_run(tmp_path / "run", "run", warn=lambda *a: None))["precision"] == "fp32"
+    assert summarize(read_run_logs(tmp_path / "run", "run", warn=lambda *a: None))["precision"] == "fp32"

@@ -260,7 +260,7 @@ def test_listening_beyond_loopback_without_a_key_warns(gptoss, runs):
 def _engine_run(run: Path, requests: list[tuple[str, InferConfig]], patch=None) -> tuple[dict, dict]:
     """Run `requests` through one in-process Engine together; `patch(model)` may wrap its forward.
     Returns ({index: last event}, engine.counts)."""
-    from gptoss_cli.infer.generate import load_run
+    from gptoss_cli.run.open import load_run
     from gptoss_cli.serve.engine import Done, Engine, Failed, Request
 
     loaded = load_run(run, device="cpu")
@@ -303,7 +303,7 @@ def test_a_request_the_engine_cannot_seed_fails_alone(runs):
 def test_a_failing_batched_forward_fails_only_the_row_that_fails_alone(runs):
     """A forward that breaks whenever one request's next token is fed (a fault that belongs to one row) fails
     that request only: the step is run again row by row and the other rows go on to infer's text."""
-    from gptoss_cli.infer.generate import load_run
+    from gptoss_cli.run.open import load_run
 
     prompts = PROMPTS[5:8]
     tok = load_run(runs["demo"], device="cpu").tokenizer

@@ -275,10 +275,11 @@ def test_stop_string_and_n(client):
 def _chat_reference(run: Path, messages: list[dict], max_tokens: int) -> str:
     """The reply generate_tokens gives for the rendered conversation, cut at the format's stop ids."""
     from gptoss_cli.data.chat_format import chat_format
-    from gptoss_cli.infer.generate import generate_tokens, load_run
+    from gptoss_cli.infer.generate import generate_tokens
+    from gptoss_cli.run.open import load_run
 
     loaded = load_run(run, device="cpu")
-    fmt = chat_format(loaded.tokenizer, loaded.run_dir)
+    fmt = chat_format(loaded.tokenizer, loaded.run.chat_template)
     ids = fmt.render(messages)
     params = InferConfig(max_new_tokens=max_tokens, temperature=0)
     out, _, _ = generate_tokens(
@@ -304,7 +305,7 @@ def test_chat_completions(runs, client):
 def test_one_failing_request_leaves_the_others_alone(runs):
     """In process, on the engine alone: a request whose own callback breaks is failed; the loop and the
     requests decoding beside it go on to infer's text."""
-    from gptoss_cli.infer.generate import load_run
+    from gptoss_cli.run.open import load_run
     from gptoss_cli.serve.engine import Done, Engine, Failed, Request, Token
 
     loaded = load_run(runs["demo"], device="cpu")
@@ -364,7 +365,7 @@ def test_command_errors_are_one_line(gptoss, runs, tmp_path):
         (json.dumps({"model": "demo", "prompt": "x", "top_p": 0}).encode(), "top_p"),
         (json.dumps({"model": "demo", "prompt": ""}).encode(), "prompt"),
         (json.dumps({"model": "demo", "prompt": [99999]}).encode(), "prompt"),
-        (json.dumps({"model": "demo", "prompt": "x", "logprobs": 3}).encode(), None),
+        (json.dumps({"model": "demo", "prompt": "x", "logprobs": 6}).encode(), "logprobs"),
         (json.dumps({"model": "demo", "messages": []}).encode(), "messages"),
         (json.dumps({"model": "demo", "messages": [{"role": "tool", "content": "x"}]}).encode(), "messages"),
         (json.dumps({"model": "demo", "messages": [{"role": "user", "content": ""}]}).encode(), "messages"),

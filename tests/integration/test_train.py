@@ -24,7 +24,7 @@ from gptoss_cli.data.tokenizer import train_tokenizer
 from gptoss_cli.errors import GptossError
 from gptoss_cli.model import Transformer
 from gptoss_cli.run import checkpoint as ckpt
-from gptoss_cli.train.loop import Trainer, prepare
+from gptoss_cli.train.loop import Trainer, setup_training
 from gptoss_cli.train.optim import lr_at
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -45,8 +45,8 @@ TRAIN_FIELDS = {
 
 
 def train(cfg, run: Path | None, stop_after: int | None = None, **kw):
-    """prepare + Trainer.run -> (Prepared, summary)."""
-    p = prepare(cfg, run, **kw)
+    """setup_training + Trainer.run -> (TrainingSetup, summary)."""
+    p = setup_training(cfg, run, **kw)
     return p, Trainer(p, stop_after=stop_after).run()
 
 
@@ -116,7 +116,7 @@ def test_exact_resume_after_interrupt_matches_uninterrupted_run(small_cfg, tmp_p
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
-def test_exact_resume_from_step_dir_across_epochs_with_accumulation(small_cfg, small_corpus, tmp_path):
+def test_exact_resume_from_step_dir_across_epochs_withaccumulation(small_cfg, small_corpus, tmp_path):
     cfg = small_cfg(
         f"data.paths={small_corpus}",
         "train.grad_accum_steps=2",
@@ -219,7 +219,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(small_cfg, tmp_path, mon
         return real_save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(ckpt, "save_file", disk_full_on_second_checkpoint)
-    p = prepare(cfg, run)
+    p = setup_training(cfg, run)
     with pytest.raises(ckpt.CheckpointError) as info:
         Trainer(p).run()
     message = str(info.value)
@@ -255,7 +255,7 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(small_cfg, tmp_pat
         return path
 
     monkeypatch.setattr(Trainer, "save", save_then_poison)
-    p = prepare(cfg, run)
+    p = setup_training(cfg, run)
     with pytest.raises(GptossError) as info:
         Trainer(p).run()
     message = str(info.value)
@@ -270,7 +270,7 @@ def test_nan_loss_names_the_step_and_the_last_good_checkpoint(small_cfg, tmp_pat
 
 def test_nan_loss_before_any_checkpoint(small_cfg, tmp_path):
     run = tmp_path / "run"
-    p = prepare(small_cfg(), run)
+    p = setup_training(small_cfg(), run)
     with torch.no_grad():
         p.model.norm.scale.fill_(float("nan"))
     with pytest.raises(
@@ -294,7 +294,7 @@ def one_line_error(exc_info) -> str:
 def test_missing_data_file(small_cfg, tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(GptossError) as info:
-        prepare(small_cfg(f"data.paths={missing}"), tmp_path / "run")
+        setup_training(small_cfg(f"data.paths={missing}"), tmp_path / "run")
     assert one_line_error(info) == f"data.paths: {missing} does not exist"
     assert not (tmp_path / "run").exists()
 
@@ -303,7 +303,7 @@ def test_empty_text_file(small_cfg, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n", encoding="utf-8")
     with pytest.raises(GptossError) as info:
-        prepare(small_cfg(f"data.paths={empty}"), tmp_path / "run")
+        setup_training(small_cfg(f"data.paths={empty}"), tmp_path / "run")
     assert "no text found" in one_line_error(info) and str(empty) in str(info.value)
 
 
@@ -313,7 +313,7 @@ def test_tokenizer_larger_than_the_vocabulary(small_cfg, tmp_path):
     tok_path = tmp_path / "tokenizer.json"
     train_tokenizer(load_documents([]), 400).save(str(tok_path))
     with pytest.raises(GptossError) as info:
-        prepare(small_cfg(), tmp_path / "run", tokenizer_path=tok_path)
+        setup_training(small_cfg(), tmp_path / "run", tokenizer_path=tok_path)
     assert one_line_error(info) == f"{tok_path}: tokenizer has 400 tokens but model.vocab_size is 320"
     assert not (tmp_path / "run").exists()
 
@@ -322,7 +322,7 @@ def test_too_little_text_for_one_batch(small_cfg, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("A few words.\n\nAnd a few more words here.\n", encoding="utf-8")
     with pytest.raises(GptossError) as info:
-        prepare(small_cfg(f"data.paths={short}"), tmp_path / "run")
+        setup_training(small_cfg(f"data.paths={short}"), tmp_path / "run")
     message = one_line_error(info)
     assert message.startswith("data: ") and "fewer than one batch of 4" in message
 
@@ -339,22 +339,22 @@ def test_resume_guards(small_cfg, tmp_path):
     assert ckpt.resolve_checkpoint(run) == step_dir(run, 1)
 
     with pytest.raises(GptossError) as info:
-        prepare(small_cfg("model.hidden_size=48"), run, resume=True)
+        setup_training(small_cfg("model.hidden_size=48"), run, resume=True)
     message = one_line_error(info)
     assert message.startswith("--resume:") and "model.hidden_size=32, the config has 48" in message
 
     with pytest.raises(GptossError) as info:
-        prepare(small_cfg(), run)  # checkpoints there, no --resume
+        setup_training(small_cfg(), run)  # checkpoints there, no --resume
     assert "already holds checkpoints" in one_line_error(info) and "--resume" in str(info.value)
 
     with pytest.raises(GptossError) as info:
-        prepare(small_cfg(), tmp_path / "fresh", resume=True)
+        setup_training(small_cfg(), tmp_path / "fresh", resume=True)
     assert "no complete checkpoint" in one_line_error(info)
     with pytest.raises(GptossError, match="--resume needs --run"):
-        prepare(small_cfg(), None, resume=True)
+        setup_training(small_cfg(), None, resume=True)
 
     # Only kernel choices may change on resume.
-    p = prepare(small_cfg("model.attention_backend=eager"), run, resume=True)
+    p = setup_training(small_cfg("model.attention_backend=eager"), run, resume=True)
     assert p.resume_state.step == 1
 
 
@@ -364,11 +364,11 @@ def test_resume_from_a_loose_step_dir_needs_a_run_dir(small_cfg, tmp_path):
     loose = tmp_path / "downloads" / "saved" / "step-00000001"  # e.g. a checkpoint copied from another machine
     shutil.copytree(step_dir(run, 1), loose)
     with pytest.raises(GptossError) as info:
-        prepare(small_cfg(), None, resume_from=loose)
+        setup_training(small_cfg(), None, resume_from=loose)
     assert "not inside a run's checkpoints/ folder" in one_line_error(info) and "--run" in str(info.value)
     assert sorted(p.name for p in (tmp_path / "downloads").iterdir()) == ["saved"]  # nothing written next to it
 
-    p = prepare(small_cfg(), tmp_path / "continued", resume_from=loose)
+    p = setup_training(small_cfg(), tmp_path / "continued", resume_from=loose)
     assert p.run_dir == tmp_path / "continued" and p.resume_state.step == 1
     summary = Trainer(p, stop_after=2).run()
     assert summary["steps"] == 2 and losses(tmp_path / "continued").keys() == {2}
@@ -378,7 +378,7 @@ def test_resume_from_a_loose_step_dir_needs_a_run_dir(small_cfg, tmp_path):
 def test_resume_from_another_run_uses_that_runs_tokenizer(small_cfg, small_corpus, tmp_path):
     run_a = tmp_path / "a"
     train(small_cfg(), run_a, stop_after=1)  # tokenizer trained on the built-in corpus
-    p = prepare(small_cfg(f"data.paths={small_corpus}"), tmp_path / "b", resume_from=step_dir(run_a, 1))
+    p = setup_training(small_cfg(f"data.paths={small_corpus}"), tmp_path / "b", resume_from=step_dir(run_a, 1))
     assert not (tmp_path / "b" / "tokenizer.json").exists()  # written when the resume first saves
     p.commit_files()
     p.release()
@@ -390,6 +390,38 @@ def test_config_yaml_is_plain_yaml_of_every_field(small_cfg, tmp_path):
     """config.yaml is plain YAML of every field (another tool can read it)."""
     cfg = small_cfg()
     run = tmp_path / "run"
-    prepare(cfg, run)
+    setup_training(cfg, run)
     raw = yaml.safe_load((run / "config.yaml").read_text())
     assert raw["model"]["hidden_size"] == 32 and raw["train"]["max_steps"] == 6 and raw["name"] == "tiny"
+
+
+def test_a_resumed_summary_gives_this_sessions_rate(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    _, first = train(small_cfg("train.max_steps=2"), run)
+    _, second = train(small_cfg("train.max_steps=4"), run, resume=True)
+    assert second["tokens"] == 2 * first["tokens"] and second["session_tokens"] == first["tokens"]
+    assert second["tokens_per_s"] == pytest.approx(second["session_tokens"] / second["session_s"], rel=1e-3)
+    assert second["elapsed_s"] > second["session_s"]  # the run's time includes the first session's
+
+
+def test_resuming_on_fewer_processes_warns_that_the_global_batch_changes(small_cfg, capsys):
+    from gptoss_cli.run.checkpoint import CheckpointState
+    from gptoss_cli.train.setup import _warn_world_change
+
+    cfg = small_cfg("train.batch_size=4", "train.grad_accum_steps=2")
+    _warn_world_change(cfg, CheckpointState(step=3, world_size=2), world=1, accum=2)
+    err = capsys.readouterr().err
+    assert "resuming on 1 process instead of 2: the global batch goes from 16 to 8 sequences" in err
+    assert "train.global_batch_size=16" in err
+    _warn_world_change(cfg, CheckpointState(step=3, world_size=1), world=1, accum=2)
+    fixed = small_cfg("train.batch_size=4", "train.global_batch_size=16")
+    _warn_world_change(fixed, CheckpointState(step=3, world_size=2), world=1, accum=4)  # derived: kept
+    assert capsys.readouterr().err == ""
+
+
+def test_a_run_started_from_weights_names_them_at_step_0(small_cfg, tmp_path, capsys):
+    _, base = train(small_cfg("train.max_steps=2"), tmp_path / "base")
+    capsys.readouterr()
+    train(small_cfg("train.max_steps=1"), tmp_path / "tuned", init_from=tmp_path / "base")
+    err = capsys.readouterr().err
+    assert f"Step 0 (the weights of {base['checkpoint']}): validation loss" in err and "untrained" not in err

@@ -3,12 +3,13 @@
 Imports point one way, cli -> commands -> stages -> the run directory and its foundations -> model, as
 LAYERS below says; within a layer modules may import each other as long as no cycle forms. The model imports
 only torch, the standard library and itself; report/ never imports torch, not even through the gptoss_cli
-modules it imports at module level; no two modules import each other at module level.
+modules it imports at module level; no two modules and no two packages import each other.
 
-What counts: every `import`/`from ... import` in a module, at any depth, for the direction and model rules
-(a lazy import inside a function still ties the layers together); only module-level ones (outside functions
-and outside `if TYPE_CHECKING:`) for the cycle and transitive-torch rules, since a lazy import runs after
-both modules are initialised and is how commands keep `gptoss --help` free of torch.
+What counts: every `import`/`from ... import` in a module, at any depth, for the direction, model and cycle
+rules (a lazy import inside a function, or one under `if TYPE_CHECKING:`, still ties two modules together);
+only module-level ones (outside functions and outside `if TYPE_CHECKING:`) for the transitive-torch rule,
+since a lazy import runs after both modules are initialised and is how commands keep `gptoss --help` free of
+torch. Cycles are forbidden between modules and between the top-level parts (packages) alike.
 """
 
 from __future__ import annotations
@@ -44,8 +45,14 @@ LAYERS: dict[str, int] = {
     "bench": 2,
     "sizing": 2,
     "envinfo": 2,
-    # 3: what the stages share: the run directory, data, the config, devices and memory, output and errors
+    # 3: what the stages share: the run directory, data, the config, devices and memory, output and errors,
+    # atomic writes, building and transforming models
     "run": 3,
+    "transforms": 3,
+    "atomic": 3,
+    "strict": 3,
+    "progress": 3,
+    "threads": 3,
     "data": 3,
     "config": 3,
     "devices": 3,
@@ -222,9 +229,8 @@ def test_report_never_imports_torch(module):
     _check("report-torch", module, problems)
 
 
-def test_no_import_cycles_at_module_level():
-    """A depth-first search over the module-level edges; every back edge it meets closes a cycle."""
-    graph = {m: sorted(_internal(m, module_level_only=True) & MODULES.keys()) for m in MODULES}
+def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
+    """A depth-first search; every back edge it meets closes a cycle."""
     state: dict[str, int] = {}  # 1 on the current path, 2 finished
     cycles: list[list[str]] = []
 
@@ -240,7 +246,28 @@ def test_no_import_cycles_at_module_level():
     for start in sorted(graph):
         if start not in state:
             walk(start, [start])
-    assert not cycles, "module-level import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+    return cycles
+
+
+def test_no_import_cycles_between_modules():
+    """No two modules depend on each other, through any import: module-level, inside a function, or under
+    `if TYPE_CHECKING:` (a type-only import is still a dependency a reader has to follow)."""
+    graph = {m: sorted(_internal(m) & MODULES.keys()) for m in MODULES}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_no_import_cycles_between_packages():
+    """The top-level parts (run, data, config, train, ...) form a graph without cycles, through any import:
+    a package that needs another's module and is needed by it back cannot be understood, tested or moved
+    alone."""
+    graph: dict[str, set[str]] = {part: set() for part in LAYERS}
+    for module in MODULES:
+        for target in _internal(module) & MODULES.keys():
+            if _part(target) not in (_part(module), ""):
+                graph[_part(module)].add(_part(target))
+    cycles = _cycles({part: sorted(targets) for part, targets in graph.items()})
+    assert not cycles, "package import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
 def test_the_checker_reads_real_edges():
@@ -268,4 +295,8 @@ def test_a_forbidden_import_is_reported(monkeypatch):
         test_report_never_imports_torch(summary)
     monkeypatch.setitem(IMPORTS, errors, [*IMPORTS[errors], Import(f"{PACKAGE}.config", 1, True)])
     with pytest.raises(AssertionError, match="cycles"):  # config imports errors
-        test_no_import_cycles_at_module_level()
+        test_no_import_cycles_between_modules()
+    layout, tokenizer = f"{PACKAGE}.run.layout", f"{PACKAGE}.data.tokenizer"
+    monkeypatch.setitem(IMPORTS, tokenizer, [*IMPORTS[tokenizer], Import(layout, 1, False)])  # lazy: still a cycle
+    with pytest.raises(AssertionError, match="package import cycles"):  # run/open.py imports data.tokenizer
+        test_no_import_cycles_between_packages()

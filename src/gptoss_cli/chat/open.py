@@ -19,32 +19,31 @@ def open_chat(
     from ..config import InferConfig
     from ..data.chat_format import ChatFormat, chat_format
     from ..data.tokenizer import check_text
-    from ..infer.generate import load_run
     from ..infer.sampling import option_label
     from ..output import warn
-    from ..run.checkpoint import read_state
+    from ..run.open import load_run
     from .session import ChatSession
 
     InferConfig().with_overrides(option_label, **overrides)  # bad options fail before the weights load
     if system is not None:
         check_text(system, "--system")
     loaded = load_run(run, checkpoint, device, dtype)
-    fmt = chat_format(loaded.tokenizer, loaded.run_dir)
+    fmt = chat_format(loaded.tokenizer, loaded.run.chat_template)
     if fmt is None:
         raise GptossError(
-            f"{loaded.run_dir} has no conversation format (its tokenizer predates it): continue text with "
-            f"`gptoss infer --run {loaded.run_dir}`, or fine-tune it on conversations first: gptoss train "
-            f"--init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl] (see docs/chat.md)"
+            f"{loaded.run} has no conversation format (its tokenizer predates it): continue text with "
+            f"`gptoss infer --run {loaded.run}`, or fine-tune it on conversations first: gptoss train "
+            f"--init-from {loaded.run} --set data.paths=[CHATS.jsonl] (see docs/chat.md)"
         )
     params = loaded.config.infer.with_overrides(option_label, **overrides)
     if (
         type(fmt) is ChatFormat
         and not _trained_on_conversations(loaded.config.data.paths)
-        and read_state(loaded.checkpoint).imported_from is None
+        and loaded.state.imported_from is None
     ):
         warn(
-            f"{loaded.run_dir} was trained on text, not on conversations: expect replies that ignore the format "
-            f"until it is fine-tuned (gptoss train --init-from {loaded.run_dir} --set data.paths=[CHATS.jsonl])"
+            f"{loaded.run} was trained on text, not on conversations: expect replies that ignore the format "
+            f"until it is fine-tuned (gptoss train --init-from {loaded.run} --set data.paths=[CHATS.jsonl])"
         )
     return ChatSession(loaded, fmt, params, system)
 

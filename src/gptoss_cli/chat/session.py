@@ -5,7 +5,8 @@
     run_chat      the read-reply loop: /reset, /system TEXT, /exit; Ctrl-C stops the reply, not the session;
                   from a terminal an interactive prompt, from a pipe one message per line, one reply per line
 
-Rendering and parsing belong to data/chat_format.py; generation is infer/generate.py's generate_tokens.
+Rendering and parsing belong to data/chat_format.py; generation is infer/generate.py's generate (the decode
+core of infer/decode.py).
 """
 
 from __future__ import annotations
@@ -64,53 +65,37 @@ class ChatSession:
 
     def reply(self, user: str, on_text: Callable[[str], None] | None = None) -> Reply:
         """Generate the assistant's answer to `user`; both join the history. Ctrl-C keeps what was written."""
-        from ..infer.generate import generate_tokens
-        from ..infer.sampling import TextStream
+        from ..infer.generate import batch_states, generate
 
         ids, dropped = self._prompt(user)
-        stream = TextStream(self.loaded.tokenizer, self.params.stop)
-        new: list[int] = []
-        ended = [False]
-
-        streaming = on_text is not None and self.fmt.streams
-
-        def on_token(_row: int, token: int) -> bool:
-            new.append(token)
-            if token in self.fmt.reply_ends:
-                ended[0] = True
-                return True
-            chunk = stream.add(token)
-            if chunk and streaming:
-                on_text(chunk)
-            return stream.stopped
-
         tok = self.loaded.tokenizer
+        # The reply ends at the format's end-of-turn ids (EOS itself is no turn end in a conversation).
+        (state,) = batch_states(
+            self.loaded.model, [ids], self.params, eos_id=None, tokenizer=tok, stop_ids=frozenset(self.fmt.reply_ends)
+        )
+        streaming = on_text is not None and self.fmt.streams
         pad = tok.token_to_id("<|pad|>")
         try:
-            _, reasons, _ = generate_tokens(
+            generate(
                 self.loaded.model,
                 [ids],
-                self.params,
+                [state],
                 pad_id=pad if pad is not None else 0,
-                eos_id=None,
-                on_token=on_token,
+                on_text=(lambda _row, text: on_text(text)) if streaming else None,
             )
-            reason = "end" if ended[0] or reasons[0] == "stop" else reasons[0]
+            reason = "end" if state.reason in ("eos", "stop") else state.reason
         except KeyboardInterrupt:
             reason = "interrupted"
-        if reason != "interrupted":
-            tail = stream.finish()
-            if tail and streaming:
-                on_text(tail)
-        if stream.stopped or reason == "interrupted":
-            content = stream.text  # cut before a --stop string, or what was written before Ctrl-C
+        if state.reason == "stop" or reason == "interrupted":
+            content = state.text  # cut before a --stop string, or what was written before Ctrl-C
         else:
-            content = self.fmt.parse_reply(new)["content"]
+            content = self.fmt.parse_reply(state.out)["content"]
             if on_text is not None and not streaming:  # a format with channels: only the final message is shown
                 on_text(content)
         content = content.strip() or "..."  # an empty message is not valid in the history
         self.turns += [{"role": "user", "content": user}, {"role": "assistant", "content": content}]
-        return Reply(content, len(new), reason, dropped)
+        generated = len(state.out) + (state.reason == "eos")  # the end-of-turn token was generated too
+        return Reply(content, generated, reason, dropped)
 
 
 def _command(line: str, session: ChatSession, say: Callable[[str], None]) -> bool | None:
@@ -174,7 +159,7 @@ def run_chat(
     say = say or (lambda text: print(text, file=sys.stderr, flush=True))
     interactive = stdin.isatty() and stdout.isatty() and not as_json
     if interactive:
-        say(f"chatting with {session.loaded.run_dir} ({session.loaded.checkpoint.name}). {HELP}; Ctrl-C stops a reply")
+        say(f"chatting with {session.loaded.run} ({session.loaded.checkpoint.name}). {HELP}; Ctrl-C stops a reply")
 
     def write(chunk: str) -> None:
         stdout.write(chunk if interactive else chunk.replace("\r", " ").replace("\n", " "))

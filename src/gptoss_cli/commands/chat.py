@@ -10,18 +10,19 @@ from .options import (
     CheckpointOpt,
     DeviceOpt,
     DtypeOpt,
+    JsonLinesOpt,
     PenaltyOpt,
     ReadRunOpt,
     SeedOpt,
     StopOpt,
     TemperatureOpt,
+    ThreadsOpt,
     TokensOpt,
     TopKOpt,
     TopPOpt,
 )
 
 SystemOpt = Annotated[str | None, typer.Option("--system", help="The system message (/system TEXT changes it).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per reply (JSON Lines) instead of text.")]
 
 
 def command(
@@ -37,7 +38,8 @@ def command(
     stop: StopOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    json: JsonOpt = False,
+    threads: ThreadsOpt = None,
+    json: JsonLinesOpt = False,
 ) -> None:
     """Chat with a run in its conversation format (default: the newest run under ./runs).
 
@@ -51,7 +53,9 @@ def command(
     """
     from ..chat.open import open_chat
     from ..chat.session import run_chat
+    from ..threads import set_threads
 
+    set_threads(threads)
     session = open_chat(
         run=run,
         checkpoint=checkpoint,

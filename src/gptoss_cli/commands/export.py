@@ -21,6 +21,13 @@ ShardOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
+QuantizeOpt = Annotated[
+    Literal["mxfp4"] | None,
+    typer.Option("--quantize", help="Pack the experts of a bf16/fp32 run as MXFP4 (OCP MX rounding; error reported)."),
+]
+DequantizeOpt = Annotated[
+    bool, typer.Option("--dequantize", help="Write a packed run's MXFP4 experts decoded, in --dtype.")
+]
 
 
 def command(
@@ -30,9 +37,13 @@ def command(
     checkpoint: CheckpointOpt = None,
     max_shard_size: ShardOpt = "5GB",
     force: ForceOpt = False,
+    quantize: QuantizeOpt = None,
+    dequantize: DequantizeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Export a run for transformers: config.json, safetensors, generation and tokenizer files.
+
+    A run with MXFP4 experts is written MXFP4, byte for byte, unless --dequantize.
 
     Example: gptoss export --run runs/demo --out hf/demo --dtype fp32
     Then: AutoModelForCausalLM.from_pretrained("hf/demo")  (see docs/interop.md)
@@ -40,7 +51,16 @@ def command(
     from ..interop.export import export_run
     from ..output import console, print_json
 
-    summary = export_run(run, out, dtype=dtype, checkpoint=checkpoint, max_shard_size=max_shard_size, force=force)
+    summary = export_run(
+        run,
+        out,
+        dtype=dtype,
+        checkpoint=checkpoint,
+        max_shard_size=max_shard_size,
+        force=force,
+        quantize=quantize,
+        dequantize=dequantize,
+    )
     if json:
         print_json(summary)
         return
@@ -48,6 +68,15 @@ def command(
     console.print(
         f"exported {summary['checkpoint']} (step {summary['step']}) to [bold]{summary['out']}[/]: "
         f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB {summary['dtype']} "
-        f"in {len(shards)} file(s)",
+        f"(experts {summary['experts']}) in {len(shards)} file(s)",
         highlight=False,
     )
+    errors = summary["quantization_error"]
+    if errors:
+        worst = max(errors, key=lambda n: errors[n]["relative_rms"])
+        mean = sum(e["relative_rms"] for e in errors.values()) / len(errors)
+        console.print(
+            f"MXFP4 quantisation error ||W - Q(W)|| / ||W||: mean {mean:.4f} over {len(errors)} expert matrices, "
+            f"largest {errors[worst]['relative_rms']:.4f} ({worst}); --json lists each",
+            highlight=False,
+        )

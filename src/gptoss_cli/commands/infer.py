@@ -12,11 +12,13 @@ from .options import (
     CheckpointOpt,
     DeviceOpt,
     DtypeOpt,
+    JsonLinesOpt,
     PenaltyOpt,
     ReadRunOpt,
     SeedOpt,
     StopOpt,
     TemperatureOpt,
+    ThreadsOpt,
     TokensOpt,
     TopKOpt,
     TopPOpt,
@@ -37,7 +39,6 @@ CompileOpt = Annotated[
         help="Compile the decode step (CUDA graphs on CUDA); pays a one-time compile for faster long generations.",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per prompt (JSON Lines) on stdout.")]
 
 
 def command(
@@ -56,7 +57,8 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     compile: CompileOpt = False,
-    json: JsonOpt = False,
+    threads: ThreadsOpt = None,
+    json: JsonLinesOpt = False,
 ) -> None:
     """Generate text with a trained run (default: the newest under ./runs).
 
@@ -64,31 +66,12 @@ def command(
 
     Example: gptoss infer "GPT models are" -n 20 --run runs/demo
     """
-    import json as jsonlib
-
-    from ..data.tokenizer import check_text, decode_utf8
-    from ..errors import GptossError
     from ..infer.generate import infer
-    from ..output import console, warn
+    from ..output import console
+    from ..threads import set_threads
 
-    prompts = [check_text(p, "prompt") for p in (prompt, prompt_opt) if p is not None]
-    if prompts_file is not None:
-        try:
-            if str(prompts_file) != "-":
-                text = decode_utf8(prompts_file.read_bytes(), f"--prompts-file {prompts_file}")
-            elif hasattr(sys.stdin, "buffer"):  # bytes: a line that is not UTF-8 is named, not mangled
-                text = decode_utf8(sys.stdin.buffer.read(), "--prompts-file -")
-            else:
-                text = check_text(sys.stdin.read(), "--prompts-file -")
-            lines = text.splitlines()
-        except OSError as err:
-            raise GptossError(f"--prompts-file {prompts_file}: cannot read ({err.strerror or err})") from None
-        prompts += [line for line in lines if line.strip()]
-        if not prompts:
-            raise GptossError(f"--prompts-file {prompts_file}: no prompts in it (one per line)")
-    if not prompts:
-        raise GptossError('no prompt: gptoss infer "GPT models are" -n 20 (or --prompt, --prompts-file)')
-
+    prompts = _read_prompts(prompt, prompt_opt, prompts_file)
+    set_threads(threads)
     stream = not json and len(prompts) == 1  # a batch prints whole completions, one after another
     echoed = []  # the prompt is echoed with the first text, so an error before it leaves stdout empty
 
@@ -119,25 +102,61 @@ def command(
         seed=seed,
         stop=stop,
     )
-    for i, c in enumerate(result.completions):
+    _write_completions(result.completions, json=json, stream=stream, echoed=bool(echoed))
+    _summary_line(result)
+
+
+def _read_prompts(prompt: str | None, prompt_opt: str | None, prompts_file: Path | None) -> list[str]:
+    """The prompts of the arguments and of --prompts-file (one per line); text that is not UTF-8 is one error
+    line naming where it is."""
+    from ..data.tokenizer import check_text, decode_utf8
+    from ..errors import GptossError
+
+    prompts = [check_text(p, "prompt") for p in (prompt, prompt_opt) if p is not None]
+    if prompts_file is not None:
+        try:
+            if str(prompts_file) != "-":
+                text = decode_utf8(prompts_file.read_bytes(), f"--prompts-file {prompts_file}")
+            elif hasattr(sys.stdin, "buffer"):  # bytes: a line that is not UTF-8 is named, not mangled
+                text = decode_utf8(sys.stdin.buffer.read(), "--prompts-file -")
+            else:
+                text = check_text(sys.stdin.read(), "--prompts-file -")
+            lines = text.splitlines()
+        except OSError as err:
+            raise GptossError(f"--prompts-file {prompts_file}: cannot read ({err.strerror or err})") from None
+        prompts += [line for line in lines if line.strip()]
+        if not prompts:
+            raise GptossError(f"--prompts-file {prompts_file}: no prompts in it (one per line)")
+    if not prompts:
+        raise GptossError('no prompt: gptoss infer "GPT models are" -n 20 (or --prompt, --prompts-file)')
+    return prompts
+
+
+def _write_completions(completions, *, json: bool, stream: bool, echoed: bool) -> None:
+    """stdout: JSON Lines, the end of a streamed completion, or each completion of a batch whole."""
+    import json as jsonlib
+
+    for i, c in enumerate(completions):
         if json:
-            sys.stdout.write(
-                jsonlib.dumps(
-                    {
-                        "prompt": c.prompt,
-                        "completion": c.text,
-                        "prompt_tokens": c.prompt_tokens,
-                        "new_tokens": c.new_tokens,
-                        "stop_reason": c.stop_reason,
-                    }
-                )
-                + "\n"
-            )
+            record = {
+                "prompt": c.prompt,
+                "completion": c.text,
+                "prompt_tokens": c.prompt_tokens,
+                "new_tokens": c.new_tokens,
+                "stop_reason": c.stop_reason,
+            }
+            sys.stdout.write(jsonlib.dumps(record) + "\n")
         elif stream:
             sys.stdout.write(("" if echoed else c.prompt) + "\n")
         else:
             sys.stdout.write(("\n" if i else "") + c.prompt + c.text + "\n")
     sys.stdout.flush()
+
+
+def _summary_line(result) -> None:
+    """stderr: the context warning and one line of counts, speeds, memory and what ran where."""
+    from ..output import console, warn
+    from ..threads import describe
 
     s, loaded = result.stats, result.run
     if s.context_limited:
@@ -149,11 +168,11 @@ def command(
     decode = f"decode {s.decode_tokens_per_s:.1f} tokens/s" if s.decode_tokens_per_s else "decode n/a"
     if s.compile_s:
         decode = f"compile {s.compile_s:.1f} s | {decode}"
-    dtype_name = {"torch.float32": "fp32", "torch.bfloat16": "bf16"}.get(str(loaded.dtype), str(loaded.dtype))
     batch = f" | batch {s.batch}" if s.batch > 1 else ""
     console.print(
         f"prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | prefill {s.prefill_s * 1e3:.1f} ms | "
-        f"{decode} | {peak} | {loaded.checkpoint} on {loaded.device.type} {dtype_name}{batch}",
+        f"{decode} | {peak} | {loaded.checkpoint} on {loaded.device.type} {loaded.dtype_name}{batch} | "
+        f"{describe()}",
         markup=False,
         highlight=False,
         soft_wrap=True,

@@ -4,7 +4,8 @@
 --set/-s SECTION.KEY=V   one override, repeatable
 --run/--run-dir/-r DIR   the run directory (torchrun takes --run itself, so under torchrun write --run-dir)
 --checkpoint/--model C   a checkpoint directory, its model.safetensors, or a run (its newest checkpoint)
---device auto|cpu|cuda   --dtype auto|fp32|bf16    --json (one JSON object on stdout)
+--device auto|cpu|cuda   --dtype auto|fp32|bf16
+--json                   one JSON object on stdout (JsonOpt), or one per result, JSON Lines (JsonLinesOpt)
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ RunsOpt = Annotated[
     ),
 ]
 NewRunOpt = Annotated[Path, typer.Option(*RUN_FLAGS, help="The run directory to create (must not exist, or be empty).")]
+CheckpointsOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--checkpoint", metavar="DIR", help="A checkpoint directory (RUN/checkpoints/step-N); repeatable."),
+]
 CheckpointOpt = Annotated[
     Path | None,
     typer.Option(
@@ -61,7 +66,18 @@ DtypeOpt = Annotated[
         "--dtype", help="auto: bf16 on a GPU that computes it natively, else fp32 (norms and router stay fp32)."
     ),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch (default: the free physical cores, or OMP_NUM_THREADS; never more).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+JsonLinesOpt = Annotated[
+    bool, typer.Option("--json", help="One JSON object per result (JSON Lines) on stdout instead of text.")
+]
 
 # The sampling options of infer and chat (each None = the run's infer section).
 TokensOpt = Annotated[

@@ -40,55 +40,25 @@ def command(
     gptoss train -c tiny --set data.prepared=data/books
     """
     from ..config import load_config
-    from ..output import console, print_json
+    from ..data.dataset import prepare_paths
+    from ..output import console, print_json, warn
 
     cfg = load_config(config, set_)
     cfg.data.paths = list(data)  # the arguments, not YAML: any file name works
-    from ..data.corpus import find_sources
-    from ..data.dataset import settings_of
-    from ..data.prepare import prepare_dataset
-    from ..data.tokenizer import check_vocab, load_tokenizer
-    from ..output import warn
-
-    given = None
-    if tokenizer is not None or cfg.data.tokenizer:
-        source = tokenizer or Path(cfg.data.tokenizer)
-        if not source.is_file():
-            from ..errors import GptossError
-
-            raise GptossError(f"--tokenizer: {source} does not exist")
-        given = load_tokenizer(source)
-        check_vocab(given, cfg.model.vocab_size, str(source))
-    sources = find_sources(cfg.data.paths, warn)
-    result = prepare_dataset(sources, out, settings_of(cfg), given, workers=workers, show=not json)
-    index = result.index
-    summary = {
-        "out": str(result.root),
-        "cached": result.cached,
-        "redone": result.redone,
-        "sources": len(index["sources"]),
-        "source_bytes": sum(s["size"] for s in index["sources"]),
-        "documents": index["documents"],
-        "train_tokens": index["train"]["tokens"],
-        "val_tokens": index["val"]["tokens"],
-        "shards": len(index["train"]["shards"]) + len(index["val"]["shards"]),
-        "dtype": index["dtype"],
-        "tokenizer_hash": index["tokenizer_hash"],
-        "vocab_size": index["vocab_size"],
-        "times_s": result.times,
-    }
+    summary = prepare_paths(cfg, out, tokenizer, workers=workers, show=not json)
     if json:
         print_json(summary)
         return
-    if result.redone:
+    if summary["redone"]:
+        redone = summary["redone"]
         warn(
-            f"{out}: {len(result.redone)} damaged shard(s) ({', '.join(result.redone[:3])}"
-            f"{', ...' if len(result.redone) > 3 else ''}): prepared again from the first of them"
+            f"{out}: {len(redone)} damaged shard(s) ({', '.join(redone[:3])}{', ...' if len(redone) > 3 else ''}): "
+            "prepared again from the first of them"
         )
-    if result.cached:
+    if summary["cached"]:
         console.print(f"{out}: already prepared (nothing to do)", highlight=False)
     else:
-        t = result.times
+        t = summary["times_s"]
         mb = summary["source_bytes"] / 1e6
         console.print(
             f"prepared {mb:,.1f} MB from {summary['sources']} file(s): sample {t['read_s']:.1f} s, "
@@ -102,4 +72,14 @@ def command(
         f"{summary['shards']} shard(s)",
         highlight=False,
     )
-    console.print(f"train on it: gptoss train --set data.prepared={out}", highlight=False, soft_wrap=True)
+    console.print(f"train on it: {train_hint(config, set_, out)}", highlight=False, soft_wrap=True)
+
+
+def train_hint(config: str, overrides: list[str] | None, out: Path) -> str:
+    """The train command for this dataset, with the config and the model/train overrides it was prepared
+    with (the tokenizer's vocabulary is the config's model.vocab_size; data.* settings stay behind: the
+    prepared directory holds its text)."""
+    import shlex
+
+    sets = [o for o in overrides or [] if not o.strip().startswith("data.")] + [f"data.prepared={out}"]
+    return " ".join(["gptoss train -c", shlex.quote(config), *(f"--set {shlex.quote(o)}" for o in sets)])

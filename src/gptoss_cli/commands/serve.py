@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import CheckpointOpt, DeviceOpt, DtypeOpt, ReadRunOpt
+from .options import CheckpointOpt, DeviceOpt, DtypeOpt, ReadRunOpt, ThreadsOpt
 
 HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")]
 PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
@@ -51,6 +51,7 @@ def command(
     max_body: BodyOpt = "4MiB",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Serve a trained run over the OpenAI HTTP API (completions, chat completions, streaming).
 
@@ -59,7 +60,9 @@ def command(
     """
     from ..serve.server import ServeOptions, serve
     from ..sizes import parse_size
+    from ..threads import set_threads
 
+    set_threads(threads)
     options = ServeOptions(
         host=host,
         port=port,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import JsonOpt, OptionalConfigOpt, RunOpt, SetOpt
+from .options import JsonOpt, OptionalConfigOpt, RunOpt, SetOpt, ThreadsOpt
 
 
 def command(
@@ -29,6 +29,7 @@ def command(
         ),
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Reuse this tokenizer.json.")] = None,
+    threads: ThreadsOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Train from scratch on a text corpus (the built-in sample corpus when data.paths is empty).
@@ -39,7 +40,7 @@ def command(
     Ctrl-C / SIGTERM after saving a checkpoint (summary.json says "interrupted").
     """
     from ..config import load_config
-    from ..output import console, print_json, warn
+    from ..output import print_json, warn
 
     # Before torch is imported: a bad config fails in an instant.
     cfg = None
@@ -55,11 +56,13 @@ def command(
             "no --config: training the compact reference model (~1.4 billion parameters), which needs a GPU; "
             "for a first run on a CPU use --config tiny"
         )
+    from ..threads import set_threads
     from ..train.distributed import shutdown
-    from ..train.loop import Trainer, prepare
+    from ..train.loop import Trainer, setup_training
 
+    set_threads(threads)
     try:
-        prepared = prepare(
+        setup = setup_training(
             cfg,
             run,
             resume=resume,
@@ -69,30 +72,39 @@ def command(
             progress=not json,
         )
         try:
-            summary = Trainer(prepared).run()
+            summary = Trainer(setup).run()
         finally:
-            prepared.release()
+            setup.release()
     finally:
         shutdown()
-    if not prepared.dist.main:  # under torchrun only rank 0 reports
+    if not setup.dist.main:  # under torchrun only rank 0 reports
         return
     code = {"SIGINT": 130, "SIGTERM": 143}.get(summary.get("signal"), 0) if summary["status"] == "interrupted" else 0
     if json:
         print_json(summary)
         raise typer.Exit(code)
-    best = summary["best_val_loss"]
+    _print_summary(summary)
+    raise typer.Exit(code)
+
+
+def _print_summary(summary: dict) -> None:
+    from ..output import console
+
+    best, final = summary["best_val_loss"], summary["final_loss"]
+    rate = f"{summary['tokens_per_s']:,.0f} tokens/s"
+    if summary["session_tokens"] != summary["tokens"]:  # resumed: the rate is this session's
+        rate = f"this session {summary['session_tokens']:,} tokens in {summary['session_s']:.1f} s, {rate}"
     console.print(
         f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
-        f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)",
+        f"{summary['elapsed_s']:.1f} s ({rate})",
         highlight=False,
     )
-    console.print(
-        f"final loss {summary['final_loss']:.4f}" + (f", best validation loss {best:.4f}" if best is not None else ""),
-        highlight=False,
-    )
+    losses = [f"final loss {final:.4f}" if final is not None else "no step finished"]
+    if best is not None:
+        losses.append(f"best validation loss {best:.4f}")
+    console.print(", ".join(losses), highlight=False)
     console.print(f"run: {summary['run_dir']}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 def _saved_config(source: Path, overrides: list[str] | None):

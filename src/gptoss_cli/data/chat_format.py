@@ -23,7 +23,6 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from ..errors import GptossError
-from ..run.layout import RunDir
 
 ROLES = ("system", "developer", "user", "assistant")
 START, MESSAGE, END, RETURN, CHANNEL = "<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>"
@@ -212,9 +211,9 @@ class TemplateFormat(ChatFormat):
         return {"role": "assistant", "content": text}
 
 
-def save_template(run_dir: Path, template: str, special: dict, stop_tokens: list[str]) -> Path:
-    """Keep an imported directory's chat template with the run (read back by chat_format)."""
-    path = RunDir(run_dir).chat_template
+def save_template(path: Path, template: str, special: dict, stop_tokens: list[str]) -> Path:
+    """Keep an imported directory's chat template with the run, at `path` (RUN/chat_template.json, read back by
+    chat_format)."""
     path.write_text(
         json.dumps(
             {"chat_template": template, "special_tokens": special, "stop_tokens": stop_tokens},
@@ -227,10 +226,11 @@ def save_template(run_dir: Path, template: str, special: dict, stop_tokens: list
     return path
 
 
-def chat_format(tokenizer: Tokenizer, run_dir: Path | None = None) -> ChatFormat | None:
-    """The run's conversation format: its own template if it was imported with one, else gptoss's format when
-    the tokenizer reserves its tokens; None when the run has none (a tokenizer trained before chat existed)."""
-    path = RunDir(run_dir).chat_template if run_dir is not None else None
+def chat_format(tokenizer: Tokenizer, template: Path | None = None) -> ChatFormat | None:
+    """The run's conversation format: its own template (`template`, the run's chat_template.json) if it was
+    imported with one, else gptoss's format when the tokenizer reserves its tokens; None when the run has none
+    (a tokenizer trained before chat existed)."""
+    path = template
     if path is not None and path.is_file():
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))

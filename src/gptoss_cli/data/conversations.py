@@ -5,7 +5,8 @@ convention) is a conversation dataset. Each conversation is rendered by data/cha
 segment of a training row:
 
     inputs    ids[:-1]                    the conversation, as the model reads it
-    targets   ids[1:], -100 where the next token is not the assistant's (the loss counts assistant tokens only)
+    targets   ids[1:], IGNORE_INDEX where the next token is not the assistant's (the loss counts assistant tokens
+              only)
     positions 0 .. n-2, restarting for every conversation; -1 on the padding at the end of a row
     segments  the conversation's index in the row: attention never crosses into another conversation
 
@@ -24,10 +25,9 @@ import torch
 
 from ..config import seed64
 from ..errors import GptossError
+from ..model.cross_entropy import IGNORE_INDEX
 from ..output import warn
 from .tokenizer import CHAT_TOKENS, PAD
-
-IGNORE = -100  # as F.cross_entropy and model/cross_entropy.py
 
 
 def is_conversation_file(path: Path) -> bool:
@@ -98,7 +98,7 @@ class ConversationBatches:
     """Packed conversation rows with the interface of TokenBatches; batch() also returns positions, segments."""
 
     inputs: torch.Tensor  # (R, T) int64
-    targets: torch.Tensor  # (R, T) int64, IGNORE outside assistant tokens and on padding
+    targets: torch.Tensor  # (R, T) int64, IGNORE_INDEX outside assistant tokens and on padding
     positions: torch.Tensor  # (R, T) int64, -1 on padding
     segments: torch.Tensor  # (R, T) int64
     batch_size: int
@@ -149,8 +149,8 @@ def pack_conversations(
         if len(ids) > seq_len + 1:
             ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
             cut += 1
-        targets = [t if keep else IGNORE for t, keep in zip(ids[1:], trained[1:], strict=True)]
-        if all(t == IGNORE for t in targets):
+        targets = [t if keep else IGNORE_INDEX for t, keep in zip(ids[1:], trained[1:], strict=True)]
+        if all(t == IGNORE_INDEX for t in targets):
             dropped += 1  # no assistant token left to learn from (none at all, or cut off)
             continue
         segments_.append((ids[:-1], targets))
@@ -171,7 +171,7 @@ def pack_conversations(
         used += len(seg[0])
     shape = (len(rows), seq_len)
     inputs = torch.full(shape, pad_id, dtype=torch.long)
-    targets = torch.full(shape, IGNORE, dtype=torch.long)
+    targets = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     positions = torch.full(shape, -1, dtype=torch.long)
     segments = torch.full(shape, -1, dtype=torch.long)
     for r, row in enumerate(rows):
@@ -213,7 +213,7 @@ def read_conversation_paths(paths: list[str]) -> list[list[dict]] | None:
 
 def conversation_data(
     tokenizer,
-    template_dir: Path | None,
+    template: Path | None,
     train: list[list[dict]],
     val: list[list[dict]],
     seq_len: int,
@@ -226,7 +226,7 @@ def conversation_data(
     the conversation tokens when it lacks them (a run trained before they were reserved)."""
     from .chat_format import chat_format
 
-    fmt = chat_format(tokenizer, template_dir)
+    fmt = chat_format(tokenizer, template)
     if fmt is None:
         tokenizer = add_chat_tokens(tokenizer, vocab_size, source)
         fmt = chat_format(tokenizer)

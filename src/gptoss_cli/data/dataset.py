@@ -123,3 +123,35 @@ def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: 
             raise
         raise GptossError(f"{err} (a cache entry: delete {root} and train again)") from None
     return TrainingData(root, index, tok, train, val, trained, times)
+
+
+def prepare_paths(cfg, out: Path, tokenizer: Path | None, workers: int = 0, show: bool = True) -> dict:
+    """`gptoss prepare`'s core: cfg.data.paths tokenized into `out` (with the given tokenizer.json, else one
+    trained on a sample); returns the summary the command prints (times, counts, the tokenizer's hash)."""
+    from ..output import warn
+
+    given = None
+    if tokenizer is not None or cfg.data.tokenizer:
+        source = tokenizer or Path(cfg.data.tokenizer)
+        if not source.is_file():
+            raise GptossError(f"--tokenizer: {source} does not exist")
+        given = load_tokenizer(source)
+        check_vocab(given, cfg.model.vocab_size, str(source))
+    sources = find_sources(cfg.data.paths, warn)
+    result = prepare_dataset(sources, out, settings_of(cfg), given, workers=workers, show=show)
+    index = result.index
+    return {
+        "out": str(result.root),
+        "cached": result.cached,
+        "redone": result.redone,
+        "sources": len(index["sources"]),
+        "source_bytes": sum(s["size"] for s in index["sources"]),
+        "documents": index["documents"],
+        "train_tokens": index["train"]["tokens"],
+        "val_tokens": index["val"]["tokens"],
+        "shards": len(index["train"]["shards"]) + len(index["val"]["shards"]),
+        "dtype": index["dtype"],
+        "tokenizer_hash": index["tokenizer_hash"],
+        "vocab_size": index["vocab_size"],
+        "times_s": result.times,
+    }

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import AtomicWriteError
 from ..errors import GptossError
 from ..output import byte_progress
-from ..run.atomic import AtomicWriteError
 from . import progress, shards
 from .corpus import Meter, Source, iter_pieces
 from .tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_atomic
 from ..errors import GptossError
-from ..run.atomic import write_atomic
 
 FORMAT = 1
 INDEX = "index.json"

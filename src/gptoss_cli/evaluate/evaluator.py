@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_atomic
 from ..data.tokenizer import EOS, PAD, tokenizer_hash
 from ..errors import GptossError
-from ..run.atomic import write_atomic
 from ..run.layout import RunDir
 from .score import score_sequences
 from .text import cut_to_tokens, eval_documents, text_digest, utf8_bytes
@@ -51,7 +51,7 @@ class Progress:
 
 def _open(target: Target, device: str, dtype: str):
     """The one place a model is loaded for evaluation."""
-    from ..infer.generate import load_run
+    from ..run.open import load_run
 
     return load_run(target.run, target.checkpoint, device, dtype)
 
@@ -80,6 +80,24 @@ def window_sizes(cfg, context: int | None, stride: int | None) -> tuple[int, int
     return context, stride
 
 
+def shared_context(targets: list[Target], warn: Callable[[str], None]) -> int:
+    """Runs compared side by side are scored with one window: the shortest of their defaults (each run's
+    training length, capped by its context), said when they differ. Reads configs only (open_run)."""
+    from ..run.open import open_run
+
+    defaults = []
+    for target in targets:
+        cfg = open_run(target.run, target.checkpoint, need_tokenizer=False).config
+        defaults.append(min(cfg.train.seq_len, cfg.model.max_context_length))
+    context = min(defaults)
+    if len(set(defaults)) > 1:
+        warn(
+            f"the runs' default windows differ ({', '.join(map(str, defaults))} tokens): every run is scored "
+            f"with the same {context}-token window so the numbers compare (--context sets it)"
+        )
+    return context
+
+
 def evaluate(
     targets: list[Target],
     data: list[str],
@@ -98,8 +116,11 @@ def evaluate(
     check_options(max_tokens=max_tokens, context=context, stride=stride, batch_size=batch_size)
     progress = progress or Progress()
     docs = eval_documents(data)
+    targets = targets or [Target()]
+    if context is None and len(targets) > 1:
+        context = shared_context(targets, warn)
     results = []
-    for target in targets or [Target()]:
+    for target in targets:
         loaded = _open(target, device, dtype)
         win, step = window_sizes(loaded.config, context, stride)
         tok = loaded.tokenizer
@@ -111,7 +132,7 @@ def evaluate(
         total = sum(len(s) - 1 for s in sequences)
         if total == 0:
             raise GptossError(f"--data {' '.join(data)}: the text encodes to no tokens")
-        label = f"{loaded.run_dir.name}/{loaded.checkpoint.name}"
+        label = f"{loaded.run.name}/{loaded.checkpoint.name}"
         progress.start(label, total)
         start = time.perf_counter()
         try:
@@ -127,46 +148,51 @@ def evaluate(
         finally:
             progress.done()
         elapsed = time.perf_counter() - start
-        n_bytes = utf8_bytes(docs)
-        loss = totals.loss / totals.tokens
-        result = {
-            "format": FORMAT,
-            "name": label,
-            "run": str(loaded.run_dir),
-            "checkpoint": str(loaded.checkpoint),
-            "step": loaded.step,
-            "data": list(data),
-            "text_digest": text_digest(docs),
-            "documents": len(docs),
-            "tokens": totals.tokens,
-            "bytes": n_bytes,
-            "loss": loss,
-            "ppl": math.exp(min(loss, 700)),
-            "bits_per_byte": totals.loss / math.log(2) / n_bytes,
-            "bytes_per_token": n_bytes / totals.tokens,
-            "accuracy": totals.correct / totals.tokens,
-            "loss_sum_nats": totals.loss,
-            "context": win,
-            "stride": step,
-            "batch_size": batch_size,
-            "max_tokens": max_tokens,
-            "device": loaded.device.type,
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "tokenizer_hash": tokenizer_hash(tok),
-            "elapsed_s": elapsed,
-            "tokens_per_s": totals.tokens / elapsed if elapsed > 0 else None,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        result = _result(loaded, label, data, docs, totals, elapsed, win, step, batch_size, max_tokens)
         if save:
-            result["saved"] = _save(loaded.run_dir, loaded.checkpoint.name, result, warn)
+            result["saved"] = _save(loaded.run, loaded.checkpoint.name, result, warn)
         results.append(result)
         del loaded  # one model at a time
     return results
 
 
-def _save(run_dir: Path, checkpoint_name: str, result: dict, warn: Callable[[str], None]) -> str | None:
+def _result(loaded, label, data, docs, totals, elapsed, win, step, batch_size, max_tokens) -> dict[str, Any]:
+    """The saved and printed result of one target (the numbers of the module docstring)."""
+    n_bytes = utf8_bytes(docs)
+    loss = totals.loss / totals.tokens
+    return {
+        "format": FORMAT,
+        "name": label,
+        "run": str(loaded.run),
+        "checkpoint": str(loaded.checkpoint),
+        "step": loaded.step,
+        "data": list(data),
+        "text_digest": text_digest(docs),
+        "documents": len(docs),
+        "tokens": totals.tokens,
+        "bytes": n_bytes,
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700)),
+        "bits_per_byte": totals.loss / math.log(2) / n_bytes,
+        "bytes_per_token": n_bytes / totals.tokens,
+        "accuracy": totals.correct / totals.tokens,
+        "loss_sum_nats": totals.loss,
+        "context": win,
+        "stride": step,
+        "batch_size": batch_size,
+        "max_tokens": max_tokens,
+        "device": loaded.device.type,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "tokenizer_hash": tokenizer_hash(loaded.tokenizer),
+        "elapsed_s": elapsed,
+        "tokens_per_s": totals.tokens / elapsed if elapsed > 0 else None,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _save(run: RunDir, checkpoint_name: str, result: dict, warn: Callable[[str], None]) -> str | None:
     """RUN/eval/<checkpoint>-<digest>.json; a run directory we cannot write to costs a warning, not the numbers."""
-    path = RunDir(run_dir).eval / f"{checkpoint_name}-{result['text_digest']}.json"
+    path = run.eval / f"{checkpoint_name}-{result['text_digest']}.json"
     try:
         path.parent.mkdir(exist_ok=True)
         write_atomic(path, json.dumps(result, indent=1))

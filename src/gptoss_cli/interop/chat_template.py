@@ -22,9 +22,10 @@ from .source import SourceDir
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def export_chat(tok: Tokenizer, run_dir: Path) -> dict | None:
-    """{"template", "special", "stop_ids"} for the run's format; None when it has none."""
-    fmt = chat_format(tok, run_dir)
+def export_chat(tok: Tokenizer, template: Path) -> dict | None:
+    """{"template", "special", "stop_ids"} for the run's format (`template`: its chat_template.json); None when
+    it has none."""
+    fmt = chat_format(tok, template)
     if fmt is None:
         return None
     special = fmt.special if isinstance(fmt, TemplateFormat) else {}
@@ -73,14 +74,14 @@ def read_hf_template(src: SourceDir, root: Path, tok: Tokenizer) -> dict | None:
     return {"template": template, "special": special, "stop_tokens": stop_tokens}
 
 
-def keep_hf_template(found: dict, tok: Tokenizer, run_dir: Path, source: str) -> bool:
-    """Write RUN/chat_template.json (unless it is gptoss's own format, which the tokenizer already implies);
-    a template that cannot be compiled is refused here, before the run exists."""
+def keep_hf_template(found: dict, tok: Tokenizer, path: Path, source: str) -> bool:
+    """Write `path`, the run's chat_template.json (unless it is gptoss's own format, which the tokenizer
+    already implies); a template that cannot be compiled is refused here, before the run exists."""
     if found["template"] == CHAT_TEMPLATE and chat_format(tok) is not None:
         return False
     try:
         TemplateFormat(tok, found["template"], found["special"], found["stop_tokens"], source)
     except GptossError as err:
         raise GptossError(f"{err} (the chat template of {source})") from None
-    save_template(run_dir, found["template"], found["special"], found["stop_tokens"] or [])
+    save_template(path, found["template"], found["special"], found["stop_tokens"] or [])
     return True

@@ -8,6 +8,7 @@ from .config import ModelConfig, ModelConfigError
 
 __all__ = [
     "KVCache",
+    "KVCacheProtocol",
     "ModelConfig",
     "ModelConfigError",
     "ModelOutput",
@@ -18,7 +19,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in ("KVCache", "StaticKVCache"):
+    if name in ("KVCache", "KVCacheProtocol", "StaticKVCache"):
         from . import kv_cache
 
         return getattr(kv_cache, name)

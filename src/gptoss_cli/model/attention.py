@@ -2,7 +2,7 @@
 
     p_j = exp(l_j) / (exp(sink_h) + sum_k exp(l_k))        (the sink has no value vector)
 
-Two backends, chosen by `ModelConfig.attention_backend`, compute exactly this:
+The backends, chosen by `ModelConfig.attention_backend` from backends.py's table, compute exactly this:
 - `eager`: scores, a concatenated sink column, fp32 softmax, the column dropped (the reference, as
   openai/gpt-oss and transformers' eager path);
 - `sdpa`: torch's fused scaled_dot_product_attention with the sink folded in as one extra key. The head
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backends
 from .config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rotary_tables
@@ -95,9 +96,6 @@ def banded_sdpa_attention(q, k, v, sinks, mask, scale, window):
     return out.view(b, nb, nh, w, d).transpose(1, 2).reshape(b, nh, nb * w, d)[:, :, :t]
 
 
-BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention}
-
-
 class AttentionBlock(nn.Module):
     """x + out(attention(rope(qkv(norm(x))))). Weight names follow openai/gpt-oss (`block.i.attn.*`)."""
 
@@ -110,7 +108,7 @@ class AttentionBlock(nn.Module):
         self.sliding_window = config.sliding_window if config.is_sliding(layer_idx) else 0
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.backend = config.attention_backend
-        self.kernel = BACKENDS["sdpa" if self.backend == "sdpa_dense" else self.backend]
+        self.kernel = backends.kernel(backends.ATTENTION[self.backend])
         # Banded only pays when T is well above 2W (each query then attends ~2W keys instead of T):
         # used for T >= this many tokens, on sliding layers of the sdpa backend without a cache.
         self.banded_from = 3 * self.sliding_window if self.backend == "sdpa" and self.sliding_window else None

@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-ATTENTION_BACKENDS = ("eager", "sdpa", "sdpa_dense")
-MOE_BACKENDS = ("auto", "loop", "fused_loop", "grouped_mm")
+from . import backends
 
 
 class ModelConfigError(ValueError):
@@ -50,8 +49,8 @@ class ModelConfig:
     attention_bias: bool = False  # bias on qkv and out
     router_bias: bool = False  # bias on the router (gate)
     initializer_range: float = 0.02
-    attention_backend: str = "sdpa"  # eager (the reference) | sdpa (exact sinks, fused kernel) | sdpa_dense
-    moe_backend: str = "auto"  # auto | loop (sort by expert, one matmul pair per expert) | fused_loop | grouped_mm
+    attention_backend: str = "sdpa"  # a name in backends.ATTENTION: eager (the reference) | sdpa | sdpa_dense
+    moe_backend: str = "auto"  # a name in backends.MOE: auto | loop (the reference) | fused_loop | grouped_mm
 
     def __post_init__(self) -> None:
         self.validate()
@@ -136,9 +135,6 @@ class ModelConfig:
                     f"0 < low < high < head_dim/2-1={self.head_dim / 2 - 1:g}; "
                     "raise initial_context_length or change rope_ntk_alpha/beta",
                 )
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ModelConfigError(
-                "attention_backend", f"must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
-            )
-        if self.moe_backend not in MOE_BACKENDS:
-            raise ModelConfigError("moe_backend", f"must be one of {', '.join(MOE_BACKENDS)}, got {self.moe_backend!r}")
+        for key, table in (("attention_backend", backends.ATTENTION), ("moe_backend", backends.MOE)):
+            if getattr(self, key) not in table:
+                raise ModelConfigError(key, f"must be one of {', '.join(table)}, got {getattr(self, key)!r}")

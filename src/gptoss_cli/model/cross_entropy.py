@@ -111,7 +111,7 @@ def linear_cross_entropy(
     """x (N, H), weight (V, H), targets (N,) -> (mean cross-entropy of x @ weight.T, argmax accuracy).
 
     Gradients flow to x and weight (a tied weight gets its unembedding share, added by autograd). Under
-    autocast the matmuls run in the autocast dtype, as nn.Linear would. Targets equal to -100 are
+    autocast the matmuls run in the autocast dtype, as nn.Linear would. Targets equal to IGNORE_INDEX are
     ignored, as in F.cross_entropy.
     """
     device = x.device.type

@@ -5,13 +5,37 @@ Keys are stored after RoPE, together with the absolute position of every slot (-
 attention mask is built from those positions, so the ring's order never matters. A sliding layer attends
 over [ring, new chunk] before the chunk's last W entries overwrite the oldest slots: a prefill longer
 than the window stays exact. The write index is a Python counter, so a decode step needs no host sync.
+
+Every cache implements KVCacheProtocol, which is all Transformer.forward asks of one: this module's
+KVCache (generation) and StaticKVCache (a compiled decode step), and the server's slot cache
+(serve/slots.py, one slot per request).
 """
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 
 from .config import ModelConfig
+
+
+@runtime_checkable
+class KVCacheProtocol(Protocol):
+    """What the model needs of a key/value cache, called in this order by every forward:
+
+    positions(b, t, device)  (B, T) positions of a chunk when the caller gives none (those after the cache)
+    begin(positions)         record the chunk's (B, T) positions before the layers run; returns the key
+                             positions full layers (B, S_full) and sliding layers (B, S_ring) attend over
+    update(layer, k, v)      store the chunk's (B, T, NKV, D) keys and values (after RoPE); returns the keys
+                             and values this layer attends over, (B, S, NKV, D), in begin()'s key order
+    """
+
+    def positions(self, batch: int, t: int, device: torch.device) -> torch.Tensor: ...
+
+    def begin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class KVCache:
@@ -34,6 +58,10 @@ class KVCache:
         self._start = 0
         self._t = 0
         self._ring_src = self._ring_dst = None
+
+    def positions(self, batch: int, t: int, device: torch.device) -> torch.Tensor:
+        """Every row continues at the cache's length: (B, T) = length .. length+T-1."""
+        return torch.arange(self.length, self.length + t, device=device).expand(batch, t)
 
     def begin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Record a chunk's positions (B, T) before the layers run.

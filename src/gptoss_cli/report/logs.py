@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import GptossError
-from ..run.layout import CONFIG, EVAL_DIR, INFER_MEMORY, METRICS, SUMMARY
+from ..run.layout import CONFIG, EVAL_DIR, EVAL_TASKS, INFER_MEMORY, METRICS, SUMMARY
 from ..run.layout import MEMORY as TRAIN_MEMORY
 from .table import Rows, Table
+from .tasks import read_task_results
 
 GIB = 1024**3
 DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
@@ -243,17 +244,24 @@ class RunData:
     experts: tuple | None = None  # (total, last DEAD_WINDOW) expert counts over the train lines
     summary: dict | None = None
     eval_results: list[dict] = field(default_factory=list)  # RUN/eval/*.json (gptoss eval), oldest first
+    task_results: list[dict] = field(default_factory=list)  # RUN/eval/tasks/*/results.json (eval --tasks)
     config: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def has_data(self) -> bool:
         return bool(
-            self.train or self.evals or self.train_memory or self.infer_memory or self.summary or self.eval_results
+            self.train
+            or self.evals
+            or self.train_memory
+            or self.infer_memory
+            or self.summary
+            or self.eval_results
+            or self.task_results
         )
 
 
-def load_run(path: Path, name: str, warn: Warn) -> RunData:
+def read_run_logs(path: Path, name: str, warn: Warn) -> RunData:
     if not path.is_dir():
         raise GptossError(f"run directory not found: {path} (train one: gptoss train --config tiny --run {path})")
     run = RunData(path=path, name=name)
@@ -273,6 +281,7 @@ def load_run(path: Path, name: str, warn: Warn) -> RunData:
         except (OSError, ValueError) as err:
             note(f"{path / SUMMARY}: unreadable, ignored ({err})")
     run.eval_results = read_eval_results(path / EVAL_DIR, note)
+    run.task_results = read_task_results(path / EVAL_DIR / EVAL_TASKS, note)
     if (path / CONFIG).is_file():
         import yaml
 

@@ -38,9 +38,10 @@ from .logs import (
     expert_totals,
     first_number,
     is_number,
-    load_run,
     numbers,
+    read_run_logs,
 )
+from .tasks import summarize_tasks, tasks_markdown
 
 # The figures, in report order: file name, section title, what it shows (for report.md).
 FIGURES = [
@@ -177,6 +178,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "dead_experts": [list(d) for d in dead],
         "dead_window_logs": DEAD_WINDOW,
         "eval_results": [{k: r.get(k) for k in EVAL_FIELDS} for r in run.eval_results],
+        "task_results": summarize_tasks(run.task_results),
         "missing": missing,
         "warnings": list(run.warnings),
     }
@@ -332,7 +334,7 @@ def write_markdown(path: Path, summaries: list[dict], figures: list[str]) -> Non
     lines.append("| | " + " | ".join(s["name"] for s in summaries) + " |")
     lines.append("|---" * (len(summaries) + 1) + "|")
     lines += [f"| {label} | " + " | ".join(c.replace("|", "/") for c in cells) + " |" for label, cells in rows]
-    lines += eval_markdown(summaries)
+    lines += eval_markdown(summaries) + tasks_markdown(summaries)
     for file, title, caption in FIGURES:
         if file in figures:
             lines += ["", f"## {title}", "", caption, "", f"![{title}]({file})"]
@@ -361,7 +363,7 @@ def make_report(runs: list[Path], out: Path | None = None, warn: Warn = lambda m
     from . import figures as plots
 
     paths = list(runs) or [RunDir.newest().path]
-    loaded = [load_run(p, n, warn) for p, n in zip(paths, _names(paths), strict=True)]
+    loaded = [read_run_logs(p, n, warn) for p, n in zip(paths, _names(paths), strict=True)]
     for run in loaded:
         if not run.has_data:
             warn(f"{run.path}: nothing to report yet (no {METRICS}, {TRAIN_MEMORY} or {INFER_MEMORY}); skipped")

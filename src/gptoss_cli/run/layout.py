@@ -11,6 +11,8 @@
     RUN/train.lock              held (flock) by the one trainer of this run (run/lock.py)
     RUN/report/                 gptoss report's PNGs and report.md
     RUN/eval/*.json             one result of `gptoss eval` per checkpoint and text (evaluate/evaluator.py)
+    RUN/eval/tasks/C-D/         `gptoss eval --tasks`: lm-eval's results.json (+ samples_<task>.jsonl) per
+                                checkpoint C and evaluation D (evaluate/harness.py)
     RUN/tensorboard/            TensorBoard event files; RUN/csv/{train,eval}.csv; RUN/wandb/ (train/loggers.py)
 
 Every stage reads and writes a run through RunDir, so a file name is spelled once. This module imports
@@ -33,14 +35,16 @@ LOCK = "train.lock"
 MODEL, TRAINER, STATE = "model.safetensors", "trainer.safetensors", "state.json"  # in each step-N/
 CHAT_TEMPLATE = "chat_template.json"  # an imported run's own chat template and its special tokens
 EVAL_DIR, TENSORBOARD, CSV_DIR, WANDB_DIR = "eval", "tensorboard", "csv", "wandb"
+EVAL_TASKS, TASK_RESULTS = "tasks", "results.json"  # RUN/eval/tasks/<checkpoint>-<digest>/results.json
 
 
 @dataclass(frozen=True)
 class RunDir:
     path: Path
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
+    def __post_init__(self) -> None:  # RunDir(a path) or RunDir(a RunDir): the same directory
+        path = self.path.path if isinstance(self.path, RunDir) else Path(self.path)
+        object.__setattr__(self, "path", path)
 
     @property
     def config(self) -> Path:
@@ -87,6 +91,10 @@ class RunDir:
         return self.path / EVAL_DIR
 
     @property
+    def eval_tasks(self) -> Path:
+        return self.path / EVAL_DIR / EVAL_TASKS
+
+    @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD
 
@@ -97,6 +105,10 @@ class RunDir:
     @property
     def wandb(self) -> Path:
         return self.path / WANDB_DIR
+
+    @property
+    def name(self) -> str:
+        return self.path.name
 
     def __str__(self) -> str:
         return str(self.path)
@@ -121,13 +133,19 @@ class RunDir:
     @classmethod
     def newest(cls, root: Path = RUNS_ROOT, need: str = CONFIG) -> RunDir:
         """The most recently modified run under `root` that holds `need`; a clear error when there is none."""
+        return cls.by_age(root, need)[0]
+
+    @classmethod
+    def by_age(cls, root: Path = RUNS_ROOT, need: str = CONFIG) -> list[RunDir]:
+        """The runs under `root` that hold `need`, the most recently modified first; a clear error when there
+        is none."""
         runs = [p for p in root.glob("*") if p.is_dir() and (p / need).exists()] if root.is_dir() else []
         if not runs:
             raise GptossError(
                 f"no run found under {root.resolve()} (looked for a directory with {need}); "
                 "train one first: gptoss train --config tiny --run runs/demo"
             )
-        return cls(max(runs, key=lambda p: p.stat().st_mtime))
+        return [cls(p) for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     # ---- the resolved config ------------------------------------------------------------------
     def read_config(self) -> RunConfig:

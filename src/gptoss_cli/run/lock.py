@@ -3,7 +3,7 @@
 The lock is fcntl.flock on the file, so the kernel releases it when the process dies however it dies
 (kill -9 included): a lock left by a dead trainer is simply taken over. The file's content (pid, host,
 start time) only says who holds it, for the error a second trainer prints. Readers (infer, chat, serve,
-eval, report, export) never take it: a trainer replaces files by whole-file renames (run/atomic.py) or
+eval, report, export) never take it: a trainer replaces files by whole-file renames (atomic.py) or
 appends lines to the logs, so reading a run while it trains is safe. Under torchrun rank 0 alone holds it.
 The lock is advisory, and as good as the file system's flock (a network file system may not honour it).
 """
@@ -76,11 +76,27 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def __del__(self) -> None:  # a Prepared dropped without running (tests, errors) lets go of its lock
+    def __del__(self) -> None:  # a TrainingSetup dropped without running (tests, errors) lets go of its lock
         try:
             self.release()
         except Exception:  # at interpreter exit os may already be torn down; the kernel releases it anyway
             pass
+
+
+def being_trained(run: RunDir) -> bool:
+    """Whether a live trainer holds RUN/train.lock now. Asked with a shared, non-blocking flock that is let go
+    at once, so it never stands in a trainer's way for longer than the call."""
+    try:
+        fd = os.open(run.lock, os.O_RDONLY)
+    except OSError:  # no lock file: never trained here, or not readable (then nobody can tell)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the shared lock if it was taken
+    return False
 
 
 def _describe(raw: bytes) -> str:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TextIO
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
 
 
 def drop_lines_after(path: Path, step: int) -> None:

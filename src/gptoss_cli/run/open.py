@@ -1,8 +1,13 @@
-"""open_run(): a run directory or checkpoint -> its config, checkpoint state and tokenizer, verified together.
+"""Opening a run for use: the one module every stage that reads a trained run comes through.
 
-Every stage that reads a trained run (infer, chat, serve, eval, export, resume, --init-from) comes through
-here, so "which checkpoint", "which config" and "is this the tokenizer the weights were trained with" are
-answered once, with one set of error messages.
+    open_run(run, checkpoint)    config + checkpoint state + tokenizer, verified together (export, resume,
+                                 --init-from: no model needed)
+    load_run(run, checkpoint)    the same plus the model, built, transformed and loaded for inference
+                                 (infer, chat, serve, eval, bench --run)
+
+so "which checkpoint", "which config", "is this the tokenizer the weights were trained with" and "how are
+the weights placed" are answered once, with one set of error messages. The records travel whole: the run
+directory as a RunDir, never a bare path.
 
     --checkpoint C     that step directory (or the newest under C); its run is C's RUN/ (or C itself)
     --run R            R's newest complete checkpoint
@@ -11,15 +16,21 @@ answered once, with one set of error messages.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer
 
 from ..config import RunConfig, config_from_dict
 from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash
+from ..devices import materialize, pick_device, resolve_dtype
 from ..errors import GptossError
-from .checkpoint import CheckpointState, read_state, resolve_checkpoint
+from ..model import Transformer
+from ..transforms import ModelTransform, apply_transforms, build_model, checkpoint_transforms, inference_transforms
+from .checkpoint import CheckpointState, load_weights, read_state, resolve_checkpoint, tensor_names
 from .layout import CHECKPOINTS, MODEL, STATE, TOKENIZER, RunDir
 
 
@@ -49,7 +60,7 @@ def locate(run: Path | None, checkpoint: Path | None) -> tuple[RunDir, Path]:
         ckpt = resolve_checkpoint(checkpoint)
         return (RunDir(run) if run is not None else RunDir.of_checkpoint(ckpt)), ckpt
     if run is None:
-        found = RunDir.newest(need=CHECKPOINTS)
+        found = _newest_run()
     elif not Path(run).is_dir():
         raise GptossError(
             f"run directory {run} does not exist; train one first: gptoss train --config tiny --run {run}"
@@ -57,6 +68,22 @@ def locate(run: Path | None, checkpoint: Path | None) -> tuple[RunDir, Path]:
     else:
         found = RunDir(run)
     return found, resolve_checkpoint(found.path)
+
+
+def _newest_run() -> RunDir:
+    """No --run: the newest run under ./runs that no trainer holds (a run still training has newer
+    checkpoints to come), else the newest one; named on stderr, since the user did not pick it."""
+    from ..output import console
+    from .lock import being_trained
+
+    runs = RunDir.by_age(need=CHECKPOINTS)
+    idle = next((r for r in runs if not being_trained(r)), None)
+    if idle is None:
+        console.print(f"using the newest run, {runs[0]}, which is still training", highlight=False)
+        return runs[0]
+    skipped = "" if idle == runs[0] else f" ({runs[0]} is still training)"
+    console.print(f"using the newest run, {idle}{skipped}", highlight=False, soft_wrap=True)
+    return idle
 
 
 def run_config(run: RunDir, ckpt: Path, state: CheckpointState) -> RunConfig:
@@ -103,3 +130,47 @@ def open_run(run: Path | None = None, checkpoint: Path | None = None, *, need_to
         check_tokenizer(tok, tok_path, state, ckpt)
         check_vocab(tok, cfg.model.vocab_size, str(tok_path))
     return OpenRun(run_dir, ckpt, state, cfg, tok, tok_path)
+
+
+# ---- loading the model -----------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedRun(OpenRun):
+    model: Transformer  # frozen, eval mode, on `device`, in `dtype` under the precision policy (devices.py)
+    device: torch.device
+    dtype: torch.dtype
+    transforms: list[str] = dataclasses.field(default_factory=list)  # the names, in the order applied
+
+    @property
+    def dtype_name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
+
+
+def load_run(
+    run: Path | None = None,
+    checkpoint: Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    *,
+    transforms: Sequence[ModelTransform] = (),
+) -> LoadedRun:
+    """open_run, then the model for inference in `dtype` ('auto': bf16 on a GPU that computes it natively,
+    else fp32): built on the meta device, `transforms` applied around the weights as their `before_weights`
+    says (first those the checkpoint's tensors call for: packed MXFP4 experts), every tensor then allocated
+    once on the device in its final dtype, the weights loaded (shapes checked), then the inference list
+    (transforms.py). Nothing of the model exists in another form first: a packed gpt-oss-20b never
+    allocates its decoded experts, a bf16 model never its fp32 weights."""
+    dev = pick_device(device, "--device")
+    dt = resolve_dtype(dtype, dev)
+    opened = open_run(run, checkpoint)
+    model = build_model(opened.config.model, device=torch.device("meta"))
+    transforms = [*checkpoint_transforms(tensor_names(opened.weights)), *transforms]
+    before = [t for t in transforms if t.before_weights]
+    after = [t for t in transforms if not t.before_weights] + inference_transforms(dev, dt)
+    names = apply_transforms(model, before)
+    materialize(model, dev, dt)
+    load_weights(model, opened.weights)
+    names += apply_transforms(model, after)
+    fields = {f.name: getattr(opened, f.name) for f in dataclasses.fields(OpenRun)}
+    return LoadedRun(**fields, model=model, device=dev, dtype=dt, transforms=names)

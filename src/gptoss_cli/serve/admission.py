@@ -104,11 +104,11 @@ class PromptEncoder:
             return
         size = len(text.encode("utf-8"))
         least = math.ceil(size / self.max_token_bytes)
-        if least >= self.max_length:
+        if least > self.max_length:
             raise ApiError(
                 400,
                 f"the prompt has at least {least} tokens ({size} bytes, at most {self.max_token_bytes} per "
-                f"token); this model's context is {self.max_length} tokens, leaving no room to generate",
+                f"token); this model's context is {self.max_length} tokens",
                 param=param,
                 code="context_length_exceeded",
             )
@@ -164,7 +164,8 @@ class PromptEncoder:
 
 def sampling_params(defaults: InferConfig, body, prompt_len: int, max_length: int, chat: bool, choice: int):
     """The request's settings over the run's defaults, checked as `gptoss infer` checks its options."""
-    if prompt_len >= max_length:
+    scoring = body.max_tokens == 0  # echo with max_tokens 0: the prompt is scored, nothing generated
+    if prompt_len > max_length or (prompt_len == max_length and not scoring):
         raise ApiError(
             400,
             f"the prompt has {prompt_len} tokens; this model's context is {max_length} tokens, leaving no room "
@@ -173,7 +174,9 @@ def sampling_params(defaults: InferConfig, body, prompt_len: int, max_length: in
             code="context_length_exceeded",
         )
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if max_tokens is None:  # completions: the run's infer.max_new_tokens; chat: the rest of the context
+    if scoring:
+        max_tokens = 1  # never sampled (the engine request does not generate); the config needs a budget
+    elif max_tokens is None:  # completions: the run's infer.max_new_tokens; chat: the rest of the context
         max_tokens = max_length if chat else defaults.max_new_tokens
     seed = None if body.seed is None else seed64(body.seed + choice)  # n choices of one seed differ
     try:  # a field left out is None: the default stays

@@ -7,21 +7,27 @@ Requests wait in a bounded queue and join the running batch between decode steps
 3. runs one (R, 1) decode forward over every running request, each at its own position, and samples
    each row with that request's settings and its own torch.Generator,
 so a long prompt delays the others by one chunk per step, not by its whole prefill. A request leaves
-as soon as it hits EOS, a stop id or string, its max_tokens or the context. Tokens are those of
-infer/generate.py's generate_tokens for the same prompt and settings: the same sampling (sample()) on
-the same logits, one generator per request seeded as there.
+as soon as it hits EOS, a stop id or string, its max_tokens or the context. Each request is a
+DecodeState of infer/decode.py, the decode core infer and chat use too: the same sampling on the same
+logits, its own generator seeded from its seed, so its tokens are those `gptoss infer` gives alone.
 
 Events go back through each request's `emit` callback (called on this thread; the HTTP side hands them
 to its event loop). A failing request is answered with an error and dropped; the loop carries on. What can
 fail for one request (its generator and seed, its sampling, its text, its callback) is done per request, and
 when the batched forward itself fails, every row is run again alone: only the rows that still fail are
 failed, so one request cannot end the others' generations.
+
+Log-probabilities (serve/logprobs.py) cost nothing unless a request asks: a request with `logprobs` gets
+one for each sampled token (an end-of-text or stop id included) with its Token event; one with `echo`
+is prefilled with every position's logits, not only the last, and gets its prompt tokens' in a Prompt
+event; one with `generate` off is only prefilled (scored) and is done without sampling.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import math
 import sys
 import threading
 from collections.abc import Callable
@@ -32,8 +38,11 @@ from tokenizers import Tokenizer
 
 from ..config import InferConfig
 from ..errors import GptossError
-from ..infer.sampling import TextStream, sample
+from ..infer.decode import DecodeState, failure, next_tokens
+from ..infer.logprobs import TokenLogprob
+from ..infer.sampling import NON_FINITE
 from ..model import Transformer
+from .logprobs import prompt_logprobs, sampled
 from .slots import SlotKVCache
 
 
@@ -49,6 +58,12 @@ class EngineClosed(GptossError):
 class Token:
     text: str  # newly releasable text (may be empty: an unfinished character or a held-back stop prefix)
     token_id: int
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
+
+
+@dataclass
+class Prompt:
+    logprobs: list[TokenLogprob]  # of prompt tokens 1.. (the first has none): sent once it is prefilled (echo)
 
 
 @dataclass
@@ -66,7 +81,7 @@ class Failed:
     shutdown: bool = False  # the server stopped before the request finished (not the request's fault)
 
 
-Event = Token | Done | Failed
+Event = Token | Prompt | Done | Failed
 
 
 @dataclass(eq=False)
@@ -75,6 +90,9 @@ class Request:
     params: InferConfig  # this request's settings: the run's infer defaults with the request's fields
     emit: Callable[[Event], None]
     stop_ids: frozenset[int] = frozenset()  # besides EOS: e.g. the chat format's end-of-turn ids
+    logprobs: int | None = None  # a log-probability per sampled token with this many alternatives (None: off)
+    echo: bool = False  # the prompt tokens' log-probabilities too (with `logprobs` alternatives each)
+    generate: bool = True  # False: only score the prompt (echo with max_tokens 0)
     cancelled: bool = False  # set from the HTTP side when the client disconnects
     id: int = field(default_factory=itertools.count().__next__)
 
@@ -83,26 +101,14 @@ class Request:
 
 
 class _Running:
-    """A request inside the loop: its slot, generator, text stream and the next token to feed."""
+    """A request inside the loop: its decode state, how much of its prompt is cached, the next token to feed."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer, device: torch.device, max_length: int, vocab_size: int):
-        self.request = request
-        self.params = request.params
-        self.stream = TextStream(tokenizer, request.params.stop)
-        self.generator = torch.Generator(device=device)
-        if request.params.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(request.params.seed)
-        self.budget = min(request.params.max_new_tokens, max_length - len(request.prompt))
-        self.seen = None  # (1, V) tokens the repetition penalty applies to, as in generate_tokens
-        if request.params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            self.seen[0, torch.tensor(request.prompt, device=device)] = True
+    def __init__(self, request: Request, state: DecodeState):
+        self.request, self.state = request, state
         self.prefilled = 0  # prompt tokens already in the cache
-        self.out: list[int] = []
         self.last = 0  # the token the next decode step feeds, at position `pos`
         self.pos = len(request.prompt)
+        self.prompt_logprobs: list[TokenLogprob] = []  # echo: prompt tokens 1.. scored so far
 
 
 class Engine:
@@ -180,7 +186,7 @@ class Engine:
                 except Exception as err:  # a bug must not take the server down: fail what ran, go on
                     print(f"serve: decode step failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
                     for run in [*self._decoding, *([self._joining] if self._joining else [])]:
-                        self._fail(run.request, _failure(err))
+                        self._fail(run.request, failure(err))
                     self._decoding, self._joining = [], None
         for run in [*self._decoding, *([self._joining] if self._joining else [])]:
             self._fail(run.request, "the server shut down before this request finished", shutdown=True)
@@ -198,11 +204,9 @@ class Engine:
                     request = self._waiting.popleft() if self._waiting else None
                 if request is not None:
                     try:  # its generator, penalty mask, text stream: what fails here is this request's alone
-                        joining = _Running(
-                            request, self.tokenizer, self.device, self.max_length, self.model.config.vocab_size
-                        )
+                        joining = self._start(request)
                     except Exception as err:
-                        self._fail(request, _failure(err))
+                        self._fail(request, failure(err))
                         continue
                     self._joining = joining
                     self.cache.reset(len(self._decoding))
@@ -211,6 +215,18 @@ class Engine:
             budget -= self._prefill_chunk(budget)
         if self._decoding:
             self._decode()
+
+    def _start(self, request: Request) -> _Running:
+        state = DecodeState.start(
+            request.prompt,
+            request.params,
+            max_length=self.max_length,
+            vocab_size=self.model.config.vocab_size,
+            device=self.device,
+            tokenizer=self.tokenizer,
+            stop_ids=request.stop_ids | ({self.eos_id} if self.eos_id is not None else set()),
+        )
+        return _Running(request, state)
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -246,20 +262,46 @@ class Engine:
             tokens = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)  # (1, C)
             positions = torch.arange(start, end, device=self.device)[None]  # (1, C)
             self.cache.select(slot, slot + 1, end)
-            logits = self.model(tokens, positions, self.cache, last_only=True).logits[:, -1]  # (1, V)
+            logits = self._prefill_logits(run, tokens, positions, start)  # (1, V)
             run.prefilled = end
             if end < len(prompt):
                 return end - start
-            token = sample(logits, run.params, run.generator, run.seen).item()
+            if run.request.echo:
+                run.request.emit(Prompt(run.prompt_logprobs))
+            if not run.request.generate:
+                self._joining = None
+                self._scored(run)
+                return end - start
+            (token,), failed = next_tokens(logits, [run.state])
+            if failed:
+                raise GptossError(failed[0])
+            entry = sampled(logits, [run.request.logprobs], [token]).get(0)
         except Exception as err:
             self._joining = None
-            self._fail(run.request, _failure(err))
+            self._fail(run.request, failure(err))
             return end - start
         self._joining = None
         self._decoding.append(run)  # slot D becomes decoding row D
-        if self._accept_or_fail(run, token):
+        if self._accept_or_fail(run, token, entry):
             self._leave(len(self._decoding) - 1)
         return end - start
+
+    def _prefill_logits(self, run: _Running, tokens: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """One prefill chunk's forward -> its last position's logits (1, V). With echo every position's
+        logits (C, V) are computed, and the prompt tokens they predict are scored."""
+        if not run.request.echo:
+            return self.model(tokens, positions, self.cache, last_only=True).logits[:, -1]
+        logits = self.model(tokens, positions, self.cache).logits[0]  # (C, V) fp32
+        scored = prompt_logprobs(logits, run.request.prompt, start, run.request.logprobs or 0)
+        if not all(math.isfinite(e.logprob) for e in scored):  # a scored prompt is answered without sampling
+            raise GptossError(NON_FINITE)
+        run.prompt_logprobs += scored
+        return logits[-1:]
+
+    def _scored(self, run: _Running) -> None:
+        """A request that only scores its prompt (max_tokens 0) is done once it is prefilled."""
+        run.request.emit(Done("length", len(run.request.prompt), 0, [], ""))
+        self.counts["finished"] += 1
 
     def _forward(self, start: int, stop: int) -> torch.Tensor:
         """One decode forward over decoding rows start..stop-1 -> their logits (stop - start, V) fp32."""
@@ -287,75 +329,52 @@ class Engine:
             try:
                 logits[i] = self._forward(i, i + 1)[0]
             except Exception as row_err:
-                failed[i] = _failure(row_err)
+                failed[i] = failure(row_err)
         return logits, failed
 
     def _decode(self) -> None:
         rows = self._decoding
         self.counts["peak_batch"] = max(self.counts["peak_batch"], len(rows))
-        failed: dict[int, str] = {}
         try:
-            logits = self._forward(0, len(rows))  # (R, V) fp32
+            logits, lost = self._forward(0, len(rows)), {}  # (R, V) fp32
         except Exception as err:
-            logits, failed = self._forward_one_by_one(err)
+            logits, lost = self._forward_one_by_one(err)
         for r in rows:
             r.pos += 1
-        greedy = [i for i, r in enumerate(rows) if i not in failed and r.params.temperature == 0 and r.seen is None]
-        picked: dict[int, int] = {}
-        if greedy:
-            picked.update(zip(greedy, logits[greedy].argmax(dim=-1).tolist(), strict=True))
-        sampled, drawn = [], []
-        for i, r in enumerate(rows):
-            if i not in picked and i not in failed:
-                try:
-                    drawn.append(sample(logits[i : i + 1], r.params, r.generator, r.seen))  # (1,)
-                    sampled.append(i)
-                except Exception as err:
-                    failed[i] = _failure(err)
-        if drawn:
-            picked.update(zip(sampled, torch.cat(drawn).tolist(), strict=True))  # one host sync for all
+        picked, failed = next_tokens(logits, [r.state for r in rows])  # a failing row fails alone
+        failed |= lost  # rows whose forward failed on their own
+        entries = sampled(logits, [None if i in failed else r.request.logprobs for i, r in enumerate(rows)], picked)
         finished = []
         for i, r in enumerate(rows):
             if i in failed:
                 self._fail(r.request, failed[i])
                 finished.append(i)
-            elif self._accept_or_fail(r, picked[i]):
+            elif self._accept_or_fail(r, picked[i], entries.get(i)):
                 finished.append(i)
         for i in reversed(finished):
             self._leave(i)
 
-    def _accept_or_fail(self, run: _Running, token: int) -> bool:
+    def _accept_or_fail(self, run: _Running, token: int, logprob: TokenLogprob | None = None) -> bool:
         """_accept, with a failure (in detokenising, in the request's own callback) failing only this request."""
         try:
-            return self._accept(run, token)
+            return self._accept(run, token, logprob)
         except Exception as err:
-            self._fail(run.request, _failure(err))
+            self._fail(run.request, failure(err))
             return True
 
-    def _accept(self, run: _Running, token: int) -> bool:
-        """Hand one sampled token to its request; True when the request is done."""
-        request = run.request
-        reason = None
-        if token == self.eos_id or token in request.stop_ids:
-            reason = "stop"
-        else:
-            run.out.append(token)
-            chunk = run.stream.add(token)
-            if run.stream.stopped:
-                reason = "stop"
-            elif len(run.out) >= run.budget:
-                reason = "length"
-            if chunk:
-                request.emit(Token(chunk, token))
+    def _accept(self, run: _Running, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Hand one sampled token (and its log-probability, when asked for) to its request; True when the
+        request is done."""
+        state, request = run.state, run.request
+        text = state.accept(token)
+        if text or logprob is not None:
+            request.emit(Token(text, token, logprob))
+        if not state.done:
             run.last = token
-            if run.seen is not None:
-                run.seen[0, token] = True
-        if reason is None:
             return False
-        tail = run.stream.finish()
-        if tail:
-            request.emit(Token(tail, token))
-        request.emit(Done(reason, len(request.prompt), len(run.out), run.out, run.stream.text))
+        # OpenAI's finish reasons: stop (EOS, a stop id or string) or length (max_tokens or the context)
+        reason = "stop" if state.reason in ("eos", "stop") else "length"
+        request.emit(Done(reason, len(request.prompt), len(state.out), state.out, state.text))
         self.counts["finished"] += 1
         return True
 
@@ -365,9 +384,3 @@ class Engine:
             request.emit(Failed(message, shutdown))
         except Exception as err:  # nothing more can be told to this request; the others go on
             print(f"serve: request {request.id}: {message}; and its callback failed: {err}", file=sys.stderr)
-
-
-def _failure(err: Exception) -> str:
-    if isinstance(err, GptossError):
-        return str(err)
-    return f"generation failed: {type(err).__name__}: {err}"

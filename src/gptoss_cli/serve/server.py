@@ -57,8 +57,9 @@ def serve(
 
     from ..data.chat_format import chat_format
     from ..data.tokenizer import EOS
-    from ..infer.generate import load_run
     from ..output import console, warn
+    from ..run.open import load_run
+    from ..threads import describe
     from .app import Served, create_app
     from .engine import Engine
 
@@ -82,11 +83,11 @@ def serve(
         max_length=options.max_length,
         prefill_chunk=options.prefill_chunk,
     )
-    fmt = chat_format(loaded.tokenizer, loaded.run_dir)  # None: completions only, chat answers 400
+    fmt = chat_format(loaded.tokenizer, loaded.run.chat_template)  # None: completions only, chat answers 400
     # What a request leaves out: the run's infer section, but a seed and stop strings only when the request
     # gives them (as the OpenAI API: no seed, fresh randomness).
     defaults = dataclasses.replace(loaded.config.infer, seed=None, stop=[])
-    name = options.model_name or loaded.run_dir.resolve().name
+    name = options.model_name or loaded.run.path.resolve().name
     served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt)
     app = create_app(served, options.api_key, options.max_body)
     config = uvicorn.Config(
@@ -100,7 +101,7 @@ def serve(
     console.print(
         f"serving {name} ({loaded.checkpoint.name} on {loaded.device.type}) at http://{host}:{port}/v1 | "
         f"max batch {options.max_batch} | context {engine.max_length} | chat "
-        f"{'yes' if fmt is not None else 'no'}{' | API key required' if options.api_key else ''}",
+        f"{'yes' if fmt is not None else 'no'}{' | API key required' if options.api_key else ''} | {describe()}",
         markup=False,
         highlight=False,
         soft_wrap=True,

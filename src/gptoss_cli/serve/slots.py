@@ -6,7 +6,8 @@ batch row is a request with its own length. A forward covers a contiguous range 
 row's tokens sit at full-layer index = their position and at ring index = position % ring, so rows of
 different lengths decode together in one (R, 1) forward and the mask (built from positions) keeps each
 row to its own keys. The engine keeps the decoding rows packed at 0..R-1 (`move` fills a finished
-request's slot with the last row), so a step reads a slice, never a gather.
+request's slot with the last row), so a step reads a slice, never a gather. It implements the model's
+KVCacheProtocol (model/kv_cache.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class SlotKVCache:
         self._end = 0
         self._positions = self._ring_dst = None
         self._ring_src = slice(0, 0)
+
+    def positions(self, batch: int, t: int, device: torch.device) -> torch.Tensor:
+        raise ValueError("every slot has its own positions: pass them to the model")
 
     def select(self, start: int, stop: int, end: int) -> None:
         """The next forward covers rows start..stop-1; `end` = 1 + the largest position it writes."""

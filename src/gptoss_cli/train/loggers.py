@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
+from ..atomic import write_atomic
 from ..config import RunConfig
-from ..run.atomic import write_atomic
 from ..run.layout import RunDir
 
 NAMES = ("tensorboard", "wandb", "csv")
@@ -75,12 +75,12 @@ def scalars(line: dict[str, Any], memory: dict[str, Any] | None = None) -> dict[
 class TensorBoardLogger:
     name = "tensorboard"
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, start_step: int):
+    def __init__(self, run: RunDir, cfg: RunConfig, start_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step: events at steps after the checkpoint we resume from were logged by the run that
         # died; TensorBoard hides them, and this run logs those steps again.
-        self.writer = SummaryWriter(str(RunDir(run_dir).tensorboard), purge_step=start_step + 1)
+        self.writer = SummaryWriter(str(run.tensorboard), purge_step=start_step + 1)
         config = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         text = "    " + config.replace("\n", "\n    ")  # markdown code block: the YAML as written
         self.writer.add_text("config", text, global_step=start_step + 1)
@@ -98,7 +98,7 @@ class TensorBoardLogger:
 class WandbLogger:
     name = "wandb"
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, start_step: int):
+    def __init__(self, run: RunDir, cfg: RunConfig, start_step: int):
         try:
             import wandb
         except ImportError:
@@ -110,10 +110,10 @@ class WandbLogger:
             raise RuntimeError(
                 "not logged in to W&B: run `wandb login`, set WANDB_API_KEY, or WANDB_MODE=offline to log locally"
             )
-        RunDir(run_dir).wandb.mkdir(exist_ok=True)
+        run.wandb.mkdir(exist_ok=True)
         resume = {}
         if mode == "online":  # a resumed run continues its W&B run; offline runs cannot be resumed (W&B)
-            id_file = RunDir(run_dir).wandb / "gptoss-run-id"
+            id_file = run.wandb / "gptoss-run-id"
             run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
             write_atomic(id_file, run_id)
             resume = {"id": run_id, "resume": "allow"}
@@ -121,8 +121,8 @@ class WandbLogger:
         # console="off": W&B would otherwise wrap stdout, which carries `train --json`'s summary.
         self.run = wandb.init(
             project=t.wandb_project,
-            name=t.wandb_name or run_dir.name,
-            dir=str(run_dir),
+            name=t.wandb_name or run.name,
+            dir=str(run),
             config=cfg.to_dict(),
             mode=mode,
             settings=wandb.Settings(console="off", quiet=True),
@@ -139,8 +139,8 @@ class WandbLogger:
 class CSVLogger:
     name = "csv"
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, start_step: int):
-        self.dir = RunDir(run_dir).csv
+    def __init__(self, run: RunDir, cfg: RunConfig, start_step: int):
+        self.dir = run.csv
         self.dir.mkdir(exist_ok=True)
         self.files: dict[str, tuple[io.TextIOBase, csv.DictWriter]] = {}
         for kind in SCALARS:
@@ -190,12 +190,12 @@ LOGGERS = {"tensorboard": TensorBoardLogger, "wandb": WandbLogger, "csv": CSVLog
 class Loggers:
     """The loggers of train.loggers, each behind a guard: the first exception warns and drops that logger."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, start_step: int, warn: Warn, enabled: bool = True):
+    def __init__(self, cfg: RunConfig, run: RunDir, start_step: int, warn: Warn, enabled: bool = True):
         self.warn = warn
         self.active: list = []
         for name in dict.fromkeys(cfg.train.loggers) if enabled else ():
             try:
-                self.active.append(LOGGERS[name](Path(run_dir), cfg, start_step))
+                self.active.append(LOGGERS[name](RunDir(run), cfg, start_step))
             except Exception as err:  # any failure of an optional sink must not stop training
                 self._failed(name, err)
 

@@ -8,39 +8,38 @@ sampled on every rank. The run directory layout is in run/layout.py.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from ..atomic import write_atomic
 from ..data.batches import TokenBatches
 from ..errors import GptossError
 from ..memory import MemorySampler, peak_rss
+from ..model.cross_entropy import IGNORE_INDEX
 from ..output import console, warn
 from ..run import checkpoint as ckpt
-from ..run.atomic import write_atomic
-from ..run.layout import RunDir
 from ..run.metrics import MetricsFile
+from ..threads import describe
 from . import distributed
 from .loggers import Loggers
 from .loss import objective
-from .optim import lr_at
-from .setup import Prepared, prepare, total_steps
+from .optim import lr_at, schedule_warnings
+from .setup import TrainingSetup, setup_training, total_steps, training_autocast
 from .signals import StopRequest
-from .window import MetricsWindow
+from .window import MetricsWindow, Position
 
-__all__ = ["Trainer", "prepare"]
+__all__ = ["Trainer", "setup_training"]
 
 
 class Trainer:
-    def __init__(self, p: Prepared, stop_after: int | None = None):
+    def __init__(self, p: TrainingSetup, stop_after: int | None = None):
         self.p = p
-        self.files = RunDir(p.run_dir)
+        self.files = p.run
         self.cfg = p.cfg
         self.t = p.cfg.train
         self.dist = p.dist
@@ -49,11 +48,7 @@ class Trainer:
         self.accum = p.grad_accum_steps
         self.stop_after = stop_after  # tests: behave as if Ctrl-C arrived after this many steps
         self.precision = p.precision
-        # FSDP2 does bf16 through its mixed-precision policy; everything else through autocast.
-        use_autocast = self.precision == "bf16-mixed" and not (
-            self.dist.enabled and self.dist.parallel == "fsdp" and p.device.type == "cuda"
-        )
-        self.autocast = torch.autocast(p.device.type, dtype=torch.bfloat16) if use_autocast else nullcontext()
+        self.autocast = training_autocast(self.precision, p.device, self.dist)
         per_epoch = p.train_data.batches_per_epoch
         self.total_steps = total_steps(self.t, per_epoch, self.accum)
         s = p.resume_state or ckpt.CheckpointState()
@@ -61,6 +56,7 @@ class Trainer:
         self.epoch = s.epoch or 0
         self.batch_idx = s.batch_idx or 0
         self.tokens = s.tokens or 0
+        self.tokens_before = self.tokens  # what earlier sessions of a resumed run trained
         self.best_val = s.best_val_loss or math.inf
         self.final_val = s.final_val_loss
         self.epoch_loss = s.epoch_loss or [0.0, 0]  # running [sum, count] of the current epoch
@@ -69,29 +65,8 @@ class Trainer:
             self._restore_rng(p.resume_state, p.resume_tensors)
         self.last_ckpt: Path | None = None
         if self.dist.main:
-            self._warn_schedule(per_epoch)
-
-    def _warn_schedule(self, per_epoch: int) -> None:
-        """The LR schedule is a function of (step, total steps): say when that surprises (docs/training.md)."""
-        t = self.t
-        if t.warmup_steps >= self.total_steps:
-            warn(
-                f"train.warmup_steps={t.warmup_steps} is not below the run's {self.total_steps} steps: the "
-                f"learning rate never reaches train.lr={t.lr:g} (lower train.warmup_steps)"
-            )
-        s = self.p.resume_state
-        old = (s.config or {}).get("train", {}) if s else {}
-        if not old:
-            return
-        old_t = dataclasses.replace(t, **{k: old[k] for k in ("lr", "warmup_steps", "min_lr_ratio") if k in old})
-        old_total = old.get("max_steps") or max(1, old.get("epochs", t.epochs) * per_epoch // self.accum)
-        before, now = lr_at(s.step, old_t, old_total), lr_at(s.step, t, self.total_steps)
-        if old_total != self.total_steps and not math.isclose(before, now, rel_tol=1e-6):
-            warn(
-                f"resuming with {self.total_steps} total steps instead of {old_total}: the cosine schedule is "
-                f"stretched over the new total, so the learning rate at step {s.step} moves from {before:.2e} "
-                f"to {now:.2e}"
-            )
+            for message in schedule_warnings(self.t, self.total_steps, self.accum, per_epoch, p.resume_state):
+                warn(message)
 
     def _restore_rng(self, state: ckpt.CheckpointState, tensors: dict) -> None:
         torch.set_rng_state(tensors["rng.torch"])
@@ -115,7 +90,7 @@ class Trainer:
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             layout = [x.to(self.device) for x in layout]  # conversations: positions, segments
             _, lm, acc, _ = objective(self.p.wrapped, inputs, targets, self.t, self.autocast, *layout)
-            counted = int((targets != -100).sum())  # every target, except the masked ones of conversations
+            counted = int((targets != IGNORE_INDEX).sum())  # every target, except the masked ones of conversations
             if not counted:
                 continue
             total += lm.item() * counted
@@ -138,6 +113,9 @@ class Trainer:
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start
+
+    def _position(self) -> Position:
+        return Position(self.step, self.precision, self.epoch, self.epochs_done, self.tokens, self.elapsed())
 
     @property
     def epochs_done(self) -> float:
@@ -203,95 +181,23 @@ class Trainer:
             self.p.release()
 
     def _run(self) -> dict:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        t, data, main = self.t, self.p.train_data, self.dist.main
+        main = self.dist.main
         self.start = time.time()
-        if self.p.resumed_from is not None:
-            self.say(f"resuming from {self.p.resumed_from} (step {self.step})")
+        self._announce()
         resumed = self.p.resume_state.step if self.p.resume_state else None
         metrics = MetricsFile(self.files.metrics, cut_after=resumed) if main else None  # cut at the first line
         memory = MemorySampler(self.files.memory, self.device, rank=self.dist.rank)
-        trackers = Loggers(self.cfg, self.p.run_dir, self.step, warn, enabled=main)  # train.loggers, rank 0
+        trackers = Loggers(self.cfg, self.files, self.step, warn, enabled=main)  # train.loggers, rank 0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        world = self.dist.world
-        setup = self.p.setup_times
-        if setup:
-            self.say(
-                "setup: "
-                + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in setup.items())
-                + f" (data {self.p.data_root})"
-            )
-        self.say(
-            f"run {self.p.run_dir}: {self.total_steps} steps; global batch {t.batch_size} x {self.accum} "
-            f"accumulation x {world} process{'es' if world > 1 else ''} = {t.batch_size * self.accum * world} "
-            f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
-            f"{', ' + self.dist.parallel if world > 1 else ''})"
-        )
         window = MetricsWindow(self.cfg.model.num_hidden_layers, self.cfg.model.num_experts, self.device)
-        status, stop_signal = "completed", None
-        columns = (
-            TextColumn("[progress.description]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TextColumn("{task.fields[info]}"),
-            TextColumn("elapsed"),
-            TimeElapsedColumn(),
-            TextColumn("left"),
-            TimeRemainingColumn(),
-        )
         self.p.wrapped.train()
         try:
-            with (
-                StopRequest(announce=main) as stop,
-                Progress(*columns, console=console, transient=True, disable=not main) as bar,
-            ):
-                task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
-                if self.step == 0:  # the untrained loss, which a user checks against ln(vocab_size)
-                    ev = self._evaluate()
-                    if ev and main:
-                        metrics.write(json.dumps(ev) + "\n")
-                        metrics.flush()
-                        trackers.log(ev)
-                        bar.console.print(
-                            f"Step 0 (untrained): validation loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}; "
-                            f"ln(vocab_size) = {math.log(self.cfg.model.vocab_size):.4f}",
-                            highlight=False,
-                        )
-                while self.step < self.total_steps:
-                    stopping = self._step(data, window, stop)
-                    sample = memory.sample(self.step)
-                    bar.update(
-                        task, completed=self.step, info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s"
-                    )
-                    if self.step % t.log_every == 0 or self.step == self.total_steps:
-                        line = window.flush(self)
-                        if main:
-                            metrics.write(json.dumps(line) + "\n")
-                            metrics.flush()
-                            trackers.log(line, sample)
-                            bar.console.print(
-                                f"Epoch {line['epoch']}, Step {line['step']}: Loss={line['loss']:.4f}, "
-                                f"PPL={line['ppl']:.2f}, Acc={line['accuracy']:.3f}, "
-                                f"LR={line['lr']:.2e}",
-                                highlight=False,
-                            )
-                    if self.step % t.eval_every == 0 or self.step == self.total_steps:
-                        ev = self._evaluate()
-                        if ev and main:
-                            metrics.write(json.dumps(ev) + "\n")
-                            metrics.flush()
-                            trackers.log(ev)
-                            bar.console.print(
-                                f"  validation: loss {ev['val_loss']:.4f}, ppl {ev['val_ppl']:.2f}", highlight=False
-                            )
-                    if stopping or (self.stop_after is not None and self.step >= self.stop_after):
-                        status, stop_signal = "interrupted", stop.signal or "SIGTERM" if stopping else None
-                        break
-                    if self.step % t.save_every == 0 and self.step < self.total_steps:
-                        self.save()
-            self.save()
+            # The final save runs under the stop handler too: a second Ctrl-C during it exits 130 at once.
+            with StopRequest(announce=main) as stop:
+                with _progress(disable=not main) as bar:
+                    status, stop_signal = self._loop(stop, bar, window, metrics, trackers, memory)
+                self.save()
         except torch.cuda.OutOfMemoryError:
             peak = torch.cuda.max_memory_allocated(self.device) / 1024**3
             raise GptossError(
@@ -306,29 +212,104 @@ class Trainer:
             if self.device.type == "cpu":  # the highest RSS of the whole process, data preparation included
                 peak = max(peak, peak_rss())
             memory.close()
-        summary = {
+        summary = self._summary(status, stop_signal, window, peak)
+        if main:
+            write_atomic(self.files.summary, json.dumps(summary, indent=1))
+        return summary
+
+    def _announce(self) -> None:
+        """The lines before the first step: resume point, setup times, the run's shape."""
+        t, world = self.t, self.dist.world
+        if self.p.resumed_from is not None:
+            self.say(f"resuming from {self.p.resumed_from} (step {self.step})")
+        setup = self.p.setup_times
+        if setup:
+            data = f" (data {self.p.data_root})" if self.p.data_root is not None else ""
+            self.say("setup: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in setup.items()) + data)
+        self.say(
+            f"run {self.files}: {self.total_steps} steps; global batch {t.batch_size} x {self.accum} "
+            f"accumulation x {world} process{'es' if world > 1 else ''} = {t.batch_size * self.accum * world} "
+            f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
+            f"{', ' + self.dist.parallel if world > 1 else ''}"
+            f"{'; ' + describe() if self.device.type == 'cpu' else ''})"
+        )
+
+    def _loop(self, stop, bar, window, metrics, trackers, memory) -> tuple[str, str | None]:
+        """Steps until the end or a stop request; returns (status, the signal that stopped it)."""
+        t, data = self.t, self.p.train_data
+        task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
+        if self.step == 0 and self.p.started_from is not None:  # a fine-tune: the loss it starts from
+            start = f"Step 0 (the weights of {self.p.started_from}): validation loss {{loss:.4f}}, ppl {{ppl:.2f}}"
+            self._log_eval(bar, metrics, trackers, start)
+        elif self.step == 0:  # the untrained loss, which a user checks against ln(vocab_size)
+            ln_v = math.log(self.cfg.model.vocab_size)
+            untrained = "Step 0 (untrained): validation loss {loss:.4f}, ppl {ppl:.2f}; "
+            self._log_eval(bar, metrics, trackers, untrained + f"ln(vocab_size) = {ln_v:.4f}")
+        while self.step < self.total_steps:
+            step_start = time.perf_counter()
+            stopping = self._step(data, window, stop)
+            stop.step_s = time.perf_counter() - step_start
+            sample = memory.sample(self.step)
+            bar.update(task, completed=self.step, info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s")
+            if self.step % t.log_every == 0 or self.step == self.total_steps:
+                self._log_train(bar, metrics, trackers, window, sample)
+            if self.step % t.eval_every == 0 or self.step == self.total_steps:
+                self._log_eval(bar, metrics, trackers, "  validation: loss {loss:.4f}, ppl {ppl:.2f}")
+            if stopping or (self.stop_after is not None and self.step >= self.stop_after):
+                if window.n:  # steps since the last logged one: their line, so the summary has a final loss
+                    self._log_train(bar, metrics, trackers, window, sample)
+                return "interrupted", stop.signal or "SIGTERM" if stopping else None
+            if self.step % t.save_every == 0 and self.step < self.total_steps:
+                self.save()
+        return "completed", None
+
+    def _log_train(self, bar, metrics, trackers, window, sample) -> None:
+        line = window.flush(self._position(), self.dist)
+        if not self.dist.main:
+            return
+        metrics.write(json.dumps(line) + "\n")
+        metrics.flush()
+        trackers.log(line, sample)
+        bar.console.print(
+            f"Epoch {line['epoch']}, Step {line['step']}: Loss={line['loss']:.4f}, PPL={line['ppl']:.2f}, "
+            f"Acc={line['accuracy']:.3f}, LR={line['lr']:.2e}",
+            highlight=False,
+        )
+
+    def _log_eval(self, bar, metrics, trackers, template: str) -> None:
+        """A validation pass (every rank), written and printed with `template` by rank 0."""
+        ev = self._evaluate()
+        if not ev or not self.dist.main:
+            return
+        metrics.write(json.dumps(ev) + "\n")
+        metrics.flush()
+        trackers.log(ev)
+        bar.console.print(template.format(loss=ev["val_loss"], ppl=ev["val_ppl"]), highlight=False)
+
+    def _summary(self, status: str, stop_signal: str | None, window: MetricsWindow, peak: int) -> dict:
+        return {
             "status": status,
             "signal": stop_signal,
             "steps": self.step,
             "epochs": self.epochs_done,
             "elapsed_s": self.elapsed(),
             "tokens": self.tokens,
-            "tokens_per_s": self.tokens / max(self.elapsed(), 1e-9),
+            # this session's rate: a resumed run's earlier sessions have their own time
+            "tokens_per_s": (self.tokens - self.tokens_before) / max(time.time() - self.start, 1e-9),
+            "session_tokens": self.tokens - self.tokens_before,
+            "session_s": time.time() - self.start,
             "final_loss": window.final_loss,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "final_val_loss": self.final_val,
             "peak_memory_bytes": peak,
             "device": self.device.type,
             "precision": self.precision,
-            "world_size": world,
-            "run_dir": str(self.p.run_dir),
+            "world_size": self.dist.world,
+            "run_dir": str(self.files),
             "checkpoint": str(self.last_ckpt) if self.last_ckpt else None,
             "setup_s": dict(self.p.setup_times),
             "data": str(self.p.data_root) if self.p.data_root else None,
         }
-        if main:
-            write_atomic(self.files.summary, json.dumps(summary, indent=1))
-        return summary
 
     def _step(self, data: TokenBatches, window: MetricsWindow, stop: StopRequest) -> bool:
         """One optimizer step over `accum` micro-batches. Returns whether any rank asked to stop.
@@ -391,3 +372,22 @@ class Trainer:
         self.epoch += 1
         self.batch_idx = 0
         self.epoch_loss = [0.0, 0]
+
+
+def _progress(disable: bool):
+    """The training bar on stderr: steps, loss and tokens/s, elapsed and left (plain lines off a terminal)."""
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..progress import progress
+
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TextColumn("elapsed"),
+        TimeElapsedColumn(),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+    )
+    return progress(*columns, console=console, transient=True, disable=disable, unit="steps")

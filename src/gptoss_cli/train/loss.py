@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..config import TrainConfig
 from ..model import ModelOutput
+from ..model.cross_entropy import IGNORE_INDEX
 
 
 class Objective(NamedTuple):
@@ -37,7 +38,7 @@ def objective(
 ) -> Objective:
     """inputs, targets (B, T) token ids -> the loss terms. `model` may be wrapped (DDP, FSDP).
 
-    Targets of -100 are not counted (conversations train on assistant tokens only); positions and segments
+    Targets of IGNORE_INDEX are not counted (conversations train on assistant tokens only); positions and segments
     (B, T) describe rows that pack several conversations (data/conversations.py)."""
     autocast = autocast or nullcontext()
     if t.fused_loss:
@@ -48,7 +49,7 @@ def objective(
         with autocast:
             out = model(inputs, positions, segments=segments)
         lm = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
-        counted = targets != -100
+        counted = targets != IGNORE_INDEX
         accuracy = ((out.logits.argmax(-1) == targets) & counted).sum() / counted.sum()
     loss = lm + t.aux_loss_coef * out.aux_loss + t.z_loss_coef * out.z_loss
     return Objective(loss, lm, accuracy, out)

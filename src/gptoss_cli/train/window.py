@@ -5,14 +5,23 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from . import distributed
 
-if TYPE_CHECKING:
-    from .loop import Trainer
+
+@dataclass
+class Position:
+    """Where the run is when a window is flushed (the trainer's counters)."""
+
+    step: int
+    precision: str  # resolved (never "auto"), so a killed run's report still knows it
+    epoch: int  # zero-based index of the epoch in progress
+    epochs: float  # passes done, a fraction included
+    tokens: int
+    elapsed_s: float
 
 
 class MetricsWindow:
@@ -43,20 +52,20 @@ class MetricsWindow:
         self.lr, self.grad_norm, self.last_loss = lr, grad_norm, loss
         self.last_tps = self.tokens / max(time.time() - self.t0, 1e-9)
 
-    def flush(self, tr: Trainer) -> dict:
+    def flush(self, at: Position, dist: distributed.DistInfo) -> dict:
         """The metrics line; aux, z, accuracy and expert counts are combined over ranks (collective)."""
         n = max(self.n, 1)
-        distributed.all_reduce(self.stats, tr.dist, op="mean")
-        distributed.all_reduce(self.counts, tr.dist)
+        distributed.all_reduce(self.stats, dist, op="mean")
+        distributed.all_reduce(self.counts, dist)
         aux, z, acc = (self.stats / n).tolist()
         loss = self.loss / n
         self.final_loss = loss
         line = {
             "kind": "train",
-            "step": tr.step,
-            "precision": tr.precision,  # resolved (never "auto"), so a killed run's report still knows it
-            "epoch": tr.epoch,  # zero-based index of the epoch in progress
-            "epochs": tr.epochs_done,
+            "step": at.step,
+            "precision": at.precision,
+            "epoch": at.epoch,
+            "epochs": at.epochs,
             "loss": loss,
             "aux_loss": aux,
             "z_loss": z,
@@ -65,8 +74,8 @@ class MetricsWindow:
             "lr": self.lr,
             "grad_norm": float(self.grad_norm),
             "tokens_per_s": self.tokens / max(time.time() - self.t0, 1e-9),
-            "tokens": tr.tokens,
-            "elapsed_s": tr.elapsed(),
+            "tokens": at.tokens,
+            "elapsed_s": at.elapsed_s,
             "expert_counts": self.counts.tolist(),
         }
         self._reset()

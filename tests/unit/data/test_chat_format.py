@@ -165,16 +165,18 @@ Reasoning: {{ effort }}
 @pytest.mark.parametrize("gen", [True, False])
 def test_a_foreign_template_renders_as_transformers_renders_it(tok, tmp_path, n, gen):
     hf = hf_tokenizer(tok, tmp_path, HARMONY, eos_token="<|return|>", bos_token=EOS)
-    save_template(tmp_path, HARMONY, {"eos_token": "<|return|>", "bos_token": EOS}, ["<|return|>"])
-    fmt = chat_format(tok, tmp_path)
+    save_template(
+        tmp_path / "chat_template.json", HARMONY, {"eos_token": "<|return|>", "bos_token": EOS}, ["<|return|>"]
+    )
+    fmt = chat_format(tok, tmp_path / "chat_template.json")
     assert isinstance(fmt, TemplateFormat)
     assert fmt.render(CHAT[:n], add_generation_prompt=gen) == hf_ids(hf, CHAT[:n], gen)
     assert fmt.stop_ids == {tok.token_to_id("<|return|>")}
 
 
 def test_a_foreign_template_reply_keeps_the_final_channel(tok, tmp_path):
-    save_template(tmp_path, HARMONY, {}, ["<|return|>"])
-    fmt = chat_format(tok, tmp_path)
+    save_template(tmp_path / "chat_template.json", HARMONY, {}, ["<|return|>"])
+    fmt = chat_format(tok, tmp_path / "chat_template.json")
     reply = tok.encode(
         "<|channel|>analysis<|message|>think<|end|><|start|>assistant<|channel|>final<|message|>Sunny today.<|return|>"
     ).ids
@@ -185,6 +187,6 @@ def test_a_foreign_template_reply_keeps_the_final_channel(tok, tmp_path):
 
 def test_a_template_is_sandboxed(tok, tmp_path):
     evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
-    save_template(tmp_path, evil, {}, ["<|return|>"])
+    save_template(tmp_path / "chat_template.json", evil, {}, ["<|return|>"])
     with pytest.raises(MessageError, match="unsafe|access"):
-        chat_format(tok, tmp_path).render(CHAT[:1])
+        chat_format(tok, tmp_path / "chat_template.json").render(CHAT[:1])

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from gptoss_cli.config import load_config
 from gptoss_cli.data.chat_format import ChatFormat
 from gptoss_cli.data.conversations import (
-    IGNORE,
     pack_conversations,
     read_conversation_paths,
     read_conversations,
@@ -22,6 +21,7 @@ from gptoss_cli.data.conversations import (
 from gptoss_cli.data.tokenizer import PAD, train_tokenizer
 from gptoss_cli.errors import GptossError
 from gptoss_cli.model import Transformer
+from gptoss_cli.model.cross_entropy import IGNORE_INDEX
 from gptoss_cli.train.loss import objective
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -110,7 +110,7 @@ def test_loss_counts_only_assistant_tokens_and_packed_conversations_stay_apart(s
         total += losses[counted].sum().item()
         count += int(counted.sum())
     reference = total / count
-    assert count == int((targets != IGNORE).sum())
+    assert count == int((targets != IGNORE_INDEX).sum())
 
     for fused in (True, False):
         t = cfg.train
@@ -146,17 +146,17 @@ def test_long_conversations_are_truncated_with_one_warning(tok, capsys):
     err = capsys.readouterr().err.replace("\n", " ")
     assert f"2 of 3 conversations are longer than train.seq_len={width}" in err
     assert data.inputs.shape == (3, width) and "no assistant tokens" not in err
-    assert (data.targets[:2] != IGNORE).all(dim=1).logical_not().all()  # the user turn is still masked
+    assert (data.targets[:2] != IGNORE_INDEX).all(dim=1).logical_not().all()  # the user turn is still masked
     lost = [{"role": "user", "content": "Hi " * 40}, {"role": "assistant", "content": "Hello!"}]
     pack_conversations([lost, CHATS[0]], fmt, width, 1, 0, 0)
     assert "1 conversation(s) have no assistant tokens" in capsys.readouterr().err.replace("\n", " ")
 
 
 def test_fine_tune_on_conversations(small_cfg, small_corpus, tmp_path):
-    from gptoss_cli.train.loop import Trainer, prepare
+    from gptoss_cli.train.loop import Trainer, setup_training
 
     base = small_cfg(f"data.paths=[{small_corpus}]", "train.max_steps=2")
-    Trainer(prepare(base, tmp_path / "base")).run()
+    Trainer(setup_training(base, tmp_path / "base")).run()
     chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in CHATS * 6])
     cfg = load_config(
         str(tmp_path / "base" / "config.yaml"),
@@ -169,8 +169,8 @@ def test_fine_tune_on_conversations(small_cfg, small_corpus, tmp_path):
             "train.save_every=3",
         ],
     )
-    p = prepare(cfg, tmp_path / "sft", init_from=tmp_path / "base")
-    masked = p.train_data.targets == IGNORE
+    p = setup_training(cfg, tmp_path / "sft", init_from=tmp_path / "base")
+    masked = p.train_data.targets == IGNORE_INDEX
     assert masked.any() and not masked.all()  # user turns and headers masked, assistant replies counted
     summary = Trainer(p).run()
     assert summary["status"] == "completed" and summary["steps"] == 3

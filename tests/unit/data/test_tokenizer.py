@@ -30,6 +30,33 @@ def test_round_trip_is_lossless(builtin_tok, text):
     assert builtin_tok.decode(builtin_tok.encode(text).ids) == text
 
 
+def test_token_bytes_join_to_the_texts_utf8(builtin_tok):
+    """Each token's bytes (read from its byte-level spelling, so a token holding part of a character has
+    its own bytes, which decode() cannot show) join to exactly the text's UTF-8; a special token is its text;
+    the byte-level alphabet is the one `tokenizers` uses."""
+    from tokenizers import pre_tokenizers
+
+    from gptoss_cli.data.tokenizer import BYTE_LEVEL, token_bytes
+
+    assert set(BYTE_LEVEL) == set(pre_tokenizers.ByteLevel.alphabet()) and sorted(BYTE_LEVEL.values()) == list(
+        range(256)
+    )
+    text = "caf\u00e9 \u65e5\u672c\u8a9e \U0001f600 <|endoftext|> plain"
+    ids = builtin_tok.encode(text).ids
+    pieces = [token_bytes(builtin_tok, i) for i in ids]
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert any(not _is_utf8(p) for p in pieces)  # some token holds part of a character
+    assert token_bytes(builtin_tok, builtin_tok.token_to_id(EOS)) == EOS.encode()
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def test_special_tokens_are_single_ids(builtin_tok):
     eos, pad = builtin_tok.token_to_id(EOS), builtin_tok.token_to_id(PAD)
     assert eos is not None and pad is not None and eos != pad
@@ -60,10 +87,10 @@ def test_tiny_corpus_fills_fewer_tokens_than_asked_and_prepare_warns_once(
     small = train_tokenizer(docs, 5000)
     assert 258 < small.get_vocab_size() < 5000  # 256 bytes + 2 specials, then the merges the text supports
 
-    from gptoss_cli.train.loop import prepare
+    from gptoss_cli.train.loop import setup_training
 
     capsys.readouterr()
-    p = prepare(small_cfg(f"data.paths={small_corpus}", "model.vocab_size=5000"), tmp_path / "run")
+    p = setup_training(small_cfg(f"data.paths={small_corpus}", "model.vocab_size=5000"), tmp_path / "run")
     err = " ".join(capsys.readouterr().err.split())  # rich may wrap the line
     assert err.count("warning:") == 1
     filled = load_tokenizer(tmp_path / "run" / "tokenizer.json").get_vocab_size()

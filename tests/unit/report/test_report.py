@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from gptoss_cli.commands import report
 from gptoss_cli.errors import GptossError
-from gptoss_cli.report.logs import load_run, read_jsonl
+from gptoss_cli.report.logs import read_jsonl, read_run_logs
 from gptoss_cli.report.summary import expert_load, summarize, summary_rows
 
 GIB = 1024**3
@@ -187,7 +187,7 @@ def test_cuda_run_with_two_ranks_writes_every_png_and_summary(cuda_run):
 
 def test_summary_matches_the_planted_answers(cuda_run):
     run, _ = cuda_run
-    summary = summarize(load_run(run, "demo", warn=pytest.fail))
+    summary = summarize(read_run_logs(run, "demo", warn=pytest.fail))
     # peak_bytes = allocated + 0.25 GiB, largest on rank 1 at the last sample (i = 39), not summary.json's 123
     assert summary["train_peak_memory_bytes"] == int((1.0 + 0.5 + 0.02 * 39) * GIB + 0.25 * GIB)
     assert "2 ranks" in summary["train_memory_measure"]
@@ -227,7 +227,7 @@ def test_killed_cpu_run_without_inference_warns_and_still_plots(tmp_path, monkey
     md = (run / "report" / "report.md").read_text()
     assert "## Missing" in md and "## Warnings" in md and "inference-gpu-memory.png" not in md
     warnings: list[str] = []
-    summary = summarize(load_run(run, "demo", warnings.append))
+    summary = summarize(read_run_logs(run, "demo", warnings.append))
     assert len(warnings) == 2
     assert summary["steps"] == STEPS  # the half-written step 99999 was skipped
     assert summary["epochs"] == 0.5  # the passes done, from the last train line; not its epoch index 0

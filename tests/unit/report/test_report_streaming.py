@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gptoss_cli.report.logs import interleaved, load_run, read_jsonl, read_metrics
+from gptoss_cli.report.logs import interleaved, read_jsonl, read_metrics, read_run_logs
 from gptoss_cli.report.summary import expert_load, summarize
 from gptoss_cli.run.metrics import drop_lines_after
 
@@ -97,12 +97,12 @@ def test_report_says_when_two_runs_share_a_metrics_file(tmp_path):
     b = [train_line(s, 300, run=1) for s in range(10, 310, 10)]
     write_lines(run / "metrics.jsonl", [line for pair in zip(a[5:], b[:25], strict=True) for line in pair])
     warnings: list[str] = []
-    summary = summarize(load_run(run, "run", warnings.append))
+    summary = summarize(read_run_logs(run, "run", warnings.append))
     assert len(warnings) == 1 and "two runs seem to be logged in one file" in warnings[0], warnings
     assert summary["warnings"] == warnings  # in report.md too
     write_lines(run / "metrics.jsonl", a[:20] + a[12:])  # a resume from step 120: no warning
     warnings.clear()
-    summary = summarize(load_run(run, "run", warnings.append))
+    summary = summarize(read_run_logs(run, "run", warnings.append))
     assert warnings == [] and summary["steps"] == 300
 
 

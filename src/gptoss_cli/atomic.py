@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import GptossError
+from .errors import GptossError
 
 # .NAME.tmp-PID and .NAME.old-PID: the hidden siblings this module creates.
 _SIBLING = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
