@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -26,21 +25,3 @@ def print_json(obj: Any) -> None:
 
 def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}", highlight=False)
-
-
-def byte_progress(show: bool):
-    """A transient progress bar of bytes read (size, MB/s, time left) on the console; a null context when
-    `show` is false (under --json, or when stderr is not a terminal)."""
-    if not show:
-        return nullcontext(None)
-    from rich import progress as rp
-
-    return rp.Progress(
-        rp.TextColumn("{task.description}"),
-        rp.BarColumn(),
-        rp.DownloadColumn(),
-        rp.TransferSpeedColumn(),
-        rp.TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )

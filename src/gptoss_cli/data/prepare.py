@@ -10,7 +10,7 @@ Each document goes to validation when a hash of (seed, document number) falls un
 than corpus.PIECE_CHARS is read, sampled and tokenized in pieces (cut where the tokens do not change), so
 memory stays bounded whatever the size of one document. A shard of each split is closed together at a chunk
 boundary, and progress.json then records how far into the corpus the closed shards reach: a killed
-prepare, run again, keeps them and tokenizes only the rest (data/progress.py). Worker processes end when
+prepare, run again, keeps them and tokenizes only the rest (data/resume.py). Worker processes end when
 their parent does, however it ends.
 """
 
@@ -30,8 +30,8 @@ import numpy as np
 
 from ..atomic import AtomicWriteError
 from ..errors import GptossError
-from ..output import byte_progress
-from . import progress, shards
+from ..progress import byte_progress
+from . import resume, shards
 from .corpus import Meter, Source, iter_pieces
 from .tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
 
@@ -249,8 +249,8 @@ def _dataset_tokenizer(out: Path, state: dict, given, sources, settings: Setting
     if tok is None:
         tok = tokenizer_for(sources, settings, show, times)
     if want and tokenizer_hash(tok) != want:  # encoded with a tokenizer there is no way back to: redo it all
-        progress.discard(out)
-        state = progress.fresh_state(state["key"])
+        resume.discard(out)
+        state = resume.fresh_state(state["key"])
     state["tokenizer_hash"] = tokenizer_hash(tok)
     shards.write_atomic(out / shards.TOKENIZER, tok.to_str())
     shards.write_json(out / shards.PROGRESS, state)
@@ -276,10 +276,10 @@ def prepare_dataset(
     show = show and console.is_terminal  # a bar on a pipe or a log file is only noise
     out = Path(out)
     key = dataset_key(sources, settings, tokenizer_hash(tokenizer) if tokenizer is not None else "trained")
-    found = progress.resume(out, key, flag)
+    found = resume.resume_at(out, key, flag)
     if found.complete:
         return Result(out, found.state, cached=True, tokenizer_trained=tokenizer is None)
-    state = found.state or progress.fresh_state(key)
+    state = found.state or resume.fresh_state(key)
     out.mkdir(parents=True, exist_ok=True)
     shards.write_json(out / shards.PROGRESS, state)  # first: the directory is known as ours from now on
     times = {"read_s": 0.0, "tokenizer_s": 0.0}
@@ -287,7 +287,7 @@ def prepare_dataset(
     try:
         tokenizer, state = _dataset_tokenizer(out, state, tokenizer, sources, settings, show, times)
     except NoText:
-        progress.discard(out)  # nothing worth keeping: leave no half-made dataset behind
+        resume.discard(out)  # nothing worth keeping: leave no half-made dataset behind
         raise
     dtype = shards.dtype_for(tokenizer.get_vocab_size(with_added_tokens=True))
     eos = tokenizer.token_to_id(EOS)
@@ -305,7 +305,7 @@ def prepare_dataset(
     sizes = (chunk_bytes or CHUNK_BYTES, shard_tokens or SHARD_TOKENS)
     times["tokenize_s"] = _tokenize(sources, out, settings, tokenizer, state, workers, show, *sizes)
     if state["train"]["tokens"] == 0:
-        progress.discard(out)  # nothing worth keeping: leave no half-made dataset behind
+        resume.discard(out)  # nothing worth keeping: leave no half-made dataset behind
         where = ", ".join(str(s.path) for s in sources)
         if state["val"]["tokens"]:
             raise GptossError(

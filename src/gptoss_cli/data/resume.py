@@ -56,7 +56,7 @@ def _advice(out: Path, flag: str | None, keep: bool = False) -> str:
     return f"choose another {flag}" if keep else f"delete it or choose another {flag}"
 
 
-def resume(out: Path, key: str, flag: str | None = "--out") -> Resume:
+def resume_at(out: Path, key: str, flag: str | None = "--out") -> Resume:
     """How to go on in `out` for the dataset `key`. `flag`: how the user named `out` (None: a cache entry).
     A one-line error when `out` holds anything else (nothing is changed then)."""
     if (out / shards.INDEX).is_file():
