@@ -54,6 +54,8 @@ def test_export_never_deletes_its_source(gptoss, run, tmp_path):
         assert len(err.strip().splitlines()) == 1
     code, _, err = gptoss("export", "--checkpoint", ckpt, "--out", run, "--force")
     assert code == 2 and "overlaps" in err
+    code, _, err = gptoss("export", "--run", run, "--out", run)  # without --force: not a hint to add it
+    assert code == 2 and "overlaps" in err and "--force" not in err
     assert snapshot(run) == before
     code, _, err = gptoss("export", "--run", run, "--out", tmp_path / "hf", "--dtype", "fp32")
     assert code == 0, err  # beside the run: fine

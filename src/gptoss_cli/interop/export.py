@@ -118,9 +118,10 @@ def quantization_error(dense: torch.Tensor, blocks: torch.Tensor, scales: torch.
     return {"relative_rms": (rel / norm) ** 0.5 if norm else 0.0, "max_abs": worst}
 
 
-def _refuse_overlap(out: Path, sources: list[Path]) -> None:
-    """An export never replaces what it reads: --out may not be the run or a file of it, lie inside it, or
-    hold it (with --force the old --out is deleted once the new one is in place)."""
+def _check_out(out: Path, sources: list[Path], force: bool) -> None:
+    """Before reading gigabytes: a non-empty --out needs --force, and an export never replaces what it reads:
+    --out may not be the run or a file of it, lie inside it, or hold it (with --force the old --out is
+    deleted once the new one is in place)."""
     target = out.resolve()
     for source in sources:
         real = Path(source).resolve()
@@ -128,6 +129,8 @@ def _refuse_overlap(out: Path, sources: list[Path]) -> None:
             raise GptossError(
                 f"--out {out} overlaps {source}, which this export reads; choose a directory outside the run"
             )
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise GptossError(f"--out {out} is not empty (add --force to replace it)")
 
 
 def _dump(path: Path, obj: dict) -> None:
@@ -158,9 +161,7 @@ def export_run(
     opened = open_run(run, checkpoint, need_tokenizer=False)
     cfg, ckpt, tok, tok_path = opened.config, opened.checkpoint, opened.tokenizer, opened.tokenizer_path
     out = Path(out)
-    _refuse_overlap(out, [opened.run.path, ckpt, opened.weights, *([tok_path] if tok_path else [])])
-    if out.is_dir() and any(out.iterdir()) and not force:  # fail before reading gigabytes
-        raise GptossError(f"--out {out} is not empty (add --force to replace it)")
+    _check_out(out, [opened.run.path, ckpt, opened.weights, *([tok_path] if tok_path else [])], force)
 
     token_ids: dict[str, int | None] = {}
     chat = None
