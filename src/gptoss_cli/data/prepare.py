@@ -28,7 +28,7 @@ import numpy as np
 from ..errors import GptossError
 from . import shards
 from .corpus import Meter, Source, iter_documents
-from .tokenizer import EOS, tokenizer_hash, train_tokenizer
+from .tokenizer import EOS, PRETOKENIZER_VERSION, tokenizer_hash, train_tokenizer
 
 CHUNK_BYTES = 1 << 20  # text per worker task: ~0.5 s of encoding, small enough to keep memory flat
 SHARD_TOKENS = 1 << 26  # tokens per train shard (128 MiB at uint16)
@@ -69,8 +69,12 @@ def sources_fingerprint(sources: list[Source]) -> list:
     return [[str(s.path.resolve()), s.size, s.path.stat().st_mtime_ns] for s in sources]
 
 
+# The tokenizer id of data tokenized with a tokenizer trained from its own settings: trained the same way.
+TRAINED = f"trained-{PRETOKENIZER_VERSION}"
+
+
 def dataset_key(sources: list[Source], settings: Settings, tokenizer_id: str) -> str:
-    """`tokenizer_id`: the given tokenizer's hash, or "trained" for one trained from these settings."""
+    """`tokenizer_id`: the given tokenizer's hash, or TRAINED for one trained from these settings."""
     return _digest(
         {
             "format": shards.FORMAT,
@@ -151,7 +155,9 @@ def tokenizer_for(sources: list[Source], settings: Settings, show: bool, times: 
     """The tokenizer trained on a sample of these sources, from the cache when it was trained before."""
     from tokenizers import Tokenizer
 
-    key = _digest({"sources": sources_fingerprint(sources), "settings": asdict(settings)})
+    key = _digest(
+        {"sources": sources_fingerprint(sources), "settings": asdict(settings), "pretokenizer": PRETOKENIZER_VERSION}
+    )
     path = cache_root() / "tokenizers" / f"{key[:32]}.json"
     if path.is_file():
         try:
@@ -258,7 +264,7 @@ def prepare_dataset(
 
     show = show and console.is_terminal  # a bar on a pipe or a log file is only noise
     out = Path(out)
-    key = dataset_key(sources, settings, tokenizer_hash(tokenizer) if tokenizer is not None else "trained")
+    key = dataset_key(sources, settings, tokenizer_hash(tokenizer) if tokenizer is not None else TRAINED)
     state = _start(out, key)
     if state is not None and state.get("complete"):
         return Result(out, state, cached=True, tokenizer_trained=tokenizer is None)
