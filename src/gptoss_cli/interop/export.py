@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from ..atomic import staged_directory
 from ..config import RunConfig
@@ -105,6 +106,15 @@ def generation_config(cfg: RunConfig, token_ids: dict) -> dict:
     return out
 
 
+def special_tokens(tok: Tokenizer) -> dict[str, str]:
+    """{"bos", "eos", "pad"} -> token text for a run's tokenizer (bos and pad fall back to <|endoftext|>)."""
+    return {
+        "bos": next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None),
+        "eos": EOS,
+        "pad": PAD if tok.token_to_id(PAD) is not None else EOS,
+    }
+
+
 def _dump(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
@@ -134,10 +144,9 @@ def export_run(
     if tok is None:
         warn(f"{opened.run} has no tokenizer.json: exporting the weights without a tokenizer")
     else:
-        eos = EOS
-        bos = next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None)
-        pad = PAD if tok.token_to_id(PAD) is not None else EOS
-        token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
+        special = special_tokens(tok)
+        bos, eos, pad = special["bos"], special["eos"], special["pad"]
+        token_ids = {k: tok.token_to_id(t) for k, t in special.items()}
         chat = export_chat(tok, opened.run.chat_template)
     hf_config = to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently
     weights = read_weights(opened.weights, expected_shapes(cfg.model))
