@@ -32,7 +32,7 @@ QuantizeOpt = Annotated[
     Literal["mxfp4"] | None,
     typer.Option("--quantize", help="gguf: store the expert matrices in MXFP4 (llama.cpp's rounding)."),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace a non-empty --out.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out.")]
 
 
 def command(
@@ -52,7 +52,7 @@ def command(
     Example: gptoss export --run runs/demo --out hf/demo --dtype fp32
     Then: AutoModelForCausalLM.from_pretrained("hf/demo")  (see docs/interop.md)
     Example: gptoss export --run runs/demo --format gguf --out demo.gguf
-    Then: llama-cli -m demo.gguf -p "GPT models are"
+    Then: llama-completion -m demo.gguf -p "GPT models are" -no-cnv  (see docs/interop.md)
     """
     from ..errors import GptossError
     from ..output import console, print_json
