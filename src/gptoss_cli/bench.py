@@ -69,7 +69,15 @@ def cpu_name() -> str:
 
 
 def device_info(device: torch.device) -> dict:
-    info = {"type": device.type, "torch": torch.__version__, "cpu": cpu_name(), "cpu_threads": torch.get_num_threads()}
+    from .threads import describe
+
+    info = {
+        "type": device.type,
+        "torch": torch.__version__,
+        "cpu": cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "threads": describe(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
@@ -332,14 +340,16 @@ def run_bench(
     warmup: int = 2,
     new_tokens: int = 32,
     decode_batch: int = 8,
-    threads: int = 0,
+    threads: int | None = None,
     compile_decode: bool = False,
+    say=lambda line: None,
 ) -> dict:
-    """Everything `gptoss bench` prints, as one JSON-ready dict."""
+    """Everything `gptoss bench` prints, as one JSON-ready dict. `say(line)` is told each phase as it starts
+    (a bench of a big config takes minutes)."""
     from .devices import pick_device
+    from .threads import set_threads
 
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     device = pick_device(cfg.train.device, "train.device")
     report = {
         "config": cfg.name,
@@ -347,8 +357,10 @@ def run_bench(
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     if train:
+        say(f"bench: training {cfg.name} on {device.type}, {warmup} warm-up + {steps} measured steps")
         report["train"] = bench_train(cfg, device, steps, warmup)
     if infer:
         batches = (1, decode_batch) if decode_batch > 1 else (1,)
+        say(f"bench: prefill, then decoding at batch {' and '.join(map(str, batches))}")
         report["infer"] = bench_infer(cfg, device, min(3, steps), min(warmup, 1), new_tokens, batches, compile_decode)
     return report

@@ -69,6 +69,29 @@ def param_dtypes(names, dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {n: torch.float32 if keeps_fp32(n) else dtype for n in names}
 
 
+def materialize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Allocate a model built on the meta device on `device`, each parameter directly in the dtype the
+    precision policy gives it (so a bf16 model never exists in fp32 first) and each buffer in its own dtype;
+    the contents are uninitialised, for a checkpoint to fill. Tied parameters stay one tensor; tensors
+    that are not on the meta device (the rotary frequencies) are moved."""
+    made: dict[int, torch.nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                full = f"{prefix}.{name}" if prefix else name
+                data = torch.empty_like(p, device=device, dtype=torch.float32 if keeps_fp32(full) else dtype)
+                made[id(p)] = torch.nn.Parameter(data, requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta and name in module._non_persistent_buffers_set:
+                # no checkpoint fills it: it would stay uninitialised (the rope table is built on the CPU)
+                raise ValueError(f"{prefix}.{name}: a derived buffer on the meta device cannot be materialized")
+            if buf is not None:
+                module._buffers[name] = torch.empty_like(buf, device=device) if buf.is_meta else buf.to(device)
+
+
 def apply_precision(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the parameters to `dtype` except those the policy keeps fp32 (.data keeps tied weights one tensor)."""
     for name, p in model.named_parameters():

@@ -1,5 +1,6 @@
 """Is this machine ready? Python, torch and its CUDA build, GPUs through NVML, nvidia-smi, nvcc, and
-which attention backends and torch.compile work here. Never fails on a machine without a GPU or driver."""
+which attention backends, MXFP4 expert path and torch.compile work here. Never fails on a machine without
+a GPU or driver."""
 
 from __future__ import annotations
 
@@ -95,6 +96,35 @@ def _moe_backends(device: str) -> dict[str, bool]:
     return {name: grouped if name == "grouped_mm" else True for name in backends.MOE}
 
 
+def _mxfp4_experts(device: str) -> dict:
+    """Which path multiplies packed MXFP4 experts here, checked on a tiny packed matrix on `device`."""
+    import importlib.util
+
+    import torch
+
+    from .model.mxfp4 import PackedExperts, dequantize, quantize
+
+    try:
+        blocks, scales = quantize(torch.randn(2, 8, 64))
+        weight = PackedExperts(blocks.to(device), scales.to(device))
+        x = torch.randn(3, 64, device=device)
+        ref = x @ dequantize(blocks, scales, torch.float32).to(device)[1].t()
+        works = bool(torch.allclose(weight.linear(1, x), ref, rtol=1e-4, atol=1e-4))
+    except Exception:
+        works = False
+    fused = importlib.util.find_spec("triton_kernels") is not None
+    return {
+        "path": "torch: each expert decoded a few rows at a time inside its matmul (model/mxfp4.py)",
+        "device": device,
+        "works": works,
+        "fused_kernel": (
+            "triton_kernels is installed, but gptoss does not call its fused MXFP4 matmul"
+            if fused
+            else "none installed (transformers and openai use triton_kernels' matmul_ogs on CUDA)"
+        ),
+    }
+
+
 def _compile_prerequisites(cuda: bool) -> dict:
     """Whether torch.compile's default backend can work here (checked without compiling: instant)."""
     if sys.platform == "win32":
@@ -129,6 +159,7 @@ def collect() -> dict:
         "nvcc": _tool("nvcc", ["--version"], r"release ([\d.]+)"),
         "attention_backends": _attention_backends("cuda" if cuda else "cpu"),
         "moe_backends": _moe_backends("cuda" if cuda else "cpu"),
+        "mxfp4_experts": _mxfp4_experts("cuda" if cuda else "cpu"),
         "compile": _compile_prerequisites(cuda),
         "cpu_threads": torch.get_num_threads(),
     }

@@ -13,6 +13,11 @@ from rich.console import Console
 console = Console(stderr=True, soft_wrap=True)
 
 
+def report_console() -> Console:
+    """stdout, for a command whose product is a report a person reads (`gptoss env > env.txt` keeps it)."""
+    return Console(soft_wrap=True)
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()

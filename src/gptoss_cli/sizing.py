@@ -49,8 +49,49 @@ def _mean_keys(seq_len: int, window: int) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
-def describe(cfg: RunConfig, cuda: bool = False) -> dict:
-    """Everything `gptoss build` shows, as one JSON-ready dict."""
+def kv_cache_bytes(m, width: int, context: int) -> int:
+    """One sequence's keys and values at `context` tokens: sliding layers keep their window's worth."""
+    return sum(
+        2 * m.kv_dim * width * (min(m.sliding_window, context) if m.is_sliding(layer) else context)
+        for layer in range(m.num_hidden_layers)
+    )
+
+
+def inference_memory(cfg: RunConfig, params: dict[str, int], width: int, context: int) -> dict:
+    """Estimated inference memory (bytes, batch 1) at `context` tokens: the weights with MXFP4 experts
+    (packed, as an imported release keeps them) and decoded to `width` bytes, the KV cache, and the
+    prefill's largest transients: the activations of `context` tokens, the two (T, T) boolean attention
+    masks, one expert decoded a chunk at a time (model/mxfp4.py) and the last position's fp32 logits."""
+    from .model.mxfp4 import DECODE_CHUNK_BYTES, packed_bytes
+
+    m = cfg.model
+    weight_elems = m.num_experts * (2 * m.intermediate_size * m.hidden_size + m.hidden_size * m.intermediate_size)
+    packed = (
+        m.num_hidden_layers
+        * m.num_experts
+        * (packed_bytes(2 * m.intermediate_size, m.hidden_size) + packed_bytes(m.hidden_size, m.intermediate_size))
+    )
+    total = sum(params.values())  # the expert biases stay in the compute dtype either way
+    decoded_weights = total * width
+    packed_weights = (total - m.num_hidden_layers * weight_elems) * width + packed
+    kv = kv_cache_bytes(m, width, context)
+    k, h, i = m.experts_per_token, m.hidden_size, m.intermediate_size
+    per_token = width * (4 * h + 2 * m.q_dim + 2 * m.kv_dim + k * (2 * h + 3 * i))  # hidden, qkv, attn, MoE rows
+    transients = context * per_token + 2 * context * context + DECODE_CHUNK_BYTES + m.vocab_size * 4
+    return {
+        "context": context,
+        "weights_mxfp4_experts": packed_weights,
+        "weights_decoded": decoded_weights,
+        "kv_cache": kv,
+        "prefill_transients": transients,
+        "peak_mxfp4_experts": packed_weights + kv + transients,
+        "peak_decoded": decoded_weights + kv + transients,
+    }
+
+
+def describe(cfg: RunConfig, cuda: bool = False, context: int | None = None) -> dict:
+    """Everything `gptoss build` shows, as one JSON-ready dict. `context`: the inference estimate's
+    context (default: train.seq_len, within max_context_length)."""
     import torch
 
     from .model import Transformer
@@ -106,13 +147,10 @@ def describe(cfg: RunConfig, cuda: bool = False) -> dict:
     }
     train_mem["total"] = sum(train_mem.values())
     infer_bytes = 2 if cuda or prec.name != "fp32" else 4
-    ctx = m.max_context_length
-    kv = sum(
-        2 * m.kv_dim * infer_bytes * (min(m.sliding_window, ctx) if m.is_sliding(layer) else ctx)
-        for layer in range(m.num_hidden_layers)
-    )
+    kv = kv_cache_bytes(m, infer_bytes, m.max_context_length)
     infer_mem = {"weights": total * infer_bytes, "kv_cache_per_sequence": kv, "logits": m.vocab_size * 4}
     infer_mem["total_batch1"] = sum(infer_mem.values())
+    context = min(context or t.seq_len, m.max_context_length)
     return {
         "config": cfg.name,
         "total_params": total,
@@ -127,5 +165,6 @@ def describe(cfg: RunConfig, cuda: bool = False) -> dict:
         "train_memory_bytes": train_mem,
         "inference_memory_bytes": infer_mem,
         "inference_dtype": "bf16" if infer_bytes == 2 else "fp32",
+        "inference_at_context": inference_memory(cfg, breakdown, infer_bytes, context),
         "module_tree": repr(model),
     }

@@ -8,7 +8,8 @@ order (torchtitan's habit), by the two places that build models for use:
     run/load.py      build -> [before weights] -> load weights -> [after weights] -> use
 
 A transform marked `before_weights` changes which tensors the model holds (packed MXFP4 experts, LoRA
-adapters: the checkpoint then fills the new tensors); the others change how existing ones are stored or
+adapters: the checkpoint then fills the new tensors; `checkpoint_transforms` picks those a checkpoint's
+tensor names call for); the others change how existing ones are stored or
 computed (precision, device, activation checkpointing, compile, freezing). The training list is
     precision -> device -> activation checkpointing -> compile
 and the inference list
@@ -44,7 +45,8 @@ def build_model(config: ModelConfig, *, seed: int | None = None, device: torch.d
     if seed is None:
         with torch.device(device or "cpu"):  # parameters on the device; the rope table is built on the CPU
             model = Transformer(config)
-        return model.to(device) if device is not None else model
+        # On the meta device (shapes only, for devices.materialize) the rope table stays the real CPU one.
+        return model.to(device) if device is not None and device.type != "meta" else model
     torch.manual_seed(seed)
     model = Transformer(config)
     model.init_weights(torch.Generator().manual_seed(seed))
@@ -121,6 +123,21 @@ def training_transforms(
     if compile:
         out.append(compile_blocks())
     return out
+
+
+def packed_experts() -> ModelTransform:
+    """The expert matrices as MXFP4 blocks and scales (model/mxfp4.py): on a meta-device model, the tensors a
+    packed checkpoint fills; on a real one, its weights quantised."""
+    from .model.mxfp4 import pack_experts
+
+    return ModelTransform("mxfp4 experts", pack_experts, before_weights=True)
+
+
+def checkpoint_transforms(tensor_names: Iterable[str]) -> list[ModelTransform]:
+    """The structural transforms a checkpoint's tensors call for: packed experts where it stores `.blocks`."""
+    from .model.mxfp4 import SUFFIXES
+
+    return [packed_experts()] if any(n.endswith(SUFFIXES[0]) for n in tensor_names) else []
 
 
 def inference_transforms(device: torch.device, dtype: torch.dtype) -> list[ModelTransform]:

@@ -209,8 +209,11 @@ def test_fine_tuning_an_old_run_adds_the_conversation_tokens(
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS * 8), encoding="utf-8")
     cfg = load_config(str(base / "config.yaml"), [f"data.paths=[{chats}]", "train.max_steps=2"])
+    capsys.readouterr()  # the base run's output
     Trainer(setup_training(cfg, tmp_path / "sft", init_from=base)).run()
-    assert "added 5" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "added 5" in err
+    assert "untrained" not in err and "(data None)" not in err  # a fine-tune starts trained; no prepared data
     assert load_tokenizer(tmp_path / "sft" / "tokenizer.json").token_to_id("<|return|>") is not None
     out, _ = chat(tmp_path / "sft", "Hello!\n", max_new_tokens=4)
     assert len(out.splitlines()) == 1

@@ -95,10 +95,35 @@ def test_build_json_parameter_counts(config, total):
     assert isinstance(info["active_params"], int) and 0 < info["active_params"] < total
 
 
+def test_build_reports_gpt_oss_20b_weights_packed_and_decoded():
+    """The released layout by hand: each expert value is half a byte plus a scale byte per 32 values;
+    everything else (and the expert biases) bf16."""
+    result = invoke("build", "-c", "gpt-oss-20b", "--json", "--context", "8192")
+    assert result.exit_code == 0
+    info = json.loads(result.stdout)
+    at = info["inference_at_context"]
+    expert_values = 24 * 32 * (5760 * 2880 + 2880 * 2880)
+    packed = expert_values // 2 + expert_values // 32
+    assert at["context"] == 8192 and info["inference_dtype"] == "bf16"
+    assert at["weights_decoded"] == 2 * info["total_params"]
+    assert at["weights_mxfp4_experts"] == 2 * (info["total_params"] - expert_values) + packed
+    assert 12.5 * 2**30 < at["weights_mxfp4_experts"] < 13 * 2**30  # the released files are about 12.8 GiB
+    assert at["kv_cache"] == 12 * 2 * 512 * 2 * 8192 + 12 * 2 * 512 * 2 * 128  # full layers; sliding ones hold 128
+    assert at["peak_mxfp4_experts"] == at["weights_mxfp4_experts"] + at["kv_cache"] + at["prefill_transients"]
+    assert at["peak_mxfp4_experts"] < 16 * 2**30 < at["peak_decoded"]
+
+
 def test_build_short_flag_and_overrides():
     result = invoke("build", "-c", "gpt-oss-20b", "--json", "--set", "model.num_hidden_layers=12")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["total_params"] < 20_914_757_184
+
+
+def test_env_writes_its_report_to_stdout(gptoss):
+    code, out, err = gptoss("env")
+    assert code == 0, err
+    assert "attention" in out and "MoE" in out and "torch" in out  # gptoss env > env.txt keeps the report
+    assert ("CPU only" in out) is (not torch.cuda.is_available())
 
 
 def test_env_json():
@@ -106,6 +131,7 @@ def test_env_json():
     assert result.exit_code == 0
     info = json.loads(result.stdout)
     assert isinstance(info["verdict"], str) and info["verdict"]
+    assert info["mxfp4_experts"]["works"] is True and info["mxfp4_experts"]["path"].startswith("torch")
     assert info["cuda_available"] is torch.cuda.is_available()
     if not torch.cuda.is_available():
         assert info["cuda_available"] is False and info["gpu_count"] == 0 and info["ready"] is False

@@ -263,6 +263,21 @@ def test_runs_side_by_side_on_the_same_text_saved_and_deterministic(tmp_path, gp
     assert not list((a / "eval").glob(".*"))  # written atomically: no temporary left
 
 
+def test_runs_with_other_training_lengths_are_scored_with_one_window(tmp_path, gptoss, isolated_cache):
+    a = make_run(tmp_path, "a", seed=1)
+    b = make_run(tmp_path, "b", seed=2)
+    config = b / "config.yaml"
+    config.write_text(config.read_text(encoding="utf-8").replace(f"seq_len: {CONTEXT}", "seq_len: 24"), "utf-8")
+    data = held_out(tmp_path, TEXTS[:12])
+    code, out, err = gptoss("eval", "--run", a, "--run", b, "--data", data, "--json", "--device", "cpu")
+    assert code == 0, err
+    ra, rb = (json.loads(line) for line in out.splitlines())
+    assert (ra["context"], ra["stride"]) == (rb["context"], rb["stride"]) == (CONTEXT, CONTEXT // 2)
+    assert f"default windows differ ({CONTEXT}, 24 tokens)" in err
+    [alone] = eval_json(gptoss, "--run", b, "--data", data)
+    assert alone["context"] == 24  # a run scored alone keeps its own default
+
+
 def test_max_tokens_cuts_the_same_text_for_every_run(tmp_path, gptoss, isolated_cache):
     a = make_run(tmp_path, "a", seed=1)
     b = make_run(tmp_path, "b", seed=2, vocab=280)

@@ -24,26 +24,34 @@ from gptoss_cli.config import RunConfig, TrainConfig  # noqa: E402
 from gptoss_cli.data.chat_format import CHAT_TEMPLATE  # noqa: E402
 from gptoss_cli.data.tokenizer import EOS, PAD, SPECIAL_TOKENS  # noqa: E402
 from gptoss_cli.model import Transformer  # noqa: E402
+from gptoss_cli.model.mxfp4 import dequantize, pack_experts  # noqa: E402
 from gptoss_cli.run.checkpoint import resolve_checkpoint  # noqa: E402
 from gptoss_cli.run.layout import MODEL  # noqa: E402
 from tests.conftest import randomise, save_run, tiny_model_config  # noqa: E402
-from tests.unit.interop.test_mxfp4 import quantize_by_hand  # noqa: E402
+from tests.unit.model.test_mxfp4 import quantize_by_hand  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 VOCAB = 416  # the 400-token builtin tokenizer plus 16 ids it never produces
 
 
-def make_run(path: Path, tok, layout: str = "compact", *, mxfp4_values: bool = False, **over) -> Path:
+def make_run(
+    path: Path, tok, layout: str = "compact", *, mxfp4_values: bool = False, packed: bool = False, **over
+) -> Path:
+    """A run of a randomised tiny model; `mxfp4_values`: expert matrices made of MXFP4 numbers (quantizing
+    them loses nothing); `packed`: saved with those experts packed (.blocks / .scales), as an import keeps
+    a release's."""
     cfg = tiny_model_config(layout, vocab_size=VOCAB, max_context_length=128, intermediate_size=32, **over)
     model = Transformer(cfg)
     with torch.no_grad():
         randomise(model)
-        if mxfp4_values:  # expert matrices made of MXFP4 numbers: quantizing them loses nothing
+        if mxfp4_values or packed:
             for i, block in enumerate(model.block):
                 for k, name in enumerate(("mlp1_weight", "mlp2_weight")):
                     weight = getattr(block.mlp, name)
                     weight.copy_(quantize_by_hand(tuple(weight.shape), seed=10 * i + k)[2])
+        if packed:
+            pack_experts(model)
     return save_run(path, RunConfig(model=cfg, train=TrainConfig(seq_len=32)), tok, model, step=7)
 
 
@@ -122,20 +130,53 @@ def test_every_tensor_reads_back_as_the_checkpoint(gptoss, builtin_tok, tmp_path
         assert torch.equal(got, ref.float() if f32 else ref.to(ROUND[dtype]).float()), name
 
 
-def test_mxfp4_experts_decode_to_the_checkpoint(gptoss, builtin_tok, tmp_path):
-    run = make_run(tmp_path / "run", builtin_tok, "released", mxfp4_values=True, hidden_size=64)
+def _dense(run: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint with packed experts decoded (exactly: MXFP4 values are fp32 numbers)."""
+    w = _load(run)
+    for name in [n.removesuffix(".blocks") for n in w if n.endswith(".blocks")]:
+        w[name] = dequantize(w.pop(name + ".blocks"), w.pop(name + ".scales"), torch.float32)
+    return w
+
+
+@pytest.mark.parametrize("source", ["packed", "quantized"])
+def test_mxfp4_experts_are_the_checkpoints_numbers(gptoss, builtin_tok, tmp_path, source):
+    """A packed run's experts go byte for byte (gguf's own dequantizer gives back the values the codes were
+    drawn from); a dense run's are packed with --quantize, losslessly here since its values are MXFP4
+    numbers."""
+    packed = source == "packed"
+    run = make_run(tmp_path / "run", builtin_tok, "released", mxfp4_values=True, packed=packed)
+    assert any(n.endswith(".blocks") for n in _load(run)) == packed
     out = tmp_path / "model.gguf"
-    code, _, err = gptoss("export", "--run", run, "--format", "gguf", "--quantize", "mxfp4", "--out", out)
+    args = ["--run", run, "--format", "gguf", "--out", out, "--json"] + ([] if packed else ["--quantize", "mxfp4"])
+    code, stdout, err = gptoss("export", *args)
     assert code == 0, err
-    cfg = tiny_model_config("released", vocab_size=VOCAB, max_context_length=128, intermediate_size=32, hidden_size=64)
+    summary = json.loads(stdout)
+    assert summary["experts"] == "mxfp4"
+    assert all(e["relative_rms"] == 0 for e in summary["quantization_error"].values())
+    assert len(summary["quantization_error"]) == (0 if packed else 8)
+    cfg = tiny_model_config("released", vocab_size=VOCAB, max_context_length=128, intermediate_size=32)
     fields, tensors = read_gguf(out)
     assert fields["general.file_type"] == gguf.LlamaFileType.MOSTLY_MXFP4_MOE
-    for name, ref in expected_tensors(cfg, _load(run)).items():
+    for name, ref in expected_tensors(cfg, _dense(run)).items():
         kind, got = tensors[name]
-        if "_exps.weight" in name:
-            assert kind == "MXFP4" and torch.equal(got, ref), name
-        else:
-            assert kind in ("F32", "BF16"), name
+        assert kind == ("MXFP4" if "_exps.weight" in name else "F32" if name.endswith(ALWAYS_F32) else "BF16"), name
+        assert torch.equal(got, ref if kind != "BF16" else ref.to(torch.bfloat16).float()), name
+    raw = {t.name: t.data for t in gguf.GGUFReader(out).tensors}["blk.0.ffn_down_exps.weight"]  # (E, H, G * 17)
+    scales = _load(run)["block.0.mlp.mlp2_weight.scales"] if packed else None
+    if scales is not None:  # every 17-byte block opens with its E8M0 scale, unchanged
+        assert torch.equal(torch.from_numpy(raw.copy()).view(*scales.shape, 17)[..., 0], scales)
+
+
+def test_dequantize_writes_a_packed_runs_experts_decoded(gptoss, builtin_tok, tmp_path):
+    run = make_run(tmp_path / "run", builtin_tok, "compact", packed=True)
+    out = tmp_path / "model.gguf"
+    code, _, err = gptoss("export", "--run", run, "--format", "gguf", "--dtype", "fp32", "--dequantize", "--out", out)
+    assert code == 0, err
+    cfg = tiny_model_config("compact", vocab_size=VOCAB, max_context_length=128, intermediate_size=32)
+    fields, tensors = read_gguf(out)
+    assert fields["general.file_type"] == gguf.LlamaFileType.ALL_F32
+    for name, ref in expected_tensors(cfg, _dense(run)).items():
+        assert tensors[name][0] == "F32" and torch.equal(tensors[name][1], ref), name
 
 
 def test_metadata_and_tokenizer(gptoss, builtin_tok, tmp_path):
@@ -283,7 +324,9 @@ def fails(gptoss, *args) -> str:
 def test_bad_options_and_models_are_refused_before_anything_is_written(gptoss, builtin_tok, tmp_path):
     run = make_run(tmp_path / "run", builtin_tok)
     out = tmp_path / "m.gguf"
-    assert "--quantize is for --format gguf" in fails(gptoss, "--run", run, "--quantize", "mxfp4", "--out", out)
+    assert "--quantize and --dequantize contradict" in fails(
+        gptoss, "--run", run, "--format", "gguf", "--quantize", "mxfp4", "--dequantize", "--out", out
+    )
     assert "--max-shard-size is for --format hf" in fails(
         gptoss, "--run", run, "--format", "gguf", "--max-shard-size", "1GB", "--out", out
     )

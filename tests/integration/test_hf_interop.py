@@ -32,7 +32,7 @@ from gptoss_cli.run.checkpoint import (  # noqa: E402
     weights_state_dict,
 )
 from tests.conftest import assert_close, randomise, save_run, tiny_model_config  # noqa: E402
-from tests.unit.interop.test_mxfp4 import quantize_by_hand  # noqa: E402
+from tests.unit.model.test_mxfp4 import quantize_by_hand  # noqa: E402
 
 # TOL is absolute on purpose: randomise's 0.08 weights keep the logits O(1) (assert_close prints max|ref|).
 VOCAB, SEQ, TOL = 320, 20, 1e-5
@@ -281,9 +281,11 @@ def test_import_without_tokenizer_warns_and_writes_weights(tmp_path):
 # ---- MXFP4 --------------------------------------------------------------------------------------
 
 
-def test_import_hf_mxfp4_experts(tmp_path):
+def hf_mxfp4_dir(root: Path) -> tuple[Path, transformers.GptOssForCausalLM, dict]:
+    """An HF directory whose expert matrices are MXFP4 (values packed by hand), the HF model holding the
+    same values dense, and {our name: (blocks, scales, decoded values)}."""
     hf = hf_model()
-    src = tmp_path / "hf"
+    src = root / "hf"
     hf.save_pretrained(src)
     tensors = load_file(src / "model.safetensors")
     expected = {}
@@ -296,18 +298,36 @@ def test_import_hf_mxfp4_experts(tmp_path):
             blocks, scales, values = quantize_by_hand(shape, seed=10 * i + len(name))
             del tensors[key]
             tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
-            expected[f"block.{i}.mlp.{ours}"] = values  # our layout (E, out, in) = the blocks' layout
+            expected[f"block.{i}.mlp.{ours}"] = blocks, scales, values  # our layout (E, out, in) = the blocks'
             with torch.no_grad():  # the same values, dense, in HF's (E, in, out) layout
                 hf.get_parameter(key).copy_(values.transpose(1, 2))
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
     (src / "config.json").write_text(json.dumps(config))
-    ok("import", src, "--run", tmp_path / "run")
-    state = read_state(resolve_checkpoint(tmp_path / "run"))
-    assert state.quantization == "mxfp4"
-    weights = load_file(resolve_checkpoint(tmp_path / "run") / "model.safetensors")
-    for name, values in expected.items():
+    return src, hf, expected
+
+
+def test_import_hf_mxfp4_keeps_the_experts_packed(tmp_path):
+    src, hf, expected = hf_mxfp4_dir(tmp_path)
+    result = ok("import", src, "--run", tmp_path / "run", "--json")
+    assert json.loads(result.stdout)["experts"] == "mxfp4"
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    assert read_state(ckpt).quantization == "mxfp4"
+    weights = load_file(ckpt / "model.safetensors")
+    for name, (blocks, scales, _) in expected.items():
+        assert name not in weights
+        assert torch.equal(weights[name + ".blocks"], blocks) and torch.equal(weights[name + ".scales"], scales)
+    assert_close(logits(load_run(tmp_path / "run")), logits(hf), rtol=0, atol=TOL)  # decoded into a dense model
+
+
+def test_import_hf_mxfp4_dequantize_decodes_to_bf16(tmp_path):
+    src, hf, expected = hf_mxfp4_dir(tmp_path)
+    ok("import", src, "--run", tmp_path / "run", "--dequantize")
+    ckpt = resolve_checkpoint(tmp_path / "run")
+    assert read_state(ckpt).quantization is None
+    weights = load_file(ckpt / "model.safetensors")
+    for name, (_, _, values) in expected.items():
         assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name].float(), values), name
     assert_close(logits(load_run(tmp_path / "run")), logits(hf), rtol=0, atol=TOL)
 
@@ -349,7 +369,8 @@ def test_import_openai_original_layout(tmp_path):
         )
     )
     train_tokenizer(TEXTS, 300).save(str(src.parent / "tokenizer.json"))  # a release keeps it one level up
-    ok("import", src, "--run", tmp_path / "run")
+    result = ok("import", src, "--run", tmp_path / "run")
+    assert "only 1 of the 8 expert matrices are MXFP4" in result.output  # decoded, losslessly, to bf16
     back = load_run(tmp_path / "run")
     assert (back.config.tie_word_embeddings, back.config.attention_bias, back.config.router_bias) == (False, True, True)
     assert back.config.max_context_length == 2048 and (tmp_path / "run" / "tokenizer.json").is_file()

@@ -56,14 +56,19 @@ def gptoss(gptoss):
     return lambda *args: gptoss("infer", *args)
 
 
-@torch.no_grad()
-def reference_greedy(run: Path, prompt: str, n: int) -> str:
-    """Cache-free greedy decoding over the checkpoint's weights: argmax of a full forward per token."""
-    tok = load_tokenizer(run / "tokenizer.json")
+def loaded_model(run: Path) -> Transformer:
     from gptoss_cli.config import config_from_dict, read_yaml
 
     model = Transformer(config_from_dict(read_yaml(run / "config.yaml")).model).eval()
     load_weights(model, run / STEP_DIR / "model.safetensors")
+    return model
+
+
+@torch.no_grad()
+def reference_greedy_ids(run: Path, prompt: str, n: int) -> list[int]:
+    """Cache-free greedy decoding over the checkpoint's weights: argmax of a full forward per token."""
+    tok = load_tokenizer(run / "tokenizer.json")
+    model = loaded_model(run)
     ids = tok.encode(prompt).ids
     new = []
     for _ in range(n):
@@ -71,7 +76,23 @@ def reference_greedy(run: Path, prompt: str, n: int) -> str:
         if nxt == tok.token_to_id("<|endoftext|>"):
             break
         new.append(nxt)
-    return tok.decode(new)
+    return new
+
+
+def reference_greedy(run: Path, prompt: str, n: int) -> str:
+    return load_tokenizer(run / "tokenizer.json").decode(reference_greedy_ids(run, prompt, n))
+
+
+def gptoss_cli_export(run: Path, out: Path) -> tuple[int, str, str]:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_cli", "export", "--run", str(run), "--out", str(out), "--dtype", "fp32"],
+        capture_output=True,
+        text=True,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
 
 
 def test_greedy_text_streams_to_stdout_and_summary_to_stderr(gptoss, demo):
@@ -125,6 +146,62 @@ def test_default_run_is_the_newest_under_runs(gptoss, demo, tmp_path, monkeypatc
     code, out, err = gptoss(PROMPT, "-n", 3)
     assert code == 0, err
     assert (new / "inference-memory.jsonl").is_file() and not (old / "inference-memory.jsonl").exists()
+
+
+def test_default_run_skips_one_still_training_and_says_which_it_used(gptoss, demo, tmp_path, monkeypatch):
+    from gptoss_cli.run.layout import RunDir
+    from gptoss_cli.run.lock import RunLock
+
+    old = shutil.copytree(demo, tmp_path / "runs" / "old")
+    new = shutil.copytree(demo, tmp_path / "runs" / "new")
+    os.utime(old, (1, 1))
+    monkeypatch.chdir(tmp_path)
+    with RunLock(RunDir(new)):  # a trainer holds the newer run
+        code, out, err = gptoss(PROMPT, "-n", 3)
+    assert code == 0, err
+    assert f"using the newest run, {Path('runs') / 'old'} ({Path('runs') / 'new'} is still training)" in err
+    code, out, err = gptoss(PROMPT, "-n", 3)  # nobody trains it now: the newest again
+    assert code == 0 and f"using the newest run, {Path('runs') / 'new'}\n" in err, err
+
+
+def test_a_hugging_face_directory_is_pointed_to_import(gptoss, demo, tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}", encoding="utf-8")
+    (hf / "model.safetensors").write_bytes(b"")
+    for flag in ("--checkpoint", "--run"):
+        code, out, err = gptoss(PROMPT, flag, hf)
+        assert code == 2 and err.count("\n") == 1, err
+        assert "is a Hugging Face model directory" in err and f"gptoss import {hf} --run" in err
+
+
+def test_a_run_with_a_conversation_format_stops_at_the_end_of_a_turn_as_transformers_does(gptoss, tmp_path):
+    """A run whose greedy continuation is an end-of-turn id: infer stops there, as transformers' generate()
+    does on the export (its generation_config lists that id beside EOS); before, infer wrote past it."""
+    import transformers
+    from safetensors.torch import save_file
+
+    from gptoss_cli.data.chat_format import END
+    from gptoss_cli.run.checkpoint import weights_state_dict
+
+    run = make_run(tmp_path / "chatty")
+    tok = load_tokenizer(run / "tokenizer.json")
+    model, prompt = loaded_model(run), tok.encode(PROMPT).ids
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+        first, end = int(logits.argmax()), tok.token_to_id(END)
+        assert logits[first] > 1  # doubling its unembedding row makes the end id win by a margin
+        model.unembedding.weight[end] = 2 * model.unembedding.weight[first]  # tied: the end id is no input
+    save_file(weights_state_dict(model), str(run / STEP_DIR / "model.safetensors"))
+    code, out, err = gptoss(PROMPT, "-n", 8, "--run", run, "--temperature", 0, "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["stop_reason"] == "eos" and record["new_tokens"] == 0 and record["completion"] == ""
+    code, _, err = gptoss_cli_export(run, tmp_path / "hf")
+    assert code == 0, err
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    generated = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt) :]
+    assert generated.tolist() == [end]  # transformers stops at the same place (and keeps the id)
 
 
 def test_inference_memory_is_recorded_for_report(gptoss, demo, tmp_path):

@@ -6,6 +6,7 @@ continues, the tokenizer cache, training from data.prepared, and every bad input
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,12 @@ def test_prepare_cli_writes_shards_that_decode_to_the_documents(gptoss, small_ov
     # Again with the same arguments: nothing to do; the human output names the dataset.
     code, out, err = gptoss("prepare", str(data), "--out", tmp_path / "ds", "-c", "tiny", *sets)
     assert code == 0 and out == "" and "already prepared" in err and f"data.prepared={tmp_path / 'ds'}" in err
+    # The closing hint carries the config and the model/train overrides the data was prepared with, and works.
+    hint = next(line for line in err.splitlines() if line.startswith("train on it: ")).removeprefix("train on it: ")
+    args = shlex.split(hint)[1:]  # without "gptoss"
+    assert args[:3] == ["train", "-c", "tiny"] and "data.val_fraction" not in hint
+    code, _, err = gptoss(*args, "--set", "train.max_steps=1", "--run", tmp_path / "run")
+    assert code == 0 and "completed: 1 steps" in err, err
 
 
 def test_workers_give_the_same_shards_as_one_process(tmp_path):

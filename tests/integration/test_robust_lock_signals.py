@@ -114,6 +114,41 @@ def test_a_second_ctrl_c_aborts_with_130_and_no_traceback(small_overrides, tmp_p
         assert ckpt.read_state(ckpt.resolve_checkpoint(run)).step >= 1
 
 
+def test_ctrl_c_before_the_first_log_line_exits_130_with_a_final_loss(small_overrides, tmp_path):
+    """Stopped between logged steps: the steps since the last line are logged at the stop, so the summary
+    has a final loss to print (it once crashed formatting a loss that did not exist)."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    quiet = ("train.max_steps=100000", "train.save_every=100000", "train.eval_every=100000", "train.log_every=100000")
+    proc = gptoss_process(run, cache, *quiet, small=small_overrides)
+    try:
+        deadline = time.monotonic() + 180
+        memory = run / "memory.jsonl"  # one line per step: the loop is running
+        while not (memory.is_file() and memory.read_text(encoding="utf-8").count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert "unexpected" not in err and "Traceback" not in err
+    summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    assert summary["status"] == "interrupted" and summary["final_loss"] is not None
+    assert f"Step {summary['steps']}: Loss=" in err and f"final loss {summary['final_loss']:.4f}" in err
+
+
+def test_the_stop_message_says_how_long_the_step_will_take():
+    from gptoss_cli.train.signals import StopRequest
+
+    stop = StopRequest(announce=False)
+    assert stop._what_now().startswith("finishing the first step (it can take long")
+    stop.step_s = 0.2
+    assert stop._what_now() == "finishing this step and saving a checkpoint"
+    stop.step_s = 95.0
+    assert "steps take about 95 s here" in stop._what_now()
+
+
 def test_lock_of_a_killed_trainer_is_taken_over(small_overrides, tmp_path):
     run, cache = tmp_path / "run", tmp_path / "cache"
     dead = gptoss_process(run, cache, *LONG, small=small_overrides)
@@ -152,3 +187,20 @@ def test_a_signal_during_a_step_stops_at_that_step(small_cfg, tmp_path, monkeypa
     assert summary["steps"] == 2 and summary["status"] == "interrupted"  # not step 3
     assert summary["signal"] == "SIGINT"
     assert ckpt.resolve_checkpoint(run).name == ckpt.step_dir_name(2)
+
+
+def test_off_a_terminal_training_prints_progress_lines(small_overrides, tmp_path):
+    """Under nohup, Slurm, CI or `| tee log` stderr is no terminal: a plain progress line still comes."""
+    sets = [a for o in [*small_overrides, "train.max_steps=3", "train.log_every=100"] for a in ("--set", o)]
+    env = dict(os.environ, GPTOSS_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", GPTOSS_PROGRESS_SECONDS="0")
+    proc = subprocess.run(
+        [sys.executable, "-m", "gptoss_cli", "train", "--config", "tiny", *sets, "--run", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("training: ")]
+    assert lines[0] == "training: started" and lines[-1].startswith("training: done, 3/3 steps (100%), loss ")
+    assert any(line.startswith("training: 1/3 steps (33%), loss ") for line in lines), lines

@@ -15,7 +15,7 @@ LINE_KINDS = {
     "model": r"^building the model for \S+ on \w+$",
     "setup": rf"^setup: read {NUM} s, tokenizer {NUM} s, tokenize {NUM} s, model {NUM} s( \(data .+\))?$",
     "header": rf"^run \S+: {NUM} steps; global batch {NUM} x {NUM} accumulation x {NUM} process(es)? = {NUM} "
-    rf"sequences of {NUM} tokens; \w+ \([\w-]+\)$",
+    rf"sequences of {NUM} tokens; \w+ \([\w-]+(; {NUM} threads?: .+)?\)$",
     "untrained": rf"^Step 0 \(untrained\): validation loss {NUM}, ppl {NUM}; ln\(vocab_size\) = {NUM}$",
     "step": rf"^Epoch {NUM}, Step {NUM}: Loss={NUM}, PPL={NUM}, Acc={NUM}, LR={NUM}e[-+][0-9]+$",
     "epoch": rf"^Epoch {NUM} completed\. Average Loss: {NUM}$",

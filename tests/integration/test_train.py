@@ -393,3 +393,35 @@ def test_config_yaml_is_plain_yaml_of_every_field(small_cfg, tmp_path):
     setup_training(cfg, run)
     raw = yaml.safe_load((run / "config.yaml").read_text())
     assert raw["model"]["hidden_size"] == 32 and raw["train"]["max_steps"] == 6 and raw["name"] == "tiny"
+
+
+def test_a_resumed_summary_gives_this_sessions_rate(small_cfg, tmp_path):
+    run = tmp_path / "run"
+    _, first = train(small_cfg("train.max_steps=2"), run)
+    _, second = train(small_cfg("train.max_steps=4"), run, resume=True)
+    assert second["tokens"] == 2 * first["tokens"] and second["session_tokens"] == first["tokens"]
+    assert second["tokens_per_s"] == pytest.approx(second["session_tokens"] / second["session_s"], rel=1e-3)
+    assert second["elapsed_s"] > second["session_s"]  # the run's time includes the first session's
+
+
+def test_resuming_on_fewer_processes_warns_that_the_global_batch_changes(small_cfg, capsys):
+    from gptoss_cli.run.checkpoint import CheckpointState
+    from gptoss_cli.train.setup import _warn_world_change
+
+    cfg = small_cfg("train.batch_size=4", "train.grad_accum_steps=2")
+    _warn_world_change(cfg, CheckpointState(step=3, world_size=2), world=1, accum=2)
+    err = capsys.readouterr().err
+    assert "resuming on 1 process instead of 2: the global batch goes from 16 to 8 sequences" in err
+    assert "train.global_batch_size=16" in err
+    _warn_world_change(cfg, CheckpointState(step=3, world_size=1), world=1, accum=2)
+    fixed = small_cfg("train.batch_size=4", "train.global_batch_size=16")
+    _warn_world_change(fixed, CheckpointState(step=3, world_size=2), world=1, accum=4)  # derived: kept
+    assert capsys.readouterr().err == ""
+
+
+def test_a_run_started_from_weights_names_them_at_step_0(small_cfg, tmp_path, capsys):
+    _, base = train(small_cfg("train.max_steps=2"), tmp_path / "base")
+    capsys.readouterr()
+    train(small_cfg("train.max_steps=1"), tmp_path / "tuned", init_from=tmp_path / "base")
+    err = capsys.readouterr().err
+    assert f"Step 0 (the weights of {base['checkpoint']}): validation loss" in err and "untrained" not in err

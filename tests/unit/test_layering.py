@@ -51,6 +51,8 @@ LAYERS: dict[str, int] = {
     "transforms": 3,
     "atomic": 3,
     "strict": 3,
+    "progress": 3,
+    "threads": 3,
     "data": 3,
     "config": 3,
     "devices": 3,

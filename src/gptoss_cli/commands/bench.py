@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .options import ConfigOpt, JsonOpt, SetOpt
+from .options import ConfigOpt, JsonOpt, SetOpt, ThreadsOpt
 
 
 def command(
@@ -18,7 +18,7 @@ def command(
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="Unmeasured steps first.")] = 2,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=2, help="Tokens per decode run.")] = 32,
     decode_batch: Annotated[int, typer.Option("--decode-batch", min=1, help="The larger decode batch.")] = 8,
-    threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0: torch's default).")] = 0,
+    threads: ThreadsOpt = None,
     compile_decode: Annotated[
         bool,
         typer.Option(
@@ -35,7 +35,7 @@ def command(
     """
     from ..bench import run_bench
     from ..config import load_config
-    from ..output import print_json
+    from ..output import console, print_json
 
     cfg = load_config(config, set_)
     both = not train and not infer
@@ -49,6 +49,7 @@ def command(
         decode_batch=decode_batch,
         threads=threads,
         compile_decode=compile_decode,
+        say=lambda line: console.print(line, highlight=False),
     )
     if json:
         print_json(report)

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
 from .options import ConfigOpt, JsonOpt, SetOpt
 
+ContextOpt = Annotated[
+    int | None,
+    typer.Option("--context", min=1, help="Tokens of context for the inference estimate (default: train.seq_len)."),
+]
+BuildRunOpt = Annotated[
+    Path | None,
+    typer.Option("--run", "--run-dir", "-r", help="Describe this run's model (its checkpoint's config) instead."),
+]
 
-def command(config: ConfigOpt = "compact", set_: SetOpt = None, json: JsonOpt = False, tree: bool = True) -> None:
+
+def command(
+    config: ConfigOpt = "compact",
+    set_: SetOpt = None,
+    run: BuildRunOpt = None,
+    context: ContextOpt = None,
+    json: JsonOpt = False,
+    tree: bool = True,
+) -> None:
     """Show a config's module tree, parameter counts, FLOPs per token and memory needs. Allocates nothing.
 
-    Example: gptoss build --config gpt-oss-120b
+    The inference estimate gives the weights with MXFP4 experts (as released gpt-oss checkpoints are
+    imported) and decoded, and the peak at --context tokens: whether a model fits before downloading it.
+
+    Example: gptoss build --config gpt-oss-20b --context 8192
     """
     from rich.table import Table
 
@@ -16,8 +40,16 @@ def command(config: ConfigOpt = "compact", set_: SetOpt = None, json: JsonOpt = 
     from ..output import console, print_json
     from ..sizing import GIB, describe
 
-    cfg = load_config(config, set_)
-    info = describe(cfg)
+    if run is not None:
+        from ..run.checkpoint import packed_weights, tensor_names
+        from ..run.open import open_run
+
+        opened = open_run(run, need_tokenizer=False)
+        cfg = opened.config
+        holds = "mxfp4" if packed_weights(tensor_names(opened.weights)) else "dense"
+    else:
+        cfg, holds = load_config(config, set_), None
+    info = describe(cfg, context=context) | ({"run": str(run), "experts_stored": holds} if run is not None else {})
     if json:
         print_json(info)
         return
@@ -53,3 +85,13 @@ def command(config: ConfigOpt = "compact", set_: SetOpt = None, json: JsonOpt = 
             tr[0], "" if tr[1] is None else f"{tr[1] / GIB:.2f}", ir[0], "" if ir[1] is None else f"{ir[1] / GIB:.2f}"
         )
     console.print(mem)
+    inf = info["inference_at_context"]
+    stored = {"mxfp4": " (this run holds MXFP4 experts)", "dense": " (this run holds dense experts)"}.get(holds, "")
+    console.print(
+        f"Inference at {inf['context']:,} tokens, batch 1, {info['inference_dtype']}{stored}: weights "
+        f"{inf['weights_mxfp4_experts'] / GIB:.2f} GiB with MXFP4 experts, {inf['weights_decoded'] / GIB:.2f} GiB "
+        f"decoded; KV cache {inf['kv_cache'] / GIB:.2f} GiB; prefill transients {inf['prefill_transients'] / GIB:.2f}"
+        f" GiB; estimated peak [bold]{inf['peak_mxfp4_experts'] / GIB:.2f} GiB[/] packed, "
+        f"{inf['peak_decoded'] / GIB:.2f} GiB decoded",
+        highlight=False,
+    )

@@ -16,6 +16,7 @@ from .options import (
     SeedOpt,
     StopOpt,
     TemperatureOpt,
+    ThreadsOpt,
     TokensOpt,
     TopKOpt,
     TopPOpt,
@@ -37,6 +38,7 @@ def command(
     stop: StopOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     json: JsonLinesOpt = False,
 ) -> None:
     """Chat with a run in its conversation format (default: the newest run under ./runs).
@@ -51,7 +53,9 @@ def command(
     """
     from ..chat.open import open_chat
     from ..chat.session import run_chat
+    from ..threads import set_threads
 
+    set_threads(threads)
     session = open_chat(
         run=run,
         checkpoint=checkpoint,

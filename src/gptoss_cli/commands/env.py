@@ -6,14 +6,17 @@ from .options import JsonOpt
 
 
 def command(json: JsonOpt = False) -> None:
-    """Check Python, torch/CUDA, GPUs (via NVML), nvidia-smi, nvcc, attention backends and torch.compile.
+    """Check Python, torch/CUDA, GPUs (via NVML), nvidia-smi, nvcc, attention and MoE backends, the MXFP4
+    expert path, torch.compile.
+
+    The report goes to stdout (gptoss env > env.txt).
 
     Example: gptoss env --json
     """
     from rich.table import Table
 
     from ..envinfo import collect
-    from ..output import console, print_json
+    from ..output import print_json, report_console
 
     info = collect()
     if json:
@@ -23,6 +26,7 @@ def command(json: JsonOpt = False) -> None:
     def yes(flag: bool) -> str:
         return "[green]yes[/]" if flag else "[red]no[/]"
 
+    console = report_console()  # the report is the command's output: stdout, so it can be saved or piped
     table = Table(show_header=False, box=None, padding=(0, 2))
     table.add_row("python", info["python"])
     table.add_row("platform", info["platform"])
@@ -38,6 +42,10 @@ def command(json: JsonOpt = False) -> None:
     table.add_row("NVML", info["nvml"])
     table.add_row("attention", ", ".join(f"{k} {yes(v)}" for k, v in info["attention_backends"].items()))
     table.add_row("MoE", ", ".join(f"{k} {yes(v)}" for k, v in info["moe_backends"].items()))
+    mx = info["mxfp4_experts"]
+    table.add_row(
+        "MXFP4 experts", f"{yes(mx['works'])} on {mx['device']}: {mx['path']}; fused kernel: {mx['fused_kernel']}"
+    )
     table.add_row("torch.compile", f"{yes(info['compile']['available'])} ({info['compile']['why']})")
     table.add_row("CPU threads", str(info["cpu_threads"]))
     console.print(table)

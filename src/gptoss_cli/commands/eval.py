@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import CheckpointsOpt, DeviceOpt, DtypeOpt, JsonLinesOpt, RunsOpt
+from .options import CheckpointsOpt, DeviceOpt, DtypeOpt, JsonLinesOpt, RunsOpt, ThreadsOpt
 
 DataOpt = Annotated[
     list[str] | None,
@@ -53,6 +53,7 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     no_save: NoSaveOpt = False,
+    threads: ThreadsOpt = None,
     json: JsonLinesOpt = False,
 ) -> None:
     """Score runs on a text: mean loss, perplexity, bits per byte (comparable across tokenizers) and top-1
@@ -65,7 +66,9 @@ def command(
     from ..evaluate.evaluator import Target, evaluate
     from ..evaluate.view import EvalProgress, results_table
     from ..output import console, warn
+    from ..threads import set_threads
 
+    set_threads(threads)
     targets = [Target(run=r) for r in run or []] + [Target(checkpoint=c) for c in checkpoint or []]
     with EvalProgress(console) as progress:
         results = evaluate(

@@ -28,11 +28,26 @@ ShardOpt = Annotated[
         help="hf: split model.safetensors above this size (default 5GB; 500MB, 2GiB), with an index file.",
     ),
 ]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out.")]
 QuantizeOpt = Annotated[
     Literal["mxfp4"] | None,
-    typer.Option("--quantize", help="gguf: store the expert matrices in MXFP4 (llama.cpp's rounding)."),
+    typer.Option("--quantize", help="Pack the experts of a bf16/fp32 run as MXFP4 (OCP MX rounding; error reported)."),
 ]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing --out.")]
+DequantizeOpt = Annotated[
+    bool, typer.Option("--dequantize", help="Write a packed run's MXFP4 experts decoded, in --dtype.")
+]
+
+
+def _print_quantization_error(errors: dict) -> None:
+    from ..output import console
+
+    worst = max(errors, key=lambda n: errors[n]["relative_rms"])
+    mean = sum(e["relative_rms"] for e in errors.values()) / len(errors)
+    console.print(
+        f"MXFP4 quantisation error ||W - Q(W)|| / ||W||: mean {mean:.4f} over {len(errors)} expert matrices, "
+        f"largest {errors[worst]['relative_rms']:.4f} ({worst}); --json lists each",
+        highlight=False,
+    )
 
 
 def command(
@@ -42,12 +57,15 @@ def command(
     dtype: ExportDtypeOpt = "bf16",
     checkpoint: CheckpointOpt = None,
     max_shard_size: ShardOpt = None,
-    quantize: QuantizeOpt = None,
     force: ForceOpt = False,
+    quantize: QuantizeOpt = None,
+    dequantize: DequantizeOpt = False,
     json: JsonOpt = False,
 ) -> None:
     """Export a run for transformers (config.json, safetensors, generation and tokenizer files) or, with
     --format gguf, as one GGUF file for llama.cpp, Ollama and LM Studio.
+
+    A run with MXFP4 experts is written MXFP4, byte for byte, unless --dequantize.
 
     Example: gptoss export --run runs/demo --out hf/demo --dtype fp32
     Then: AutoModelForCausalLM.from_pretrained("hf/demo")  (see docs/interop.md)
@@ -57,37 +75,28 @@ def command(
     from ..errors import GptossError
     from ..output import console, print_json
 
+    options = dict(dtype=dtype, checkpoint=checkpoint, quantize=quantize, dequantize=dequantize, force=force)
     if fmt == "gguf":
         if max_shard_size is not None:
             raise GptossError("--max-shard-size is for --format hf (a GGUF export is one file)")
         from ..interop.gguf_export import export_gguf
 
-        summary = export_gguf(run, out, dtype=dtype, checkpoint=checkpoint, quantize=quantize, force=force)
+        summary = export_gguf(run, out, **options)
     else:
-        if quantize is not None:
-            raise GptossError("--quantize is for --format gguf")
         from ..interop.export import export_run
 
-        summary = export_run(
-            run, out, dtype=dtype, checkpoint=checkpoint, max_shard_size=max_shard_size or "5GB", force=force
-        )
+        summary = export_run(run, out, max_shard_size=max_shard_size or "5GB", **options)
     if json:
         print_json(summary)
         return
+    where = f"exported {summary['checkpoint']} (step {summary['step']}) to [bold]{summary['out']}[/]"
+    size = f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB {summary['dtype']}"
     if fmt == "gguf":
-        experts = f" (experts {summary['quantize']})" if summary["quantize"] else ""
-        console.print(
-            f"exported {summary['checkpoint']} (step {summary['step']}) to [bold]{summary['out']}[/]: "
-            f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB {summary['dtype']}{experts}, "
-            f"tokenizer pre-tokenizer {summary['pre_tokenizer']}"
-            + (", chat template" if summary["chat_template"] else ""),
-            highlight=False,
-        )
-        return
-    shards = [f for f in summary["files"] if f.endswith(".safetensors")]
-    console.print(
-        f"exported {summary['checkpoint']} (step {summary['step']}) to [bold]{summary['out']}[/]: "
-        f"{summary['tensors']} tensors, {summary['bytes'] / 2**20:,.1f} MiB {summary['dtype']} "
-        f"in {len(shards)} file(s)",
-        highlight=False,
-    )
+        chat = ", chat template" if summary["chat_template"] else ""
+        tail = f"tokenizer pre-tokenizer {summary['pre_tokenizer']}{chat}"
+        console.print(f"{where}: {size} (experts {summary['experts']}), {tail}", highlight=False)
+    else:
+        shards = [f for f in summary["files"] if f.endswith(".safetensors")]
+        console.print(f"{where}: {size} (experts {summary['experts']}) in {len(shards)} file(s)", highlight=False)
+    if summary["quantization_error"]:
+        _print_quantization_error(summary["quantization_error"])

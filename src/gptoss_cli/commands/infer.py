@@ -18,6 +18,7 @@ from .options import (
     SeedOpt,
     StopOpt,
     TemperatureOpt,
+    ThreadsOpt,
     TokensOpt,
     TopKOpt,
     TopPOpt,
@@ -56,6 +57,7 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     compile: CompileOpt = False,
+    threads: ThreadsOpt = None,
     json: JsonLinesOpt = False,
 ) -> None:
     """Generate text with a trained run (default: the newest under ./runs).
@@ -66,8 +68,10 @@ def command(
     """
     from ..infer.generate import infer
     from ..output import console
+    from ..threads import set_threads
 
     prompts = _read_prompts(prompt, prompt_opt, prompts_file)
+    set_threads(threads)
     stream = not json and len(prompts) == 1  # a batch prints whole completions, one after another
     echoed = []  # the prompt is echoed with the first text, so an error before it leaves stdout empty
 
@@ -144,6 +148,7 @@ def _write_completions(completions, *, json: bool, stream: bool, echoed: bool) -
 def _summary_line(result) -> None:
     """stderr: the context warning and one line of counts, speeds, memory and what ran where."""
     from ..output import console, warn
+    from ..threads import describe
 
     s, loaded = result.stats, result.run
     if s.context_limited:
@@ -158,7 +163,8 @@ def _summary_line(result) -> None:
     batch = f" | batch {s.batch}" if s.batch > 1 else ""
     console.print(
         f"prompt tokens {s.prompt_tokens} | new tokens {s.new_tokens} | prefill {s.prefill_s * 1e3:.1f} ms | "
-        f"{decode} | {peak} | {loaded.checkpoint} on {loaded.device.type} {loaded.dtype_name}{batch}",
+        f"{decode} | {peak} | {loaded.checkpoint} on {loaded.device.type} {loaded.dtype_name}{batch} | "
+        f"{describe()}",
         markup=False,
         highlight=False,
         soft_wrap=True,

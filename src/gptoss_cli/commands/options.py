@@ -66,6 +66,14 @@ DtypeOpt = Annotated[
         "--dtype", help="auto: bf16 on a GPU that computes it natively, else fp32 (norms and router stay fp32)."
     ),
 ]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="CPU threads for torch (default: the free physical cores, or OMP_NUM_THREADS; never more).",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 JsonLinesOpt = Annotated[
     bool, typer.Option("--json", help="One JSON object per result (JSON Lines) on stdout instead of text.")

@@ -65,4 +65,14 @@ def command(
         f"{summary['shards']} shard(s)",
         highlight=False,
     )
-    console.print(f"train on it: gptoss train --set data.prepared={out}", highlight=False, soft_wrap=True)
+    console.print(f"train on it: {train_hint(config, set_, out)}", highlight=False, soft_wrap=True)
+
+
+def train_hint(config: str, overrides: list[str] | None, out: Path) -> str:
+    """The train command for this dataset, with the config and the model/train overrides it was prepared
+    with (the tokenizer's vocabulary is the config's model.vocab_size; data.* settings stay behind: the
+    prepared directory holds its text)."""
+    import shlex
+
+    sets = [o for o in overrides or [] if not o.strip().startswith("data.")] + [f"data.prepared={out}"]
+    return " ".join(["gptoss train -c", shlex.quote(config), *(f"--set {shlex.quote(o)}" for o in sets)])

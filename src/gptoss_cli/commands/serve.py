@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import CheckpointOpt, DeviceOpt, DtypeOpt, ReadRunOpt
+from .options import CheckpointOpt, DeviceOpt, DtypeOpt, ReadRunOpt, ThreadsOpt
 
 HostOpt = Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")]
 PortOpt = Annotated[int, typer.Option("--port", help="TCP port.")]
@@ -47,6 +47,7 @@ def command(
     drain_timeout: DrainOpt = 30.0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
 ) -> None:
     """Serve a trained run over the OpenAI HTTP API (completions, chat completions, streaming).
 
@@ -54,7 +55,9 @@ def command(
     http://127.0.0.1:8000/v1 with the run directory's name as the model.
     """
     from ..serve.server import ServeOptions, serve
+    from ..threads import set_threads
 
+    set_threads(threads)
     options = ServeOptions(
         host=host,
         port=port,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import JsonOpt, OptionalConfigOpt, RunOpt, SetOpt
+from .options import JsonOpt, OptionalConfigOpt, RunOpt, SetOpt, ThreadsOpt
 
 
 def command(
@@ -29,6 +29,7 @@ def command(
         ),
     ] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Reuse this tokenizer.json.")] = None,
+    threads: ThreadsOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Train from scratch on a text corpus (the built-in sample corpus when data.paths is empty).
@@ -55,9 +56,11 @@ def command(
             "no --config: training the compact reference model (~1.4 billion parameters), which needs a GPU; "
             "for a first run on a CPU use --config tiny"
         )
+    from ..threads import set_threads
     from ..train.distributed import shutdown
     from ..train.loop import Trainer, setup_training
 
+    set_threads(threads)
     try:
         setup = setup_training(
             cfg,
@@ -87,16 +90,19 @@ def command(
 def _print_summary(summary: dict) -> None:
     from ..output import console
 
-    best = summary["best_val_loss"]
+    best, final = summary["best_val_loss"], summary["final_loss"]
+    rate = f"{summary['tokens_per_s']:,.0f} tokens/s"
+    if summary["session_tokens"] != summary["tokens"]:  # resumed: the rate is this session's
+        rate = f"this session {summary['session_tokens']:,} tokens in {summary['session_s']:.1f} s, {rate}"
     console.print(
         f"[bold]{summary['status']}[/]: {summary['steps']} steps, {summary['tokens']:,} tokens in "
-        f"{summary['elapsed_s']:.1f} s ({summary['tokens_per_s']:,.0f} tokens/s)",
+        f"{summary['elapsed_s']:.1f} s ({rate})",
         highlight=False,
     )
-    console.print(
-        f"final loss {summary['final_loss']:.4f}" + (f", best validation loss {best:.4f}" if best is not None else ""),
-        highlight=False,
-    )
+    losses = [f"final loss {final:.4f}" if final is not None else "no step finished"]
+    if best is not None:
+        losses.append(f"best validation loss {best:.4f}")
+    console.print(", ".join(losses), highlight=False)
     console.print(f"run: {summary['run_dir']}", highlight=False, soft_wrap=True)
     console.print(f"checkpoint: {summary['checkpoint']}", highlight=False, soft_wrap=True)
 

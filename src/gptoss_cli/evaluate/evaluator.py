@@ -80,6 +80,24 @@ def window_sizes(cfg, context: int | None, stride: int | None) -> tuple[int, int
     return context, stride
 
 
+def shared_context(targets: list[Target], warn: Callable[[str], None]) -> int:
+    """Runs compared side by side are scored with one window: the shortest of their defaults (each run's
+    training length, capped by its context), said when they differ. Reads configs only (open_run)."""
+    from ..run.open import open_run
+
+    defaults = []
+    for target in targets:
+        cfg = open_run(target.run, target.checkpoint, need_tokenizer=False).config
+        defaults.append(min(cfg.train.seq_len, cfg.model.max_context_length))
+    context = min(defaults)
+    if len(set(defaults)) > 1:
+        warn(
+            f"the runs' default windows differ ({', '.join(map(str, defaults))} tokens): every run is scored "
+            f"with the same {context}-token window so the numbers compare (--context sets it)"
+        )
+    return context
+
+
 def evaluate(
     targets: list[Target],
     data: list[str],
@@ -98,8 +116,11 @@ def evaluate(
     check_options(max_tokens=max_tokens, context=context, stride=stride, batch_size=batch_size)
     progress = progress or Progress()
     docs = eval_documents(data)
+    targets = targets or [Target()]
+    if context is None and len(targets) > 1:
+        context = shared_context(targets, warn)
     results = []
-    for target in targets or [Target()]:
+    for target in targets:
         loaded = _open(target, device, dtype)
         win, step = window_sizes(loaded.config, context, stride)
         tok = loaded.tokenizer

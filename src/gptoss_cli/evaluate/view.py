@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ..progress import progress
 from .evaluator import Progress as Callbacks
 
 ROWS = [  # (label, result key, format)
@@ -47,10 +48,10 @@ def results_table(results: list[dict[str, Any]]) -> Table:
 
 
 class EvalProgress:
-    """A rich progress bar (tokens scored) for each model in turn; silent when stderr is not a terminal."""
+    """A progress bar (tokens scored) for each model in turn; plain lines when stderr is not a terminal."""
 
-    def __init__(self, console: Console):
-        self._bar = Progress(
+    def __init__(self, console: Console, disable: bool = False):
+        self._bar = progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -58,7 +59,8 @@ class EvalProgress:
             TimeRemainingColumn(),
             console=console,
             transient=True,
-            disable=not console.is_terminal,
+            disable=disable,
+            unit="tokens",
         )
         self._task = None
         self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)

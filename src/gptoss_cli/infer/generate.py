@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import InferConfig
+from ..data.chat_format import chat_format
 from ..data.tokenizer import EOS, PAD
 from ..errors import GptossError
 from ..model import KVCache, Transformer
@@ -266,7 +267,11 @@ def infer(
     params = loaded.config.infer.with_overrides(option_label, **overrides)
     tok = loaded.tokenizer
     encoded = [tok.encode(p).ids for p in prompts]
-    states = batch_states(loaded.model, encoded, params, eos_id=tok.token_to_id(EOS), tokenizer=tok)
+    # A run with a conversation format also stops where a turn ends, as transformers' generate() does on the
+    # export (its generation_config lists those ids beside EOS).
+    fmt = chat_format(tok, loaded.run.chat_template)
+    stops = frozenset(fmt.stop_ids) if fmt is not None else frozenset()
+    states = batch_states(loaded.model, encoded, params, eos_id=tok.token_to_id(EOS), tokenizer=tok, stop_ids=stops)
     try:
         sampler = MemorySampler(loaded.run.infer_memory, loaded.device, phase="infer")
     except OSError as err:

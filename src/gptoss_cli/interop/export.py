@@ -1,11 +1,15 @@
 """`gptoss export`: a run's checkpoint -> a Hugging Face `GptOssForCausalLM` directory.
 
-    HF_DIR/config.json                      model_type gpt_oss, explicit rope_parameters and layer_types
+    HF_DIR/config.json                      model_type gpt_oss, explicit rope_parameters and layer_types,
+                                            quantization_config when the experts are MXFP4
     HF_DIR/model.safetensors                HF names (or model-0000X-of-0000N.safetensors + the index)
     HF_DIR/generation_config.json           token ids and the run's sampling defaults
     HF_DIR/tokenizer.json, tokenizer_config.json   with the run's chat_template, when it has a conversation format
 
-The directory is built next to HF_DIR and renamed into place, so a failure leaves nothing half-written.
+The experts of a packed run are written as they are stored (`..._blocks` / `..._scales`, byte for byte),
+or decoded (`dequantize`); a dense run's can be quantised to MXFP4 (`quantize`, model/mxfp4.py), the
+error of each matrix reported. The directory is built next to HF_DIR and renamed into place, so a failure
+leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from ..config import RunConfig
 from ..data.tokenizer import EOS, PAD
 from ..devices import param_dtypes, resolve_dtype
 from ..errors import GptossError
+from ..model import mxfp4
 from ..output import warn
-from ..run.checkpoint import read_weights
+from ..run.checkpoint import packed_weights, read_weights, tensor_names
 from ..run.open import open_run
 from .chat_template import export_chat
-from .names import expected_shapes, to_hf_config, to_hf_state_dict
+from .names import expected_shapes, expert_rules, to_hf_config, to_hf_state_dict
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 BOS_CANDIDATES = ("<|startoftext|>", EOS)  # o200k_harmony has a start token; our BPE reuses <|endoftext|>
@@ -115,6 +120,35 @@ def special_tokens(tok: Tokenizer) -> dict[str, str]:
     }
 
 
+def convert_experts(
+    cfg, weights: dict[str, torch.Tensor], packed: bool, quantize: str | None, dequantize: bool, dtype: torch.dtype
+) -> tuple[dict[str, torch.Tensor], bool, dict[str, dict]]:
+    """The experts as the export writes them: packed runs keep their bytes unless `dequantize`; dense ones
+    are quantised with `quantize="mxfp4"`. Returns (weights, packed, {matrix: its quantisation error})."""
+    errors: dict[str, dict] = {}
+    for name in (r.ours for r in expert_rules(cfg)):
+        if packed and dequantize:
+            blocks, scales = weights.pop(name + ".blocks"), weights.pop(name + ".scales")
+            weights[name] = mxfp4.dequantize(blocks, scales, dtype)
+        elif not packed and quantize == "mxfp4":
+            dense = weights.pop(name)
+            blocks, scales = mxfp4.quantize(dense)
+            weights[name + ".blocks"], weights[name + ".scales"] = blocks, scales
+            errors[name] = quantization_error(dense, blocks, scales)
+    return weights, (packed and not dequantize) or (not packed and quantize == "mxfp4"), errors
+
+
+def quantization_error(dense: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> dict:
+    """How far the MXFP4 matrix is from the one it packs: ||W - Q(W)|| / ||W|| and max |W - Q(W)|."""
+    rel, worst, norm = 0.0, 0.0, 0.0
+    for w, b, s in zip(dense, blocks, scales, strict=True):  # one expert at a time: fp32 temporaries
+        diff = w.double() - mxfp4.dequantize(b, s, torch.float32).double()
+        rel += diff.pow(2).sum().item()
+        norm += w.double().pow(2).sum().item()
+        worst = max(worst, diff.abs().max().item())
+    return {"relative_rms": (rel / norm) ** 0.5 if norm else 0.0, "max_abs": worst}
+
+
 def _dump(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
@@ -126,10 +160,17 @@ def export_run(
     checkpoint: Path | None = None,
     max_shard_size: str | int = "5GB",
     force: bool = False,
+    quantize: str | None = None,
+    dequantize: bool = False,
 ) -> dict:
-    """Write the HF directory `out`; returns a summary (files, tensors, bytes, checkpoint)."""
+    """Write the HF directory `out`; returns a summary (files, tensors, bytes, checkpoint, experts and,
+    when quantised, each expert matrix's error)."""
     if dtype not in ("bf16", "fp32"):
         raise GptossError(f"--dtype {dtype!r}: expected one of bf16, fp32")
+    if quantize not in (None, "mxfp4"):
+        raise GptossError(f"--quantize {quantize!r}: expected mxfp4")
+    if quantize and dequantize:
+        raise GptossError("--quantize and --dequantize contradict each other: pick one")
     torch_dtype = resolve_dtype(dtype)
     dtype_name = HF_DTYPE_NAMES[torch_dtype]
     limit = parse_size(max_shard_size)
@@ -148,10 +189,15 @@ def export_run(
         bos, eos, pad = special["bos"], special["eos"], special["pad"]
         token_ids = {k: tok.token_to_id(t) for k, t in special.items()}
         chat = export_chat(tok, opened.run.chat_template)
-    hf_config = to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently
-    weights = read_weights(opened.weights, expected_shapes(cfg.model))
+    to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently, before reading
+    packed = bool(packed_weights(tensor_names(opened.weights)))
+    weights = read_weights(opened.weights, expected_shapes(cfg.model, packed))
+    weights, packed, errors = convert_experts(cfg.model, weights, packed, quantize, dequantize, torch_dtype)
+    hf_config = to_hf_config(cfg.model, dtype_name, token_ids, mxfp4=packed)
     dtypes = param_dtypes(weights, torch_dtype)  # the precision policy: norms and router stay fp32, losslessly
-    hf_tensors = to_hf_state_dict(cfg.model, {n: t.to(dtypes[n]) for n, t in weights.items()})
+    hf_tensors = to_hf_state_dict(
+        cfg.model, {n: t.to(dtypes[n]) if t.is_floating_point() else t for n, t in weights.items()}
+    )
 
     with staged_directory(out, force=force) as tmp:
         files = write_safetensors(tmp, hf_tensors, limit)
@@ -180,6 +226,8 @@ def export_run(
         "checkpoint": str(ckpt),
         "step": opened.step,
         "dtype": dtype,
+        "experts": "mxfp4" if packed else dtype,
+        "quantization_error": errors,
         "files": files,
         "tensors": len(hf_tensors),
         "bytes": sum((out / f).stat().st_size for f in files if f.endswith(".safetensors")),

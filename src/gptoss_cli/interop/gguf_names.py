@@ -20,6 +20,11 @@ what this module produces, every matrix keeps our out x in layout:
     blk.i.ffn_up_exps.weight/.bias    block.i.mlp.mlp1_weight/bias odd rows
     blk.i.ffn_down_exps.weight/.bias  block.i.mlp.mlp2_weight (E, H, I) / mlp2_bias (E, H)
 
+MXFP4 experts (a packed run's `.blocks` / `.scales`, model/mxfp4.py) are stored as ggml's block_mxfp4:
+per 32 values of a row one E8M0 scale byte, then 16 bytes whose low nibbles are values 0-15 and high
+nibbles values 16-31. The codes and scales are the same numbers (ggml doubles the e2m1 table and halves
+the scale); only the nibbles move (`ggml_mxfp4`), so the experts are written byte for byte.
+
 Zero biases compute exactly what no bias does; they are written because llama.cpp's gpt-oss loader (and
 older releases of it) require every one of them.
 """
@@ -33,6 +38,7 @@ import gguf
 import torch
 
 from ..errors import GptossError
+from ..model import mxfp4
 from ..model.config import ModelConfig
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT_OSS]  # "gpt-oss"
@@ -48,7 +54,24 @@ MATRIX, F32, EXPERTS = "matrix", "f32", "experts"
 class GgufTensor:
     name: str
     kind: str  # MATRIX | F32 | EXPERTS
-    get: Callable[[], torch.Tensor]  # the values in numpy order, computed when written
+    get: Callable[[], torch.Tensor]  # the values in numpy order, computed when written (experts: dense only)
+    packed: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # MXFP4 experts: (blocks, scales)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical shape, in numpy order (views: nothing is converted)."""
+        if self.packed is None:
+            return tuple(self.get().shape)
+        _, scales = self.packed()
+        return (*scales.shape[:-1], scales.shape[-1] * mxfp4.BLOCK)
+
+
+def ggml_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """openai's MXFP4 (blocks (..., G, 16), value 2j in byte j's low nibble, 2j+1 in its high; scales (..., G))
+    -> ggml's block_mxfp4 bytes (..., G * 17): the scale, then value j in byte j's low nibble, j+16 in its high."""
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2)  # (..., G, 32) in value order
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    return torch.cat([scales.unsqueeze(-1), qs], dim=-1).flatten(-2).contiguous()
 
 
 def _name(kind: gguf.MODEL_TENSOR, suffix: str, layer: int | None = None) -> str:
@@ -124,6 +147,13 @@ def _layer(cfg: ModelConfig, w: dict[str, torch.Tensor], i: int) -> list[GgufTen
         """mlp1's rows interleave gate (even) and linear (odd) units; llama.cpp stores them apart."""
         return lambda: w[p + name][:, parity::2]
 
+    def experts(name: str, kind: gguf.MODEL_TENSOR, rows: slice) -> GgufTensor:
+        """An expert matrix, dense or (a packed run) its MXFP4 blocks and scales, rows picked alike."""
+        if p + name in w:
+            return GgufTensor(_name(kind, ".weight", i), EXPERTS, lambda: w[p + name][:, rows])
+        blocks, scales = p + name + mxfp4.SUFFIXES[0], p + name + mxfp4.SUFFIXES[1]
+        return GgufTensor(_name(kind, ".weight", i), EXPERTS, None, lambda: (w[blocks][:, rows], w[scales][:, rows]))
+
     out = [GgufTensor(_name(T.ATTN_NORM, ".weight", i), F32, ours("attn.norm.scale"))]
     for part, kind in enumerate((T.ATTN_Q, T.ATTN_K, T.ATTN_V)):
         out.append(GgufTensor(_name(kind, ".weight", i), MATRIX, qkv("weight", part)))
@@ -135,17 +165,18 @@ def _layer(cfg: ModelConfig, w: dict[str, torch.Tensor], i: int) -> list[GgufTen
         GgufTensor(_name(T.ATTN_POST_NORM, ".weight", i), F32, ours("mlp.norm.scale")),
         GgufTensor(_name(T.FFN_GATE_INP, ".weight", i), F32, ours("mlp.gate.weight")),
         GgufTensor(_name(T.FFN_GATE_INP, ".bias", i), F32, ours("mlp.gate.bias", cfg.router_bias, cfg.num_experts)),
-        GgufTensor(_name(T.FFN_GATE_EXP, ".weight", i), EXPERTS, mlp1("mlp.mlp1_weight", 0)),
+        experts("mlp.mlp1_weight", T.FFN_GATE_EXP, slice(0, None, 2)),
         GgufTensor(_name(T.FFN_GATE_EXP, ".bias", i), F32, mlp1("mlp.mlp1_bias", 0)),
-        GgufTensor(_name(T.FFN_UP_EXP, ".weight", i), EXPERTS, mlp1("mlp.mlp1_weight", 1)),
+        experts("mlp.mlp1_weight", T.FFN_UP_EXP, slice(1, None, 2)),
         GgufTensor(_name(T.FFN_UP_EXP, ".bias", i), F32, mlp1("mlp.mlp1_bias", 1)),
-        GgufTensor(_name(T.FFN_DOWN_EXP, ".weight", i), EXPERTS, ours("mlp.mlp2_weight")),
+        experts("mlp.mlp2_weight", T.FFN_DOWN_EXP, slice(None)),
         GgufTensor(_name(T.FFN_DOWN_EXP, ".bias", i), F32, ours("mlp.mlp2_bias")),
     ]
 
 
 def tensor_plan(cfg: ModelConfig, w: dict[str, torch.Tensor]) -> list[GgufTensor]:
-    """Every GGUF tensor of the model whose checkpoint tensors (our names, as saved) are `w`, in writing order."""
+    """Every GGUF tensor of the model whose checkpoint tensors (our names, as saved: experts dense or MXFP4
+    `.blocks` / `.scales`) are `w`, in writing order."""
     T = gguf.MODEL_TENSOR
     unembedding = "embedding.weight" if cfg.tie_word_embeddings else "unembedding.weight"
     return [

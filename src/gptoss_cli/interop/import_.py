@@ -7,9 +7,12 @@
                                              state.json with "imported_from"
 
 Accepted weights: bf16/fp32 safetensors, one file or sharded with model.safetensors.index.json, and
-MXFP4 expert matrices (`..._blocks`/`..._scales` in HF, `.blocks`/`.scales` in openai's files), decoded
-exactly to bf16. Everything is read, decoded and checked in memory first; the run directory is then built
-next to --run and renamed into place, so a bad input leaves nothing behind.
+MXFP4 expert matrices (`..._blocks`/`..._scales` in HF, `.blocks`/`.scales` in openai's files). Those stay
+packed, byte for byte, as `block.N.mlp.mlp1_weight.blocks` / `.scales` (model/mxfp4.py), unless
+`dequantize` asks for bf16 (exact) or only some expert matrices are packed. The source files are read
+through memory maps, tensor by tensor, so a packed import holds little more than the tensors it has to
+transform (the q/k/v concatenation); decoding holds the bf16 experts. Everything is read and checked
+before the run directory is built next to --run and renamed into place, so a bad input leaves nothing.
 """
 
 from __future__ import annotations
@@ -26,16 +29,16 @@ from ..atomic import staged_directory
 from ..config import ConfigError, RunConfig, config_from_dict
 from ..data.tokenizer import EOS, check_vocab, tokenizer_hash
 from ..errors import GptossError
+from ..model import mxfp4
 from ..output import warn
 from ..run.checkpoint import CheckpointState, save_checkpoint
 from ..run.layout import RunDir
-from . import mxfp4
 from .chat_template import keep_hf_template, read_hf_template
 from .names import (
-    LAYER_RULES,
     build_model_config,
     expected_hf_shapes,
     expected_shapes,
+    expert_rules,
     from_hf_state_dict,
     model_config_from_hf,
     model_config_from_openai,
@@ -89,8 +92,9 @@ class TensorFiles:
             )
         return tensor
 
-    def load_mxfp4(self, blocks_name: str, scales_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """Decode an MXFP4 matrix whose logical (our-layout) shape is (E, rows, cols) -> bf16 of that shape."""
+    def load_packed(self, blocks_name: str, scales_name: str, shape: tuple[int, ...]):
+        """The MXFP4 blocks and scales of a matrix whose logical (our-layout) shape is (E, rows, cols),
+        checked: (E, rows, cols/32, 16) and (E, rows, cols/32) uint8."""
         e, rows, cols = shape
         if cols % mxfp4.BLOCK:
             raise GptossError(f"tensor {blocks_name}: {cols} columns are not a multiple of {mxfp4.BLOCK}")
@@ -104,7 +108,7 @@ class TensorFiles:
                 f"{self.where[blocks_name]}: tensor {blocks_name} is {blocks.dtype} "
                 f"{tuple(blocks.shape)}, MXFP4 for config.json needs uint8 {want}"
             )
-        return mxfp4.dequantize(blocks, scales, torch.bfloat16)
+        return blocks, scales
 
 
 def read_json(path: Path) -> dict:
@@ -123,7 +127,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a, b.to(a.dtype))
 
 
-def read_hf(raw: dict, files: TensorFiles, source: str):
+def read_hf(raw: dict, files: TensorFiles, source: str, dequantize: bool = False):
     """HF layout -> (ModelConfig, our weights)."""
     fields = model_config_from_hf(raw, source)
     quant = raw.get("quantization_config")
@@ -145,18 +149,33 @@ def read_hf(raw: dict, files: TensorFiles, source: str):
         fields["router_bias"] = not all(files.has(b) and not files.load(b).any() for b in biases)
     cfg = build_model_config(fields, source)
     shapes = expected_hf_shapes(cfg)
-    dense = {rule.hf[0] for rule in LAYER_RULES if rule.transpose}  # the expert matrices MXFP4 may quantise
+    experts = {r.hf[0]: r.ours for r in expert_rules(cfg)}
+
+    def packed(name: str):  # HF (E, in, out); the blocks are stored (E, out, in/32, 16)
+        e, cols, rows = shapes[name]
+        return files.load_packed(name + "_blocks", name + "_scales", (e, rows, cols))
 
     def get(name: str) -> torch.Tensor:
-        if files.has(name) or not name.endswith(tuple(dense)) or not files.has(name + "_blocks"):
+        if files.has(name) or name not in experts or not files.has(name + "_blocks"):
             return files.load(name, shapes[name])
-        e, cols, rows = shapes[name]  # HF (E, in, out); the blocks are stored (E, out, in/32, 16)
-        return files.load_mxfp4(name + "_blocks", name + "_scales", (e, rows, cols)).transpose(1, 2)
+        return mxfp4.dequantize(*packed(name), torch.bfloat16).transpose(1, 2)
 
-    return cfg, from_hf_state_dict(cfg, get)
+    keep = _keep_packed([not files.has(n) and files.has(n + "_blocks") for n in experts], dequantize)
+    weights = from_hf_state_dict(cfg, get, skip=set(experts.values()) if keep else set())
+    if keep:
+        for name, ours in experts.items():
+            weights[ours + ".blocks"], weights[ours + ".scales"] = packed(name)
+    return cfg, weights
 
 
-def read_openai(raw: dict, files: TensorFiles, source: str):
+def _keep_packed(packed: list[bool], dequantize: bool) -> bool:
+    """Whether the experts stay MXFP4: all of them are packed and no decoding was asked for."""
+    if any(packed) and not all(packed) and not dequantize:
+        warn(f"only {sum(packed)} of the {len(packed)} expert matrices are MXFP4: decoding them all to bf16")
+    return all(packed) and not dequantize
+
+
+def read_openai(raw: dict, files: TensorFiles, source: str, dequantize: bool = False):
     """openai/gpt-oss `original/` layout (our own names) -> (ModelConfig, our weights)."""
     fields = model_config_from_openai(raw)
     tied = not files.has("unembedding.weight") or _same(
@@ -171,10 +190,17 @@ def read_openai(raw: dict, files: TensorFiles, source: str):
         },
         source,
     )
+    shapes = expected_shapes(cfg)
+    experts = [r.ours for r in expert_rules(cfg)]
+    keep = _keep_packed([not files.has(n) and files.has(n + ".blocks") for n in experts], dequantize)
     weights = {}
-    for name, shape in expected_shapes(cfg).items():
+    for name, shape in shapes.items():
         if not files.has(name) and files.has(name + ".blocks"):
-            weights[name] = files.load_mxfp4(name + ".blocks", name + ".scales", shape)
+            blocks, scales = files.load_packed(name + ".blocks", name + ".scales", shape)
+            if keep:
+                weights[name + ".blocks"], weights[name + ".scales"] = blocks, scales
+            else:
+                weights[name] = mxfp4.dequantize(blocks, scales, torch.bfloat16)
         else:
             weights[name] = files.load(name, shape)
     if tied:
@@ -218,8 +244,9 @@ def find_tokenizer(root: Path, layout: str, vocab_size: int) -> tuple[Path, Toke
     return path, tok
 
 
-def import_dir(hf_dir: Path, run_dir: Path) -> dict:
-    """Convert `hf_dir` into the run directory `run_dir` (which must not exist or be empty). Returns a summary."""
+def import_dir(hf_dir: Path, run_dir: Path, dequantize: bool = False) -> dict:
+    """Convert `hf_dir` into the run directory `run_dir` (which must not exist or be empty); MXFP4 experts
+    stay packed unless `dequantize`. Returns a summary."""
     hf_dir, run_dir = Path(hf_dir), Path(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise GptossError(f"--run {run_dir} already exists and is not empty; pick a new directory")
@@ -232,13 +259,14 @@ def import_dir(hf_dir: Path, run_dir: Path) -> dict:
     files = TensorFiles(hf_dir)
     try:
         read = read_hf if layout == "hf" else read_openai
-        model_cfg, weights = read(raw, files, str(config_path))
+        model_cfg, weights = read(raw, files, str(config_path), dequantize)
     except (ValueError, TypeError) as err:  # a config value of the wrong type (int("x"), ...)
         raise GptossError(f"{config_path}: {err}") from None
     unused = sorted(set(files.where) - files.used)
     if unused:
         warn(f"{len(unused)} tensor(s) in {hf_dir} are not part of the model and were skipped, e.g. {unused[0]}")
     quantized = sorted({n.rsplit(".", 1)[0] for n in files.used if n.endswith(("_blocks", ".blocks"))})
+    packed = any(n.endswith(".blocks") for n in weights)
 
     name = (hf_dir.resolve().parent if hf_dir.resolve().name == "original" else hf_dir.resolve()).name
     run_cfg = RunConfig(model=model_cfg, name=name or "imported")
@@ -255,7 +283,7 @@ def import_dir(hf_dir: Path, run_dir: Path) -> dict:
         config=run_cfg.to_dict(),
         imported_from=str(hf_dir.resolve()),
         source_layout=layout,
-        quantization="mxfp4" if quantized else None,
+        quantization="mxfp4" if packed else None,  # what the checkpoint holds
     )
     with staged_directory(run_dir, flag="--run") as tmp:
         staged = RunDir(tmp)
@@ -263,15 +291,21 @@ def import_dir(hf_dir: Path, run_dir: Path) -> dict:
         if found is not None:
             shutil.copyfile(found[0], staged.tokenizer)
             if template is not None:
-                kept = keep_hf_template(template, found[1], RunDir(tmp).chat_template, str(found[0].parent))
+                kept = keep_hf_template(template, found[1], staged.chat_template, str(found[0].parent))
         ckpt = save_checkpoint(staged.checkpoints, 0, weights, {}, state, keep=1)
     return {
         "run": str(run_dir),
         "checkpoint": str(RunDir(run_dir).checkpoints / ckpt.name),
         "layout": layout,
         "quantized_tensors": len(quantized),
+        "experts": "mxfp4" if packed else str(weights["block.0.mlp.mlp1_weight"].dtype).removeprefix("torch."),
         "tensors": len(weights),
-        "params": sum(t.numel() for t in weights.values()),
+        "params": sum(
+            t.numel() * (2 if t.dtype == torch.uint8 and n.endswith(".blocks") else 1)
+            for n, t in weights.items()
+            if not n.endswith(".scales")
+        ),
+        "bytes": sum(t.numel() * t.element_size() for t in weights.values()),
         "tokenizer": found is not None,
         "chat_template": kept,
         "tie_word_embeddings": model_cfg.tie_word_embeddings,

@@ -114,10 +114,17 @@ def rules(cfg: ModelConfig) -> list[Rule]:
 
 
 def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our weights (as saved: a tied unembedding absent) -> HF names, in HF's order. Views, not copies."""
+    """Our weights (as saved: a tied unembedding absent; packed experts as `.blocks` / `.scales`) -> HF names
+    (`..._blocks` / `..._scales`), in HF's order. Views, not copies."""
     split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
     out = {}
     for rule in rules(cfg):
+        if rule.transpose and rule.ours + ".blocks" in sd:  # MXFP4 experts: HF keeps openai's layout and bytes
+            out[rule.hf[0] + "_blocks"], out[rule.hf[0] + "_scales"] = (
+                sd[rule.ours + ".blocks"],
+                sd[rule.ours + ".scales"],
+            )
+            continue
         t = sd[rule.ours].transpose(1, 2) if rule.transpose else sd[rule.ours]
         for name, part in zip(rule.hf, t.split(split, dim=0) if len(rule.hf) > 1 else (t,), strict=True):
             out[name] = part
@@ -127,23 +134,38 @@ def to_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def from_hf_state_dict(cfg: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF tensors, fetched one by one through `get(hf_name)`, -> our names (contiguous, ready to save)."""
+def from_hf_state_dict(
+    cfg: ModelConfig, get: Callable[[str], torch.Tensor], skip: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
+    """HF tensors, fetched one by one through `get(hf_name)`, -> our names (contiguous, ready to save);
+    our names in `skip` are left to the caller (packed experts)."""
     out = {}
     for rule in rules(cfg):
+        if rule.ours in skip:
+            continue
         parts = [get(name) for name in rule.hf]
         t = torch.cat(parts) if len(parts) > 1 else parts[0]
         out[rule.ours] = (t.transpose(1, 2) if rule.transpose else t).contiguous()
     return out
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our tensor names -> shapes for `cfg`, as saved (tied unembedding absent); allocates nothing."""
+def expert_rules(cfg: ModelConfig) -> list[Rule]:
+    """The rules of the expert matrices, the tensors MXFP4 quantises (HF `..._blocks` / `..._scales`)."""
+    return [r for r in rules(cfg) if r.transpose]
+
+
+def expected_shapes(cfg: ModelConfig, packed: bool = False) -> dict[str, tuple[int, ...]]:
+    """Our tensor names -> shapes for `cfg`, as saved (tied unembedding absent; with `packed`, the experts
+    as MXFP4 `.blocks` / `.scales`); allocates nothing."""
     from ..model import Transformer
+    from ..model.mxfp4 import pack_experts
+    from ..run.checkpoint import model_tensors
 
     with torch.device("meta"):
         model = Transformer(cfg)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+        if packed:
+            pack_experts(model)
+    return {name: tuple(t.shape) for name, t in model_tensors(model).items()}
 
 
 def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -170,8 +192,21 @@ def hf_rope_parameters(cfg: ModelConfig) -> dict:
     }
 
 
-def to_hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None]) -> dict:
-    """config.json for GptOssForCausalLM. `dtype` is "bfloat16" or "float32"; token_ids has bos/eos/pad."""
+# The quantization_config of the released MXFP4 checkpoints: only the experts are quantised.
+HF_MXFP4_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None], mxfp4: bool = False) -> dict:
+    """config.json for GptOssForCausalLM. `dtype` is "bfloat16" or "float32"; token_ids has bos/eos/pad;
+    `mxfp4`: the experts are stored packed (transformers' Mxfp4Config reads them)."""
     if cfg.swiglu_limit != HF_SWIGLU_LIMIT:
         raise GptossError(
             f"model.swiglu_limit is {cfg.swiglu_limit:g}, but older transformers releases and its MXFP4 "
@@ -212,7 +247,7 @@ def to_hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None])
         "experts_per_token": cfg.experts_per_token,
         "initial_context_length": cfg.initial_context_length,
         "router_bias": cfg.router_bias,  # false: the router.bias tensors are zeros; `gptoss import` drops them
-    }
+    } | ({"quantization_config": dict(HF_MXFP4_CONFIG)} if mxfp4 else {})
 
 
 # ---- config: HF or openai -> ours ---------------------------------------------------------------

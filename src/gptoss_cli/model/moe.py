@@ -13,6 +13,11 @@ autograd node with a hand-written backward: the CPU default) and `grouped_mm` (o
 per projection, no host sync: the CUDA bf16 default). Decoding a few tokens without gradients skips the
 sort: each token runs its k experts directly. Expert weights are stacked 3-D parameters, so DDP and FSDP2
 see every expert on every rank.
+
+The expert matrices may instead be packed MXFP4 (mxfp4.py, `pack_experts`): the same kernels then reach
+each expert through `_per_expert`/`_linear`/`_gather`/`_stacked`, which decode it as it is used, one
+expert at a time. `loop` is their backend (`fused_loop`'s strided views and hand-written backward need
+dense weights); `grouped_mm`, which decodes a layer's experts all at once, only when asked for.
 """
 
 from __future__ import annotations
@@ -47,19 +52,43 @@ def swiglu_halves(glu: torch.Tensor, lin: torch.Tensor, limit: float) -> torch.T
     return glu * torch.sigmoid(SWIGLU_ALPHA * glu) * (lin + 1)
 
 
+# ---- the expert weights as the kernels reach them: a stacked (E, out, in) tensor or PackedExperts ----
+
+
+def _per_expert(w):
+    """What `_linear` indexes by expert: a stacked tensor unbound once (the backward of indexing `w[e]`
+    builds a zero (E, out, in) gradient per expert and adds them all up), or the packed weight itself."""
+    return w.unbind(0) if isinstance(w, torch.Tensor) else w
+
+
+def _linear(x, ws, e: int, bias):
+    """x (n, in) -> x @ W_e^T + bias (n, out): a slice of the stacked weight, or a packed expert decoded
+    as it multiplies."""
+    return F.linear(x, ws[e], bias) if isinstance(ws, (tuple, list)) else ws.linear(e, x, bias)
+
+
+def _gather(w, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The experts idx (...) picks: (..., out, in), decoded in `dtype` when packed."""
+    return w[idx] if isinstance(w, torch.Tensor) else w.decode(idx, dtype)
+
+
+def _stacked(w, dtype: torch.dtype) -> torch.Tensor:
+    """All experts as one (E, out, in) tensor in `dtype` (a packed weight: every expert decoded)."""
+    return w.to(dtype) if isinstance(w, torch.Tensor) else w.dense(dtype)
+
+
 def _experts_loop(xs, counts, w1, b1, w2, b2, limit):
     """xs (M, H) sorted by expert; counts (E,). One matmul pair per expert slice (one host sync).
 
-    The reference for the other backends: plain autograd. The stacked weights are unbound once, because
-    the backward of indexing `w1[e]` builds a zero (E, 2I, H) gradient per expert and adds them all up.
+    The reference for the other backends: plain autograd. Packed experts take this path too.
     """
-    w1s, b1s, w2s, b2s = w1.unbind(0), b1.unbind(0), w2.unbind(0), b2.unbind(0)
+    w1s, b1s, w2s, b2s = _per_expert(w1), b1.unbind(0), _per_expert(w2), b2.unbind(0)
     outs = []
     for e, chunk in enumerate(torch.split(xs, counts.tolist())):
         if not chunk.shape[0]:  # decode routes few tokens: skip idle experts (their rows get zero gradient)
             continue
-        h = F.linear(chunk, w1s[e], b1s[e])  # (n_e, 2I)
-        outs.append(F.linear(swiglu(h, limit), w2s[e], b2s[e]))  # (n_e, H)
+        h = _linear(chunk, w1s, e, b1s[e])  # (n_e, 2I)
+        outs.append(_linear(swiglu(h, limit), w2s, e, b2s[e]))  # (n_e, H)
     return torch.cat(outs)
 
 
@@ -151,22 +180,22 @@ def _experts_per_token(tokens, top_idx, weights, w1, b1, w2, b2, limit):
     if torch.compiler.is_compiling():
         # Traced (a compiled decode step): the expert ids stay tensors, so there is no host sync and no
         # graph break (a break roughly doubles the compiled step's time per token; docs/performance.md).
+        dt = tokens.dtype
         if top_idx.numel() < w1.shape[0]:  # fewer assignments than experts: read only the chosen ones
-            h = torch.einsum("nh,nkoh->nko", tokens, w1[top_idx]) + b1[top_idx]  # (N, k, 2I)
-            y = torch.einsum("nki,nkhi->nkh", swiglu(h, limit), w2[top_idx]) + b2[top_idx]  # (N, k, H)
+            h = torch.einsum("nh,nkoh->nko", tokens, _gather(w1, top_idx, dt)) + b1[top_idx]  # (N, k, 2I)
+            y = torch.einsum("nki,nkhi->nkh", swiglu(h, limit), _gather(w2, top_idx, dt)) + b2[top_idx]  # (N, k, H)
             return (y.float() * weights[..., None]).sum(1)
         # A larger batch: every expert's weights are read once, for all rows, with zero weights where
         # the expert was not chosen (cheaper than gathering a copy of the weights per assignment).
         dense = weights.new_zeros(tokens.shape[0], w1.shape[0]).scatter_(1, top_idx, weights)  # (N, E)
-        h = torch.einsum("nh,eoh->neo", tokens, w1) + b1  # (N, E, 2I)
-        y = torch.einsum("nei,ehi->neh", swiglu(h, limit), w2) + b2  # (N, E, H)
+        h = torch.einsum("nh,eoh->neo", tokens, _stacked(w1, dt)) + b1  # (N, E, 2I)
+        y = torch.einsum("nei,ehi->neh", swiglu(h, limit), _stacked(w2, dt)) + b2  # (N, E, H)
         return (y.float() * dense[..., None]).sum(1)
+    w1s, w2s = _per_expert(w1), _per_expert(w2)
     out = []
     for n, experts in enumerate(top_idx.tolist()):  # the one host sync
         row = tokens[n : n + 1]
-        ys = torch.cat(
-            [torch.addmm(b2[e], swiglu(torch.addmm(b1[e], row, w1[e].t()), limit), w2[e].t()) for e in experts]
-        )  # (k, H)
+        ys = torch.cat([_linear(swiglu(_linear(row, w1s, e, b1[e]), limit), w2s, e, b2[e]) for e in experts])  # (k, H)
         out.append(weights[n : n + 1] @ ys.float())  # (1, H): the weighted sum, in fp32 as the sorted path
     return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -192,15 +221,18 @@ def _experts_grouped(xs, counts, expert_sorted, w1, b1, w2, b2, limit):
     """Same contract through torch._grouped_mm: offsets stay on the device, so no host sync."""
     dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = torch._grouped_mm(xs.to(dtype), w1.to(dtype).transpose(-2, -1), offs=offs)  # (M, 2I)
+    h = torch._grouped_mm(xs.to(dtype), _stacked(w1, dtype).transpose(-2, -1), offs=offs)  # (M, 2I)
     h = h + b1.to(dtype)[expert_sorted]
     a = swiglu(h, limit)
-    y = torch._grouped_mm(a, w2.to(dtype).transpose(-2, -1), offs=offs)  # (M, H)
+    y = torch._grouped_mm(a, _stacked(w2, dtype).transpose(-2, -1), offs=offs)  # (M, H)
     return y + b2.to(dtype)[expert_sorted]
 
 
-def pick_backend(backend: str, x: torch.Tensor, hidden: int, inter: int) -> str:
-    """The MoE kernel for this input: `backend` itself unless it is auto."""
+def pick_backend(backend: str, x: torch.Tensor, hidden: int, inter: int, packed: bool = False) -> str:
+    """The MoE kernel for this input: `backend` itself unless it is auto. Packed experts run `loop`, each
+    expert decoded as it multiplies, unless grouped_mm is asked for by name."""
+    if packed:
+        return "grouped_mm" if backend == "grouped_mm" else "loop"
     if backend != "auto":
         return backend
     autocast = torch.is_autocast_enabled(x.device.type)
@@ -253,8 +285,11 @@ class MLPBlock(nn.Module):
         flat = top_idx.reshape(-1)  # (N*k,) expert of each assignment
         counts = _count(flat, n_exp)  # (E,)
         params = (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias)
-        backend = pick_backend(self.backend, tokens, hidden, self.intermediate_size)
-        few = flat.numel() <= n_exp or torch.compiler.is_compiling()  # a compiled forward is a decode step
+        packed = not isinstance(self.mlp1_weight, torch.Tensor)
+        backend = pick_backend(self.backend, tokens, hidden, self.intermediate_size, packed)
+        # A compiled forward is a decode step. A packed expert costs a decode per use, and the per-token path
+        # repeats an expert for every token that picks it, so eagerly it only takes one token.
+        few = flat.numel() <= (k if packed else n_exp) or torch.compiler.is_compiling()
         if backend != "grouped_mm" and few and not torch.is_grad_enabled():
             # Decoding a few tokens: every expert sees at most a row or two, so sorting, gathering and
             # scattering back cost more than they group. Each token runs its k experts directly.

@@ -1,7 +1,8 @@
 """Checkpoints: safetensors weights and trainer state, written atomically, loaded without unpickling.
 
     RUN/checkpoints/step-00000100/
-        model.safetensors     weights keyed by openai/gpt-oss names; a tied unembedding is stored once
+        model.safetensors     weights keyed by openai/gpt-oss names; a tied unembedding is stored once;
+                              MXFP4 experts as `<name>.blocks` / `<name>.scales` uint8 (model/mxfp4.py)
         trainer.safetensors   AdamW moments and RNG states (tensors only)
         state.json            CheckpointState: step, epoch, data position, optimizer hyper-parameters, hashes
 
@@ -22,14 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import AtomicWriteError, remove_stale, staged_directory
 from ..errors import GptossError
+from ..model.mxfp4 import SUFFIXES, dequantize
 from .layout import CHECKPOINTS, MODEL, STATE, TRAINER
 
 STEP_PREFIX = "step-"
+FINITE_CHUNK = 1 << 24  # elements per isfinite check
 FILES = (MODEL, TRAINER, STATE)
 FORMAT = 1
 
@@ -77,9 +80,34 @@ class CheckpointState:
         return out | self.extra
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint holds of `model`, by name: its parameters, each shared tensor once
+    (named_parameters de-duplicates tied weights), and its persistent buffers (packed MXFP4 experts)."""
+    out = dict(model.named_parameters())
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = buf
+    return out
+
+
 def weights_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters by name, each shared tensor once (named_parameters de-duplicates tied weights)."""
-    return {name: p.detach().contiguous() for name, p in model.named_parameters()}
+    """model_tensors, detached and contiguous: ready to save."""
+    return {name: t.detach().contiguous() for name, t in model_tensors(model).items()}
+
+
+def tensor_names(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, read from its header alone."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read weights ({err})") from None
+
+
+def packed_weights(names) -> set[str]:
+    """The weights stored as MXFP4 `<name>.blocks` + `<name>.scales`, by their unpacked name."""
+    return {n[: -len(SUFFIXES[0])] for n in names if n.endswith(SUFFIXES[0])}
 
 
 def read_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -103,19 +131,37 @@ def read_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, 
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load model.safetensors into `model` (shapes checked first)."""
-    expected = dict(model.named_parameters())
-    tensors = read_weights(path, {name: tuple(p.shape) for name, p in expected.items()})
+    """Load model.safetensors into `model` (shapes checked first), one tensor at a time (the file is read
+    through a memory map). MXFP4 experts load as they are into a packed model (model/mxfp4.py
+    `pack_experts`) and decoded, exactly, into a dense one (training from an imported release)."""
+    expected = model_tensors(model)
+    decode = packed_weights(tensor_names(path)) & set(expected)
+    shapes = {}
+    for name, t in expected.items():
+        if name in decode:  # (E, rows, cols) -> (E, rows, cols/32, 16) codes and (E, rows, cols/32) scales
+            *lead, cols = t.shape
+            shapes[name + ".blocks"], shapes[name + ".scales"] = (*lead, cols // 32, 16), (*lead, cols // 32)
+        else:
+            shapes[name] = tuple(t.shape)
+    tensors = read_weights(path, shapes)
     with torch.no_grad():
-        for name, p in expected.items():
-            p.copy_(tensors[name])
+        for name, t in expected.items():
+            if name in decode:
+                blocks, scales = tensors.pop(name + ".blocks"), tensors.pop(name + ".scales")
+                t.copy_(dequantize(blocks, scales, t.dtype))
+            else:
+                t.copy_(tensors.pop(name))
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or an infinity, else None."""
+    """The name of the first floating-point tensor holding a NaN or an infinity, else None. Checked a slice
+    at a time: isfinite's temporaries for a whole embedding are gigabytes (gpt-oss-20b's: several)."""
     for name, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
+        if t.is_floating_point():
+            flat = t.reshape(-1)
+            for start in range(0, flat.numel(), FINITE_CHUNK):
+                if not bool(torch.isfinite(flat[start : start + FINITE_CHUNK]).all()):
+                    return name
     return None
 
 
@@ -209,6 +255,11 @@ def resolve_checkpoint(path: Path) -> Path:
     path = Path(path)
     if path.is_file() and path.name == MODEL:
         path = path.parent
+    if (path / "config.json").is_file() and not (path / STATE).is_file():  # transformers' layout, not ours
+        raise CheckpointError(
+            f"{path} is a Hugging Face model directory, not a gptoss checkpoint: import it first, "
+            f"gptoss import {path} --run runs/NAME, then use --run runs/NAME"
+        )
     if (path / STATE).is_file() or (path / MODEL).is_file():
         if not _is_valid(path):
             raise CheckpointError(f"{path}: incomplete or corrupt checkpoint (needs {', '.join(FILES)})")

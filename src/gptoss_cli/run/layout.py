@@ -126,13 +126,19 @@ class RunDir:
     @classmethod
     def newest(cls, root: Path = RUNS_ROOT, need: str = CONFIG) -> RunDir:
         """The most recently modified run under `root` that holds `need`; a clear error when there is none."""
+        return cls.by_age(root, need)[0]
+
+    @classmethod
+    def by_age(cls, root: Path = RUNS_ROOT, need: str = CONFIG) -> list[RunDir]:
+        """The runs under `root` that hold `need`, the most recently modified first; a clear error when there
+        is none."""
         runs = [p for p in root.glob("*") if p.is_dir() and (p / need).exists()] if root.is_dir() else []
         if not runs:
             raise GptossError(
                 f"no run found under {root.resolve()} (looked for a directory with {need}); "
                 "train one first: gptoss train --config tiny --run runs/demo"
             )
-        return cls(max(runs, key=lambda p: p.stat().st_mtime))
+        return [cls(p) for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
 
     # ---- the resolved config ------------------------------------------------------------------
     def read_config(self) -> RunConfig:

@@ -83,6 +83,22 @@ class RunLock:
             pass
 
 
+def being_trained(run: RunDir) -> bool:
+    """Whether a live trainer holds RUN/train.lock now. Asked with a shared, non-blocking flock that is let go
+    at once, so it never stands in a trainer's way for longer than the call."""
+    try:
+        fd = os.open(run.lock, os.O_RDONLY)
+    except OSError:  # no lock file: never trained here, or not readable (then nobody can tell)
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing releases the shared lock if it was taken
+    return False
+
+
 def _describe(raw: bytes) -> str:
     try:
         rec = json.loads(raw.decode("utf-8"))

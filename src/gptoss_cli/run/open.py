@@ -26,11 +26,11 @@ from tokenizers import Tokenizer
 
 from ..config import RunConfig, config_from_dict
 from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash
-from ..devices import pick_device, resolve_dtype
+from ..devices import materialize, pick_device, resolve_dtype
 from ..errors import GptossError
 from ..model import Transformer
-from ..transforms import ModelTransform, apply_transforms, build_model, inference_transforms
-from .checkpoint import CheckpointState, load_weights, read_state, resolve_checkpoint
+from ..transforms import ModelTransform, apply_transforms, build_model, checkpoint_transforms, inference_transforms
+from .checkpoint import CheckpointState, load_weights, read_state, resolve_checkpoint, tensor_names
 from .layout import CHECKPOINTS, MODEL, STATE, TOKENIZER, RunDir
 
 
@@ -60,7 +60,7 @@ def locate(run: Path | None, checkpoint: Path | None) -> tuple[RunDir, Path]:
         ckpt = resolve_checkpoint(checkpoint)
         return (RunDir(run) if run is not None else RunDir.of_checkpoint(ckpt)), ckpt
     if run is None:
-        found = RunDir.newest(need=CHECKPOINTS)
+        found = _newest_run()
     elif not Path(run).is_dir():
         raise GptossError(
             f"run directory {run} does not exist; train one first: gptoss train --config tiny --run {run}"
@@ -68,6 +68,22 @@ def locate(run: Path | None, checkpoint: Path | None) -> tuple[RunDir, Path]:
     else:
         found = RunDir(run)
     return found, resolve_checkpoint(found.path)
+
+
+def _newest_run() -> RunDir:
+    """No --run: the newest run under ./runs that no trainer holds (a run still training has newer
+    checkpoints to come), else the newest one; named on stderr, since the user did not pick it."""
+    from ..output import console
+    from .lock import being_trained
+
+    runs = RunDir.by_age(need=CHECKPOINTS)
+    idle = next((r for r in runs if not being_trained(r)), None)
+    if idle is None:
+        console.print(f"using the newest run, {runs[0]}, which is still training", highlight=False)
+        return runs[0]
+    skipped = "" if idle == runs[0] else f" ({runs[0]} is still training)"
+    console.print(f"using the newest run, {idle}{skipped}", highlight=False, soft_wrap=True)
+    return idle
 
 
 def run_config(run: RunDir, ckpt: Path, state: CheckpointState) -> RunConfig:
@@ -140,15 +156,20 @@ def load_run(
     transforms: Sequence[ModelTransform] = (),
 ) -> LoadedRun:
     """open_run, then the model for inference in `dtype` ('auto': bf16 on a GPU that computes it natively,
-    else fp32): built uninitialised on the device, `transforms` applied around the weights as their
-    `before_weights` says, the weights loaded (shapes checked), then the inference list (transforms.py)."""
+    else fp32): built on the meta device, `transforms` applied around the weights as their `before_weights`
+    says (first those the checkpoint's tensors call for: packed MXFP4 experts), every tensor then allocated
+    once on the device in its final dtype, the weights loaded (shapes checked), then the inference list
+    (transforms.py). Nothing of the model exists in another form first: a packed gpt-oss-20b never
+    allocates its decoded experts, a bf16 model never its fp32 weights."""
     dev = pick_device(device, "--device")
     dt = resolve_dtype(dtype, dev)
     opened = open_run(run, checkpoint)
-    model = build_model(opened.config.model, device=dev)
+    model = build_model(opened.config.model, device=torch.device("meta"))
+    transforms = [*checkpoint_transforms(tensor_names(opened.weights)), *transforms]
     before = [t for t in transforms if t.before_weights]
     after = [t for t in transforms if not t.before_weights] + inference_transforms(dev, dt)
     names = apply_transforms(model, before)
+    materialize(model, dev, dt)
     load_weights(model, opened.weights)
     names += apply_transforms(model, after)
     fields = {f.name: getattr(opened, f.name) for f in dataclasses.fields(OpenRun)}

@@ -56,6 +56,7 @@ def serve(
     from ..data.tokenizer import EOS
     from ..output import console
     from ..run.open import load_run
+    from ..threads import describe
     from .app import Served, create_app
     from .engine import Engine
 
@@ -92,7 +93,7 @@ def serve(
     console.print(
         f"serving {name} ({loaded.checkpoint.name} on {loaded.device.type}) at http://{host}:{port}/v1 | "
         f"max batch {options.max_batch} | context {engine.max_length} | chat "
-        f"{'yes' if fmt is not None else 'no'}{' | API key required' if options.api_key else ''}",
+        f"{'yes' if fmt is not None else 'no'}{' | API key required' if options.api_key else ''} | {describe()}",
         markup=False,
         highlight=False,
         soft_wrap=True,

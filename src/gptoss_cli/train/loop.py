@@ -24,6 +24,7 @@ from ..model.cross_entropy import IGNORE_INDEX
 from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.metrics import MetricsFile
+from ..threads import describe
 from . import distributed
 from .loggers import Loggers
 from .loss import objective
@@ -55,6 +56,7 @@ class Trainer:
         self.epoch = s.epoch or 0
         self.batch_idx = s.batch_idx or 0
         self.tokens = s.tokens or 0
+        self.tokens_before = self.tokens  # what earlier sessions of a resumed run trained
         self.best_val = s.best_val_loss or math.inf
         self.final_val = s.final_val_loss
         self.epoch_loss = s.epoch_loss or [0.0, 0]  # running [sum, count] of the current epoch
@@ -222,28 +224,31 @@ class Trainer:
             self.say(f"resuming from {self.p.resumed_from} (step {self.step})")
         setup = self.p.setup_times
         if setup:
-            self.say(
-                "setup: "
-                + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in setup.items())
-                + f" (data {self.p.data_root})"
-            )
+            data = f" (data {self.p.data_root})" if self.p.data_root is not None else ""
+            self.say("setup: " + ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in setup.items()) + data)
         self.say(
             f"run {self.files}: {self.total_steps} steps; global batch {t.batch_size} x {self.accum} "
             f"accumulation x {world} process{'es' if world > 1 else ''} = {t.batch_size * self.accum * world} "
             f"sequences of {t.seq_len} tokens; {self.device} ({self.precision}"
-            f"{', ' + self.dist.parallel if world > 1 else ''})"
+            f"{', ' + self.dist.parallel if world > 1 else ''}"
+            f"{'; ' + describe() if self.device.type == 'cpu' else ''})"
         )
 
     def _loop(self, stop, bar, window, metrics, trackers, memory) -> tuple[str, str | None]:
         """Steps until the end or a stop request; returns (status, the signal that stopped it)."""
         t, data = self.t, self.p.train_data
         task = bar.add_task("training", total=self.total_steps, completed=self.step, info="")
-        if self.step == 0:  # the untrained loss, which a user checks against ln(vocab_size)
+        if self.step == 0 and self.p.started_from is not None:  # a fine-tune: the loss it starts from
+            start = f"Step 0 (the weights of {self.p.started_from}): validation loss {{loss:.4f}}, ppl {{ppl:.2f}}"
+            self._log_eval(bar, metrics, trackers, start)
+        elif self.step == 0:  # the untrained loss, which a user checks against ln(vocab_size)
             ln_v = math.log(self.cfg.model.vocab_size)
             untrained = "Step 0 (untrained): validation loss {loss:.4f}, ppl {ppl:.2f}; "
             self._log_eval(bar, metrics, trackers, untrained + f"ln(vocab_size) = {ln_v:.4f}")
         while self.step < self.total_steps:
+            step_start = time.perf_counter()
             stopping = self._step(data, window, stop)
+            stop.step_s = time.perf_counter() - step_start
             sample = memory.sample(self.step)
             bar.update(task, completed=self.step, info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s")
             if self.step % t.log_every == 0 or self.step == self.total_steps:
@@ -251,6 +256,8 @@ class Trainer:
             if self.step % t.eval_every == 0 or self.step == self.total_steps:
                 self._log_eval(bar, metrics, trackers, "  validation: loss {loss:.4f}, ppl {ppl:.2f}")
             if stopping or (self.stop_after is not None and self.step >= self.stop_after):
+                if window.n:  # steps since the last logged one: their line, so the summary has a final loss
+                    self._log_train(bar, metrics, trackers, window, sample)
                 return "interrupted", stop.signal or "SIGTERM" if stopping else None
             if self.step % t.save_every == 0 and self.step < self.total_steps:
                 self.save()
@@ -287,7 +294,10 @@ class Trainer:
             "epochs": self.epochs_done,
             "elapsed_s": self.elapsed(),
             "tokens": self.tokens,
-            "tokens_per_s": self.tokens / max(self.elapsed(), 1e-9),
+            # this session's rate: a resumed run's earlier sessions have their own time
+            "tokens_per_s": (self.tokens - self.tokens_before) / max(time.time() - self.start, 1e-9),
+            "session_tokens": self.tokens - self.tokens_before,
+            "session_s": time.time() - self.start,
             "final_loss": window.final_loss,
             "best_val_loss": self.best_val if math.isfinite(self.best_val) else None,
             "final_val_loss": self.final_val,
@@ -365,8 +375,10 @@ class Trainer:
 
 
 def _progress(disable: bool):
-    """The training bar (terminal only, stderr): steps, loss and tokens/s, elapsed and left."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """The training bar on stderr: steps, loss and tokens/s, elapsed and left (plain lines off a terminal)."""
+    from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from ..progress import progress
 
     columns = (
         TextColumn("[progress.description]{task.description}"),
@@ -378,4 +390,4 @@ def _progress(disable: bool):
         TextColumn("left"),
         TimeRemainingColumn(),
     )
-    return Progress(*columns, console=console, transient=True, disable=disable)
+    return progress(*columns, console=console, transient=True, disable=disable, unit="steps")

@@ -27,7 +27,7 @@ from ..config import RunConfig, TrainConfig
 from ..devices import native_bf16, pick_device, resolve_precision
 from ..errors import GptossError
 from ..model import Transformer
-from ..output import console
+from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.checkpoint import CheckpointState
 from ..run.layout import RunDir
@@ -59,6 +59,7 @@ class TrainingSetup:
     resume_state: CheckpointState | None = None
     resume_tensors: dict = field(default_factory=dict)
     resumed_from: Path | None = None  # the checkpoint resume_state came from
+    started_from: Path | None = None  # --init-from: the checkpoint whose weights a new run starts from
     setup_times: dict = field(default_factory=dict)  # read_s, tokenizer_s, tokenize_s, model_s (seconds)
     data_root: Path | None = None  # the prepared dataset trained on (None: conversations)
     lock: RunLock | None = None  # rank 0's hold on RUN/train.lock, released when the Trainer ends
@@ -134,6 +135,8 @@ def _setup(cfg, run_dir, resume, resume_from, tokenizer_path, init_from, progres
 
     start = resolve_run(cfg, run_dir, resume, resume_from, init_from, info, held)
     accum = accumulation(cfg, info.world)
+    if info.main:
+        _warn_world_change(cfg, start.state, info.world, accum)
     inputs = open_inputs(cfg, start.run, start.start_ckpt, tokenizer_path, info, progress)
     _check_inputs(cfg, start, inputs, accum)
     if info.main:  # every input is checked; building the model and optimizer takes seconds (imports included)
@@ -168,6 +171,7 @@ def _setup(cfg, run_dir, resume, resume_from, tokenizer_path, init_from, progres
         resume_state=start.state,
         resume_tensors=tensors,
         resumed_from=start.resume_ckpt,
+        started_from=start.init_ckpt,
         setup_times={**inputs.times, "model_s": time.perf_counter() - model_start},
         data_root=inputs.root,
         lock=held[0],
@@ -259,6 +263,20 @@ def accumulation(cfg: RunConfig, world: int) -> int:
             f"size = {t.batch_size} x {world}"
         )
     return t.global_batch_size // per_step
+
+
+def _warn_world_change(cfg: RunConfig, state: CheckpointState | None, world: int, accum: int) -> None:
+    """A resume on another number of processes keeps train.batch_size per process: without
+    train.global_batch_size the global batch changes with it, which changes the run."""
+    before = state.world_size if state else None
+    if before is None or before == world or cfg.train.global_batch_size is not None:
+        return
+    per_process = cfg.train.batch_size * accum
+    warn(
+        f"resuming on {world} process{'es' if world > 1 else ''} instead of {before}: the global batch goes from "
+        f"{per_process * before} to {per_process * world} sequences per step (set "
+        f"train.global_batch_size={per_process * before} to keep it)"
+    )
 
 
 def total_steps(t: TrainConfig, batches_per_epoch: int, accum: int) -> int:

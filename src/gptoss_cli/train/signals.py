@@ -19,6 +19,7 @@ class StopRequest:
         self.requested = False
         self.signal: str | None = None  # SIGINT or SIGTERM: the exit status is 128 + its number
         self.announce = announce
+        self.step_s: float | None = None  # how long the last step took (set by the loop)
         self._previous = {}
 
     def _handle(self, signum, frame):
@@ -27,10 +28,15 @@ class StopRequest:
         self.requested = True
         self.signal = signal.Signals(signum).name
         if self.announce:
-            console.print(
-                "[yellow]stop requested: finishing this step and saving a checkpoint "
-                "(Ctrl-C again to abort without saving)[/]"
-            )
+            console.print(f"[yellow]stop requested: {self._what_now()} (Ctrl-C again to abort without saving)[/]")
+
+    def _what_now(self) -> str:
+        """What the first Ctrl-C waits for, with how long that may take when it is long."""
+        if self.step_s is None:
+            return "finishing the first step (it can take long on a big model) and saving a checkpoint"
+        if self.step_s >= 10:
+            return f"finishing this step (steps take about {self.step_s:.0f} s here) and saving a checkpoint"
+        return "finishing this step and saving a checkpoint"
 
     @staticmethod
     def _abort() -> None:
