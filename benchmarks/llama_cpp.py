@@ -137,7 +137,9 @@ def _margin(values: torch.Tensor, k: int) -> torch.Tensor:
     return (top[..., k - 1] - top[..., k]) / values.float().abs().amax(-1).clamp_min(1e-30)
 
 
-def gptoss_complete(loaded, prompt: str, n: int, keep_margins: bool = False, stop: bool = True) -> GptossCompletion:
+def gptoss_complete(
+    loaded, prompt: str, n: int, keep_margins: bool = False, stop: bool = True, compile_decode: bool = False
+) -> GptossCompletion:
     """Greedy continuation with gptoss's decode core, stopping where llama.cpp stops (unless not `stop`: then
     exactly `n` tokens, as llama-bench decodes). `keep_margins` records
     each step's margins: the output's top-2, and every layer's router at the last position (forward hooks
@@ -167,7 +169,8 @@ def gptoss_complete(loaded, prompt: str, n: int, keep_margins: bool = False, sto
 
     hooks = [b.mlp.norm.register_forward_hook(router(b)) for b in model.block] if keep_margins else []
     try:
-        stats = generate(model, [ids], states, pad_id=0, on_logits=step if keep_margins else None)
+        on_logits = step if keep_margins else None
+        stats = generate(model, [ids], states, pad_id=0, on_logits=on_logits, compile_decode=compile_decode)
     finally:
         for h in hooks:
             h.remove()
@@ -209,27 +212,28 @@ def export(run: Path, out: Path, dtype: str, quantize: str | None) -> Path:
 
 
 def measure(loaded, bin_dir: Path, gguf: Path, args, threads: int) -> dict:
-    """Alternating rounds at one thread count -> medians of both decode speeds and their ratio."""
+    """Alternating rounds at one thread count -> medians of the decode speeds and the ratios. With
+    `args.compile` gptoss's compiled decode step (`infer --compile`) runs in the rounds too."""
     depth = len(loaded.tokenizer.encode(args.prompt[0]).ids)
-    ours, theirs = [], []
+    names = ["gptoss", "llama.cpp"] + (["gptoss --compile"] if args.compile else [])
+    rounds: dict[str, list[float]] = {name: [] for name in names}
+    torch.set_num_threads(threads)
+    if args.compile:  # the first call compiles (seconds); the rounds reuse the compiled step
+        gptoss_complete(loaded, args.prompt[0], args.new_tokens, stop=False, compile_decode=True)
     for r in range(args.rounds):
-        order = ("gptoss", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "gptoss")
-        for who in order:
-            if who == "gptoss":
-                torch.set_num_threads(threads)
-                done = gptoss_complete(loaded, args.prompt[0], args.new_tokens, stop=False)
-                ours.append(done.decode_tokens_per_s)
+        for name in names[r % len(names) :] + names[: r % len(names)]:  # who goes first rotates
+            if name == "llama.cpp":
+                speed = llama_decode_speed(bin_dir, gguf, args.new_tokens, threads, depth)
             else:
-                theirs.append(llama_decode_speed(bin_dir, gguf, args.new_tokens, threads, depth))
-    g, ll = statistics.median(ours), statistics.median(theirs)
-    return {
-        "threads": threads,
-        "gptoss_tokens_per_s": g,
-        "llama_cpp_tokens_per_s": ll,
-        "ratio": ll / g,
-        "gptoss_rounds": ours,
-        "llama_cpp_rounds": theirs,
-    }
+                done = gptoss_complete(
+                    loaded, args.prompt[0], args.new_tokens, stop=False, compile_decode=name != "gptoss"
+                )
+                speed = done.decode_tokens_per_s
+            rounds[name].append(speed)
+    medians = {name: statistics.median(v) for name, v in rounds.items()}
+    out = {"threads": threads, "tokens_per_s": medians, "rounds": rounds}
+    out["ratio"] = {name: medians["llama.cpp"] / medians[name] for name in names if name != "llama.cpp"}
+    return out
 
 
 def greedy(loaded, bin_dir: Path, gguf: Path, prompts: list[str], n: int) -> list[dict]:
@@ -252,13 +256,14 @@ def report(result: dict) -> None:
             kind = "a near-tie" if g["near_tie"] else "NOT a near-tie"
             verdict = f"identical for {g['agreed']} of {g['tokens']} tokens, then {kind} (margin {g['margin']:.1e})"
         print(f"greedy {g['prompt']!r}: {verdict}")
-    print(f"decode, prompt {result['speed_prompt']!r}, median of {result['rounds']} alternating rounds:")
-    print(f"{'threads':>7}  {'gptoss tok/s':>12}  {'llama.cpp tok/s':>15}  {'llama.cpp / gptoss':>18}")
+    print(f"decode tokens/s, prompt {result['speed_prompt']!r}, median of {result['rounds']} alternating rounds:")
+    names = list(result["decode"][0]["tokens_per_s"])
+    ours = [n for n in names if n != "llama.cpp"]
+    head = [f"{n} tok/s" for n in names] + [f"llama.cpp / {n}" for n in ours]
+    print("threads  " + "  ".join(f"{h:>18}" for h in head))
     for s in result["decode"]:
-        print(
-            f"{s['threads']:>7}  {s['gptoss_tokens_per_s']:>12,.1f}  {s['llama_cpp_tokens_per_s']:>15,.1f}  "
-            f"{s['ratio']:>17.2f}x"
-        )
+        cells = [f"{s['tokens_per_s'][n]:,.1f}" for n in names] + [f"{s['ratio'][n]:.2f}x" for n in ours]
+        print(f"{s['threads']:>7}  " + "  ".join(f"{c:>18}" for c in cells))
 
 
 def main() -> None:
@@ -270,6 +275,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"), help="of the GGUF's matrices")
     ap.add_argument("--quantize", choices=("mxfp4",), help="the GGUF's experts in MXFP4")
+    ap.add_argument("--compile", action="store_true", help="also time gptoss's compiled decode step")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     bin_dir = find_llama_cpp()
