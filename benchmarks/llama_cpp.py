@@ -98,30 +98,12 @@ def llama_decode_speed(bin_dir: Path, gguf: Path, n: int, threads: int, depth: i
 # ---- gptoss's side ---------------------------------------------------------------------------------------
 
 
-def byte_decoder() -> dict[str, int]:
-    """The byte-level alphabet back to bytes: GPT-2's table (256 printable code points, one per byte)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+def pieces(tok, ids: list[int]) -> list[bytes]:
+    """Each token's bytes as llama.cpp writes them with special tokens shown (data/tokenizer.token_bytes);
+    ids past the tokenizer's (the GGUF's unused placeholders) are written as nothing."""
+    from gptoss_cli.data.tokenizer import token_bytes
 
-
-def token_bytes(tok, ids: list[int]) -> list[bytes]:
-    """Each token's bytes as llama.cpp writes them with special tokens shown: byte-level tokens decoded, added
-    (special) tokens as their text, ids past the tokenizer's (the GGUF's unused placeholders) as nothing."""
-    table = byte_decoder()
-    added = {t.content for t in tok.get_added_tokens_decoder().values()}
-
-    def piece(text: str | None) -> bytes:
-        if text is None:
-            return b""
-        return text.encode() if text in added else bytes(table[c] for c in text)
-
-    return [piece(tok.id_to_token(i)) for i in ids]
+    return [token_bytes(tok, i) if tok.id_to_token(i) is not None else b"" for i in ids]
 
 
 @dataclass
@@ -189,7 +171,7 @@ def compare_greedy(tok, ours: GptossCompletion, theirs: bytes) -> GreedyMatch:
     """How far llama.cpp's text follows gptoss's greedy tokens (byte prefixes, token by token). Both leave out
     the end-of-generation token they stop at."""
     done, agreed = b"", 0
-    for piece in token_bytes(tok, ours.ids):
+    for piece in pieces(tok, ours.ids):
         if not theirs.startswith(done + piece):
             break
         done += piece

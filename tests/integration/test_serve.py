@@ -365,7 +365,7 @@ def test_command_errors_are_one_line(gptoss, runs, tmp_path):
         (json.dumps({"model": "demo", "prompt": "x", "top_p": 0}).encode(), "top_p"),
         (json.dumps({"model": "demo", "prompt": ""}).encode(), "prompt"),
         (json.dumps({"model": "demo", "prompt": [99999]}).encode(), "prompt"),
-        (json.dumps({"model": "demo", "prompt": "x", "logprobs": 3}).encode(), None),
+        (json.dumps({"model": "demo", "prompt": "x", "logprobs": 6}).encode(), "logprobs"),
         (json.dumps({"model": "demo", "messages": []}).encode(), "messages"),
         (json.dumps({"model": "demo", "messages": [{"role": "tool", "content": "x"}]}).encode(), "messages"),
         (json.dumps({"model": "demo", "messages": [{"role": "user", "content": ""}]}).encode(), "messages"),

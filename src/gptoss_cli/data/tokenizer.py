@@ -21,6 +21,7 @@ from ..errors import GptossError
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+START = "<|startoftext|>"  # the released gpt-oss tokenizer (o200k_harmony) has one; our BPE does not
 CHAT_TOKENS = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>"]  # see data/chat_format.py
 SPECIAL_TOKENS = [EOS, PAD, *CHAT_TOKENS]
 
@@ -95,3 +96,41 @@ def check_vocab(tok: Tokenizer, vocab_size: int, source: str) -> None:
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
         raise GptossError(f"{source}: tokenizer has {n} tokens but model.vocab_size is {vocab_size}")
+
+
+def bos_id(tok: Tokenizer) -> int:
+    """The id a text starts after: START where the tokenizer has it (the released gpt-oss tokenizer), else
+    EOS (our runs put EOS between documents, so EOS is what a document's first token is predicted from).
+    It is the BOS the export declares, which is what transformers-based tools prefix a text with."""
+    start = tok.token_to_id(START)
+    return start if start is not None else tok.token_to_id(EOS)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): printable Latin-1 bytes stand for themselves, the other 68
+    bytes, in order, for chr(256), chr(257), ... (the characters `pre_tokenizers.ByteLevel.alphabet()` lists)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    alphabet, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + shifted)] = byte
+            shifted += 1
+    return alphabet
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_bytes(tok: Tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for. A byte-level BPE token may hold part of a UTF-8 character, which
+    decode() cannot show (it gives U+FFFD), so its bytes are read from its byte-level spelling; a special
+    token is its own text."""
+    added = tok.get_added_tokens_decoder().get(token_id)
+    if added is not None:
+        return added.content.encode("utf-8")
+    piece = tok.id_to_token(token_id)
+    if piece is not None and isinstance(tok.decoder, decoders.ByteLevel) and all(c in BYTE_LEVEL for c in piece):
+        return bytes(BYTE_LEVEL[c] for c in piece)
+    return tok.decode([token_id], skip_special_tokens=False).encode("utf-8")

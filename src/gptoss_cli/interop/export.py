@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from ..atomic import staged_directory
 from ..config import RunConfig
-from ..data.tokenizer import EOS, PAD
+from ..data.tokenizer import EOS, PAD, bos_id
 from ..devices import param_dtypes, resolve_dtype
 from ..errors import GptossError
 from ..model import mxfp4
@@ -36,7 +36,6 @@ from .chat_template import export_chat
 from .names import expected_shapes, expert_rules, to_hf_config, to_hf_state_dict
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
-BOS_CANDIDATES = ("<|startoftext|>", EOS)  # o200k_harmony has a start token; our BPE reuses <|endoftext|>
 UNITS = {
     "": 1,
     "B": 1,
@@ -112,9 +111,10 @@ def generation_config(cfg: RunConfig, token_ids: dict) -> dict:
 
 
 def special_tokens(tok: Tokenizer) -> dict[str, str]:
-    """{"bos", "eos", "pad"} -> token text for a run's tokenizer (bos and pad fall back to <|endoftext|>)."""
+    """{"bos", "eos", "pad"} -> token text for a run's tokenizer (bos: data/tokenizer.bos_id; pad falls back
+    to <|endoftext|>)."""
     return {
-        "bos": next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None),
+        "bos": tok.id_to_token(bos_id(tok)),  # o200k_harmony's start token; our BPE reuses <|endoftext|>
         "eos": EOS,
         "pad": PAD if tok.token_to_id(PAD) is not None else EOS,
     }

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import GptossError
-from ..run.layout import CONFIG, EVAL_DIR, INFER_MEMORY, METRICS, SUMMARY
+from ..run.layout import CONFIG, EVAL_DIR, EVAL_TASKS, INFER_MEMORY, METRICS, SUMMARY
 from ..run.layout import MEMORY as TRAIN_MEMORY
+from .tasks import read_task_results
 
 GIB = 1024**3
 Warn = Callable[[str], None]
@@ -117,13 +118,20 @@ class RunData:
     infer_memory: list[dict] = field(default_factory=list)  # inference-memory.jsonl, file order
     summary: dict | None = None
     eval_results: list[dict] = field(default_factory=list)  # RUN/eval/*.json (gptoss eval), oldest first
+    task_results: list[dict] = field(default_factory=list)  # RUN/eval/tasks/*/results.json (eval --tasks)
     config: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def has_data(self) -> bool:
         return bool(
-            self.train or self.evals or self.train_memory or self.infer_memory or self.summary or self.eval_results
+            self.train
+            or self.evals
+            or self.train_memory
+            or self.infer_memory
+            or self.summary
+            or self.eval_results
+            or self.task_results
         )
 
 
@@ -147,6 +155,7 @@ def read_run_logs(path: Path, name: str, warn: Warn) -> RunData:
         except (OSError, ValueError) as err:
             note(f"{path / SUMMARY}: unreadable, ignored ({err})")
     run.eval_results = read_eval_results(path / EVAL_DIR, note)
+    run.task_results = read_task_results(path / EVAL_DIR / EVAL_TASKS, note)
     if (path / CONFIG).is_file():
         import yaml
 

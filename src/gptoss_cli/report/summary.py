@@ -37,6 +37,7 @@ from .logs import (
     is_number,
     read_run_logs,
 )
+from .tasks import summarize_tasks, tasks_markdown
 
 DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
 # The figures, in report order: file name, section title, what it shows (for report.md).
@@ -178,6 +179,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "dead_experts": [list(d) for d in dead],
         "dead_window_logs": DEAD_WINDOW,
         "eval_results": [{k: r.get(k) for k in EVAL_FIELDS} for r in run.eval_results],
+        "task_results": summarize_tasks(run.task_results),
         "missing": missing,
         "warnings": list(run.warnings),
     }
@@ -333,7 +335,7 @@ def write_markdown(path: Path, summaries: list[dict], figures: list[str]) -> Non
     lines.append("| | " + " | ".join(s["name"] for s in summaries) + " |")
     lines.append("|---" * (len(summaries) + 1) + "|")
     lines += [f"| {label} | " + " | ".join(c.replace("|", "/") for c in cells) + " |" for label, cells in rows]
-    lines += eval_markdown(summaries)
+    lines += eval_markdown(summaries) + tasks_markdown(summaries)
     for file, title, caption in FIGURES:
         if file in figures:
             lines += ["", f"## {title}", "", caption, "", f"![{title}]({file})"]

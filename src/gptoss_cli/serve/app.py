@@ -2,8 +2,10 @@
 
     GET  /health                 {"status": "ok", running, waiting, ...}
     GET  /v1/models[/ID]         the one model this server holds
-    POST /v1/completions         text in, text out; `stream: true` sends server-sent events ending in [DONE]
-    POST /v1/chat/completions    messages rendered through the run's conversation format
+    POST /v1/completions         text in, text out; `stream: true` sends server-sent events ending in [DONE];
+                                 `logprobs`, `echo` (and `max_tokens: 0` with it: score a prompt)
+    POST /v1/chat/completions    messages rendered through the run's conversation format; `logprobs`,
+                                 `top_logprobs`
 
 Handlers turn a request into engine Requests (one per prompt and choice) whose events come back from the
 decode thread through `loop.call_soon_threadsafe` into one asyncio queue per HTTP request. Every error a
@@ -31,7 +33,8 @@ from starlette.routing import Route
 
 from ..config import ConfigError, InferConfig
 from ..data.chat_format import ChatFormat, MessageError
-from .engine import Done, Engine, EngineClosed, Event, Failed, QueueFull, Request, Token
+from .engine import Done, Engine, EngineClosed, Event, Failed, Prompt, QueueFull, Request, Token
+from .logprobs import ChoiceLogprobs, TokenPieces
 from .protocol import ApiError, ChatRequest, CompletionRequest
 
 POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
@@ -52,6 +55,7 @@ class Served:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.defaults, self.chat_format = defaults, chat_format
         self.created = int(time.time())
+        self.pieces = TokenPieces(tokenizer)  # token ids as the logprobs objects show them
 
 
 def create_app(served: Served, api_key: str | None = None):
@@ -188,7 +192,8 @@ def _encode_prompts(served: Served, prompt: Any) -> list[list[int]]:
 
 def _sampling(served: Served, body, prompt_len: int, chat: bool, choice: int) -> InferConfig:
     limit = served.engine.max_length
-    if prompt_len >= limit:
+    scoring = body.max_tokens == 0  # echo with max_tokens 0: the prompt is scored, nothing generated
+    if prompt_len > limit or (prompt_len == limit and not scoring):
         raise ApiError(
             400,
             f"the prompt has {prompt_len} tokens; this model's context is {limit} tokens, leaving no room to generate",
@@ -197,7 +202,9 @@ def _sampling(served: Served, body, prompt_len: int, chat: bool, choice: int) ->
         )
     d = served.defaults
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if max_tokens is None:  # completions: the run's infer.max_new_tokens; chat: the rest of the context
+    if scoring:
+        max_tokens = 1  # never sampled (the engine request does not generate); the config needs a budget
+    elif max_tokens is None:  # completions: the run's infer.max_new_tokens; chat: the rest of the context
         max_tokens = limit if chat else d.max_new_tokens
     seed = body.seed if body.seed is None else body.seed + choice  # n choices of one seed differ
     try:  # the request's fields over the run's defaults (a field left out is None: the default stays)
@@ -242,7 +249,7 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
     for ids in prompts:
         for j in range(body.n):
             params = _sampling(served, body, len(ids), chat, j)
-            jobs.append(Request(ids, params, emitter(len(jobs)), stop_ids=stop_ids))
+            jobs.append(Request(ids, params, emitter(len(jobs)), stop_ids=stop_ids, **_logprob_options(body)))
     try:
         served.engine.submit(jobs)
     except QueueFull as err:
@@ -265,10 +272,11 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
         "created": int(time.time()),
         "model": served.model_name,
     }
+    scores = [_choice_logprobs(served, body, job, chat, stop_ids) for job in jobs]
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(
-            _stream(queue, jobs, head, chat, include_usage, info),
+            _stream(queue, jobs, head, chat, include_usage, info, scores),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -286,6 +294,8 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
                 raise _failure(event)
             if isinstance(event, Done):
                 results[index] = event
+            else:
+                _record(scores[index], event)
     finally:
         for job in jobs:
             job.cancel()
@@ -299,26 +309,36 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
                 {
                     "index": i,
                     "message": {"role": "assistant", "content": content},
-                    "logprobs": None,
+                    "logprobs": scores[i].whole(content or ""),
                     "finish_reason": done.reason,
                 }
             )
         else:
-            choices.append({"index": i, "text": done.text, "logprobs": None, "finish_reason": done.reason})
+            text = scores[i].prefix + done.text  # the prompt first, with echo
+            choices.append({"index": i, "text": text, "logprobs": scores[i].whole(text), "finish_reason": done.reason})
     return JSONResponse({**head, "choices": choices, "usage": _usage(info["tokens"])})
 
 
-async def _stream(queue: asyncio.Queue, jobs: list[Request], head: dict, chat: bool, include_usage: bool, info: dict):
-    """Server-sent events: one chunk per piece of text, a last chunk per choice with its finish reason."""
+async def _stream(
+    queue: asyncio.Queue,
+    jobs: list[Request],
+    head: dict,
+    chat: bool,
+    include_usage: bool,
+    info: dict,
+    scores: list[ChoiceLogprobs],
+):
+    """Server-sent events: one chunk per piece of text (per token with logprobs), a last chunk per choice
+    with its finish reason; with echo a completion's first chunk is its prompt."""
     if chat:
         head = {**head, "object": "chat.completion.chunk"}
 
-    def chunk(index: int, text: str | None, reason: str | None = None) -> str:
+    def chunk(index: int, text: str | None, reason: str | None = None, logprobs: dict | None = None) -> str:
         if chat:
             delta = {} if text is None else {"content": text}
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
         return _sse({**head, "choices": [choice]})
 
     try:
@@ -337,11 +357,16 @@ async def _stream(queue: asyncio.Queue, jobs: list[Request], head: dict, chat: b
                         ],
                     }
                 )
+        for i, score in enumerate(scores):  # echo without logprobs: the prompt needs no scoring
+            if score.prefix and not jobs[i].echo:
+                yield chunk(i, score.prefix)
         finished = 0
         while finished < len(jobs):
             index, event = await queue.get()
             if isinstance(event, Token):
-                yield chunk(index, event.text)
+                yield chunk(index, event.text, logprobs=scores[index].token_chunk(event.logprob, event.text))
+            elif isinstance(event, Prompt):
+                yield chunk(index, scores[index].prefix, logprobs=scores[index].prompt_chunk(event.logprobs))
             elif isinstance(event, Done):
                 finished += 1
                 info["tokens"][1] += event.completion_tokens
@@ -355,6 +380,28 @@ async def _stream(queue: asyncio.Queue, jobs: list[Request], head: dict, chat: b
     finally:  # also when the client disconnects mid-stream (the generator is cancelled)
         for job in jobs:
             job.cancel()
+
+
+def _logprob_options(body) -> dict:
+    """The engine's settings for a request's log-probabilities: alternatives per sampled token (None: off),
+    whether the prompt is scored (echo with logprobs) and whether anything is generated (max_tokens 0)."""
+    return {
+        "logprobs": body.top,
+        "echo": getattr(body, "echo", False) and body.top is not None,
+        "generate": body.max_tokens != 0,
+    }
+
+
+def _choice_logprobs(served: Served, body, job: Request, chat: bool, stop_ids: frozenset[int]) -> ChoiceLogprobs:
+    echo = getattr(body, "echo", False)
+    return ChoiceLogprobs(served.pieces, top=body.top, chat=chat, prompt=job.prompt, echo=echo, stop_ids=stop_ids)
+
+
+def _record(score: ChoiceLogprobs, event: Event) -> None:
+    if isinstance(event, Prompt):
+        score.add_prompt(event.logprobs)
+    elif isinstance(event, Token):
+        score.add(event.logprob)
 
 
 def _failure(event: Failed) -> ApiError:

@@ -1,8 +1,10 @@
 """The request bodies of the OpenAI HTTP API that `gptoss serve` speaks, and its error object.
 
 Unknown fields are rejected (400), as the OpenAI API does; fields the API has but this server does not
-implement are accepted only at their neutral value (e.g. `logprobs: null`, `presence_penalty: 0`), so a
-client never silently gets something other than what it asked for. Response bodies are plain dicts built
+implement are accepted only at their neutral value (e.g. `best_of: null`, `presence_penalty: 0`), so a
+client never silently gets something other than what it asked for. Log-probabilities are implemented:
+completions' `logprobs` (0..5 alternatives) and `echo` (with `max_tokens` 0 to score a prompt only), chat's
+`logprobs` and `top_logprobs` (0..20). Response bodies are plain dicts built
 in app.py (their shapes follow the OpenAI API reference for completions and chat completions).
 """
 
@@ -16,9 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 _NEUTRAL = {
     "presence_penalty": 0,
     "frequency_penalty": 0,
-    "logprobs": None,
-    "top_logprobs": None,
-    "echo": False,
     "best_of": None,
     "logit_bias": None,
     "suffix": None,
@@ -74,8 +73,6 @@ class _Sampling(BaseModel):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    logprobs: Any = None
-    top_logprobs: Any = None
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="after")
@@ -99,9 +96,26 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: Annotated[int, Field(ge=0)] | None = None  # 0: score the prompt only (with echo)
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=5)] | None = None  # alternatives per token
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _scoring(self):
+        if self.max_tokens == 0 and not self.echo:  # an ApiError passes through pydantic with its param
+            raise ApiError(
+                400,
+                "max_tokens 0 generates nothing: it is only useful with echo (to score the prompt)",
+                param="max_tokens",
+            )
+        return self
+
+    @property
+    def top(self) -> int | None:
+        """Alternatives per token in the answer's logprobs (None: no logprobs)."""
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -113,10 +127,23 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(gt=0)] | None = None
+    logprobs: Annotated[bool, Field(strict=True)] | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
     tools: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
     response_format: Any = None
+
+    @model_validator(mode="after")
+    def _top_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return self
+
+    @property
+    def top(self) -> int | None:
+        """Alternatives per token in the answer's logprobs (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def plain_messages(self) -> list[dict[str, Any]]:
         """Messages as dicts, content parts of type "text" joined into one string."""

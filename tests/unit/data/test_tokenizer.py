@@ -32,6 +32,33 @@ def test_round_trip_is_lossless(builtin_tok, text):
     assert builtin_tok.decode(builtin_tok.encode(text).ids) == text
 
 
+def test_token_bytes_join_to_the_texts_utf8(builtin_tok):
+    """Each token's bytes (read from its byte-level spelling, so a token holding part of a character has
+    its own bytes, which decode() cannot show) join to exactly the text's UTF-8; a special token is its text;
+    the byte-level alphabet is the one `tokenizers` uses."""
+    from tokenizers import pre_tokenizers
+
+    from gptoss_cli.data.tokenizer import BYTE_LEVEL, token_bytes
+
+    assert set(BYTE_LEVEL) == set(pre_tokenizers.ByteLevel.alphabet()) and sorted(BYTE_LEVEL.values()) == list(
+        range(256)
+    )
+    text = "caf\u00e9 \u65e5\u672c\u8a9e \U0001f600 <|endoftext|> plain"
+    ids = builtin_tok.encode(text).ids
+    pieces = [token_bytes(builtin_tok, i) for i in ids]
+    assert b"".join(pieces) == text.encode("utf-8")
+    assert any(not _is_utf8(p) for p in pieces)  # some token holds part of a character
+    assert token_bytes(builtin_tok, builtin_tok.token_to_id(EOS)) == EOS.encode()
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def test_special_tokens_are_single_ids(builtin_tok):
     eos, pad = builtin_tok.token_to_id(EOS), builtin_tok.token_to_id(PAD)
     assert eos is not None and pad is not None and eos != pad
