@@ -200,7 +200,7 @@ def test_train_continues_and_repairs_its_data_cache(gptoss, small_overrides, tmp
     data = corpus_dir(tmp_path, 200)
     cfg = load_config("tiny", [*small_overrides, f"data.paths=[{data}]"])
     sources = find_sources([str(data)])
-    root = isolated_cache / "datasets" / prep.dataset_key(sources, settings_of(cfg), "trained")[:32]
+    root = isolated_cache / "datasets" / prep.dataset_key(sources, settings_of(cfg), prep.TRAINED)[:32]
     monkeypatch.setattr(prep, "SHARD_TOKENS", 300)
     monkeypatch.setattr(prep, "CHUNK_BYTES", 200)
     calls, real = [], prep._encode

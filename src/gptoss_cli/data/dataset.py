@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import GptossError
 from . import shards
 from .corpus import find_sources
-from .prepare import Settings, cache_root, dataset_key, prepare_dataset
+from .prepare import TRAINED, Settings, cache_root, dataset_key, prepare_dataset
 from .tokenizer import check_vocab, load_tokenizer, tokenizer_hash
 
 
@@ -89,7 +89,7 @@ def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: 
     else:
         sources = find_sources(cfg.data.paths, warn if rank == 0 else None)
         settings = settings_of(cfg)
-        key = dataset_key(sources, settings, tokenizer_hash(given) if given is not None else "trained")
+        key = dataset_key(sources, settings, tokenizer_hash(given) if given is not None else TRAINED)
         root = cache_root() / "datasets" / key[:32]
         trained = given is None
         if rank == 0:

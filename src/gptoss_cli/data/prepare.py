@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import random
-import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -33,7 +32,9 @@ from ..errors import GptossError
 from ..progress import byte_progress
 from . import resume, shards
 from .corpus import Meter, Source, iter_pieces
-from .tokenizer import EOS, load_tokenizer, tokenizer_hash, train_tokenizer
+from .encoding import encode as _encode
+from .encoding import init_worker
+from .tokenizer import EOS, PRETOKENIZER_VERSION, load_tokenizer, tokenizer_hash, train_tokenizer
 
 CHUNK_BYTES = 1 << 20  # text per worker task: ~0.5 s of encoding, small enough to keep memory flat
 SHARD_TOKENS = 1 << 26  # tokens per train shard (128 MiB at uint16)
@@ -79,8 +80,12 @@ def sources_fingerprint(sources: list[Source]) -> list:
     return [[str(s.path.resolve()), s.size, s.path.stat().st_mtime_ns] for s in sources]
 
 
+# The tokenizer id of data tokenized with a tokenizer trained from its own settings: trained the same way.
+TRAINED = f"trained-{PRETOKENIZER_VERSION}"
+
+
 def dataset_key(sources: list[Source], settings: Settings, tokenizer_id: str) -> str:
-    """`tokenizer_id`: the given tokenizer's hash, or "trained" for one trained from these settings."""
+    """`tokenizer_id`: the given tokenizer's hash, or TRAINED for one trained from these settings."""
     return _digest(
         {
             "format": shards.FORMAT,
@@ -154,7 +159,9 @@ def tokenizer_for(sources: list[Source], settings: Settings, show: bool, times: 
     """The tokenizer trained on a sample of these sources, from the cache when it was trained before."""
     from tokenizers import Tokenizer
 
-    key = _digest({"sources": sources_fingerprint(sources), "settings": asdict(settings)})
+    key = _digest(
+        {"sources": sources_fingerprint(sources), "settings": asdict(settings), "pretokenizer": PRETOKENIZER_VERSION}
+    )
     path = cache_root() / "tokenizers" / f"{key[:32]}.json"
     if path.is_file():
         try:
@@ -177,40 +184,7 @@ def tokenizer_for(sources: list[Source], settings: Settings, show: bool, times: 
     return tok
 
 
-# ---- tokenizing in worker processes ---------------------------------------------------------------
-
-_WORKER_TOKENIZER = None
-
-
-def _init_worker(tok_json: str, parent: int) -> None:
-    global _WORKER_TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
-    threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
-    from tokenizers import Tokenizer
-
-    _WORKER_TOKENIZER = Tokenizer.from_str(tok_json)
-
-
-def _exit_with(parent: int) -> None:
-    """End this worker once its parent is gone (killed with -9, say): it would otherwise wait forever."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(1)
-
-
-def _encode(
-    pieces: list[str], val: list[bool], last: list[bool], eos: int, dtype: str, tok=None
-) -> tuple[np.ndarray, np.ndarray]:
-    """A chunk of pieces -> (train ids, val ids), each document (its last piece) followed by <|endoftext|>."""
-    tok = tok or _WORKER_TOKENIZER
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster where available
-    out: tuple[list[int], list[int]] = ([], [])
-    for enc, is_val, ends in zip(encode(pieces), val, last, strict=True):
-        ids = out[is_val]
-        ids.extend(enc.ids)
-        if ends:
-            ids.append(eos)
-    return np.array(out[0], dtype=dtype), np.array(out[1], dtype=dtype)
+# ---- tokenizing in chunks (data/encoding.py: in worker processes) ---------------------------------
 
 
 def _chunks(numbered, skip: int, chunk_bytes: int):
@@ -275,7 +249,7 @@ def prepare_dataset(
 
     show = show and console.is_terminal  # a bar on a pipe or a log file is only noise
     out = Path(out)
-    key = dataset_key(sources, settings, tokenizer_hash(tokenizer) if tokenizer is not None else "trained")
+    key = dataset_key(sources, settings, tokenizer_hash(tokenizer) if tokenizer is not None else TRAINED)
     found = resume.resume_at(out, key, flag)
     if found.complete:
         return Result(out, found.state, cached=True, tokenizer_trained=tokenizer is None)
@@ -355,7 +329,7 @@ def _tokenize(sources, out: Path, settings, tokenizer, state: dict, workers, sho
         pool = ProcessPoolExecutor(
             workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
+            initializer=init_worker,
             initargs=(tokenizer.to_str(), os.getpid()),
         )
     try:

@@ -1,9 +1,12 @@
 """The byte-level BPE tokenizer, trained with `tokenizers` on the training text and saved as tokenizer.json.
 
-Byte-level pre-tokenization without a prefix space and a ByteLevel decoder make decode(encode(x)) == x
-for any UTF-8 text. `<|endoftext|>` separates documents; `<|pad|>` pads batched prompts; the conversation
-tokens (`<|start|>`, `<|message|>`, `<|end|>`, `<|return|>`, `<|channel|>`, as in openai's harmony format) are
-reserved so a run can later be fine-tuned on conversations (data/chat_format.py is what uses them).
+Text is split into words by SPLIT_PATTERN, the o200k split of gpt-oss's own tokenizer exactly as llama.cpp
+runs it (its `gpt-4o` pre-tokenizer), then mapped to bytes (ByteLevel, no prefix space) and merged by BPE;
+there is no normalizer. So a GGUF export tokenizes every text as gptoss does (interop/gguf_vocab.py). The
+ByteLevel decoder makes decode(encode(x)) == x for any UTF-8 text. `<|endoftext|>` separates documents;
+`<|pad|>` pads batched prompts; the conversation tokens (`<|start|>`, `<|message|>`, `<|end|>`, `<|return|>`,
+`<|channel|>`, as in openai's harmony format) are reserved so a run can later be fine-tuned on conversations
+(data/chat_format.py is what uses them).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ..errors import GptossError
 
@@ -22,12 +25,45 @@ START = "<|startoftext|>"  # the released gpt-oss tokenizer (o200k_harmony) has 
 CHAT_TOKENS = ["<|start|>", "<|message|>", "<|end|>", "<|return|>", "<|channel|>"]  # see data/chat_format.py
 SPECIAL_TOKENS = [EOS, PAD, *CHAT_TOKENS]
 
+# The o200k word split (letters with an optional leading non-letter and an English contraction, 1-3 digits,
+# punctuation runs, newlines, other whitespace) as llama.cpp executes it for `tokenizer.ggml.pre = "gpt-4o"`
+# (src/llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_GPT4O). o200k's own expression (the tokenizer.json of
+# openai/gpt-oss) tells upper from lower case with \p{Lu}/\p{Ll} and counts combining marks (\p{M}) as
+# letters; llama.cpp's rewrite, which its regex engine can run, tells case apart for A-Z/a-z only and
+# leaves marks out. Training with the rewrite makes both split every text alike.
+_UPPER = r"((?=[\p{L}])([^a-z]))"  # a letter that is not a-z
+_LOWER = r"((?=[\p{L}])([^A-Z]))"  # a letter that is not A-Z
+_CONTRACTION = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+SPLIT_PATTERN = "|".join(
+    (
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}",
+        rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n/]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    )
+)
+# Part of the cache keys of trained tokenizers and of data tokenized with them: a new split is a new tokenizer.
+PRETOKENIZER_VERSION = "o200k-llama.cpp-1"
+
+
+def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    """SPLIT_PATTERN's words (each match its own word), then bytes -> the byte-level alphabet."""
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, show_progress: bool = False) -> Tokenizer:
     """Train byte-level BPE on `texts` (streamed: memory stays bounded by the merge statistics).
     `show_progress`: the tokenizers library's own progress bars, on stderr."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

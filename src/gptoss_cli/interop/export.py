@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from ..atomic import staged_directory
 from ..config import RunConfig
@@ -87,6 +88,16 @@ def generation_config(cfg: RunConfig, token_ids: dict) -> dict:
     if i.repetition_penalty != 1.0:
         out["repetition_penalty"] = i.repetition_penalty
     return out
+
+
+def special_tokens(tok: Tokenizer) -> dict[str, str]:
+    """{"bos", "eos", "pad"} -> token text for a run's tokenizer (bos: data/tokenizer.bos_id; pad falls back
+    to <|endoftext|>)."""
+    return {
+        "bos": tok.id_to_token(bos_id(tok)),  # o200k_harmony's start token; our BPE reuses <|endoftext|>
+        "eos": EOS,
+        "pad": PAD if tok.token_to_id(PAD) is not None else EOS,
+    }
 
 
 def convert_experts(
@@ -168,10 +179,9 @@ def export_run(
     if tok is None:
         warn(f"{opened.run} has no tokenizer.json: exporting the weights without a tokenizer")
     else:
-        eos = EOS
-        bos = tok.id_to_token(bos_id(tok))  # o200k_harmony's start token; our BPE reuses <|endoftext|>
-        pad = PAD if tok.token_to_id(PAD) is not None else EOS
-        token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
+        special = special_tokens(tok)
+        bos, eos, pad = special["bos"], special["eos"], special["pad"]
+        token_ids = {k: tok.token_to_id(t) for k, t in special.items()}
         chat = export_chat(tok, opened.run.chat_template)
     to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently, before reading
     packed = bool(packed_weights(tensor_names(opened.weights)))
