@@ -4,8 +4,9 @@ Every field is checked against what the engine really takes (a seed torch.Genera
 token ids inside the vocabulary, a prompt that leaves room in the context) here, on the HTTP side, so a bad
 request is answered 400 and never reaches the decode step that all requests share.
 
-Prompts are tokenized on a small thread pool (the `tokenizers` library releases the GIL while it encodes),
-never on the event loop: /health and every other client keep being answered while a long prompt is encoded.
+Prompts are tokenized on a small thread pool, never on the event loop, with `encode_batch`, which releases
+the GIL while it encodes (`encode` holds it, which would stall the loop just the same): /health and every
+other client keep being answered while a long prompt is encoded.
 Before that, a prompt that cannot fit is refused without being tokenized at all: with a byte-level BPE
 tokenizer (no normalizer, no added token that swallows its neighbours' whitespace) every token stands for at
 most `max_token_bytes` bytes of the text, so a text of B bytes has at least ceil(B / max_token_bytes) tokens.
@@ -116,7 +117,7 @@ class PromptEncoder:
     def _encode(self, texts: list[str], param: str) -> list[list[int]]:
         for text in texts:  # every prompt is bounded before any is encoded
             self._check_bound(text, param)
-        return [self.tokenizer.encode(text).ids for text in texts]
+        return [e.ids for e in self.tokenizer.encode_batch(texts)]
 
     def _render(self, fmt, messages: list[dict]) -> list[int]:
         if isinstance(fmt, TemplateFormat):  # a template may drop or rewrite messages: bound what it renders
@@ -146,13 +147,14 @@ class PromptEncoder:
                 f"{len(prompt)} prompts x n={copies} exceed what the queue holds ({max_queue}, --max-queue)",
                 param="n" if copies > 1 else "prompt",
             )
+        given = [p for p in prompt if not isinstance(p, str)]  # token ids: bounded by the body's size
+        if any(not 0 <= t < self.vocab_size for p in given for t in p):
+            raise ApiError(400, f"token ids must be in [0, {self.vocab_size})", param="prompt")
         texts = [p for p in prompt if isinstance(p, str)]
         encoded = iter(await self._off_loop(self._encode, texts, "prompt") if texts else [])
         prompts = [next(encoded) if isinstance(p, str) else list(p) for p in prompt]
         if any(not p for p in prompts):
             raise ApiError(400, "empty prompt: give some text to continue", param="prompt")
-        if any(not 0 <= t < self.vocab_size for p in prompts for t in p):
-            raise ApiError(400, f"token ids must be in [0, {self.vocab_size})", param="prompt")
         return prompts
 
     async def chat(self, fmt, messages: list[dict]) -> list[int]:
