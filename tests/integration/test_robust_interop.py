@@ -41,8 +41,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def test_export_never_deletes_its_source(gptoss, run, tmp_path):
-    """--out the run itself, inside it, its checkpoint, a directory holding it, a link to it: with --force
-    too, one line and exit 2, and every file of the run as it was."""
+    """--out the run itself, inside it, its checkpoint, a directory holding it, a link to it, or (GGUF) one of
+    its files: with --force too, one line and exit 2, and every file of the run as it was."""
     before = snapshot(run)
     link = tmp_path / "link"
     link.symlink_to(run)
@@ -56,6 +56,9 @@ def test_export_never_deletes_its_source(gptoss, run, tmp_path):
     assert code == 2 and "overlaps" in err
     code, _, err = gptoss("export", "--run", run, "--out", run)  # without --force: not a hint to add it
     assert code == 2 and "overlaps" in err and "--force" not in err
+    for out in (run / "metrics.jsonl", ckpt / "model.safetensors", run / "tokenizer.json", run / "demo.gguf"):
+        code, _, err = gptoss("export", "--run", run, "--format", "gguf", "--out", out, "--force")
+        assert code == 2 and err.startswith(f"error: --out {out} overlaps "), (out, err)
     assert snapshot(run) == before
     code, _, err = gptoss("export", "--run", run, "--out", tmp_path / "hf", "--dtype", "fp32")
     assert code == 0, err  # beside the run: fine

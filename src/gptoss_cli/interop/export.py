@@ -129,17 +129,20 @@ def quantization_error(dense: torch.Tensor, blocks: torch.Tensor, scales: torch.
     return {"relative_rms": (rel / norm) ** 0.5 if norm else 0.0, "max_abs": worst}
 
 
-def _check_out(out: Path, sources: list[Path], force: bool) -> None:
-    """Before reading gigabytes: a non-empty --out needs --force, and an export never replaces what it reads:
-    --out may not be the run or a file of it, lie inside it, or hold it (with --force the old --out is
-    deleted once the new one is in place)."""
+def refuse_overlap(out: Path, opened) -> None:
+    """An export never replaces what it reads: --out may not be the run or a file of it, lie inside it, or hold
+    it (with --force the old --out is replaced once the new one is complete). `opened`: run/open.py's OpenRun."""
+    sources = [opened.run.path, opened.checkpoint, opened.weights, opened.tokenizer_path]
     target = out.resolve()
-    for source in sources:
+    for source in filter(None, sources):
         real = Path(source).resolve()
         if target == real or target.is_relative_to(real) or real.is_relative_to(target):
-            raise GptossError(
-                f"--out {out} overlaps {source}, which this export reads; choose a directory outside the run"
-            )
+            raise GptossError(f"--out {out} overlaps {source}, which this export reads; write it outside the run")
+
+
+def _check_out(out: Path, opened, force: bool) -> None:
+    """Before reading gigabytes: refuse_overlap, and a non-empty --out needs --force."""
+    refuse_overlap(out, opened)
     if out.is_dir() and any(out.iterdir()) and not force:
         raise GptossError(f"--out {out} is not empty (add --force to replace it)")
 
@@ -172,7 +175,7 @@ def export_run(
     opened = open_run(run, checkpoint, need_tokenizer=False)
     cfg, ckpt, tok, tok_path = opened.config, opened.checkpoint, opened.tokenizer, opened.tokenizer_path
     out = Path(out)
-    _check_out(out, [opened.run.path, ckpt, opened.weights, *([tok_path] if tok_path else [])], force)
+    _check_out(out, opened, force)
 
     token_ids: dict[str, int | None] = {}
     chat = None

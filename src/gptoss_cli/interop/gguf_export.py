@@ -27,7 +27,7 @@ from ..output import warn
 from ..run.checkpoint import packed_weights, read_weights, tensor_names
 from ..run.open import open_run
 from .chat_template import export_chat
-from .export import convert_experts, special_tokens
+from .export import convert_experts, refuse_overlap, special_tokens
 from .gguf_names import (
     ARCH,
     EXPERTS,
@@ -149,6 +149,8 @@ def export_gguf(
         )
     chat = export_chat(tok, opened.run.chat_template)
     out = Path(out)
+    if not out.is_dir():  # staged_file refuses a directory, saying a file is wanted
+        refuse_overlap(out, opened)
     with staged_file(out, force=force) as tmp:  # refuses an existing --out before reading the weights
         weights = read_weights(opened.weights, expected_shapes(cfg, packed))
         decoded = torch.float32 if dtype == "fp16" else DTYPES[dtype][0]  # MXFP4 values can underflow fp16
