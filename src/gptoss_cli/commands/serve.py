@@ -27,6 +27,9 @@ KeyOpt = Annotated[
         help="Require 'Authorization: Bearer KEY' on every request.",
     ),
 ]
+HealthKeyOpt = Annotated[
+    bool, typer.Option("--health-needs-key", help="Ask the API key on /health too (by default it is open).")
+]
 NameOpt = Annotated[
     str | None, typer.Option("--model-name", help="Model id clients ask for (default: the run directory's name).")
 ]
@@ -46,6 +49,7 @@ def command(
     max_length: LengthOpt = None,
     prefill_chunk: ChunkOpt = 256,
     api_key: KeyOpt = None,
+    health_needs_key: HealthKeyOpt = False,
     model_name: NameOpt = None,
     drain_timeout: DrainOpt = 30.0,
     max_body: BodyOpt = "4MiB",
@@ -71,6 +75,7 @@ def command(
         max_length=max_length,
         prefill_chunk=prefill_chunk,
         api_key=api_key,
+        health_needs_key=health_needs_key,
         model_name=model_name,
         drain_s=drain_timeout,
         max_body=parse_size(max_body, "--max-body"),

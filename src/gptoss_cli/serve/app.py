@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import sys
 import time
 import uuid
@@ -35,6 +34,7 @@ from .admission import PromptEncoder, check_model, parse_body, sampling_params
 from .engine import Done, Engine, EngineClosed, Event, Failed, Prompt, QueueFull, Request, Token
 from .limits import DEFAULT_MAX_BODY, BodyLimit
 from .logprobs import ChoiceLogprobs, TokenPieces
+from .middleware import Auth, RequestLog
 from .protocol import ApiError, ChatRequest, CompletionRequest
 
 POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
@@ -59,7 +59,12 @@ class Served:
         self.pieces = TokenPieces(tokenizer)  # token ids as the logprobs objects show them
 
 
-def create_app(served: Served, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY):
+SERVED_ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
+
+
+def create_app(
+    served: Served, api_key: str | None = None, max_body: int = DEFAULT_MAX_BODY, health_needs_key: bool = False
+):
     async def health(request: HttpRequest) -> Response:
         load = served.engine.load()
         return JSONResponse({"status": "ok", "model": served.model_name, **load, "tokenizing": served.encoder.busy})
@@ -94,22 +99,6 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = DEFAU
         ids = await served.encoder.chat(fmt, body.plain_messages())
         return await _generate(request, served, body, [ids], chat=True)
 
-    async def api_error(request: HttpRequest, exc: ApiError) -> Response:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    async def http_error(request: HttpRequest, exc: HTTPException) -> Response:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(ApiError(exc.status_code, str(exc.detail), code=kind).body(), status_code=exc.status_code)
-
-    async def server_error(request: HttpRequest, exc: Exception) -> Response:
-        print(
-            f"serve: {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-            flush=True,
-        )
-        error = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
-        return JSONResponse(error.body(), status_code=500)
-
     @contextlib.asynccontextmanager
     async def lifespan(app):
         served.engine.start()
@@ -134,12 +123,32 @@ def create_app(served: Served, api_key: str | None = None, max_body: int = DEFAU
         openapi_url=None,
         docs_url=None,
         redoc_url=None,
-        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error},
+        exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _server_error},
     )
-    return RequestLog(Auth(BodyLimit(app, max_body), api_key))
+    return RequestLog(Auth(BodyLimit(app, max_body), api_key, health_needs_key))
 
 
 # ---- generating and answering --------------------------------------------------------------------
+
+
+async def _api_error(request: HttpRequest, exc: ApiError) -> Response:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+async def _http_error(request: HttpRequest, exc: HTTPException) -> Response:
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = str(exc.detail)
+    if exc.status_code in (404, 405):  # e.g. /v1/responses: say what this server does answer
+        message = f"{request.method} {request.url.path} is not served here; this server answers {SERVED_ROUTES}"
+    return JSONResponse(ApiError(exc.status_code, message, code=kind).body(), status_code=exc.status_code)
+
+
+async def _server_error(request: HttpRequest, exc: Exception) -> Response:
+    print(
+        f"serve: {request.method} {request.url.path} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True
+    )
+    error = ApiError(500, f"internal error: {type(exc).__name__}", type="server_error")
+    return JSONResponse(error.body(), status_code=500)
 
 
 async def _generate(request: HttpRequest, served: Served, body, prompts: list[list[int]], chat: bool) -> Response:
@@ -162,18 +171,7 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
         for j in range(body.n):
             params = sampling_params(served.defaults, body, len(ids), served.engine.max_length, chat, j)
             jobs.append(Request(ids, params, emitter(len(jobs)), stop_ids=stop_ids, **_logprob_options(body)))
-    try:
-        served.engine.submit(jobs)
-    except QueueFull as err:
-        raise ApiError(
-            429,
-            f"the server is busy: {err}; retry shortly",
-            type="rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": "1"},
-        ) from None
-    except EngineClosed as err:
-        raise ApiError(503, str(err), type="server_error", code="shutting_down", headers={"Retry-After": "5"}) from None
+    _submit(served, jobs)
 
     info = request.scope.get("gptoss", {})
     info["tokens"] = [sum(map(len, prompts)), 0]
@@ -193,24 +191,9 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
 
-    results: dict[int, Done] = {}
-    try:
-        while len(results) < len(jobs):
-            try:
-                index, event = await asyncio.wait_for(queue.get(), POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody reads it; the finally frees the slots
-                continue
-            if isinstance(event, Failed):
-                raise _failure(event)
-            if isinstance(event, Done):
-                results[index] = event
-            else:
-                _record(scores[index], event)
-    finally:
-        for job in jobs:
-            job.cancel()
+    results = await _collect(request, queue, jobs, scores)
+    if results is None:
+        return Response(status_code=499)  # the client went away; nobody reads an answer
     info["tokens"][1] = sum(d.completion_tokens for d in results.values())
     choices = []
     for i in range(len(jobs)):
@@ -229,6 +212,46 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
             text = scores[i].prefix + done.text  # the prompt first, with echo
             choices.append({"index": i, "text": text, "logprobs": scores[i].whole(text), "finish_reason": done.reason})
     return JSONResponse({**head, "choices": choices, "usage": _usage(info["tokens"])})
+
+
+def _submit(served: Served, jobs: list[Request]) -> None:
+    """Hand the requests to the engine, all or none: a full queue is a 429, a server shutting down a 503."""
+    try:
+        served.engine.submit(jobs)
+    except QueueFull as err:
+        raise ApiError(
+            429,
+            f"the server is busy: {err}; retry shortly",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
+    except EngineClosed as err:
+        raise ApiError(503, str(err), type="server_error", code="shutting_down", headers={"Retry-After": "5"}) from None
+
+
+async def _collect(request: HttpRequest, queue: asyncio.Queue, jobs: list[Request], scores) -> dict[int, Done] | None:
+    """Every job's Done (tokens' log-probabilities recorded on the way), or None when the client went away;
+    the jobs are cancelled either way, so their slots are free at the next decode step."""
+    results: dict[int, Done] = {}
+    try:
+        while len(results) < len(jobs):
+            try:
+                index, event = await asyncio.wait_for(queue.get(), POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            if isinstance(event, Failed):
+                raise _failure(event)
+            if isinstance(event, Done):
+                results[index] = event
+            else:
+                _record(scores[index], event)
+    finally:
+        for job in jobs:
+            job.cancel()
+    return results
 
 
 async def _stream(
@@ -328,60 +351,3 @@ def _sse(data: dict) -> str:
 
 def _usage(tokens: list[int]) -> dict[str, int]:
     return {"prompt_tokens": tokens[0], "completion_tokens": tokens[1], "total_tokens": sum(tokens)}
-
-
-# ---- middleware ----------------------------------------------------------------------------------
-
-
-class Auth:
-    """With an API key, every request needs `Authorization: Bearer KEY` (401 otherwise)."""
-
-    def __init__(self, app, api_key: str | None):
-        self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.expected is not None:
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):
-                error = ApiError(
-                    401, "a valid API key is needed: send 'Authorization: Bearer KEY'", code="invalid_api_key"
-                )
-                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class RequestLog:
-    """One line per request on stderr: client, method, path, status, prompt+completion tokens, latency."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, info = time.perf_counter(), {}
-        scope["gptoss"] = info
-        status = [0]
-
-        async def send_and_watch(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_watch)
-        except asyncio.CancelledError:  # uvicorn cancels what outlives the drain: the log line says so
-            status[0] = status[0] or 503
-            info["cancelled"] = True
-        finally:
-            tokens = info.get("tokens")
-            count = f" tokens {tokens[0]}+{tokens[1]}" if tokens else ""
-            client = scope.get("client") or ("-", 0)
-            cut = " (cut off at shutdown)" if info.get("cancelled") else ""
-            print(
-                f"{client[0]} {scope['method']} {scope['path']} {status[0] or 499}{count} "
-                f"{(time.perf_counter() - start) * 1e3:.0f} ms{cut}",
-                file=sys.stderr,
-                flush=True,
-            )

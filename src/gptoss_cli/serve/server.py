@@ -30,6 +30,7 @@ class ServeOptions:
     max_length: int | None = None  # per-request context (prompt + completion); default the model's
     prefill_chunk: int = 256
     api_key: str | None = None
+    health_needs_key: bool = False  # /health is open by default: load balancers' checks carry no key
     model_name: str | None = None
     drain_s: float = 30.0
     max_body: int = DEFAULT_MAX_BODY  # bytes of one request body
@@ -56,6 +57,7 @@ def serve(
     import uvicorn
 
     from ..data.chat_format import chat_format
+    from ..data.conversations import chat_status
     from ..data.tokenizer import EOS
     from ..output import console, warn
     from ..run.open import load_run
@@ -89,7 +91,7 @@ def serve(
     defaults = dataclasses.replace(loaded.config.infer, seed=None, stop=[])
     name = options.model_name or loaded.run.path.resolve().name
     served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt)
-    app = create_app(served, options.api_key, options.max_body)
+    app = create_app(served, options.api_key, options.max_body, options.health_needs_key)
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -100,8 +102,8 @@ def serve(
     host, port = listener.getsockname()[:2]
     console.print(
         f"serving {name} ({loaded.checkpoint.name} on {loaded.device.type}) at http://{host}:{port}/v1 | "
-        f"max batch {options.max_batch} | context {engine.max_length} | chat "
-        f"{'yes' if fmt is not None else 'no'}{' | API key required' if options.api_key else ''} | {describe()}",
+        f"max batch {options.max_batch} | context {engine.max_length} | chat {chat_status(fmt, loaded)}"
+        f"{' | API key required' if options.api_key else ''} | {describe()}",
         markup=False,
         highlight=False,
         soft_wrap=True,
