@@ -23,8 +23,8 @@ EVERY_S = 30.0
 
 
 def byte_progress(show: bool):
-    """`gptoss prepare`'s bar of bytes read (size, MB/s, time left), transient; a null context when not `show`
-    (prepare shows it on a terminal only)."""
+    """`gptoss prepare`'s bar of bytes read (size, MB/s, time left), transient, or plain lines off a terminal;
+    a null context when not `show`."""
     if not show:
         return contextlib.nullcontext(None)
     from rich import progress as rp
@@ -32,7 +32,7 @@ def byte_progress(show: bool):
     from .output import console
 
     columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(), rp.TransferSpeedColumn())
-    return rp.Progress(*columns, rp.TimeRemainingColumn(), console=console, transient=True)
+    return progress(*columns, rp.TimeRemainingColumn(), console=console, transient=True, unit="B")
 
 
 def progress(*columns, console: Console, transient: bool = True, disable: bool = False, unit: str = ""):

@@ -84,6 +84,17 @@ def test_prepare_cli_writes_shards_that_decode_to_the_documents(gptoss, small_ov
     assert code == 0 and "completed: 1 steps" in err, err
 
 
+def test_off_a_terminal_prepare_says_each_phase(gptoss, small_overrides, tmp_path):
+    """Piped or logged (no terminal): a line per phase and the bytes done, instead of nothing for minutes."""
+    sets = [a for o in small_overrides for a in ("--set", o)]
+    code, _, err = gptoss("prepare", str(corpus_dir(tmp_path)), "--out", tmp_path / "ds", "-c", "tiny", *sets)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert "reading a tokenizer sample: started" in lines and "tokenizing: started" in lines
+    assert any(line.startswith("training the tokenizer on a ") for line in lines)
+    assert any(line.startswith("tokenizing: done, ") and "MB (100%)" in line for line in lines), err
+
+
 def test_workers_give_the_same_shards_as_one_process(tmp_path):
     sources = find_sources([str(corpus_dir(tmp_path, 200))])
     one = prepare_dataset(sources, tmp_path / "one", SETTINGS, workers=1, show=False, chunk_bytes=300)

@@ -247,9 +247,10 @@ def test_disk_full_names_the_path_and_the_prepare_continues(tmp_path, isolated_c
 
     env = {**os.environ, "GPTOSS_DEBUG": "0"}
     full = subprocess.run(cmd, preexec_fn=limited, capture_output=True, text=True, env=env, timeout=300)
-    lines = full.stderr.strip().splitlines()
-    assert full.returncode == 1 and len(lines) == 1, full.stderr
-    assert lines[0].startswith(f"error: {tmp_path / 'ds'}/train-00000.bin.tmp: File too large"), lines[0]
+    errors = [line for line in full.stderr.strip().splitlines() if line.startswith("error:")]
+    assert full.returncode == 1 and len(errors) == 1, full.stderr  # after the progress lines of a pipe
+    assert full.stderr.strip().splitlines()[-1] == errors[0]
+    assert errors[0].startswith(f"error: {tmp_path / 'ds'}/train-00000.bin.tmp: File too large"), errors[0]
     ok = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert ok.returncode == 0, ok.stderr
     clean = subprocess.run([*cmd[:6], str(tmp_path / "clean"), *cmd[7:]], capture_output=True, env=env, timeout=300)

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..atomic import AtomicWriteError
 from ..errors import GptossError
+from ..output import console
 from ..progress import byte_progress
 from . import resume, shards
 from .corpus import Meter, Source, iter_pieces
@@ -174,7 +175,10 @@ def tokenizer_for(sources: list[Source], settings: Settings, show: bool, times: 
     if not sample:
         raise NoText(f"data.paths: no text found in {', '.join(str(s.path) for s in sources)}")
     t0 = time.perf_counter()
-    tok = train_tokenizer(sample, settings.vocab_size, show_progress=show)
+    if show and not console.is_terminal:  # the tokenizers library's own bars draw on a terminal only
+        mb = sum(map(len, sample)) / 1e6
+        console.print(f"training the tokenizer on a {mb:,.1f} MB sample", highlight=False)
+    tok = train_tokenizer(sample, settings.vocab_size, show_progress=show and console.is_terminal)
     times["tokenizer_s"] = time.perf_counter() - t0
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,9 +249,6 @@ def prepare_dataset(
     """Prepare `sources` into `out` (or find them already prepared there, or continue an interrupted or damaged
     prepare). `tokenizer`: reuse this one instead of training one; `workers`: tokenizer processes (0 = all
     cores); `flag`: how the user named `out`, for errors (None: a cache entry train chose)."""
-    from ..output import console
-
-    show = show and console.is_terminal  # a bar on a pipe or a log file is only noise
     out = Path(out)
     key = dataset_key(sources, settings, tokenizer_hash(tokenizer) if tokenizer is not None else TRAINED)
     found = resume.resume_at(out, key, flag)
