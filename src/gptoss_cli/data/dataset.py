@@ -70,6 +70,18 @@ def _wait_for(path: Path, rank: int) -> None:
         time.sleep(0.2)
 
 
+def _trained_entry_holds(sources, settings, tok_hash: str) -> bool:
+    """Whether the cache entry of this data with a tokenizer trained on it is complete and was encoded by the
+    tokenizer of hash `tok_hash`: then a run that gives that very tokenizer (a resume, a run --init-from one
+    trained on the same corpus) reads it instead of tokenizing the corpus again into an entry of its own."""
+    root = cache_root() / "datasets" / dataset_key(sources, settings, TRAINED)[:32]
+    try:
+        index = shards.read_index(root)
+    except GptossError:
+        return False
+    return bool(index.get("complete")) and index.get("tokenizer_hash") == tok_hash
+
+
 def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: bool = True) -> TrainingData:
     """The run's tokenized data and tokenizer. `tokenizer_source`: a tokenizer.json the run must use
     (--tokenizer, data.tokenizer or the checkpoint's); rank 0 alone prepares and warns."""
@@ -89,6 +101,8 @@ def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: 
     else:
         sources = find_sources(cfg.data.paths, warn if rank == 0 else None)
         settings = settings_of(cfg)
+        if given is not None and _trained_entry_holds(sources, settings, tokenizer_hash(given)):
+            given = None  # a resume: its tokenizer is the one trained on this data, whose entry is complete
         key = dataset_key(sources, settings, tokenizer_hash(given) if given is not None else TRAINED)
         root = cache_root() / "datasets" / key[:32]
         trained = given is None
