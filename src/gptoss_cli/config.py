@@ -65,6 +65,7 @@ class DataConfig:
     text_field: str = "text"  # the field (.jsonl/.json) or column (.parquet) holding each document's text
     tokenizer_sample_bytes: int = 64 * 2**20  # the tokenizer trains on a seeded sample of about this much text
     prepared: str | None = None  # a directory written by `gptoss prepare`: train on its shards (not data.paths)
+    invalid_utf8: Literal["error", "replace", "skip"] = "error"  # bytes that are not UTF-8: stop, U+FFFD, drop
 
     def validate(self) -> None:
         _require(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")

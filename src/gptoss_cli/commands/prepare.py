@@ -66,6 +66,10 @@ def command(
             f"({mb / max(t['tokenize_s'], 1e-9):,.2f} MB/s)",
             highlight=False,
         )
+    invalid = summary["invalid_utf8"]
+    if invalid["bytes"]:
+        done = "replaced by U+FFFD" if invalid["policy"] == "replace" else "skipped"
+        console.print(f"{invalid['bytes']:,} bytes that are not UTF-8 were {done} (data.invalid_utf8)", highlight=False)
     console.print(
         f"{summary['train_tokens']:,} training and {summary['val_tokens']:,} validation tokens "
         f"({summary['documents']['train']:,} + {summary['documents']['val']:,} documents) in "

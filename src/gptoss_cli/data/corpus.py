@@ -21,7 +21,6 @@ in memory once, as its reader decodes it), and `iter_documents` joins the pieces
 
 from __future__ import annotations
 
-import codecs
 import glob
 import io
 import json
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from ..errors import GptossError
 from .compressed import decompressing
+from .utf8 import Decoder, decode_line
 
 TEXT_KINDS = (".txt", ".md")
 RECORD_KINDS = (".jsonl", ".json")
@@ -67,6 +67,7 @@ class Meter:
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.invalid_bytes = 0  # bytes that were not UTF-8, replaced or skipped (data.invalid_utf8)
 
 
 def builtin_corpus_path() -> Path:
@@ -150,9 +151,9 @@ def _open_binary(src: Source, meter: Meter):
     return decompressing(raw, src.compression, BLOCK)
 
 
-def _blocks(src: Source, meter: Meter) -> Iterator[str]:
+def _blocks(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[str]:
     """The file's text in blocks, decoded as UTF-8 without changing a line break; then one ""."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    decoder = Decoder(src.path, invalid_utf8, meter)
     with _open_binary(src, meter) as f:
         while True:
             data = f.read(BLOCK)
@@ -189,11 +190,11 @@ def _partial_separator(carry: str) -> int:
     return len(carry)
 
 
-def _paragraphs(src: Source, meter: Meter) -> Iterator[tuple[str, bool]]:
+def _paragraphs(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[tuple[str, bool]]:
     """(piece, last) for the documents of a text file: a document longer than PIECE_CHARS comes in pieces (its
     last one marked), cut as it streams, so memory stays bounded for a file that is one huge line."""
     carry, begun = "", False  # begun: pieces of the document at the start of `carry` were yielded already
-    for block in _blocks(src, meter):
+    for block in _blocks(src, meter, invalid_utf8):
         carry += block
         if not block:
             break
@@ -239,9 +240,10 @@ def _pieces(text: str) -> Iterator[tuple[str, bool]]:
     yield text[start:] if start else text, True
 
 
-def _json_lines(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
+def _json_lines(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[tuple[int, object]]:
     with _open_binary(src, meter) as f:
-        for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", newline="\n"), 1):
+        for n, raw in enumerate(f, 1):
+            line = decode_line(raw, src.path, n, invalid_utf8, meter)
             if not line.strip():
                 continue
             try:
@@ -250,10 +252,10 @@ def _json_lines(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
                 raise GptossError(f"{src.path}:{n}: invalid JSON ({err.msg})") from None
 
 
-def _json_array(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
+def _json_array(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[tuple[int, object]]:
     """Items of one top-level JSON array, decoded one at a time from a sliding text buffer."""
     decoder = json.JSONDecoder()
-    blocks = _blocks(src, meter)
+    blocks = _blocks(src, meter, invalid_utf8)
     buf, pos, item, started = "", 0, 0, False
     ws = re.compile(r"[ \t\r\n]*")
     while True:
@@ -313,10 +315,10 @@ def _parquet_texts(src: Source, meter: Meter, field: str) -> Iterator[str]:
         meter.bytes += src.size // groups + (src.size % groups if g == groups - 1 else 0)
 
 
-def iter_records(src: Source, meter: Meter) -> Iterator[tuple[str, dict]]:
+def iter_records(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[tuple[str, dict]]:
     """One dict per JSON line or array item, with where it came from (`file:line` / `file item N`)."""
     lines = src.kind == ".jsonl"
-    for n, obj in (_json_lines if lines else _json_array)(src, meter):
+    for n, obj in (_json_lines if lines else _json_array)(src, meter, invalid_utf8):
         where = f"{src.path}:{n}" if lines else f"{src.path} item {n}"
         if not isinstance(obj, dict):
             raise GptossError(f"{where}: expected a JSON object")
@@ -324,7 +326,7 @@ def iter_records(src: Source, meter: Meter) -> Iterator[tuple[str, dict]]:
 
 
 def iter_pieces(
-    sources: list[Source], text_field: str = "text", meter: Meter | None = None
+    sources: list[Source], text_field: str = "text", meter: Meter | None = None, invalid_utf8: str = "error"
 ) -> Iterator[tuple[str, bool]]:
     """(piece, last) for every document of every source, in order: a document of at most PIECE_CHARS
     characters is one piece, a longer one several (their concatenation is the document); `last` marks the
@@ -334,18 +336,18 @@ def iter_pieces(
         start = meter.bytes
         try:
             if src.kind in TEXT_KINDS:
-                yield from _paragraphs(src, meter)
+                yield from _paragraphs(src, meter, invalid_utf8)
             elif src.kind == ".parquet":
                 for text in _parquet_texts(src, meter, text_field):
                     yield from _pieces(text)
             else:
-                for where, obj in iter_records(src, meter):
+                for where, obj in iter_records(src, meter, invalid_utf8):
                     text = obj.get(text_field)
                     if not isinstance(text, str):
                         raise GptossError(f"{where}: expected an object with a string {text_field!r} field")
                     if text.strip():
                         yield from _pieces(text)
-        except UnicodeDecodeError:
+        except UnicodeDecodeError:  # a reader that decodes by itself (parquet strings are UTF-8 by definition)
             raise GptossError(f"{src.path}: not UTF-8 text") from None
         except (OSError, EOFError) as err:  # EOFError: a truncated .gz
             raise GptossError(f"{src.path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
@@ -356,10 +358,12 @@ def iter_pieces(
         meter.bytes = start + src.size  # exact once a file is done, whatever its readers counted
 
 
-def iter_documents(sources: list[Source], text_field: str = "text", meter: Meter | None = None) -> Iterator[str]:
+def iter_documents(
+    sources: list[Source], text_field: str = "text", meter: Meter | None = None, invalid_utf8: str = "error"
+) -> Iterator[str]:
     """Every document of every source, whole, in order (prepare reads pieces: a document may be huge)."""
     parts: list[str] = []
-    for piece, last in iter_pieces(sources, text_field, meter):
+    for piece, last in iter_pieces(sources, text_field, meter, invalid_utf8):
         parts.append(piece)
         if last:
             yield parts[0] if len(parts) == 1 else "".join(parts)

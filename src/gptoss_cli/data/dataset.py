@@ -42,6 +42,7 @@ def settings_of(cfg) -> Settings:
         val_fraction=d.val_fraction,
         seed=cfg.train.seed,
         tokenizer_sample_bytes=d.tokenizer_sample_bytes,
+        invalid_utf8=d.invalid_utf8,
     )
 
 
@@ -166,6 +167,7 @@ def prepare_paths(cfg, out: Path, tokenizer: Path | None, workers: int = 0, show
         "shards": len(index["train"]["shards"]) + len(index["val"]["shards"]),
         "dtype": index["dtype"],
         "tokenizer_hash": index["tokenizer_hash"],
+        "invalid_utf8": {"policy": cfg.data.invalid_utf8, "bytes": index.get("invalid_utf8_bytes", 0)},
         "vocab_size": index["vocab_size"],
         "times_s": result.times,
     }

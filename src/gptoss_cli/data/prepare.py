@@ -55,6 +55,7 @@ class Settings:
     val_fraction: float = 0.05
     seed: int = 1337
     tokenizer_sample_bytes: int = 64 << 20
+    invalid_utf8: str = "error"  # error | replace | skip: bytes that are not UTF-8 (data/utf8.py)
 
 
 @dataclass
@@ -139,7 +140,8 @@ def _sample(sources: list[Source], settings: Settings, show: bool) -> list[str]:
     meter, picked, size, first = Meter(), [], 0, None
     with byte_progress(show) as bar:
         task = bar.add_task("reading a tokenizer sample", total=sum(s.size for s in sources)) if bar else None
-        numbered = _split_pieces(iter_pieces(sources, settings.text_field, meter), settings, True)
+        pieces = iter_pieces(sources, settings.text_field, meter, settings.invalid_utf8)
+        numbered = _split_pieces(pieces, settings, True)
         for i, (_, piece, _, val) in enumerate(numbered):
             if bar and i % 256 == 0:
                 bar.update(task, completed=meter.bytes)
@@ -319,7 +321,8 @@ def _tokenize(sources, out: Path, settings, tokenizer, state: dict, workers, sho
 
     t0 = time.perf_counter()
     meter = Meter()
-    numbered = _split_pieces(iter_pieces(sources, settings.text_field, meter), settings, state["documents"]["val"] > 0)
+    pieces = iter_pieces(sources, settings.text_field, meter, settings.invalid_utf8)
+    numbered = _split_pieces(pieces, settings, state["documents"]["val"] > 0)
     total = sum(s.size for s in sources)
     workers = workers or os.cpu_count() or 1
     pool = None
@@ -361,6 +364,8 @@ def _tokenize(sources, out: Path, settings, tokenizer, state: dict, workers, sho
                 in_flight.append((job, flags, lasts, done, meter.bytes))
                 drain(2 * workers if pool else 0)
             drain(0)
+            # The whole corpus was read once more (kept shards' pieces too): the count is the corpus's.
+            state["invalid_utf8_bytes"] = meter.invalid_bytes
             commit(position["done"])
     except BaseException:
         for writer in writers.values():

@@ -69,8 +69,11 @@ def resume_at(out: Path, key: str, flag: str | None = "--out") -> Resume:
         return _checked(out, state, full=False)
     if (out / shards.PROGRESS).is_file():
         state = shards.read_json(out / shards.PROGRESS)
-        if state.get("key") != key:
+        if state.get("key") != key and _finished_shards(state):
             raise GptossError(f"{out}: holds an unfinished prepare of other data or settings; {_advice(out, flag)}")
+        if state.get("key") != key:  # it stopped before finishing a shard (e.g. refused bad bytes): nothing to lose
+            discard(out)
+            return Resume(None)
         return _checked(out, state, full=True)
     if out.exists() and not out.is_dir():
         raise GptossError(f"{out}: exists and is not a directory; {_advice(out, flag, keep=True)}")
@@ -81,6 +84,10 @@ def resume_at(out: Path, key: str, flag: str | None = "--out") -> Resume:
             raise GptossError(f"{out}: exists and is not a prepared dataset (it holds {other[0]}); {advice}")
         discard(out)  # an older gptoss's interrupted prepare, before it wrote progress.json first
     return Resume(None)
+
+
+def _finished_shards(state: dict) -> int:
+    return sum(len(state.get(split, {}).get("shards", [])) for split in shards.SPLITS)
 
 
 def _checked(out: Path, state: dict, full: bool) -> Resume:

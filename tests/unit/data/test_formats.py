@@ -226,3 +226,47 @@ def test_damaged_files(tmp_path):
     assert "not closed" in error_of(write_bytes(tmp_path / "open.json", b'[{"text": "x"}, '))
     assert "invalid JSON in item 2" in error_of(write_bytes(tmp_path / "junk.json", b'[{"text": "x"}, {oops}]'))
     assert ":2: invalid JSON" in error_of(write_bytes(tmp_path / "junk.jsonl", b'{"text": "x"}\n{oops\n'))
+
+
+# ---- bytes that are not UTF-8 ---------------------------------------------------------------------
+
+BAD = "first paragraph\n\nsecond \u00e9 line\nthird".encode()
+# Two invalid sequences: a lone continuation byte and a truncated 3-byte lead before ASCII.
+BROKEN = BAD[:30] + b"\x80" + BAD[30:40] + b"\xe2\x82" + BAD[40:]
+
+
+def documents_of(path: Path, policy: str) -> tuple[list[str], int]:
+    meter = corpus.Meter()
+    docs = list(iter_documents(find_sources([str(path)]), meter=meter, invalid_utf8=policy))
+    return docs, meter.invalid_bytes
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.txt.gz", "a.md.zst"])
+def test_an_invalid_byte_is_named_by_offset_and_line(tmp_path, block, name):
+    path = write_bytes(tmp_path / name, compress(BROKEN, Path(name).suffix))
+    message = error_of(path)
+    line = BROKEN[:30].count(b"\n") + 1
+    assert message.endswith(
+        f"not UTF-8 text: an invalid byte at offset 30 (line {line}); set data.invalid_utf8=replace or skip to read "
+        "past it"
+    )
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.md.zst"])
+def test_invalid_bytes_are_replaced_or_skipped_and_counted(tmp_path, block, name):
+    path = write_bytes(tmp_path / name, compress(BROKEN, Path(name).suffix))
+    replaced, count = documents_of(path, "replace")
+    assert count == 3  # 1 + the 2 bytes of the cut sequence
+    assert replaced == BROKEN.decode("utf-8", errors="replace").split("\n\n")  # Python's own rule, as reference
+    skipped, count = documents_of(path, "skip")
+    assert count == 3 and skipped == BROKEN.decode("utf-8", errors="ignore").split("\n\n")
+
+
+def test_jsonl_lines_name_their_line_and_can_be_replaced(tmp_path):
+    path = write_bytes(tmp_path / "a.jsonl", b'{"text": "ok"}\n{"text": "bad \xff here"}\n')
+    assert error_of(path).endswith(
+        "a.jsonl:2: not UTF-8 text: an invalid byte at column 14 of the line; set data.invalid_utf8=replace or "
+        "skip to read past it"
+    )
+    docs, count = documents_of(path, "replace")
+    assert docs == ["ok", "bad \ufffd here"] and count == 1
