@@ -69,6 +69,46 @@ PREPARE_SCRIPT = textwrap.dedent(
 )
 
 
+def signal_after_shards(tmp_path: Path, data: Path, out: Path, shards_done: int, sig: int):
+    """PREPARE_SCRIPT (two worker processes) sent `sig` once progress.json names `shards_done` train shards ->
+    (the finished process, the worker pids seen)."""
+    script = tmp_path / "prepare.py"
+    script.write_text(PREPARE_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(data), str(out)], env={**os.environ}, stderr=subprocess.PIPE
+    )
+    workers: set[int] = set()
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            assert proc.poll() is None, "the prepare ended before it could be signalled"
+            assert time.monotonic() < deadline
+            workers |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
+            try:
+                done = len(json.loads((out / shards.PROGRESS).read_text())["train"]["shards"])
+            except (OSError, ValueError, KeyError):
+                done = 0
+            if done >= shards_done:
+                break
+            time.sleep(0.01)
+        proc.send_signal(sig)
+    finally:
+        proc.wait(timeout=120)
+    return proc, workers
+
+
+def test_sigterm_mid_prepare_unwinds_without_leaking_and_exits_143(tmp_path):
+    """SIGTERM (a scheduler's stop) shuts the worker pool down: exit 143, no multiprocessing warning about
+    leaked semaphores, finished shards kept for the next run."""
+    data = big_corpus(tmp_path)
+    proc, workers = signal_after_shards(tmp_path, data, tmp_path / "ds", 1, signal.SIGTERM)
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 143 and workers, err
+    assert "leaked semaphore" not in err and "Traceback" not in err, err
+    assert "prepare stopped (SIGTERM): finished shards are kept" in err
+    assert json.loads((tmp_path / "ds" / shards.PROGRESS).read_text())["train"]["shards"]
+
+
 def test_sigkill_mid_prepare_continues_to_a_clean_result_and_kills_the_workers(tmp_path):
     """A real prepare with two worker processes is killed with SIGKILL once it has closed three shards: its
     workers end too, and the same prepare run again keeps the finished shards and writes what a clean
@@ -79,27 +119,8 @@ def test_sigkill_mid_prepare_continues_to_a_clean_result_and_kills_the_workers(t
         sources, tmp_path / "clean", SETTINGS, workers=1, show=False, chunk_bytes=20_000, shard_tokens=20_000
     )
     assert len(clean.index["train"]["shards"]) > 6
-    script = tmp_path / "prepare.py"
-    script.write_text(PREPARE_SCRIPT)
     out = tmp_path / "ds"
-    proc = subprocess.Popen([sys.executable, str(script), str(data), str(out)], env={**os.environ})
-    workers: set[int] = set()
-    deadline = time.monotonic() + 120
-    try:
-        while True:  # until three shards are closed (progress.json names them)
-            assert proc.poll() is None, "the prepare ended before it could be killed"
-            assert time.monotonic() < deadline
-            workers |= {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
-            try:
-                done = len(json.loads((out / shards.PROGRESS).read_text())["train"]["shards"])
-            except (OSError, ValueError, KeyError):
-                done = 0
-            if done >= 3:
-                break
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
+    proc, workers = signal_after_shards(tmp_path, data, out, 3, signal.SIGKILL)
     assert workers  # the pool was running
     deadline = time.monotonic() + 30
     while alive := [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]:

@@ -2,12 +2,15 @@
 
 Each worker holds one single-threaded tokenizer (the workers are the parallelism) and a thread that ends
 the worker once its parent is gone, however the parent ended (`kill -9` included): a worker would otherwise
-wait forever for work that never comes.
+wait forever for work that never comes. The other way round, SIGTERM to the parent unwinds it like Ctrl-C
+(sigterm_unwinds), so it shuts its pool down instead of dying with the pool's semaphores leaked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 import time
 
@@ -45,3 +48,25 @@ def encode(
         if ends:
             ids.append(eos)
     return np.array(out[0], dtype=dtype), np.array(out[1], dtype=dtype)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """SIGTERM (kill, a scheduler's stop) unwinds like Ctrl-C, so the worker pool is shut down and the
+    finished shards stay named in progress.json; the process then exits 143. Without it the process dies
+    on the spot and multiprocessing warns about the pool's semaphores it leaked."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        from ..output import console
+
+        console.print("prepare stopped (SIGTERM): finished shards are kept; the same command continues it")
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -34,7 +34,7 @@ from ..progress import byte_progress
 from . import resume, shards
 from .corpus import Meter, Source, iter_pieces
 from .encoding import encode as _encode
-from .encoding import init_worker
+from .encoding import init_worker, sigterm_unwinds
 from .tokenizer import EOS, PRETOKENIZER_VERSION, load_tokenizer, tokenizer_hash, train_tokenizer
 
 CHUNK_BYTES = 1 << 20  # text per worker task: ~0.5 s of encoding, small enough to keep memory flat
@@ -325,53 +325,54 @@ def _tokenize(sources, out: Path, settings, tokenizer, state: dict, workers, sho
     numbered = _split_pieces(pieces, settings, state["documents"]["val"] > 0)
     total = sum(s.size for s in sources)
     workers = workers or os.cpu_count() or 1
-    pool = None
-    if workers > 1 and total > 2 * chunk_bytes:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    with sigterm_unwinds():  # the pool's finally runs on SIGTERM too: no leaked semaphores at exit
+        pool = None
+        if workers > 1 and total > 2 * chunk_bytes:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(
-            workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker,
-            initargs=(tokenizer.to_str(), os.getpid()),
-        )
-    try:
-        with byte_progress(show) as bar:
-            task = bar.add_task("tokenizing", total=total) if bar else None
-            in_flight: deque = deque()
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_worker,
+                initargs=(tokenizer.to_str(), os.getpid()),
+            )
+        try:
+            with byte_progress(show) as bar:
+                task = bar.add_task("tokenizing", total=total) if bar else None
+                in_flight: deque = deque()
 
-            def drain(limit: int) -> None:
-                while len(in_flight) > limit:
-                    future, flags, lasts, done, read = in_flight.popleft()
-                    train_ids, val_ids = future.result() if pool else future
-                    writers["train"].write(train_ids)
-                    writers["val"].write(val_ids)
-                    ended = [v for v, end in zip(flags, lasts, strict=True) if end]
-                    pending_docs["val"] += sum(ended)
-                    pending_docs["train"] += len(ended) - sum(ended)
-                    position["done"] = done
-                    if writers["train"].tokens >= shard_tokens or writers["val"].tokens >= shard_tokens:
-                        commit(done)
-                    if bar:
-                        bar.update(task, completed=read)
+                def drain(limit: int) -> None:
+                    while len(in_flight) > limit:
+                        future, flags, lasts, done, read = in_flight.popleft()
+                        train_ids, val_ids = future.result() if pool else future
+                        writers["train"].write(train_ids)
+                        writers["val"].write(val_ids)
+                        ended = [v for v, end in zip(flags, lasts, strict=True) if end]
+                        pending_docs["val"] += sum(ended)
+                        pending_docs["train"] += len(ended) - sum(ended)
+                        position["done"] = done
+                        if writers["train"].tokens >= shard_tokens or writers["val"].tokens >= shard_tokens:
+                            commit(done)
+                        if bar:
+                            bar.update(task, completed=read)
 
-            for pieces, flags, lasts, done in _chunks(numbered, state["pieces_done"], chunk_bytes):
-                if pool:
-                    job = pool.submit(_encode, pieces, flags, lasts, eos, dtype.str)
-                else:
-                    job = _encode(pieces, flags, lasts, eos, dtype.str, tokenizer)
-                in_flight.append((job, flags, lasts, done, meter.bytes))
-                drain(2 * workers if pool else 0)
-            drain(0)
-            # The whole corpus was read once more (kept shards' pieces too): the count is the corpus's.
-            state["invalid_utf8_bytes"] = meter.invalid_bytes
-            commit(position["done"])
-    except BaseException:
-        for writer in writers.values():
-            writer.abandon()  # completed shards stay; progress.json names them
-        raise
-    finally:
-        if pool:
-            pool.shutdown(cancel_futures=True)
+                for pieces, flags, lasts, done in _chunks(numbered, state["pieces_done"], chunk_bytes):
+                    if pool:
+                        job = pool.submit(_encode, pieces, flags, lasts, eos, dtype.str)
+                    else:
+                        job = _encode(pieces, flags, lasts, eos, dtype.str, tokenizer)
+                    in_flight.append((job, flags, lasts, done, meter.bytes))
+                    drain(2 * workers if pool else 0)
+                drain(0)
+                # The whole corpus was read once more (kept shards' pieces too): the count is the corpus's.
+                state["invalid_utf8_bytes"] = meter.invalid_bytes
+                commit(position["done"])
+        except BaseException:
+            for writer in writers.values():
+                writer.abandon()  # completed shards stay; progress.json names them
+            raise
+        finally:
+            if pool:
+                pool.shutdown(cancel_futures=True)
     return time.perf_counter() - t0
