@@ -134,6 +134,8 @@ def _setup(cfg, run_dir, resume, resume_from, tokenizer_path, init_from, progres
     distributed.check_same_config(cfg.to_dict(), info)
 
     start = resolve_run(cfg, run_dir, resume, resume_from, init_from, info, held)
+    if start.state and t.max_steps and start.state.step >= t.max_steps:  # known without the data: refuse now
+        _refuse_finished(start.run, start.state.step, t.max_steps)
     accum = accumulation(cfg, info.world)
     if info.main:
         _warn_world_change(cfg, start.state, info.world, accum)
@@ -295,10 +297,14 @@ def _check_inputs(cfg: RunConfig, start: RunStart, inputs: TrainingInputs, accum
     done = state.step if state else 0
     steps = total_steps(cfg.train, inputs.train.batches_per_epoch, accum)
     if done >= steps:
-        raise GptossError(
-            f"{start.run} already trained {done} of {steps} steps; "
-            "raise train.max_steps (e.g. --set train.max_steps=N) to continue"
-        )
+        _refuse_finished(start.run, done, steps)
+
+
+def _refuse_finished(run: RunDir, done: int, steps: int) -> None:
+    raise GptossError(
+        f"{run} already trained {done} of {steps} steps; raise train.max_steps (e.g. --set train.max_steps=N) to "
+        "continue"
+    )
 
 
 def _lock_and_write(cfg: RunConfig, start: RunStart, inputs: TrainingInputs, info, held: list) -> list:

@@ -265,7 +265,7 @@ def test_invalid_bytes_are_replaced_or_skipped_and_counted(tmp_path, block, name
 def test_jsonl_lines_name_their_line_and_can_be_replaced(tmp_path):
     path = write_bytes(tmp_path / "a.jsonl", b'{"text": "ok"}\n{"text": "bad \xff here"}\n')
     assert error_of(path).endswith(
-        "a.jsonl:2: not UTF-8 text: an invalid byte at column 14 of the line; set data.invalid_utf8=replace or "
+        "a.jsonl:2: not UTF-8 text: an invalid byte at column 15 of the line; set data.invalid_utf8=replace or "
         "skip to read past it"
     )
     docs, count = documents_of(path, "replace")
