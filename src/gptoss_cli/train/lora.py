@@ -1,0 +1,105 @@
+"""The LoRA side of training setup (`lora.rank > 0`): adapters trained on a frozen base.
+
+    check_start        what a LoRA run needs before anything is read: a base (--init-from) or a LoRA run
+                       to resume with the same adapters, one process or DDP
+    build_lora_model   the base built on the meta device, its packed MXFP4 experts kept packed, every tensor
+                       allocated once on the device in the training dtype, the base weights loaded; and the
+                       adapters' transform, which joins the end of the training list (transforms.py)
+    lora_weights       what a LoRA checkpoint's model.safetensors holds: the adapters alone
+
+The base is never copied: a new run records where it is and the sha256 of its weights (run/base.py), every
+checkpoint's state.json carries that record, and a resume finds and verifies the base again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..devices import materialize
+from ..errors import GptossError
+from ..model import Transformer
+from ..model.lora import adapter_tensors
+from ..output import console
+from ..run import checkpoint as ckpt
+from ..run.base import find_base, record_base
+from ..run.layout import RunDir
+from ..transforms import ModelTransform, apply_transforms, build_model, checkpoint_transforms, lora_adapters
+
+# Keys of the lora section that change the function the adapters compute: a resume must keep them.
+SHAPING = ("rank", "alpha", "targets", "layers")
+
+
+def check_start(cfg: RunConfig, resume_ckpt: Path | None, init_ckpt: Path | None, state) -> None:
+    """Refuse, before any data or weights are read, a LoRA run that cannot start or continue as configured."""
+    enabled = cfg.lora.enabled
+    if resume_ckpt is not None:
+        lora_run = state.base is not None
+        if lora_run != enabled:
+            what = "LoRA adapters" if lora_run else "every weight (no adapters)"
+            raise GptossError(
+                f"--resume: {resume_ckpt} trained {what}; the config has lora.rank={cfg.lora.rank} "
+                "(resume with the run's own config)"
+            )
+        saved = (state.config or {}).get("lora", {})
+        for key in SHAPING if enabled else ():
+            now = getattr(cfg.lora, key)
+            if key in saved and saved[key] != now:
+                raise GptossError(
+                    f"--resume: {resume_ckpt} was trained with lora.{key}={saved[key]!r}, the config has {now!r}"
+                )
+        return
+    if enabled and init_ckpt is None:
+        raise GptossError(
+            f"lora.rank={cfg.lora.rank} trains adapters on a trained model: name it with --init-from RUN "
+            "(e.g. an imported gpt-oss-20b), or set lora.rank=0 to train every weight"
+        )
+    if enabled and cfg.train.parallel == "fsdp":
+        raise GptossError(
+            "lora with train.parallel=fsdp is not supported: use ddp (the frozen base is replicated, the "
+            "adapters' gradients are averaged)"
+        )
+
+
+def build_lora_model(
+    cfg: RunConfig,
+    run: RunDir,
+    resume_ckpt: Path | None,
+    init_ckpt: Path | None,
+    state,
+    device: torch.device,
+    precision: str,
+    before_weights: Sequence[ModelTransform] = (),
+    main: bool = True,
+) -> tuple[Transformer, dict | None, ModelTransform, Path]:
+    """(model with the base loaded and frozen-to-be, the base's record (rank 0), the adapters' transform, the
+    base checkpoint). The base's weights are in bf16 under train.precision=bf16, else fp32; norms and the
+    router stay fp32 (devices.py); a packed base keeps its experts packed."""
+    if resume_ckpt is not None:
+        record = state.base
+        base = find_base(record, RunDir.of_checkpoint(resume_ckpt), str(resume_ckpt))
+        tensors = ckpt.read_adapters(resume_ckpt)
+    else:
+        base, tensors = init_ckpt, None
+        record = record_base(init_ckpt, run) if main else None
+    weights = base / ckpt.MODEL
+    model = build_model(cfg.model, device=torch.device("meta"))
+    apply_transforms(model, [*checkpoint_transforms(ckpt.tensor_names(weights)), *before_weights])
+    materialize(model, device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    ckpt.load_weights(model, weights)
+    if resume_ckpt is None:
+        bad = ckpt.first_non_finite(dict(model.named_parameters()))
+        if bad is not None:
+            raise GptossError(f"--init-from: {base} holds non-finite weights ({bad})")
+    transform = lora_adapters(cfg.lora, seed=cfg.train.seed, tensors=tensors, source=str(resume_ckpt))
+    if main:
+        console.print(f"training LoRA adapters on the frozen weights of {base}", highlight=False, soft_wrap=True)
+    return model, record, transform, base
+
+
+def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters, detached, contiguous, on the CPU: a LoRA checkpoint's model.safetensors."""
+    return {name: t.detach().contiguous().cpu() for name, t in adapter_tensors(model).items()}
