@@ -28,7 +28,7 @@ from ..threads import describe
 from ..transforms import trainable
 from . import distributed
 from .loggers import Loggers
-from .lora import lora_weights
+from .lora import lora_weights, start_line
 from .loss import objective
 from .optim import lr_at, schedule_warnings
 from .setup import TrainingSetup, setup_training, total_steps, training_autocast
@@ -239,6 +239,8 @@ class Trainer:
             f"{', ' + self.dist.parallel if world > 1 else ''}"
             f"{'; ' + describe() if self.device.type == 'cpu' else ''})"
         )
+        if self.cfg.lora.enabled and self.dist.main:
+            self.say(start_line(self.cfg, self.model, self.precision, self.device, self.p.base_checkpoint))
 
     def _loop(self, stop, bar, window, metrics, trackers, memory) -> tuple[str, str | None]:
         """Steps until the end or a stop request; returns (status, the signal that stopped it)."""

@@ -6,6 +6,7 @@
                        allocated once on the device in the training dtype, the base weights loaded; and the
                        adapters' transform, which joins the end of the training list (transforms.py)
     lora_weights       what a LoRA checkpoint's model.safetensors holds: the adapters alone
+    start_line         the start-up line: what trains, how many parameters, the estimated peak memory
 
 The base is never copied: a new run records where it is and the sha256 of its weights (run/base.py), every
 checkpoint's state.json carries that record, and a resume finds and verifies the base again.
@@ -103,3 +104,26 @@ def build_lora_model(
 def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapters, detached, contiguous, on the CPU: a LoRA checkpoint's model.safetensors."""
     return {name: t.detach().contiguous().cpu() for name, t in adapter_tensors(model).items()}
+
+
+def start_line(cfg: RunConfig, model: torch.nn.Module, precision: str, device: torch.device, base: Path) -> str:
+    """What a LoRA run trains and the peak memory sizing.py estimates for it (as `gptoss build` shows it)."""
+    import dataclasses
+
+    from ..model.mxfp4 import PackedExperts
+    from ..sizing import GIB, lora_training
+
+    trainable = sum(p.numel() for p in adapter_tensors(model).values())
+    total = sum(p.numel() for n, p in model.named_parameters() if n not in adapter_tensors(model))
+    packed = any(isinstance(m, PackedExperts) for m in model.modules())
+    total += sum(m.shape.numel() for m in model.modules() if isinstance(m, PackedExperts))
+    sized = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=precision))
+    memory = lora_training(sized, build_model(cfg.model, device=torch.device("meta")), device.type == "cuda")
+    peak = memory["memory_bytes"]["peak_mxfp4_experts" if packed else "peak_decoded"]
+    lo = cfg.lora
+    where = f"layers {', '.join(map(str, sorted(lo.layers)))}" if lo.layers is not None else "every layer"
+    return (
+        f"LoRA rank {lo.rank} (alpha {lo.alpha:g}) on {', '.join(lo.projections())} of {where}: {trainable:,} "
+        f"trainable parameters ({trainable / total:.2%} of {total:,}); base {base} "
+        f"({'MXFP4' if packed else 'dense'} experts, frozen, {precision}); estimated peak {peak / GIB:.2f} GiB"
+    )
