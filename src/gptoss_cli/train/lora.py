@@ -87,6 +87,9 @@ def build_lora_model(
         base, tensors = init_ckpt, None
         record = record_base(init_ckpt, run) if main else None
     weights = base / ckpt.MODEL
+    torch.manual_seed(
+        cfg.train.seed
+    )  # as build_model(seed=) does: the adapters' dropout repeats (a resume restores it)
     model = build_model(cfg.model, device=torch.device("meta"))
     apply_transforms(model, [*checkpoint_transforms(ckpt.tensor_names(weights)), *before_weights])
     materialize(model, device, torch.bfloat16 if precision == "bf16" else torch.float32)
