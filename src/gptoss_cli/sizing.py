@@ -165,6 +165,7 @@ def lora_training(cfg: RunConfig, model, cuda: bool = False) -> dict:
     kept = 1 if cfg.train.activation_checkpointing else layers
     activations += cfg.train.seq_len * cfg.train.batch_size * kept * per_token
     fixed = 16 * trainable + activations + logits
+    chunk = min(DECODE_CHUNK_BYTES, 2 * m.intermediate_size * m.hidden_size * act)  # at most one expert
     memory = {
         "base_mxfp4_experts": decoded - expert_bytes + packed,
         "base_decoded": decoded,
@@ -173,9 +174,9 @@ def lora_training(cfg: RunConfig, model, cuda: bool = False) -> dict:
         "optimizer": 8 * trainable,
         "activations": activations,
         "logits": logits,
-        "decode_chunk": DECODE_CHUNK_BYTES,
+        "decode_chunk": chunk,
     }
-    memory["peak_mxfp4_experts"] = memory["base_mxfp4_experts"] + fixed + DECODE_CHUNK_BYTES
+    memory["peak_mxfp4_experts"] = memory["base_mxfp4_experts"] + fixed + chunk
     memory["peak_decoded"] = decoded + fixed
     return {
         "rank": lo.rank,
