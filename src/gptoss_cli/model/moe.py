@@ -36,6 +36,10 @@ from .lora import ExpertsLora, LoraExperts, LoraLinear
 from .norm import RMSNorm
 
 SWIGLU_ALPHA = 1.702
+# On CPU in bf16/fp16 `loop` pads each expert's rows to a multiple of this: oneDNN compiles and caches a
+# kernel per matmul shape, and the per-expert row counts otherwise make a new shape at almost every call
+# (slow, and the cache of up to 1024 kernels grows by gigabytes; docs/performance.md).
+ROW_BUCKET = 32
 
 
 class RouterStats(NamedTuple):
@@ -93,12 +97,16 @@ def _experts_loop(xs, counts, w1, b1, w2, b2, limit):
     The reference for the other backends: plain autograd. Packed experts take this path too.
     """
     w1s, b1s, w2s, b2s = _per_expert(w1), b1.unbind(0), _per_expert(w2), b2.unbind(0)
+    bucket = ROW_BUCKET if xs.device.type == "cpu" and xs.dtype in (torch.bfloat16, torch.float16) else 1
     outs = []
     for e, chunk in enumerate(torch.split(xs, counts.tolist())):
-        if not chunk.shape[0]:  # decode routes few tokens: skip idle experts (their rows get zero gradient)
+        n = chunk.shape[0]
+        if not n:  # decode routes few tokens: skip idle experts (their rows get zero gradient)
             continue
+        if n % bucket:  # zero rows: their outputs are dropped, so they add nothing to any gradient
+            chunk = F.pad(chunk, (0, 0, 0, bucket - n % bucket))
         h = _linear(chunk, w1s, e, b1s[e])  # (n_e, 2I)
-        outs.append(_linear(swiglu(h, limit), w2s, e, b2s[e]))  # (n_e, H)
+        outs.append(_linear(swiglu(h, limit), w2s, e, b2s[e])[:n])  # (n_e, H)
     return torch.cat(outs)
 
 

@@ -272,3 +272,23 @@ def test_packed_linear_backward_keeps_no_decoded_expert():
 def test_experts_lora_shapes_follow_the_weight():
     lora = ExpertsLora(3, 10, 6, 2, 4.0, 0.0)
     assert lora.lora_A.shape == (3, 2, 6) and lora.lora_B.shape == (3, 10, 2) and lora.scaling == 2.0
+
+
+def test_bf16_rows_padded_per_expert_on_cpu_change_nothing(monkeypatch):
+    """On CPU in bf16 `loop` pads each expert's rows (moe.ROW_BUCKET): outputs and adapter gradients are those
+    of the unpadded loop."""
+    from gptoss_cli.model import moe
+
+    runs = []
+    for bucket in (moe.ROW_BUCKET, 1):
+        monkeypatch.setattr(moe, "ROW_BUCKET", bucket)
+        model = adapted(base_model(True, dtype=torch.bfloat16))
+        tokens, targets = _batch(t=24)
+        out = model(tokens, targets=targets)
+        out.lm_loss.backward()
+        runs.append((out.lm_loss.detach(), {n: p.grad.float() for n, p in adapter_tensors(model).items()}))
+    (loss, grads), (ref_loss, ref_grads) = runs
+    rtol = rtol_for(torch.bfloat16, 64, 2 * (2 * 7 + 1))  # bf16 throughout: a 4-layer model and its backward
+    assert_close(loss, ref_loss, rtol=rtol)
+    for name, g in ref_grads.items():
+        assert_close(grads[name], g, rtol=rtol, what=name)
