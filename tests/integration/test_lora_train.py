@@ -165,3 +165,15 @@ def test_what_a_lora_run_refuses(bases, tmp_path, isolated_cache, gptoss):
     assert code == 2 and "lora.layers: layer 9 does not exist" in err and "Traceback" not in err
     code, _, err = gptoss("train", "--init-from", bases["dense"], "--set", "lora.targets=[mlp3]")
     assert code == 2 and "lora.targets[0]: expected one of" in err
+
+
+def test_gptoss_train_says_what_a_lora_run_trains_and_its_estimated_peak(bases, tmp_path, isolated_cache, gptoss):
+    code, out, err = gptoss(
+        "train", "--init-from", bases["packed"], "--run", tmp_path / "lora", "--set", "lora.rank=4",
+        "--set", "train.max_steps=2", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    line = next(x for x in err.splitlines() if x.startswith("LoRA rank 4"))
+    assert "on qkv, out, mlp1, mlp2 of every layer:" in line and "(MXFP4 experts, frozen, fp32)" in line
+    assert "trainable parameters" in line and "estimated peak" in line
+    assert json.loads(out)["status"] == "completed"
