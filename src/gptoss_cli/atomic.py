@@ -1,9 +1,10 @@
 """Never half-written: the only code in gptoss that replaces a file or a directory on disk.
 
-A file is written to a hidden sibling, fsynced and renamed over the old one; a directory is built as a
-hidden sibling and renamed into place when the block that fills it ends cleanly. A kill at any moment
-leaves the old version or the new one, never a mix. Hidden siblings carry the writer's process id, so
-`remove_stale` can clear those of processes that died mid-write without touching a live writer's.
+A file is written to a hidden sibling (here, or by a library writing to the path `staged_file` gives it),
+fsynced and renamed over the old one; a directory is built as a hidden sibling and renamed into place when
+the block that fills it ends cleanly. A kill at any moment leaves the old version or the new one, never a
+mix. Hidden siblings carry the writer's process id, so `remove_stale` can clear those of processes that died
+mid-write without touching a live writer's.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,13 +48,13 @@ def _sibling(path: Path, kind: str) -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace the file `path` with `text` in one step."""
+def write_atomic(path: Path, text: str | Iterable[str]) -> None:
+    """Replace the file `path` with `text` (a string, or pieces written as they come) in one step."""
     path = Path(path)
     tmp = _sibling(path, "tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.writelines([text] if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
@@ -113,6 +114,37 @@ def staged_directory(target: Path, force: bool = False, flag: str = "--out") -> 
         fsync_dir(target.parent)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise AtomicWriteError(target, err, "nothing was written") from None
+        raise
+
+
+@contextmanager
+def staged_file(target: Path, force: bool = False, flag: str = "--out") -> Iterator[Path]:
+    """Yield a hidden sibling path of `target` for a writer to create; when the block ends cleanly, fsync it
+    and rename it over `target`.
+
+    For binary files written by another library (a GGUF model). An error (or Ctrl-C) inside the block
+    removes the sibling, so `target` is the old file or the new one, never half-written. An existing
+    `target` is refused unless `force`; a directory always. An OSError becomes AtomicWriteError.
+    """
+    target = Path(target)
+    if target.is_dir():
+        raise GptossError(f"{flag} {target} is a directory; give the file to write")
+    if target.exists() and not force:
+        raise GptossError(f"{flag} {target} exists" + (" (add --force to replace it)" if flag == "--out" else ""))
+    tmp = _sibling(target, "tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        yield tmp
+        umask_mode(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(target)
+        fsync_dir(target.parent)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
             raise AtomicWriteError(target, err, "nothing was written") from None
         raise

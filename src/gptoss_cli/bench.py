@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, seed64
 from .devices import native_bf16, resolve_dtype, resolve_precision
 from .memory import peak_rss, reset_peak_rss
 from .model import KVCache, Transformer
@@ -288,7 +288,7 @@ def bench_infer(
     m = cfg.model
     dtype = resolve_dtype("auto", device)
     model = build_infer_model(cfg, device, dtype)
-    gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    gen = torch.Generator().manual_seed(seed64(cfg.train.seed + 1))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     fresh = reset_peak_rss()

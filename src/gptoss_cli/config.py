@@ -9,6 +9,7 @@ is wrong. `--set section.key=value` overrides go through the same checks. Bare n
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,12 @@ from .strict import ConfigError, build_section, coerce
 # tokenizer here would load `tokenizers` for every config read).
 TOKENIZER_MIN_VOCAB = 256 + 7
 
+# The seeds torch.Generator.manual_seed takes (a negative one counts modulo 2^64); every seed a config or a
+# request gives is checked against this range before any work, not deep inside a decode step.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MIN_TEMPERATURE = 1e-6  # below it (but above 0) logits / temperature can overflow float32
+MAX_PENALTY = 1e6  # repetition_penalty in [1 / MAX_PENALTY, MAX_PENALTY], for the same reason
+
 
 # Each section checks itself (validate, naming the key) once its types are right; RunConfig.validate adds
 # what spans sections. The meaning of every field is in docs/configs.md, which a test keeps in step with
@@ -37,6 +44,19 @@ def _require(ok: bool, label: str, message: str) -> None:
         raise ConfigError(f"{label}: {message}")
 
 
+def _require_seed(seed: int | None, label: str) -> None:
+    _require(
+        seed is None or SEED_MIN <= seed <= SEED_MAX,
+        label,
+        f"must be a 64-bit seed (from -2^63 to 2^64-1), got {seed}",
+    )
+
+
+def seed64(value: int) -> int:
+    """A seed derived by arithmetic (seed + choice, seed * k + epoch) brought back into torch's range."""
+    return value & SEED_MAX
+
+
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # files (see docs/training.md), directories, globs; [] = built-in
@@ -45,6 +65,7 @@ class DataConfig:
     text_field: str = "text"  # the field (.jsonl/.json) or column (.parquet) holding each document's text
     tokenizer_sample_bytes: int = 64 * 2**20  # the tokenizer trains on a seeded sample of about this much text
     prepared: str | None = None  # a directory written by `gptoss prepare`: train on its shards (not data.paths)
+    invalid_utf8: Literal["error", "replace", "skip"] = "error"  # bytes that are not UTF-8: stop, U+FFFD, drop
 
     def validate(self) -> None:
         _require(0 <= self.val_fraction < 1, "data.val_fraction", f"must be in [0, 1), got {self.val_fraction}")
@@ -132,6 +153,7 @@ class TrainConfig:
             _require(getattr(self, key) >= 0, f"train.{key}", f"must be >= 0, got {getattr(self, key)}")
         _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         _require(bool(self.wandb_project.strip()), "train.wandb_project", "must not be empty")
+        _require_seed(self.seed, "train.seed")
 
 
 @dataclass
@@ -147,14 +169,26 @@ class InferConfig:
     stop: list[str] = field(default_factory=list)  # generation ends before any of these strings
 
     def validate(self, label: Label = lambda key: f"infer.{key}") -> None:
+        for key in ("temperature", "top_p", "repetition_penalty"):  # a NaN passes every range check below
+            value = getattr(self, key)
+            _require(math.isfinite(value), label(key), f"must be a finite number, got {value}")
         _require(self.max_new_tokens > 0, label("max_new_tokens"), f"must be > 0, got {self.max_new_tokens}")
-        _require(self.temperature >= 0, label("temperature"), f"must be >= 0 (0 = greedy), got {self.temperature}")
+        # The float32 logits are divided by the temperature and multiplied or divided by the penalty: these
+        # bounds keep any finite logit finite (sampling would fail on an infinity), with room to spare.
+        _require(
+            self.temperature == 0 or self.temperature >= MIN_TEMPERATURE,
+            label("temperature"),
+            f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {self.temperature}",
+        )
         _require(self.top_k >= 0, label("top_k"), f"must be >= 0 (0 = off), got {self.top_k}")
         _require(0 < self.top_p <= 1, label("top_p"), f"must be in (0, 1], got {self.top_p}")
         _require(
-            self.repetition_penalty > 0, label("repetition_penalty"), f"must be > 0, got {self.repetition_penalty}"
+            1 / MAX_PENALTY <= self.repetition_penalty <= MAX_PENALTY,
+            label("repetition_penalty"),
+            f"must be in [{1 / MAX_PENALTY:g}, {MAX_PENALTY:g}], got {self.repetition_penalty}",
         )
         _require(all(self.stop), label("stop"), "stop strings must not be empty")
+        _require_seed(self.seed, label("seed"))
 
     def with_overrides(self, label: Label | None = None, **overrides: Any) -> InferConfig:
         """A copy with every override that is not None applied, validated (errors named by `label`)."""

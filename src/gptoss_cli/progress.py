@@ -12,6 +12,7 @@ and one when it reaches its total.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,19 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 EVERY_S = 30.0
+
+
+def byte_progress(show: bool):
+    """`gptoss prepare`'s bar of bytes read (size, MB/s, time left), transient, or plain lines off a terminal;
+    a null context when not `show`."""
+    if not show:
+        return contextlib.nullcontext(None)
+    from rich import progress as rp
+
+    from .output import console
+
+    columns = (rp.TextColumn("{task.description}"), rp.BarColumn(), rp.DownloadColumn(), rp.TransferSpeedColumn())
+    return progress(*columns, rp.TimeRemainingColumn(), console=console, transient=True, unit="B")
 
 
 def progress(*columns, console: Console, transient: bool = True, disable: bool = False, unit: str = ""):

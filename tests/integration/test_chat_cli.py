@@ -172,7 +172,7 @@ def test_interactive_prompt_in_a_pseudo_terminal(chat_run):
         close_fds=True,
     )
     os.close(slave)
-    os.write(master, b"Hello!\n/exit\n")
+    os.write(master, b"\xff\xfe\nHello!\n/exit\n")  # a line that is not UTF-8 first: refused, the session goes on
     seen = b""
     while True:
         try:
@@ -186,6 +186,43 @@ def test_interactive_prompt_in_a_pseudo_terminal(chat_run):
     assert proc.wait(timeout=300) == 0
     text = seen.decode("utf-8", "replace")
     assert "you> " in text and "assistant> " in text and "/exit" in text
+    assert "error: that line: not UTF-8 text (byte 0xff" in text and "bug in gptoss" not in text
+
+
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_bytes_that_are_not_utf8_fail_their_line_only(chat_run, locale):
+    """Under a UTF-8 locale and the C locale (where Python's stdin hands such bytes on as surrogates): the
+    bad line is a user error on stderr (and an empty line, or an error object, on stdout), the others are
+    answered."""
+    env = {**os.environ, "GPTOSS_DEBUG": "0", "LC_ALL": locale}
+    env.pop("PYTHONIOENCODING", None)
+    for json_flag in ([], ["--json"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "gptoss_cli", "chat", "--run", str(chat_run), "-n", "4", *json_flag],
+            input=b"Hello!\n\xff\xfe caf\xe9\nThanks.\n",
+            capture_output=True,
+            env=env,
+            timeout=300,
+        )
+        err = done.stderr.decode()
+        assert done.returncode == 0, err
+        assert "error: input line 2: not UTF-8 text (byte 0xff at byte 1)" in err and "bug in gptoss" not in err
+        lines = done.stdout.decode().splitlines()
+        assert len(lines) == 3
+        if json_flag:
+            assert json.loads(lines[1]) == {"error": "input line 2: not UTF-8 text (byte 0xff at byte 1)"}
+            assert [json.loads(line)["role"] for line in (lines[0], lines[2])] == ["assistant", "assistant"]
+        else:
+            assert lines[1] == ""
+
+
+def test_text_that_is_not_unicode_is_refused_in_process_and_as_a_system_message(chat_run, gptoss):
+    out, notices = chat(chat_run, "Hello!\n\udcff bad\n/system \udcfe\nThanks.\n", max_new_tokens=4)
+    assert len(out.splitlines()) == 4
+    assert "error: input line 2: not UTF-8 text (byte 0xff at character 1)" in notices
+    assert "error: input line 3: not UTF-8 text (byte 0xfe at character 9)" in notices
+    code, out, err = gptoss("chat", "--run", chat_run, "--system", "caf\udce9")
+    assert (code, out) == (2, "") and err == "error: --system: not UTF-8 text (byte 0xe9 at character 4)\n"
 
 
 def test_a_run_without_a_conversation_format_says_so(small_corpus, small_overrides, isolated_cache, tmp_path, gptoss):

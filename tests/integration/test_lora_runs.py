@@ -194,3 +194,20 @@ def test_adapter_only_refuses_a_whole_model_and_build_sizes_a_lora_run(runs, tmp
     assert info["lora"]["trainable_params"] == sum(t.numel() for t in saved.values())
     memory = info["lora"]["memory_bytes"]
     assert memory["peak_mxfp4_experts"] < memory["peak_decoded"]
+
+
+def test_the_gguf_export_of_a_lora_run_is_its_merged_model(runs, tmp_path, gptoss):
+    from tests.integration.test_gguf_export import expected_tensors, read_gguf
+
+    pytest.importorskip("gguf")
+    code, out, err = gptoss(
+        "export", "--run", runs["lora"], "--format", "gguf", "--out", tmp_path / "l.gguf", "--dtype", "fp32"
+    )
+    assert code == 0, err
+    _, tensors = read_gguf(tmp_path / "l.gguf")
+    merged = load_run(runs["merged"], device="cpu", dtype="fp32")
+    weights = {n: t.detach() for n, t in ckpt.model_tensors(merged.model).items()}
+    expected = expected_tensors(merged.config.model, weights)
+    assert set(tensors) == set(expected)
+    for name, ref in expected.items():
+        assert torch.equal(tensors[name][1], ref.float()), name  # the same fp32 sums as the merged HF export

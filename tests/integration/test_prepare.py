@@ -84,6 +84,32 @@ def test_prepare_cli_writes_shards_that_decode_to_the_documents(gptoss, small_ov
     assert code == 0 and "completed: 1 steps" in err, err
 
 
+def test_off_a_terminal_prepare_says_each_phase(gptoss, small_overrides, tmp_path):
+    """Piped or logged (no terminal): a line per phase and the bytes done, instead of nothing for minutes."""
+    sets = [a for o in small_overrides for a in ("--set", o)]
+    code, _, err = gptoss("prepare", str(corpus_dir(tmp_path)), "--out", tmp_path / "ds", "-c", "tiny", *sets)
+    assert code == 0, err
+    lines = err.splitlines()
+    assert "reading a tokenizer sample: started" in lines and "tokenizing: started" in lines
+    assert any(line.startswith("training the tokenizer on a ") for line in lines)
+    assert any(line.startswith("tokenizing: done, ") and "MB (100%)" in line for line in lines), err
+
+
+def test_text_with_a_few_bad_bytes_is_named_then_replaced_and_counted(gptoss, small_overrides, tmp_path):
+    data = corpus_dir(tmp_path)
+    raw = (data / "a.txt").read_bytes()
+    (data / "a.txt").write_bytes(raw[:20] + b"\xff\xfe" + raw[20:])
+    sets = [a for o in small_overrides for a in ("--set", o)]
+    code, _, err = gptoss("prepare", str(data), "--out", tmp_path / "ds", "-c", "tiny", *sets)
+    assert code == 2 and err.splitlines()[-1].endswith(
+        "not UTF-8 text: an invalid byte at offset 20 (line 1); set data.invalid_utf8=replace or skip to read past it"
+    )
+    code, out, err = gptoss(
+        "prepare", str(data), "--out", tmp_path / "ds", "-c", "tiny", *sets, "--set", "data.invalid_utf8=replace"
+    )
+    assert code == 0 and "2 bytes that are not UTF-8 were replaced by U+FFFD (data.invalid_utf8)" in err, err
+
+
 def test_workers_give_the_same_shards_as_one_process(tmp_path):
     sources = find_sources([str(corpus_dir(tmp_path, 200))])
     one = prepare_dataset(sources, tmp_path / "one", SETTINGS, workers=1, show=False, chunk_bytes=300)

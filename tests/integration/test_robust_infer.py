@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -54,3 +55,31 @@ def test_greedy_on_nan_weights_is_one_error_line(gptoss, demo):
     assert err == (
         "error: the model produced non-finite logits (NaN or inf): the checkpoint's weights are diverged or damaged\n"
     )
+
+
+def test_a_seed_torch_cannot_take_is_one_error_line(gptoss, demo):
+    """A seed beyond 64 bits is refused with the option's name before the run loads; the widest seeds torch
+    takes work, and a negative one is the same as its value modulo 2^64."""
+    for seed in (2**64, -(2**63) - 1):
+        code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "3", "--seed", seed)
+        assert (code, out) == (2, "")
+        assert err == f"error: --seed: must be a 64-bit seed (from -2^63 to 2^64-1), got {seed}\n"
+    texts = []
+    for seed in (2**64 - 1, -1):
+        code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "6", "--seed", seed, "--json")
+        assert code == 0, err
+        texts.append(json.loads(out)["completion"])
+    assert texts[0] == texts[1]
+
+
+def test_prompts_that_are_not_utf8_are_one_error_line(gptoss, demo, tmp_path, monkeypatch):
+    """A prompt argument (Python hands its bad bytes on as surrogates), a prompts file and stdin."""
+    code, out, err = gptoss("infer", "caf\udce9", "--run", demo, "-n", "2")
+    assert (code, out, err) == (2, "", "error: prompt: not UTF-8 text (byte 0xe9 at character 4)\n")
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"first prompt\nsecond \xff prompt\n")
+    code, out, err = gptoss("infer", "--prompts-file", bad, "--run", demo, "-n", "2")
+    assert (code, out) == (2, "") and err == f"error: --prompts-file {bad}: line 2 is not UTF-8 text (byte 0xff)\n"
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"ok\n\xfe\n")))
+    code, out, err = gptoss("infer", "--prompts-file", "-", "--run", demo, "-n", "2")
+    assert (code, out, err) == (2, "", "error: --prompts-file -: line 2 is not UTF-8 text (byte 0xfe)\n")

@@ -365,7 +365,7 @@ def test_command_errors_are_one_line(gptoss, runs, tmp_path):
         (json.dumps({"model": "demo", "prompt": "x", "top_p": 0}).encode(), "top_p"),
         (json.dumps({"model": "demo", "prompt": ""}).encode(), "prompt"),
         (json.dumps({"model": "demo", "prompt": [99999]}).encode(), "prompt"),
-        (json.dumps({"model": "demo", "prompt": "x", "logprobs": 3}).encode(), None),
+        (json.dumps({"model": "demo", "prompt": "x", "logprobs": 6}).encode(), "logprobs"),
         (json.dumps({"model": "demo", "messages": []}).encode(), "messages"),
         (json.dumps({"model": "demo", "messages": [{"role": "tool", "content": "x"}]}).encode(), "messages"),
         (json.dumps({"model": "demo", "messages": [{"role": "user", "content": ""}]}).encode(), "messages"),
@@ -390,6 +390,16 @@ def test_unknown_model_and_route(server):
     r = httpx.post(server.url + "/v1/completions", json={"model": "other", "prompt": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     assert httpx.get(server.url + "/v2/nothing").status_code == 404
+    r = httpx.post(server.url + "/v1/responses", json={"model": "demo", "input": "x"})  # another OpenAI API
+    error = r.json()["error"]
+    assert r.status_code == 404 and error["code"] == "not_found"
+    assert error["message"].startswith("POST /v1/responses is not served here; this server answers GET /health")
+    assert "POST /v1/chat/completions" in error["message"]
+
+
+def test_the_start_up_line_says_how_far_the_run_holds_a_conversation(servers):
+    assert "chat format only (not fine-tuned on conversations)" in servers["main"].stderr()  # trained on text
+    assert "| chat no |" in servers["guarded"].stderr()  # a tokenizer without the format's tokens
 
 
 def test_disconnect_frees_the_slot(server):
@@ -414,6 +424,7 @@ def test_request_log_lines(server):
 
 def test_api_key(guarded):
     assert httpx.get(guarded.url + "/v1/models").status_code == 401
+    assert httpx.get(guarded.url + "/health").status_code == 200  # a load balancer's check carries no key
     r = httpx.get(guarded.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     ok = openai.OpenAI(base_url=guarded.url + "/v1", api_key="sesame", max_retries=0)
@@ -488,3 +499,18 @@ def test_sigterm_past_the_drain_limit_answers_with_an_error_and_exits_0(server):
     assert rest[-1] == "data: [DONE]"
     assert json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
     assert server.proc.wait(60) == 0, server.stderr()
+
+
+def test_health_can_be_made_to_need_the_key_too():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from gptoss_cli.serve.middleware import Auth
+
+    inner = Starlette(routes=[Route("/health", lambda request: PlainTextResponse("ok"))])
+    open_health, closed = TestClient(Auth(inner, "k")), TestClient(Auth(inner, "k", health_needs_key=True))
+    assert open_health.get("/health").status_code == 200
+    assert closed.get("/health").status_code == 401
+    assert closed.get("/health", headers={"Authorization": "Bearer k"}).status_code == 200

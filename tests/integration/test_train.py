@@ -425,3 +425,14 @@ def test_a_run_started_from_weights_names_them_at_step_0(small_cfg, tmp_path, ca
     train(small_cfg("train.max_steps=1"), tmp_path / "tuned", init_from=tmp_path / "base")
     err = capsys.readouterr().err
     assert f"Step 0 (the weights of {base['checkpoint']}): validation loss" in err and "untrained" not in err
+
+
+def test_a_resume_reads_the_data_cache_the_run_made(small_cfg, tmp_path, isolated_cache):
+    """The resumed run gives its tokenizer (the one trained on this corpus): the corpus is not tokenized again
+    into a second cache entry."""
+    run = tmp_path / "run"
+    first, _ = train(small_cfg("train.max_steps=2"), run)
+    second, _ = train(small_cfg("train.max_steps=3"), run, resume=True)
+    entries = sorted(p.name for p in (Path(isolated_cache) / "datasets").iterdir() if p.is_dir())
+    assert len(entries) == 1 and second.data_root == first.data_root
+    assert second.setup_times["tokenize_s"] == 0.0 and second.setup_times["tokenizer_s"] == 0.0

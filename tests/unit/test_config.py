@@ -5,16 +5,22 @@ any working directory.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptoss_cli.config import (
+    SEED_MAX,
+    SEED_MIN,
     ConfigError,
+    InferConfig,
     config_from_dict,
     load_config,
     parse_override,
     save_config,
+    seed64,
     shipped_configs,
 )
 
@@ -226,3 +232,41 @@ def test_every_shipped_config_loads(name):
     cfg = load_config(name)
     assert cfg.name == name and cfg.train.seq_len <= cfg.model.max_context_length
     assert cfg.model.vocab_size > 0 and cfg.model.num_experts >= cfg.model.experts_per_token
+
+
+@pytest.mark.parametrize("key", ["train.seed", "infer.seed"])
+def test_seeds_are_checked_against_torchs_range(key):
+    """A seed torch.Generator.manual_seed cannot take is refused with the config, not deep inside a step."""
+    for seed in (SEED_MIN, -1, 0, SEED_MAX):
+        load_config("tiny", [f"{key}={seed}"])
+        torch.Generator().manual_seed(seed)  # the range is torch's
+    for seed in (SEED_MAX + 1, SEED_MIN - 1, 10**30):
+        assert error("tiny", [f"{key}={seed}"]) == (
+            f"tiny.yaml: {key}: must be a 64-bit seed (from -2^63 to 2^64-1), got {seed}"
+        )
+        with pytest.raises((ValueError, RuntimeError, OverflowError)):
+            torch.Generator().manual_seed(seed)
+
+
+def test_sampling_overrides_are_finite_and_seeded_in_range():
+    base = InferConfig()
+    for key in ("temperature", "top_p", "repetition_penalty"):
+        for value in (math.inf, math.nan):
+            with pytest.raises(ConfigError, match=f"infer.{key}: must be a finite number"):
+                base.with_overrides(**{key: value})
+    with pytest.raises(ConfigError, match="infer.seed: must be a 64-bit seed"):
+        base.with_overrides(seed=2**64)
+    assert seed64(SEED_MAX + 3) == 2 and seed64(-1) == SEED_MAX
+
+
+def test_temperature_and_penalty_keep_float32_logits_finite():
+    """Below these bounds logits / temperature (or * penalty) overflow float32 and sampling fails as if the
+    weights were damaged: refused up front instead."""
+    base = InferConfig()
+    assert base.with_overrides(temperature=1e-6).temperature == 1e-6
+    assert base.with_overrides(repetition_penalty=1e6).repetition_penalty == 1e6
+    with pytest.raises(ConfigError, match=r"infer.temperature: must be 0 \(greedy\) or at least 1e-06, got 1e-30"):
+        base.with_overrides(temperature=1e-30)
+    for penalty in (1e-7, 1e7):
+        with pytest.raises(ConfigError, match=r"infer.repetition_penalty: must be in \[1e-06, 1e\+06\]"):
+            base.with_overrides(repetition_penalty=penalty)

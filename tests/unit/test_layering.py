@@ -59,6 +59,7 @@ LAYERS: dict[str, int] = {
     "memory": 3,
     "output": 3,
     "errors": 3,
+    "sizes": 3,
     # 4: the model, the leaf
     "model": 4,
     # the package's own __init__ (the version): anything may import it, it imports nothing

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ..data.chat_format import ChatFormat
+from ..data.tokenizer import check_text
 from ..errors import GptossError
 
 HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit (or Ctrl-D) leaves"
@@ -120,6 +121,32 @@ def _command(line: str, session: ChatSession, say: Callable[[str], None]) -> boo
     return None
 
 
+def _read_line(stdin: TextIO, interactive: bool, number: int) -> str:
+    """The next message; EOFError at the end of input, GptossError for a line that is not UTF-8 text (read as
+    bytes from a pipe, so the lines after it are intact)."""
+    if interactive:
+        try:
+            line = input("you> ")
+        except UnicodeDecodeError as err:
+            raise GptossError(f"that line: not UTF-8 text (byte 0x{err.object[err.start]:02x})") from None
+        return check_text(line, "that line")
+    raw = getattr(stdin, "buffer", None)
+    if raw is None:  # a text stream (tests, a wrapper): check what it decoded
+        line = stdin.readline()
+        if not line:
+            raise EOFError
+        return check_text(line.rstrip("\n"), f"input line {number}")
+    data = raw.readline()
+    if not data:
+        raise EOFError
+    try:
+        return data.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise GptossError(
+            f"input line {number}: not UTF-8 text (byte 0x{data[err.start]:02x} at byte {err.start + 1})"
+        ) from None
+
+
 def run_chat(
     session: ChatSession,
     stdin: TextIO | None = None,
@@ -138,19 +165,26 @@ def run_chat(
         stdout.write(chunk if interactive else chunk.replace("\r", " ").replace("\n", " "))
         stdout.flush()
 
+    def refuse(err: GptossError) -> None:  # a message that cannot be answered: the session goes on
+        say(f"error: {err}")
+        if as_json:
+            stdout.write(json.dumps({"error": str(err)}) + "\n")
+        elif not interactive:
+            stdout.write("\n")  # one line per message, also for this one
+        stdout.flush()
+
+    number = 0
     while True:
+        number += 1
         try:
-            if interactive:
-                line = input("you> ")
-            else:
-                line = stdin.readline()
-                if not line:
-                    break
-                line = line.rstrip("\n")
+            line = _read_line(stdin, interactive, number)
         except EOFError:
             break
         except KeyboardInterrupt:  # at the prompt: a fresh line, the session goes on
             say("\n(Ctrl-D or /exit leaves)")
+            continue
+        except GptossError as err:  # bytes that are not UTF-8
+            refuse(err)
             continue
         if not line.strip():
             continue
@@ -164,12 +198,7 @@ def run_chat(
         try:
             reply = session.reply(line, on_text=None if as_json else write)
         except GptossError as err:  # one message too long: the session goes on
-            say(f"error: {err}")
-            if as_json:
-                stdout.write(json.dumps({"error": str(err)}) + "\n")
-            elif not interactive:
-                stdout.write("\n")  # one line per message, also for this one
-            stdout.flush()
+            refuse(err)
             continue
         if as_json:
             stdout.write(

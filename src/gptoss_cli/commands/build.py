@@ -40,19 +40,7 @@ def command(
     from ..output import console, print_json
     from ..sizing import GIB, describe
 
-    if run is not None:
-        from ..config import apply_overrides, config_from_dict
-        from ..errors import GptossError
-        from ..run.checkpoint import packed_weights, tensor_names
-        from ..run.open import open_run
-
-        if any(o.strip().startswith("model.") for o in set_ or []):
-            raise GptossError("--set model.*: the model's shapes come from the run's checkpoint (leave --run out)")
-        opened = open_run(run, need_tokenizer=False)
-        cfg = config_from_dict(apply_overrides(opened.config.to_dict(), set_ or []), "--set")
-        holds = "mxfp4" if packed_weights(tensor_names(opened.base_weights)) else "dense"
-    else:
-        cfg, holds = load_config(config, set_), None
+    cfg, holds = _run_config(run, set_) if run is not None else (load_config(config, set_), None)
     info = describe(cfg, context=context) | ({"run": str(run), "experts_stored": holds} if run is not None else {})
     if json:
         print_json(info)
@@ -101,6 +89,21 @@ def command(
     )
     if "lora" in info:
         _print_lora(info, holds)
+
+
+def _run_config(run: Path, overrides: list[str] | None):
+    """A run's config with `--set` overrides of its other sections (lora, train), and whether its checkpoint (a
+    LoRA run's base) holds MXFP4 or dense experts."""
+    from ..config import apply_overrides, config_from_dict
+    from ..errors import GptossError
+    from ..run.checkpoint import packed_weights, tensor_names
+    from ..run.open import open_run
+
+    if any(o.strip().startswith("model.") for o in overrides or []):
+        raise GptossError("--set model.*: the model's shapes come from the run's checkpoint (leave --run out)")
+    opened = open_run(run, need_tokenizer=False)
+    cfg = config_from_dict(apply_overrides(opened.config.to_dict(), overrides or []), "--set")
+    return cfg, "mxfp4" if packed_weights(tensor_names(opened.base_weights)) else "dense"
 
 
 def _print_lora(info: dict, holds: str | None) -> None:

@@ -107,12 +107,20 @@ def command(
 
 
 def _read_prompts(prompt: str | None, prompt_opt: str | None, prompts_file: Path | None) -> list[str]:
+    """The prompts of the arguments and of --prompts-file (one per line); text that is not UTF-8 is one error
+    line naming where it is."""
+    from ..data.tokenizer import check_text, decode_utf8
     from ..errors import GptossError
 
-    prompts = [p for p in (prompt, prompt_opt) if p is not None]
+    prompts = [check_text(p, "prompt") for p in (prompt, prompt_opt) if p is not None]
     if prompts_file is not None:
         try:
-            text = sys.stdin.read() if str(prompts_file) == "-" else prompts_file.read_text(encoding="utf-8")
+            if str(prompts_file) != "-":
+                text = decode_utf8(prompts_file.read_bytes(), f"--prompts-file {prompts_file}")
+            elif hasattr(sys.stdin, "buffer"):  # bytes: a line that is not UTF-8 is named, not mangled
+                text = decode_utf8(sys.stdin.buffer.read(), "--prompts-file -")
+            else:
+                text = check_text(sys.stdin.read(), "--prompts-file -")
             lines = text.splitlines()
         except OSError as err:
             raise GptossError(f"--prompts-file {prompts_file}: cannot read ({err.strerror or err})") from None

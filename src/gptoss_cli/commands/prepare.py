@@ -33,14 +33,15 @@ def command(
     """Read documents, train the tokenizer once on a sample, and write token shards plus an index.
 
     The config gives model.vocab_size, data.text_field, data.val_fraction, data.tokenizer_sample_bytes and
-    train.seed. A killed prepare, run again with the same arguments, keeps its finished shards.
+    train.seed. A killed prepare, run again with the same arguments, keeps its finished shards (each checked)
+    and continues; a dataset with a damaged shard is prepared again from that shard.
 
     Example: gptoss prepare docs/ books.jsonl.zst --out data/books -c tiny;  then
     gptoss train -c tiny --set data.prepared=data/books
     """
     from ..config import load_config
     from ..data.dataset import prepare_paths
-    from ..output import console, print_json
+    from ..output import console, print_json, warn
 
     cfg = load_config(config, set_)
     cfg.data.paths = list(data)  # the arguments, not YAML: any file name works
@@ -48,6 +49,12 @@ def command(
     if json:
         print_json(summary)
         return
+    if summary["redone"]:
+        redone = summary["redone"]
+        warn(
+            f"{out}: {len(redone)} damaged shard(s) ({', '.join(redone[:3])}{', ...' if len(redone) > 3 else ''}): "
+            "prepared again from the first of them"
+        )
     if summary["cached"]:
         console.print(f"{out}: already prepared (nothing to do)", highlight=False)
     else:
@@ -59,6 +66,10 @@ def command(
             f"({mb / max(t['tokenize_s'], 1e-9):,.2f} MB/s)",
             highlight=False,
         )
+    invalid = summary["invalid_utf8"]
+    if invalid["bytes"]:
+        done = "replaced by U+FFFD" if invalid["policy"] == "replace" else "skipped"
+        console.print(f"{invalid['bytes']:,} bytes that are not UTF-8 were {done} (data.invalid_utf8)", highlight=False)
     console.print(
         f"{summary['train_tokens']:,} training and {summary['val_tokens']:,} validation tokens "
         f"({summary['documents']['train']:,} + {summary['documents']['val']:,} documents) in "

@@ -27,10 +27,16 @@ KeyOpt = Annotated[
         help="Require 'Authorization: Bearer KEY' on every request.",
     ),
 ]
+HealthKeyOpt = Annotated[
+    bool, typer.Option("--health-needs-key", help="Ask the API key on /health too (by default it is open).")
+]
 NameOpt = Annotated[
     str | None, typer.Option("--model-name", help="Model id clients ask for (default: the run directory's name).")
 ]
 DrainOpt = Annotated[float, typer.Option("--drain-timeout", help="Seconds SIGTERM waits for requests in flight.")]
+BodyOpt = Annotated[
+    str, typer.Option("--max-body", help="Largest request body (4MiB, 500KB, bytes); a larger one gets 413.")
+]
 
 
 def command(
@@ -43,8 +49,10 @@ def command(
     max_length: LengthOpt = None,
     prefill_chunk: ChunkOpt = 256,
     api_key: KeyOpt = None,
+    health_needs_key: HealthKeyOpt = False,
     model_name: NameOpt = None,
     drain_timeout: DrainOpt = 30.0,
+    max_body: BodyOpt = "4MiB",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -55,6 +63,7 @@ def command(
     http://127.0.0.1:8000/v1 with the run directory's name as the model.
     """
     from ..serve.server import ServeOptions, serve
+    from ..sizes import parse_size
     from ..threads import set_threads
 
     set_threads(threads)
@@ -66,7 +75,9 @@ def command(
         max_length=max_length,
         prefill_chunk=prefill_chunk,
         api_key=api_key,
+        health_needs_key=health_needs_key,
         model_name=model_name,
         drain_s=drain_timeout,
+        max_body=parse_size(max_body, "--max-body"),
     )
     serve(Path(run) if run else None, checkpoint, options, device=device, dtype=dtype)

@@ -83,7 +83,9 @@ class ChatFormat:
     def _encode(self, text: str) -> list[int]:
         # Text between special tokens is encoded on its own, as the tokenizer does for a whole rendered string
         # (added tokens split the input before BPE), so these pieces concatenate to encode(rendered text).
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # encode_batch gives encode's ids and, unlike encode, releases the GIL: the server renders
+        # conversations on a thread pool while its event loop goes on.
+        return self.tokenizer.encode_batch([text], add_special_tokens=False)[0].ids
 
     def render_with_mask(
         self, messages: list[dict], add_generation_prompt: bool = False
@@ -172,7 +174,7 @@ class TemplateFormat(ChatFormat):
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # apply_chat_template tokenizes the rendered text with add_special_tokens=False.
-        return self.tokenizer.encode(self.render_text(messages, add_generation_prompt), add_special_tokens=False).ids
+        return self._encode(self.render_text(messages, add_generation_prompt))
 
     def render_with_mask(
         self, messages: list[dict], add_generation_prompt: bool = False

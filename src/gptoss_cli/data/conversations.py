@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import seed64
 from ..errors import GptossError
 from ..model.cross_entropy import IGNORE_INDEX
 from ..output import warn
@@ -120,7 +121,7 @@ class ConversationBatches:
 
     def batch(self, epoch: int, index: int, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, ...]:
         """Batch `index` of `epoch` -> inputs, targets, positions, segments (B/world, T); rank takes its slice."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(seed64(self.seed * 1_000_003 + epoch))
         order = torch.randperm(self.num_samples, generator=g)
         picks = order[index * self.batch_size : (index + 1) * self.batch_size]
         per_rank = self.batch_size // world
@@ -239,3 +240,34 @@ def conversation_data(
         )
     val_data = pack_conversations(val, fmt, seq_len, batch_size, seed, pad, "validation") if val else None
     return tokenizer, train_data, (val_data if val_data is not None and val_data.num_samples else None)
+
+
+UNTUNED = "format only (not fine-tuned on conversations)"
+
+
+def chat_status(fmt, loaded) -> str:
+    """How well a run holds a conversation: "no" without a format, UNTUNED when the format is gptoss's own
+    (every tokenizer reserves its tokens) but the run was trained on text and not imported, else "yes".
+    `loaded` is an OpenRun (its config and checkpoint state)."""
+    from .chat_format import ChatFormat
+
+    if fmt is None:
+        return "no"
+    if (
+        type(fmt) is ChatFormat
+        and loaded.state.imported_from is None
+        and not trained_on_conversations(loaded.config.data.paths)
+    ):
+        return UNTUNED
+    return "yes"
+
+
+def trained_on_conversations(paths: list[str]) -> bool:
+    """Whether data.paths name conversation files; paths that no longer resolve (moved, or relative to
+    another directory) give the benefit of the doubt."""
+    from .corpus import expand_paths
+
+    try:
+        return any(is_conversation_file(f) for spec in paths for f in expand_paths(spec))
+    except GptossError:
+        return True

@@ -7,18 +7,20 @@ What one document is:
 - `.jsonl` files: each line is a JSON object and its `data.text_field` (default `text`) is one document;
 - `.json` files: one array of such objects;
 - `.parquet` files: the `data.text_field` string column, read one row group at a time;
-- `.gz` and `.zst` of the text formats above (`a.jsonl.gz`, `b.txt.zst`), decompressed as they stream;
+- `.gz` and `.zst` of the text formats above (`a.jsonl.gz`, `b.txt.zst`), decompressed as they stream (a
+  file cut short is an error, never a silent fraction: data/compressed.py);
 - a directory means every such file below it (sorted; other files are named in one warning); a glob means
   every match (sorted); no paths at all means the built-in sample corpus shipped with the package.
 
 Nothing here holds a whole file: readers are generators, so memory stays bounded whatever the corpus size.
 `iter_records` is the seam for record-shaped datasets (one dict per JSON line / array item / parquet row);
-`iter_documents` turns records and text files into documents.
+`iter_pieces` turns records and text files into documents, a document longer than PIECE_CHARS in pieces
+(a text file's huge paragraph is cut as it streams, never held whole; a JSON or parquet record is whole
+in memory once, as its reader decodes it), and `iter_documents` joins the pieces (for small corpora).
 """
 
 from __future__ import annotations
 
-import codecs
 import glob
 import io
 import json
@@ -31,11 +33,15 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import GptossError
+from .compressed import decompressing
+from .utf8 import Decoder, decode_line
 
 TEXT_KINDS = (".txt", ".md")
 RECORD_KINDS = (".jsonl", ".json")
 COMPRESSIONS = (".gz", ".zst")
 BLOCK = 1 << 22  # 4 MiB read size: large enough for throughput, small enough for bounded memory
+PIECE_CHARS = 1 << 20  # a longer document is read, sampled and tokenized in pieces of at most this many characters
+_CUT = re.compile(r"(?s:.*)\S(?= )")  # up to the last non-space character followed by a space
 
 # One or more blank lines between two documents: the line break ending the last line of a document,
 # then lines of spaces/tabs only. Only \n and \r\n end a line, unlike str.splitlines(). The pattern
@@ -61,6 +67,7 @@ class Meter:
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.invalid_bytes = 0  # bytes that were not UTF-8, replaced or skipped (data.invalid_utf8)
 
 
 def builtin_corpus_path() -> Path:
@@ -141,20 +148,12 @@ class _Counting(io.RawIOBase):
 
 def _open_binary(src: Source, meter: Meter):
     raw = io.BufferedReader(_Counting(open(src.path, "rb"), meter), BLOCK)  # noqa: SIM115 - closed by caller
-    if src.compression == ".gz":
-        import gzip
-
-        return gzip.GzipFile(fileobj=raw, mode="rb")
-    if src.compression == ".zst":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(raw, closefd=True)
-    return raw
+    return decompressing(raw, src.compression, BLOCK)
 
 
-def _blocks(src: Source, meter: Meter) -> Iterator[str]:
+def _blocks(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[str]:
     """The file's text in blocks, decoded as UTF-8 without changing a line break; then one ""."""
-    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    decoder = Decoder(src.path, invalid_utf8, meter)
     with _open_binary(src, meter) as f:
         while True:
             data = f.read(BLOCK)
@@ -175,34 +174,76 @@ def _clean(piece: str) -> str:
     return piece if piece.strip() else ""
 
 
-def _paragraphs(src: Source, meter: Meter) -> Iterator[str]:
-    carry = ""
-    for block in _blocks(src, meter):
+def cut_point(text: str, start: int, limit: int) -> int:
+    """Where a piece of a long document that begins at `start` ends: before the last space that follows a
+    non-space character in the second half of the next `limit` characters (a byte-level BPE pre-tokenizer
+    always splits there, so the pieces tokenize exactly as the whole document does), else after `limit`."""
+    m = _CUT.match(text, start + limit // 2, start + limit + 1)
+    return m.end() if m else start + limit
+
+
+def _partial_separator(carry: str) -> int:
+    """Where a separator that the next block may complete could begin in `carry` (len(carry) if nowhere)."""
+    last = carry.rfind("\n")
+    if last >= 0 and not carry[last + 1 :].strip(" \t\r"):
+        return last
+    return len(carry)
+
+
+def _paragraphs(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[tuple[str, bool]]:
+    """(piece, last) for the documents of a text file: a document longer than PIECE_CHARS comes in pieces (its
+    last one marked), cut as it streams, so memory stays bounded for a file that is one huge line."""
+    carry, begun = "", False  # begun: pieces of the document at the start of `carry` were yielded already
+    for block in _blocks(src, meter, invalid_utf8):
         carry += block
         if not block:
             break
         pieces = _SEPARATOR.split(carry)
         # The last piece may continue in the next block (and so may a separator touching the end).
         carry = pieces.pop()
-        if not pieces:
-            continue
-        # The separator is greedy and the leftmost match wins, so a piece between two separators of one
-        # split neither starts with a blank line nor ends with a line break: only the first piece (the
-        # file's start, or text after a separator that straddled the block boundary) needs trimming, and
-        # _clean's trailing regex (a scan of the whole piece) runs once per file instead of per document.
-        pieces[0] = pieces[0][m.end() :] if (m := _LEADING_BLANK.match(pieces[0])) else pieces[0]
+        if pieces and begun:  # the rest of a document yielded in pieces
+            rest = pieces.pop(0)
+            yield rest[:-1] if rest.endswith("\r") else rest, True
+            begun = False
+        elif pieces:
+            # The separator is greedy and the leftmost match wins, so a piece between two separators of one
+            # split neither starts with a blank line nor ends with a line break: only the first piece (the
+            # file's start, or text after a separator that straddled the block boundary) needs trimming, and
+            # _clean's trailing regex (a scan of the whole piece) runs once per file instead of per document.
+            pieces[0] = pieces[0][m.end() :] if (m := _LEADING_BLANK.match(pieces[0])) else pieces[0]
         for piece in pieces:
             if piece.endswith("\r"):
                 piece = piece[:-1]
             if piece and not piece.isspace():  # isspace: strip()'s test without copying the document
-                yield piece
-    if doc := _clean(carry):
-        yield doc
+                yield piece, True
+        safe = _partial_separator(carry)
+        while len(carry) > PIECE_CHARS and safe > PIECE_CHARS:  # cut nothing a separator may still claim
+            cut = cut_point(carry, 0, PIECE_CHARS)
+            head = carry[:cut]
+            if not begun and (m := _LEADING_BLANK.match(head)):
+                head = head[m.end() :]
+            yield head, False
+            carry, safe, begun = carry[cut:], safe - cut, True
+    if begun:
+        yield _TRAILING_BREAK.sub("", carry), True
+    elif doc := _clean(carry):
+        yield doc, True
 
 
-def _json_lines(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
+def _pieces(text: str) -> Iterator[tuple[str, bool]]:
+    """(piece, last) of one document held whole (a JSON or parquet record)."""
+    start = 0
+    while len(text) - start > PIECE_CHARS:
+        cut = cut_point(text, start, PIECE_CHARS)
+        yield text[start:cut], False
+        start = cut
+    yield text[start:] if start else text, True
+
+
+def _json_lines(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[tuple[int, object]]:
     with _open_binary(src, meter) as f:
-        for n, line in enumerate(io.TextIOWrapper(f, encoding="utf-8", newline="\n"), 1):
+        for n, raw in enumerate(f, 1):
+            line = decode_line(raw, src.path, n, invalid_utf8, meter)
             if not line.strip():
                 continue
             try:
@@ -211,10 +252,10 @@ def _json_lines(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
                 raise GptossError(f"{src.path}:{n}: invalid JSON ({err.msg})") from None
 
 
-def _json_array(src: Source, meter: Meter) -> Iterator[tuple[int, object]]:
+def _json_array(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[tuple[int, object]]:
     """Items of one top-level JSON array, decoded one at a time from a sliding text buffer."""
     decoder = json.JSONDecoder()
-    blocks = _blocks(src, meter)
+    blocks = _blocks(src, meter, invalid_utf8)
     buf, pos, item, started = "", 0, 0, False
     ws = re.compile(r"[ \t\r\n]*")
     while True:
@@ -274,34 +315,39 @@ def _parquet_texts(src: Source, meter: Meter, field: str) -> Iterator[str]:
         meter.bytes += src.size // groups + (src.size % groups if g == groups - 1 else 0)
 
 
-def iter_records(src: Source, meter: Meter) -> Iterator[tuple[str, dict]]:
+def iter_records(src: Source, meter: Meter, invalid_utf8: str = "error") -> Iterator[tuple[str, dict]]:
     """One dict per JSON line or array item, with where it came from (`file:line` / `file item N`)."""
     lines = src.kind == ".jsonl"
-    for n, obj in (_json_lines if lines else _json_array)(src, meter):
+    for n, obj in (_json_lines if lines else _json_array)(src, meter, invalid_utf8):
         where = f"{src.path}:{n}" if lines else f"{src.path} item {n}"
         if not isinstance(obj, dict):
             raise GptossError(f"{where}: expected a JSON object")
         yield where, obj
 
 
-def iter_documents(sources: list[Source], text_field: str = "text", meter: Meter | None = None) -> Iterator[str]:
-    """Every document of every source, in order; `meter` counts the bytes read (for progress)."""
+def iter_pieces(
+    sources: list[Source], text_field: str = "text", meter: Meter | None = None, invalid_utf8: str = "error"
+) -> Iterator[tuple[str, bool]]:
+    """(piece, last) for every document of every source, in order: a document of at most PIECE_CHARS
+    characters is one piece, a longer one several (their concatenation is the document); `last` marks the
+    end of a document. `meter` counts the bytes read (for progress)."""
     meter = meter or Meter()
     for src in sources:
         start = meter.bytes
         try:
             if src.kind in TEXT_KINDS:
-                yield from _paragraphs(src, meter)
+                yield from _paragraphs(src, meter, invalid_utf8)
             elif src.kind == ".parquet":
-                yield from _parquet_texts(src, meter, text_field)
+                for text in _parquet_texts(src, meter, text_field):
+                    yield from _pieces(text)
             else:
-                for where, obj in iter_records(src, meter):
+                for where, obj in iter_records(src, meter, invalid_utf8):
                     text = obj.get(text_field)
                     if not isinstance(text, str):
                         raise GptossError(f"{where}: expected an object with a string {text_field!r} field")
                     if text.strip():
-                        yield text
-        except UnicodeDecodeError:
+                        yield from _pieces(text)
+        except UnicodeDecodeError:  # a reader that decodes by itself (parquet strings are UTF-8 by definition)
             raise GptossError(f"{src.path}: not UTF-8 text") from None
         except (OSError, EOFError) as err:  # EOFError: a truncated .gz
             raise GptossError(f"{src.path}: cannot read ({getattr(err, 'strerror', None) or err})") from None
@@ -310,6 +356,18 @@ def iter_documents(sources: list[Source], text_field: str = "text", meter: Meter
                 raise GptossError(f"{src.path}: cannot decompress ({err})") from None
             raise
         meter.bytes = start + src.size  # exact once a file is done, whatever its readers counted
+
+
+def iter_documents(
+    sources: list[Source], text_field: str = "text", meter: Meter | None = None, invalid_utf8: str = "error"
+) -> Iterator[str]:
+    """Every document of every source, whole, in order (prepare reads pieces: a document may be huge)."""
+    parts: list[str] = []
+    for piece, last in iter_pieces(sources, text_field, meter, invalid_utf8):
+        parts.append(piece)
+        if last:
+            yield parts[0] if len(parts) == 1 else "".join(parts)
+            parts = []
 
 
 def load_documents(paths: list[str], text_field: str = "text") -> list[str]:

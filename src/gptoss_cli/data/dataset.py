@@ -2,9 +2,11 @@
 
 Plain data.paths are prepared (`data/prepare.py`) into GPTOSS_CACHE/datasets/KEY, where KEY hashes the
 files (path, size, modification time), the data settings and the tokenizer's origin, so an unchanged
-corpus is read, tokenized and its tokenizer trained only once. Every process computes KEY alone, with no
-collective: under torchrun rank 0 prepares while the other ranks poll for the index file, so a long
-preparation never meets a collective timeout; a file lock keeps two runs from preparing one entry at once.
+corpus is read, tokenized and its tokenizer trained only once; an entry whose preparation was killed is
+continued, and one with a damaged shard is prepared again from that shard, by the next run. Every process
+computes KEY alone, with no collective: under torchrun rank 0 prepares while the other ranks poll for the
+index file, so a long preparation never meets a collective timeout; a file lock keeps two runs from
+preparing one entry at once.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from ..errors import GptossError
 from . import shards
 from .corpus import find_sources
-from .prepare import Settings, cache_root, dataset_key, prepare_dataset
+from .prepare import TRAINED, Settings, cache_root, dataset_key, prepare_dataset
 from .tokenizer import check_vocab, load_tokenizer, tokenizer_hash
 
 
@@ -40,6 +42,7 @@ def settings_of(cfg) -> Settings:
         val_fraction=d.val_fraction,
         seed=cfg.train.seed,
         tokenizer_sample_bytes=d.tokenizer_sample_bytes,
+        invalid_utf8=d.invalid_utf8,
     )
 
 
@@ -68,6 +71,18 @@ def _wait_for(path: Path, rank: int) -> None:
         time.sleep(0.2)
 
 
+def _trained_entry_holds(sources, settings, tok_hash: str) -> bool:
+    """Whether the cache entry of this data with a tokenizer trained on it is complete and was encoded by the
+    tokenizer of hash `tok_hash`: then a run that gives that very tokenizer (a resume, a run --init-from one
+    trained on the same corpus) reads it instead of tokenizing the corpus again into an entry of its own."""
+    root = cache_root() / "datasets" / dataset_key(sources, settings, TRAINED)[:32]
+    try:
+        index = shards.read_index(root)
+    except GptossError:
+        return False
+    return bool(index.get("complete")) and index.get("tokenizer_hash") == tok_hash
+
+
 def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: bool = True) -> TrainingData:
     """The run's tokenized data and tokenizer. `tokenizer_source`: a tokenizer.json the run must use
     (--tokenizer, data.tokenizer or the checkpoint's); rank 0 alone prepares and warns."""
@@ -87,14 +102,18 @@ def open_training_data(cfg, tokenizer_source: Path | None, rank: int = 0, show: 
     else:
         sources = find_sources(cfg.data.paths, warn if rank == 0 else None)
         settings = settings_of(cfg)
-        key = dataset_key(sources, settings, tokenizer_hash(given) if given is not None else "trained")
+        if given is not None and _trained_entry_holds(sources, settings, tokenizer_hash(given)):
+            given = None  # a resume: its tokenizer is the one trained on this data, whose entry is complete
+        key = dataset_key(sources, settings, tokenizer_hash(given) if given is not None else TRAINED)
         root = cache_root() / "datasets" / key[:32]
         trained = given is None
         if rank == 0:
             with _locked(root.with_suffix(".lock")):
-                result = prepare_dataset(sources, root, settings, given, show=show)
+                result = prepare_dataset(sources, root, settings, given, show=show, flag=None)
             times.update(result.times)
             index = result.index
+            if result.redone:
+                warn(f"{root}: damaged shard(s) {', '.join(result.redone[:3])} of the data cache prepared again")
         else:
             _wait_for(root / shards.INDEX, rank)
             index = shards.read_index(root)
@@ -139,6 +158,7 @@ def prepare_paths(cfg, out: Path, tokenizer: Path | None, workers: int = 0, show
     return {
         "out": str(result.root),
         "cached": result.cached,
+        "redone": result.redone,
         "sources": len(index["sources"]),
         "source_bytes": sum(s["size"] for s in index["sources"]),
         "documents": index["documents"],
@@ -147,6 +167,7 @@ def prepare_paths(cfg, out: Path, tokenizer: Path | None, workers: int = 0, show
         "shards": len(index["train"]["shards"]) + len(index["val"]["shards"]),
         "dtype": index["dtype"],
         "tokenizer_hash": index["tokenizer_hash"],
+        "invalid_utf8": {"policy": cfg.data.invalid_utf8, "bytes": index.get("invalid_utf8_bytes", 0)},
         "vocab_size": index["vocab_size"],
         "times_s": result.times,
     }

@@ -6,8 +6,8 @@ A prepared dataset is a directory:
     tokenizer.json      the tokenizer the shards were encoded with
     train-00000.bin ... raw little-endian token ids (uint16 when the vocabulary fits, else uint32),
     val-00000.bin  ...  every document followed by <|endoftext|>
-    progress.json       only while `prepare` runs: the completed shards and how many documents they hold,
-                        so a killed prepare continues from there
+    progress.json       while `prepare` runs (written first, before anything else): the completed shards
+                        and how far into the corpus they reach, so a killed prepare continues from there
 
 Each shard is written as `NAME.tmp` and renamed when complete, so a reader sees whole shards or none.
 """
@@ -54,11 +54,18 @@ class ShardWriter:
         self.tokens = 0
         self.hash = hashlib.sha256()
 
+    @property
+    def path(self) -> Path:
+        return self.out / f"{self.prefix}-{self.number:05d}.bin.tmp"
+
     def write(self, ids: np.ndarray) -> None:
-        if self.file is None:
-            self.file = open(self.out / f"{self.prefix}-{self.number:05d}.bin.tmp", "wb")  # noqa: SIM115
         data = ids.astype(self.dtype, copy=False).tobytes()
-        self.file.write(data)
+        try:  # a full disk names the shard (a file object's write error carries no path)
+            if self.file is None:
+                self.file = open(self.path, "wb")  # noqa: SIM115
+            self.file.write(data)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
         self.hash.update(data)
         self.tokens += ids.size
 
@@ -66,12 +73,15 @@ class ShardWriter:
         """Finish the open shard (fsync + rename) and return its index entry; None when nothing was written."""
         if self.file is None:
             return None
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        tmp = Path(self.file.name)
+        tmp = self.path
         final = tmp.with_suffix("")  # drop ".tmp"
-        os.replace(tmp, final)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(tmp, final)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(tmp)) from None
         entry = {
             "file": final.name,
             "tokens": self.tokens,
@@ -83,9 +93,13 @@ class ShardWriter:
         return entry
 
     def abandon(self) -> None:
+        """Drop the open shard (after an error: its buffer may not even flush on a full disk)."""
         if self.file is not None:
-            self.file.close()
-            Path(self.file.name).unlink(missing_ok=True)
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.path.unlink(missing_ok=True)
             self.file = None
 
 
@@ -133,35 +147,30 @@ class Split:
         return sum(a.size for a in self.arrays)
 
 
+def shard_problem(root: Path, entry: dict, dtype: np.dtype, full: bool = False) -> str | None:
+    """What is wrong with one shard of an index, None when nothing: missing, another size, or (when its
+    modification time changed, or always with `full`) another sha256."""
+    path = root / entry["file"]
+    try:
+        st = path.stat()
+    except OSError:
+        return "shard missing"
+    if st.st_size != entry["tokens"] * dtype.itemsize:
+        return f"shard has {st.st_size} bytes, the index says {entry['tokens'] * dtype.itemsize}"
+    if (full or st.st_mtime_ns != entry.get("mtime_ns")) and file_sha256(path) != entry["sha256"]:
+        return "shard checksum mismatch (corrupted)"
+    return None
+
+
 def open_split(root: Path, index: dict, split: str) -> Split:
-    """Memory-map the shards of `split`. Every shard's size is checked; a shard modified since it was
-    written (another mtime) is checked against its sha256 too."""
+    """Memory-map the shards of `split`, each checked by shard_problem (the sha256 only when its mtime
+    changed); `gptoss prepare` with the same arguments redoes a shard refused here."""
     dtype = np.dtype(index["dtype"])
     arrays = []
     for entry in index[split]["shards"]:
-        path = root / entry["file"]
-        try:
-            st = path.stat()
-        except OSError:
-            raise GptossError(f"{path}: shard missing; prepare the data again") from None
-        if st.st_size != entry["tokens"] * dtype.itemsize:
-            raise GptossError(
-                f"{path}: shard has {st.st_size} bytes, the index says "
-                f"{entry['tokens'] * dtype.itemsize}; prepare the data again"
-            )
-        if st.st_mtime_ns != entry.get("mtime_ns") and file_sha256(path) != entry["sha256"]:
-            raise GptossError(f"{path}: shard checksum mismatch (corrupted); prepare the data again")
+        problem = shard_problem(root, entry, dtype)
+        if problem:
+            raise GptossError(f"{root / entry['file']}: {problem}; prepare the data again")
         if entry["tokens"]:
-            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
+            arrays.append(np.memmap(root / entry["file"], dtype=dtype, mode="r"))
     return Split(arrays)
-
-
-def verify(root: Path, index: dict) -> None:
-    """Check every shard's sha256 (slow: reads everything)."""
-    for split in SPLITS:
-        for entry in index[split]["shards"]:
-            path = root / entry["file"]
-            if not path.is_file():
-                raise GptossError(f"{path}: shard missing; prepare the data again")
-            if file_sha256(path) != entry["sha256"]:
-                raise GptossError(f"{path}: shard checksum mismatch (corrupted); prepare the data again")

@@ -1,4 +1,5 @@
-"""What `gptoss eval` shows on stderr: a progress bar per model and the results side by side (rich)."""
+"""What `gptoss eval` shows on stderr: a progress bar per model (plain lines off a terminal) and the results
+side by side: the text scores or the lm-eval task metrics (rich tables)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemaini
 from rich.table import Table
 
 from ..progress import progress
+from ..report.tasks import task_metrics
 from .evaluator import Progress as Callbacks
 
 ROWS = [  # (label, result key, format)
@@ -47,20 +49,47 @@ def results_table(results: list[dict[str, Any]]) -> Table:
     return table
 
 
-class EvalProgress:
-    """A progress bar (tokens scored) for each model in turn; plain lines when stderr is not a terminal."""
+def tasks_table(results: list[dict[str, Any]]) -> Table:
+    """lm-eval's metrics (value ± standard error), one row per task and metric, one column per run."""
+    table = Table(title="lm-evaluation-harness tasks")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("n", justify="right")
+    for r in results:
+        table.add_column(r["gptoss"]["name"], justify="right", overflow="fold")
+    rows: dict[tuple[str, str], list[str]] = {}
+    for i, r in enumerate(results):
+        for task, metric, value, stderr in task_metrics(r):
+            n = r.get("n-samples", {}).get(task, {}).get("effective")
+            cells = rows.setdefault((task, metric), ["" if n is None else f"{n:,}"] + ["—"] * len(results))
+            cells[1 + i] = _metric(value, stderr)
+    for (task, metric), cells in rows.items():
+        table.add_row(task, metric, *cells)
+    return table
 
-    def __init__(self, console: Console, disable: bool = False):
+
+def _metric(value: Any, stderr: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return str(value)
+    text = f"{value:.4f}"
+    return text + (f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else "")
+
+
+class EvalProgress:
+    """A progress bar for each model (or request type) in turn; plain lines when stderr is not a terminal.
+    `unit` is what it counts: tokens (a text) or requests (lm-eval tasks)."""
+
+    def __init__(self, console: Console, disable: bool = False, unit: str = "tokens"):
         self._bar = progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("tokens"),
+            TextColumn(unit),
             TimeRemainingColumn(),
             console=console,
             transient=True,
             disable=disable,
-            unit="tokens",
+            unit=unit,
         )
         self._task = None
         self.callbacks = Callbacks(start=self._start, advance=self._advance, done=self._done)

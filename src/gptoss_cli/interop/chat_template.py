@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from ..data.chat_format import CHAT_TEMPLATE, TemplateFormat, chat_format, save_template
 from ..errors import GptossError
 from ..output import warn
+from .source import SourceDir
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -38,14 +39,16 @@ def _token_text(value) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def read_hf_template(root: Path, tok: Tokenizer) -> dict | None:
-    """The directory's chat template with its special tokens and reply-ending tokens; None without one."""
+def read_hf_template(src: SourceDir, root: Path, tok: Tokenizer) -> dict | None:
+    """The chat template in `root` (a directory of `src`) with its special tokens and reply-ending tokens;
+    None without one."""
     config_path = root / "tokenizer_config.json"
     config = {}
-    if config_path.is_file():
+    text = src.text(config_path, "tokenizer_config.json")
+    if text is not None:
         try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
+            config = json.loads(text)
+        except ValueError as err:
             warn(f"{config_path}: not valid JSON ({err}); importing without a chat template")
             return None
     template = config.get("chat_template") if isinstance(config, dict) else None
@@ -53,18 +56,18 @@ def read_hf_template(root: Path, tok: Tokenizer) -> dict | None:
         template = next(
             (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
         )
-    jinja = root / "chat_template.jinja"
-    if jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+    jinja = src.text(root / "chat_template.jinja", "chat template")
+    if jinja is not None:
+        template = jinja
     if not isinstance(template, str) or not template.strip():
         return None
     special = {k: v for k in SPECIAL_KEYS if (v := _token_text(config.get(k))) is not None}
     stop_tokens = None
-    gen_path = root / "generation_config.json"
-    if gen_path.is_file():
+    gen = src.text(root / "generation_config.json", "generation_config.json")
+    if gen is not None:
         try:
-            eos = json.loads(gen_path.read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError, AttributeError):
+            eos = json.loads(gen).get("eos_token_id")
+        except (ValueError, AttributeError):
             eos = None
         ids = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
         stop_tokens = [t for t in map(tok.id_to_token, [i for i in ids if isinstance(i, int)]) if t] or None

@@ -15,48 +15,28 @@ leaves nothing half-written.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from ..atomic import staged_directory
 from ..config import RunConfig
-from ..data.tokenizer import EOS, PAD
+from ..data.tokenizer import EOS, PAD, bos_id
 from ..devices import param_dtypes, resolve_dtype
 from ..errors import GptossError
 from ..model import mxfp4
 from ..output import warn
-from ..run.checkpoint import packed_weights, read_adapters, read_weights, tensor_names
+from ..run.checkpoint import read_adapters
 from ..run.open import OpenRun, open_run
+from ..sizes import parse_size
 from . import lora
 from .chat_template import export_chat
-from .names import expected_shapes, expert_rules, to_hf_config, to_hf_state_dict
+from .names import expert_rules, to_hf_config, to_hf_state_dict
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
-BOS_CANDIDATES = ("<|startoftext|>", EOS)  # o200k_harmony has a start token; our BPE reuses <|endoftext|>
-UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5e9 bytes (decimal, as transformers' max_shard_size), '512MiB' -> binary, '1000' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not match or match.group(2).upper() not in UNITS or float(match.group(1)) <= 0:
-        raise GptossError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * UNITS[match.group(2).upper()])
 
 
 def shard(sizes: dict[str, int], limit: int) -> list[list[str]]:
@@ -111,6 +91,16 @@ def generation_config(cfg: RunConfig, token_ids: dict) -> dict:
     return out
 
 
+def special_tokens(tok: Tokenizer) -> dict[str, str]:
+    """{"bos", "eos", "pad"} -> token text for a run's tokenizer (bos: data/tokenizer.bos_id; pad falls back
+    to <|endoftext|>)."""
+    return {
+        "bos": tok.id_to_token(bos_id(tok)),  # o200k_harmony's start token; our BPE reuses <|endoftext|>
+        "eos": EOS,
+        "pad": PAD if tok.token_to_id(PAD) is not None else EOS,
+    }
+
+
 def convert_experts(
     cfg, weights: dict[str, torch.Tensor], packed: bool, quantize: str | None, dequantize: bool, dtype: torch.dtype
 ) -> tuple[dict[str, torch.Tensor], bool, dict[str, dict]]:
@@ -140,6 +130,33 @@ def quantization_error(dense: torch.Tensor, blocks: torch.Tensor, scales: torch.
     return {"relative_rms": (rel / norm) ** 0.5 if norm else 0.0, "max_abs": worst}
 
 
+def refuse_overlap(out: Path, opened) -> None:
+    """An export never replaces what it reads: --out may not be the run or a file of it, lie inside it, or hold
+    it (with --force the old --out is replaced once the new one is complete). `opened`: run/open.py's OpenRun."""
+    sources = [opened.run.path, opened.checkpoint, opened.weights, opened.tokenizer_path, opened.base]
+    target = out.resolve()
+    for source in filter(None, sources):
+        real = Path(source).resolve()
+        if target == real or target.is_relative_to(real) or real.is_relative_to(target):
+            raise GptossError(f"--out {out} overlaps {source}, which this export reads; write it outside the run")
+
+
+def _check_options(dtype: str, quantize: str | None, dequantize: bool) -> None:
+    if dtype not in ("bf16", "fp32"):
+        raise GptossError(f"--dtype {dtype!r}: expected one of bf16, fp32")
+    if quantize not in (None, "mxfp4"):
+        raise GptossError(f"--quantize {quantize!r}: expected mxfp4")
+    if quantize and dequantize:
+        raise GptossError("--quantize and --dequantize contradict each other: pick one")
+
+
+def _check_out(out: Path, opened, force: bool) -> None:
+    """Before reading gigabytes: refuse_overlap, and a non-empty --out needs --force."""
+    refuse_overlap(out, opened)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise GptossError(f"--out {out} is not empty (add --force to replace it)")
+
+
 def _dump(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
@@ -158,20 +175,14 @@ def export_run(
     """Write the HF directory `out`; returns a summary (files, tensors, bytes, checkpoint, experts and,
     when quantised, each expert matrix's error). A LoRA run is written merged into its base (packed
     experts packed again unless `dequantize`), or with `adapter_only` as a PEFT adapter directory."""
-    if dtype not in ("bf16", "fp32"):
-        raise GptossError(f"--dtype {dtype!r}: expected one of bf16, fp32")
-    if quantize not in (None, "mxfp4"):
-        raise GptossError(f"--quantize {quantize!r}: expected mxfp4")
-    if quantize and dequantize:
-        raise GptossError("--quantize and --dequantize contradict each other: pick one")
+    _check_options(dtype, quantize, dequantize)
     torch_dtype = resolve_dtype(dtype)
     dtype_name = HF_DTYPE_NAMES[torch_dtype]
-    limit = parse_size(max_shard_size)
+    limit = parse_size(max_shard_size, "--max-shard-size")
     opened = open_run(run, checkpoint, need_tokenizer=False)
     cfg, ckpt, tok, tok_path = opened.config, opened.checkpoint, opened.tokenizer, opened.tokenizer_path
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not force:  # fail before reading gigabytes
-        raise GptossError(f"--out {out} is not empty (add --force to replace it)")
+    _check_out(out, opened, force)
     if adapter_only:
         return export_adapter(opened, out, force)
 
@@ -180,18 +191,12 @@ def export_run(
     if tok is None:
         warn(f"{opened.run} has no tokenizer.json: exporting the weights without a tokenizer")
     else:
-        eos = EOS
-        bos = next(t for t in BOS_CANDIDATES if tok.token_to_id(t) is not None)
-        pad = PAD if tok.token_to_id(PAD) is not None else EOS
-        token_ids = {"bos": tok.token_to_id(bos), "eos": tok.token_to_id(eos), "pad": tok.token_to_id(pad)}
+        special = special_tokens(tok)
+        bos, eos, pad = special["bos"], special["eos"], special["pad"]
+        token_ids = {k: tok.token_to_id(t) for k, t in special.items()}
         chat = export_chat(tok, opened.run.chat_template)
     to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently, before reading
-    packed = bool(packed_weights(tensor_names(opened.base_weights)))
-    weights = read_weights(opened.base_weights, expected_shapes(cfg.model, packed))
-    merged = {}
-    if opened.base is not None:  # a LoRA run: its adapters merged into its base's weights
-        adapters = read_adapters(opened.checkpoint)
-        weights, merged = lora.merge(cfg.model, cfg.lora, weights, adapters, packed and not dequantize, torch_dtype)
+    weights, packed, merged = lora.run_weights(opened, not dequantize, torch_dtype)  # a LoRA run's merged
     weights, packed, errors = convert_experts(cfg.model, weights, packed, quantize, dequantize, torch_dtype)
     errors |= merged
     hf_config = to_hf_config(cfg.model, dtype_name, token_ids, mxfp4=packed)

@@ -13,12 +13,12 @@ packed, byte for byte, as `block.N.mlp.mlp1_weight.blocks` / `.scales` (model/mx
 through memory maps, tensor by tensor, so a packed import holds little more than the tensors it has to
 transform (the q/k/v concatenation); decoding holds the bf16 experts. Everything is read and checked
 before the run directory is built next to --run and renamed into place, so a bad input leaves nothing.
+Only the directory's own files are read, text files up to a bounded size (interop/source.py).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -43,6 +43,7 @@ from .names import (
     model_config_from_hf,
     model_config_from_openai,
 )
+from .source import SourceDir
 
 INDEX = "model.safetensors.index.json"
 OPENAI_KEYS = {"num_experts", "experts_per_token"}  # openai's names; HF's are num_local_experts, ...
@@ -51,21 +52,23 @@ OPENAI_KEYS = {"num_experts", "experts_per_token"}  # openai's names; HF's are n
 class TensorFiles:
     """The safetensors of one directory: index-sharded, a single model.safetensors, or every *.safetensors."""
 
-    def __init__(self, root: Path):
+    def __init__(self, src: SourceDir):
+        root = src.root
         index = root / INDEX
-        if index.is_file():
+        text = src.text(index, "safetensors index")
+        if text is not None:
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as err:
+                weight_map = json.loads(text)["weight_map"]
+                files = sorted({root / f for f in weight_map.values()})
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 raise GptossError(f"{index}: not a safetensors index ({err})") from None
-            files = sorted({root / f for f in weight_map.values()})
             for f in files:
-                if not f.is_file():
+                if src.file(f) is None:
                     raise GptossError(f"{f}: shard listed in {INDEX} is missing")
-        elif (root / "model.safetensors").is_file():
+        elif src.file(root / "model.safetensors") is not None:
             files = [root / "model.safetensors"]
         else:
-            files = sorted(root.glob("*.safetensors"))
+            files = sorted(f for f in root.glob("*.safetensors") if src.file(f) is not None)
             if not files:
                 raise GptossError(f"{root}: no model.safetensors, {INDEX} or *.safetensors file")
         self.where: dict[str, Path] = {}
@@ -111,12 +114,13 @@ class TensorFiles:
         return blocks, scales
 
 
-def read_json(path: Path) -> dict:
+def read_json(src: SourceDir, path: Path) -> dict:
+    text = src.text(path, "JSON file")
+    if text is None:
+        raise GptossError(f"{path} does not exist (is {path.parent} a Hugging Face model directory?)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GptossError(f"{path} does not exist (is {path.parent} a Hugging Face model directory?)") from None
-    except (OSError, ValueError) as err:
+        raw = json.loads(text)
+    except ValueError as err:
         raise GptossError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise GptossError(f"{path}: expected a JSON object")
@@ -208,12 +212,12 @@ def read_openai(raw: dict, files: TensorFiles, source: str, dequantize: bool = F
     return cfg, weights
 
 
-def infer_defaults(root: Path, cfg: RunConfig) -> RunConfig:
+def infer_defaults(src: SourceDir, cfg: RunConfig) -> RunConfig:
     """Sampling defaults from generation_config.json, when it has usable ones (else ours stay)."""
-    path = root / "generation_config.json"
-    if not path.is_file():
+    path = src.root / "generation_config.json"
+    if src.file(path) is None:
         return cfg
-    gen = read_json(path)
+    gen = read_json(src, path)
     infer = {"temperature": gen.get("temperature", 1.0) if gen.get("do_sample") else 0.0}
     infer |= {k: gen[k] for k in ("top_k", "top_p", "repetition_penalty", "max_new_tokens") if gen.get(k) is not None}
     try:
@@ -223,25 +227,28 @@ def infer_defaults(root: Path, cfg: RunConfig) -> RunConfig:
         return cfg
 
 
-def find_tokenizer(root: Path, layout: str, vocab_size: int) -> tuple[Path, Tokenizer] | None:
-    """The directory's tokenizer.json (for openai's original/, the parent's); None, with a warning, if unusable."""
+def find_tokenizer(src: SourceDir, layout: str, vocab_size: int) -> tuple[Path, Tokenizer, str] | None:
+    """(path, tokenizer, its JSON) of the directory's tokenizer.json (for openai's original/, the parent's);
+    None, with a warning, if unusable."""
+    root = src.root
     candidates = [root / "tokenizer.json"] + ([root.parent / "tokenizer.json"] if layout == "openai" else [])
-    path = next((p for p in candidates if p.is_file()), None)
+    path = next((p for p in candidates if src.file(p) is not None), None)
     if path is None:
         warn(
             f"{root} has no tokenizer.json: importing the weights only; `gptoss infer` needs a tokenizer.json "
             "in the run directory"
         )
         return None
+    text = src.text(path, "tokenizer.json")
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a plain Exception for bad JSON
         raise GptossError(f"{path}: not a valid tokenizer.json ({err})") from None
     if tok.token_to_id(EOS) is None:
         warn(f"{path} has no {EOS} token, which gptoss uses as end of text: not copied")
         return None
     check_vocab(tok, vocab_size, str(path))
-    return path, tok
+    return path, tok, text
 
 
 def import_dir(hf_dir: Path, run_dir: Path, dequantize: bool = False) -> dict:
@@ -251,12 +258,13 @@ def import_dir(hf_dir: Path, run_dir: Path, dequantize: bool = False) -> dict:
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise GptossError(f"--run {run_dir} already exists and is not empty; pick a new directory")
     config_path = hf_dir / "config.json"
-    raw = read_json(config_path)
+    raw = read_json(SourceDir(hf_dir), config_path)
     if "model_type" in raw or not OPENAI_KEYS <= set(raw):
         layout = "hf"  # a missing model_type (without openai keys) is refused there, naming config.json
     else:
         layout = "openai"
-    files = TensorFiles(hf_dir)
+    src = SourceDir(hf_dir, openai_layout=layout == "openai")
+    files = TensorFiles(src)
     try:
         read = read_hf if layout == "hf" else read_openai
         model_cfg, weights = read(raw, files, str(config_path), dequantize)
@@ -272,9 +280,9 @@ def import_dir(hf_dir: Path, run_dir: Path, dequantize: bool = False) -> dict:
     run_cfg = RunConfig(model=model_cfg, name=name or "imported")
     run_cfg.train.seq_len = min(run_cfg.train.seq_len, model_cfg.max_context_length)
     run_cfg = config_from_dict(run_cfg.to_dict(), str(config_path))  # the same checks as a YAML config
-    run_cfg = infer_defaults(hf_dir, run_cfg)
-    found = find_tokenizer(hf_dir, layout, model_cfg.vocab_size)
-    template = read_hf_template(found[0].parent, found[1]) if found else None
+    run_cfg = infer_defaults(src, run_cfg)
+    found = find_tokenizer(src, layout, model_cfg.vocab_size)
+    template = read_hf_template(src, found[0].parent, found[1]) if found else None
     kept = False
 
     state = CheckpointState(
@@ -289,7 +297,7 @@ def import_dir(hf_dir: Path, run_dir: Path, dequantize: bool = False) -> dict:
         staged = RunDir(tmp)
         staged.write_config(run_cfg)
         if found is not None:
-            shutil.copyfile(found[0], staged.tokenizer)
+            staged.tokenizer.write_text(found[2], encoding="utf-8")
             if template is not None:
                 kept = keep_hf_template(template, found[1], staged.chat_template, str(found[0].parent))
         ckpt = save_checkpoint(staged.checkpoints, 0, weights, {}, state, keep=1)

@@ -36,6 +36,8 @@ from ..config import LoraConfig
 from ..model import mxfp4
 from ..model.config import ModelConfig
 from ..model.lora import delta_experts, delta_linear
+from ..run.checkpoint import packed_weights, read_adapters, read_weights, tensor_names
+from .names import expected_shapes
 
 PREFIX = "base_model.model."
 EXPERT_PARAMS = {"mlp1": "gate_up_proj", "mlp2": "down_proj"}  # in the module's parameter order
@@ -102,6 +104,19 @@ def peft_config(cfg: ModelConfig, lora: LoraConfig, base: str | None = None) -> 
         "inference_mode": True,
         "modules_to_save": None,
     }
+
+
+def run_weights(opened, repack: bool, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], bool, dict[str, dict]]:
+    """A run's weights as the exporters read them (our names; packed experts as .blocks / .scales): for a LoRA
+    run (`opened`: run/open.py's OpenRun) its base's, with the adapters merged (`merge`). Returns (weights,
+    whether the base's experts are packed, {expert matrix packed again: its error})."""
+    cfg = opened.config
+    packed = bool(packed_weights(tensor_names(opened.base_weights)))
+    weights = read_weights(opened.base_weights, expected_shapes(cfg.model, packed))
+    if opened.base is None:
+        return weights, packed, {}
+    weights, errors = merge(cfg.model, cfg.lora, weights, read_adapters(opened.checkpoint), packed and repack, dtype)
+    return weights, packed, errors
 
 
 def merge(

@@ -192,6 +192,14 @@ def hf_rope_parameters(cfg: ModelConfig) -> dict:
     }
 
 
+def hf_legacy_rope(cfg: ModelConfig) -> dict:
+    """rope_theta and rope_scaling as transformers 4.x reads them: null scaling for plain RoPE, else the
+    same YaRN parameters as hf_rope_parameters."""
+    params = hf_rope_parameters(cfg)
+    scaling = None if params["rope_type"] == "default" else {k: v for k, v in params.items() if k != "rope_theta"}
+    return {"rope_theta": cfg.rope_theta, "rope_scaling": scaling}
+
+
 # The quantization_config of the released MXFP4 checkpoints: only the experts are quantised.
 HF_MXFP4_CONFIG = {
     "quant_method": "mxfp4",
@@ -228,6 +236,10 @@ def to_hf_config(cfg: ModelConfig, dtype: str, token_ids: dict[str, int | None],
         "layer_types": layer_types(cfg),
         "max_position_embeddings": cfg.max_context_length,
         "rope_parameters": hf_rope_parameters(cfg),
+        # The legacy keys too: transformers 4.x ignores rope_parameters and, without rope_scaling, builds
+        # GptOssConfig's default YaRN x32 at theta 150000, another model. 5.x reads rope_parameters, and a
+        # rope_scaling equal to it (or null) changes nothing there.
+        **hf_legacy_rope(cfg),
         "rms_norm_eps": cfg.rms_norm_eps,
         "attention_bias": cfg.attention_bias,
         "tie_word_embeddings": cfg.tie_word_embeddings,

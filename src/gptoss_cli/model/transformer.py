@@ -27,7 +27,7 @@ from .rope import RotaryEmbedding, rotary_tables
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor | None  # (B, T, V) fp32 (or (B, 1, V) with last_only); None when given targets
+    logits: torch.Tensor | None  # (B, T, V) fp32; (B, 1, V) last_only, (B, K, V) logits_at; None with targets
     aux_loss: torch.Tensor  # () load-balancing loss, mean over layers
     z_loss: torch.Tensor  # () router z-loss, mean over layers
     expert_counts: torch.Tensor  # (L, E) token-slots routed to each expert
@@ -97,6 +97,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         targets: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> ModelOutput:
         """tokens (B, T) -> ModelOutput. positions (B, T) default to 0..T-1, or what the cache says follows it.
 
@@ -106,6 +107,9 @@ class Transformer(nn.Module):
         With targets (B, T) the output holds the cross-entropy and accuracy instead of logits: the
         unembedding and the loss run fused, chunk by chunk (cross_entropy.py), and no (B, T, V) tensor
         is ever made.
+
+        logits_at (B, K) int: the logits of those K positions of each row only, (B, K, V): scoring a few
+        continuation tokens of long inputs needs K rows of V logits, not T (last_only is K = 1, the last).
         """
         b, t = tokens.shape
         if positions is None:
@@ -141,5 +145,7 @@ class Transformer(nn.Module):
             return ModelOutput(None, *stats, lm_loss=lm, accuracy=acc)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.shape[-1]))  # (B, K, H)
         logits = self.unembedding(self.norm(x))
         return ModelOutput(logits.to(torch.promote_types(logits.dtype, torch.float32)), *stats)  # fp64 stays

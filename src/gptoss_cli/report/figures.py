@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .logs import GIB, RunData, is_number
+from .table import Rows
 
 DPI = 120
 # memory.py's fields, as drawn: (record key, legend name, colour when one run and one rank are shown)
@@ -40,8 +41,12 @@ def _save(fig, path: Path) -> bool:
     return True
 
 
-def _xy(records: list[dict], key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
+def _xy(records, key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
     """(x, y) for the records where both are finite numbers: a diverged (NaN) loss is skipped, not a crash."""
+    if isinstance(records, Rows):  # by column: no row is built
+        xs, ys = records.column(x), records.column(key)
+        keep = np.isfinite(xs) & np.isfinite(ys)
+        return xs[keep], ys[keep]
     pts = np.array([(r[x], r[key]) for r in records if is_number(r.get(x)) and is_number(r.get(key))], float)
     pts = pts.reshape(-1, 2)  # (n, 2), also when n == 0
     return pts[:, 0], pts[:, 1]

@@ -15,9 +15,10 @@ Two definitions the summary and the heatmap rely on:
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 from ..errors import GptossError
 from ..run.layout import RunDir
 from .logs import (
+    DEAD_WINDOW,
     GIB,
     INFER_MEMORY,
     METRICS,
@@ -33,12 +35,14 @@ from .logs import (
     TRAIN_MEMORY,
     RunData,
     Warn,
+    expert_totals,
     first_number,
     is_number,
+    numbers,
     read_run_logs,
 )
+from .tasks import summarize_tasks, tasks_markdown
 
-DEAD_WINDOW = 3  # logged intervals; the tiny config logs every 10 steps, so its last 30 steps
 # The figures, in report order: file name, section title, what it shows (for report.md).
 FIGURES = [
     (
@@ -68,27 +72,22 @@ FIGURES = [
 ]
 
 
-def expert_load(train: list[dict]) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
-    """(shares (layers, experts) over the whole run, dead experts as (layer, expert)); (None, []) without counts."""
-    arrays = []
-    for r in train:
-        try:
-            counts = np.asarray(r.get("expert_counts"), dtype=float)
-        except (TypeError, ValueError):  # ragged or non-numeric: a line we cannot use
-            continue
-        if counts.ndim == 2 and counts.size and np.isfinite(counts).all():
-            arrays.append(counts)
-    if not arrays:
+def expert_shares(totals: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    """logs.expert_totals -> (shares (layers, experts) over the whole run, dead experts as (layer, expert));
+    (None, []) without counts."""
+    if totals is None:
         return None, []
-    # A run resumed with another model shape would mix layouts: keep the latest one.
-    arrays = [a for a in arrays if a.shape == arrays[-1].shape]
-    total = np.sum(arrays, axis=0)  # (layers, experts)
+    total, window = totals  # (layers, experts) each
     rows = total.sum(axis=1, keepdims=True)
     shares = np.divide(total, rows, out=np.full_like(total, np.nan), where=rows > 0)
-    window = np.sum(arrays[-DEAD_WINDOW:], axis=0)
     live_layers = window.sum(axis=1) > 0  # a layer that routed nothing was not logged, not dead
     dead = [(int(layer), int(e)) for layer, e in np.argwhere((window == 0) & live_layers[:, None])]
     return shares, dead
+
+
+def expert_load(train: Sequence) -> tuple[np.ndarray | None, list[tuple[int, int]]]:
+    """expert_shares of train lines (oldest first) that carry their `expert_counts`."""
+    return expert_shares(expert_totals(r.get("expert_counts") for r in reversed(train)))
 
 
 def _peak_memory(records: list[dict]) -> tuple[int | None, str | None]:
@@ -113,23 +112,24 @@ def summarize(run: RunData) -> dict[str, Any]:
     last_eval = run.evals[-1] if run.evals else {}
     loss = first_number(last.get("loss"), s.get("final_loss"))
     val_loss = first_number(last_eval.get("val_loss"), s.get("final_val_loss"))
-    vals = [e["val_loss"] for e in run.evals if is_number(e.get("val_loss"))]
-    elapsed = max([r["elapsed_s"] for r in run.train + run.evals if is_number(r.get("elapsed_s"))], default=None)
-    elapsed = first_number(s.get("elapsed_s"), elapsed)
+    vals = numbers(run.evals, "val_loss")
+    elapsed = np.concatenate([numbers(run.train, "elapsed_s"), numbers(run.evals, "elapsed_s")])
+    elapsed = first_number(s.get("elapsed_s"), float(elapsed.max()) if elapsed.size else None)
     tokens = first_number(s.get("tokens"), last.get("tokens"))
-    logged_tps = [r["tokens_per_s"] for r in run.train if is_number(r.get("tokens_per_s"))]
+    logged_tps = numbers(run.train, "tokens_per_s")
     # Overall tokens / wall time when known; the median logged rate otherwise.
     tps = first_number(
         s.get("tokens_per_s"),
         tokens / elapsed if tokens and elapsed else None,
-        float(np.median(logged_tps)) if logged_tps else None,
+        float(np.median(logged_tps)) if logged_tps.size else None,
     )
     train_peak, train_kind = _peak_memory(run.train_memory)
     if train_peak is None and is_number(s.get("peak_memory_bytes")):
         train_peak, train_kind = int(s["peak_memory_bytes"]), f"{s.get('device', '?')}, from summary.json"
     infer_peak, infer_kind = _peak_memory(run.infer_memory)
-    shares, dead = expert_load(run.train)
-    devices = sorted({r["device"] for r in run.train_memory + run.infer_memory if isinstance(r.get("device"), str)})
+    shares, dead = expert_shares(run.experts)
+    memory = itertools.chain(run.train_memory, run.infer_memory)
+    devices = sorted({r["device"] for r in memory if isinstance(r.get("device"), str)})
     train_cfg = run.config.get("train") if isinstance(run.config.get("train"), dict) else {}
 
     missing = []
@@ -166,7 +166,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "final_val_ppl": first_number(
             last_eval.get("val_ppl"), math.exp(min(val_loss, 700)) if val_loss is not None else None
         ),
-        "best_val_loss": first_number(min(vals) if vals else None, s.get("best_val_loss")),
+        "best_val_loss": first_number(float(vals.min()) if vals.size else None, s.get("best_val_loss")),
         "train_peak_memory_bytes": train_peak,
         "train_memory_measure": train_kind,
         "infer_peak_memory_bytes": infer_peak,
@@ -178,6 +178,7 @@ def summarize(run: RunData) -> dict[str, Any]:
         "dead_experts": [list(d) for d in dead],
         "dead_window_logs": DEAD_WINDOW,
         "eval_results": [{k: r.get(k) for k in EVAL_FIELDS} for r in run.eval_results],
+        "task_results": summarize_tasks(run.task_results),
         "missing": missing,
         "warnings": list(run.warnings),
     }
@@ -333,7 +334,7 @@ def write_markdown(path: Path, summaries: list[dict], figures: list[str]) -> Non
     lines.append("| | " + " | ".join(s["name"] for s in summaries) + " |")
     lines.append("|---" * (len(summaries) + 1) + "|")
     lines += [f"| {label} | " + " | ".join(c.replace("|", "/") for c in cells) + " |" for label, cells in rows]
-    lines += eval_markdown(summaries)
+    lines += eval_markdown(summaries) + tasks_markdown(summaries)
     for file, title, caption in FIGURES:
         if file in figures:
             lines += ["", f"## {title}", "", caption, "", f"![{title}]({file})"]
@@ -376,7 +377,7 @@ def make_report(runs: list[Path], out: Path | None = None, warn: Warn = lambda m
     out_dir.mkdir(parents=True, exist_ok=True)
 
     summaries = [summarize(run) for run in loaded]
-    loads = [(run.name, *expert_load(run.train)) for run in loaded]
+    loads = [(run.name, *expert_shares(run.experts)) for run in loaded]
     draw = {
         "loss.png": lambda p: plots.plot_loss(loaded, p),
         "throughput.png": lambda p: plots.plot_throughput(loaded, p),

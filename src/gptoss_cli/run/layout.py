@@ -11,6 +11,8 @@
     RUN/train.lock              held (flock) by the one trainer of this run (run/lock.py)
     RUN/report/                 gptoss report's PNGs and report.md
     RUN/eval/*.json             one result of `gptoss eval` per checkpoint and text (evaluate/evaluator.py)
+    RUN/eval/tasks/C-D/         `gptoss eval --tasks`: lm-eval's results.json (+ samples_<task>.jsonl) per
+                                checkpoint C and evaluation D (evaluate/harness.py)
     RUN/tensorboard/            TensorBoard event files; RUN/csv/{train,eval}.csv; RUN/wandb/ (train/loggers.py)
 
 Every stage reads and writes a run through RunDir, so a file name is spelled once. This module imports
@@ -33,6 +35,7 @@ LOCK = "train.lock"
 MODEL, TRAINER, STATE = "model.safetensors", "trainer.safetensors", "state.json"  # in each step-N/
 CHAT_TEMPLATE = "chat_template.json"  # an imported run's own chat template and its special tokens
 EVAL_DIR, TENSORBOARD, CSV_DIR, WANDB_DIR = "eval", "tensorboard", "csv", "wandb"
+EVAL_TASKS, TASK_RESULTS = "tasks", "results.json"  # RUN/eval/tasks/<checkpoint>-<digest>/results.json
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class RunDir:
     @property
     def eval(self) -> Path:
         return self.path / EVAL_DIR
+
+    @property
+    def eval_tasks(self) -> Path:
+        return self.path / EVAL_DIR / EVAL_TASKS
 
     @property
     def tensorboard(self) -> Path:

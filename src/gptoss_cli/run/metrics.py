@@ -15,17 +15,21 @@ from ..atomic import write_atomic
 
 
 def drop_lines_after(path: Path, step: int) -> None:
-    """Keep the lines of steps <= `step` (and drop unparsable ones), replacing the file atomically."""
+    """Keep the lines of steps <= `step` (and drop unparsable ones), replacing the file atomically; the file
+    is streamed, never held whole (a long run's metrics.jsonl has millions of lines)."""
     if not path.is_file():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except (ValueError, AttributeError):
-            continue
-    write_atomic(path, "".join(f"{line}\n" for line in kept))
+
+    def kept():
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        yield line.rstrip("\n") + "\n"
+                except (ValueError, AttributeError):
+                    continue
+
+    write_atomic(path, kept())
 
 
 class MetricsFile:

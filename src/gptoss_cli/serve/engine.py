@@ -12,13 +12,22 @@ DecodeState of infer/decode.py, the decode core infer and chat use too: the same
 logits, its own generator seeded from its seed, so its tokens are those `gptoss infer` gives alone.
 
 Events go back through each request's `emit` callback (called on this thread; the HTTP side hands them
-to its event loop). A failing request is answered with an error and dropped; the loop carries on.
+to its event loop). A failing request is answered with an error and dropped; the loop carries on. What can
+fail for one request (its generator and seed, its sampling, its text, its callback) is done per request, and
+when the batched forward itself fails, every row is run again alone: only the rows that still fail are
+failed, so one request cannot end the others' generations.
+
+Log-probabilities (serve/logprobs.py) cost nothing unless a request asks: a request with `logprobs` gets
+one for each sampled token (an end-of-text or stop id included) with its Token event; one with `echo`
+is prefilled with every position's logits, not only the last, and gets its prompt tokens' in a Prompt
+event; one with `generate` off is only prefilled (scored) and is done without sampling.
 """
 
 from __future__ import annotations
 
 import collections
 import itertools
+import math
 import sys
 import threading
 from collections.abc import Callable
@@ -30,7 +39,10 @@ from tokenizers import Tokenizer
 from ..config import InferConfig
 from ..errors import GptossError
 from ..infer.decode import DecodeState, failure, next_tokens
+from ..infer.logprobs import TokenLogprob
+from ..infer.sampling import NON_FINITE
 from ..model import Transformer
+from .logprobs import prompt_logprobs, sampled
 from .slots import SlotKVCache
 
 
@@ -46,6 +58,12 @@ class EngineClosed(GptossError):
 class Token:
     text: str  # newly releasable text (may be empty: an unfinished character or a held-back stop prefix)
     token_id: int
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
+
+
+@dataclass
+class Prompt:
+    logprobs: list[TokenLogprob]  # of prompt tokens 1.. (the first has none): sent once it is prefilled (echo)
 
 
 @dataclass
@@ -63,7 +81,7 @@ class Failed:
     shutdown: bool = False  # the server stopped before the request finished (not the request's fault)
 
 
-Event = Token | Done | Failed
+Event = Token | Prompt | Done | Failed
 
 
 @dataclass(eq=False)
@@ -72,6 +90,9 @@ class Request:
     params: InferConfig  # this request's settings: the run's infer defaults with the request's fields
     emit: Callable[[Event], None]
     stop_ids: frozenset[int] = frozenset()  # besides EOS: e.g. the chat format's end-of-turn ids
+    logprobs: int | None = None  # a log-probability per sampled token with this many alternatives (None: off)
+    echo: bool = False  # the prompt tokens' log-probabilities too (with `logprobs` alternatives each)
+    generate: bool = True  # False: only score the prompt (echo with max_tokens 0)
     cancelled: bool = False  # set from the HTTP side when the client disconnects
     id: int = field(default_factory=itertools.count().__next__)
 
@@ -87,6 +108,7 @@ class _Running:
         self.prefilled = 0  # prompt tokens already in the cache
         self.last = 0  # the token the next decode step feeds, at position `pos`
         self.pos = len(request.prompt)
+        self.prompt_logprobs: list[TokenLogprob] = []  # echo: prompt tokens 1.. scored so far
 
 
 class Engine:
@@ -181,7 +203,12 @@ class Engine:
                 with self._wake:
                     request = self._waiting.popleft() if self._waiting else None
                 if request is not None:
-                    self._joining = self._start(request)
+                    try:  # its generator, penalty mask, text stream: what fails here is this request's alone
+                        joining = self._start(request)
+                    except Exception as err:
+                        self._fail(request, failure(err))
+                        continue
+                    self._joining = joining
                     self.cache.reset(len(self._decoding))
             if self._joining is None:
                 break
@@ -235,57 +262,113 @@ class Engine:
             tokens = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)  # (1, C)
             positions = torch.arange(start, end, device=self.device)[None]  # (1, C)
             self.cache.select(slot, slot + 1, end)
-            logits = self.model(tokens, positions, self.cache, last_only=True).logits[:, -1]  # (1, V)
+            logits = self._prefill_logits(run, tokens, positions, start)  # (1, V)
             run.prefilled = end
             if end < len(prompt):
+                return end - start
+            if run.request.echo:
+                run.request.emit(Prompt(run.prompt_logprobs))
+            if not run.request.generate:
+                self._joining = None
+                self._scored(run)
                 return end - start
             (token,), failed = next_tokens(logits, [run.state])
             if failed:
                 raise GptossError(failed[0])
+            entry = sampled(logits, [run.request.logprobs], [token]).get(0)
         except Exception as err:
             self._joining = None
             self._fail(run.request, failure(err))
             return end - start
         self._joining = None
         self._decoding.append(run)  # slot D becomes decoding row D
-        if self._accept_or_fail(run, token):
+        if self._accept_or_fail(run, token, entry):
             self._leave(len(self._decoding) - 1)
         return end - start
+
+    def _prefill_logits(self, run: _Running, tokens: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
+        """One prefill chunk's forward -> its last position's logits (1, V). With echo every position's
+        logits (C, V) are computed, and the prompt tokens they predict are scored."""
+        if not run.request.echo:
+            return self.model(tokens, positions, self.cache, last_only=True).logits[:, -1]
+        logits = self.model(tokens, positions, self.cache).logits[0]  # (C, V) fp32
+        scored = prompt_logprobs(logits, run.request.prompt, start, run.request.logprobs or 0)
+        if not all(math.isfinite(e.logprob) for e in scored):  # a scored prompt is answered without sampling
+            raise GptossError(NON_FINITE)
+        run.prompt_logprobs += scored
+        return logits[-1:]
+
+    def _scored(self, run: _Running) -> None:
+        """A request that only scores its prompt (max_tokens 0) is done once it is prefilled."""
+        run.request.emit(Done("length", len(run.request.prompt), 0, [], ""))
+        self.counts["finished"] += 1
+
+    def _forward(self, start: int, stop: int) -> torch.Tensor:
+        """One decode forward over decoding rows start..stop-1 -> their logits (stop - start, V) fp32."""
+        rows = self._decoding[start:stop]
+        tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
+        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
+        self.cache.select(start, stop, max(r.pos for r in rows) + 1)
+        return self.model(tokens, positions, self.cache).logits[:, -1]
+
+    def _forward_one_by_one(self, err: Exception) -> tuple[torch.Tensor, dict[int, str]]:
+        """After the batched forward failed: each row alone, so a failure that belongs to one request (or that
+        a smaller batch avoids, like running out of memory) fails only the rows that still fail on their own.
+        Rewriting a row's keys at the same positions is idempotent, so what the failed step wrote is harmless.
+        Returns the logits (R, V) (zeros for failed rows) and {row: message} for the failed ones."""
+        rows = self._decoding
+        print(
+            f"serve: a decode step of {len(rows)} requests failed ({type(err).__name__}: {err}); "
+            "running them one by one",
+            file=sys.stderr,
+            flush=True,
+        )
+        logits = torch.zeros(len(rows), self.model.config.vocab_size, device=self.device)
+        failed: dict[int, str] = {}
+        for i in range(len(rows)):
+            try:
+                logits[i] = self._forward(i, i + 1)[0]
+            except Exception as row_err:
+                failed[i] = failure(row_err)
+        return logits, failed
 
     def _decode(self) -> None:
         rows = self._decoding
         self.counts["peak_batch"] = max(self.counts["peak_batch"], len(rows))
-        tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
-        positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
-        self.cache.select(0, len(rows), max(r.pos for r in rows) + 1)
-        logits = self.model(tokens, positions, self.cache).logits[:, -1]  # (R, V) fp32
+        try:
+            logits, lost = self._forward(0, len(rows)), {}  # (R, V) fp32
+        except Exception as err:
+            logits, lost = self._forward_one_by_one(err)
         for r in rows:
             r.pos += 1
         picked, failed = next_tokens(logits, [r.state for r in rows])  # a failing row fails alone
+        failed |= lost  # rows whose forward failed on their own
+        entries = sampled(logits, [None if i in failed else r.request.logprobs for i, r in enumerate(rows)], picked)
         finished = []
         for i, r in enumerate(rows):
             if i in failed:
                 self._fail(r.request, failed[i])
                 finished.append(i)
-            elif self._accept_or_fail(r, picked[i]):
+            elif self._accept_or_fail(r, picked[i], entries.get(i)):
                 finished.append(i)
         for i in reversed(finished):
             self._leave(i)
 
-    def _accept_or_fail(self, run: _Running, token: int) -> bool:
+    def _accept_or_fail(self, run: _Running, token: int, logprob: TokenLogprob | None = None) -> bool:
         """_accept, with a failure (in detokenising, in the request's own callback) failing only this request."""
         try:
-            return self._accept(run, token)
+            return self._accept(run, token, logprob)
         except Exception as err:
             self._fail(run.request, failure(err))
             return True
 
-    def _accept(self, run: _Running, token: int) -> bool:
-        """Hand one sampled token to its request; True when the request is done."""
+    def _accept(self, run: _Running, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Hand one sampled token (and its log-probability, when asked for) to its request; True when the
+        request is done."""
         state, request = run.state, run.request
         text = state.accept(token)
-        if text:
-            request.emit(Token(text, token))
+        if text or logprob is not None:
+            request.emit(Token(text, token, logprob))
         if not state.done:
             run.last = token
             return False

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GptossError
+from .limits import DEFAULT_MAX_BODY
 
 FINAL_WRITES_S = 3.0  # after the drain, time for the answers of stopped requests to go out
 
@@ -29,8 +30,10 @@ class ServeOptions:
     max_length: int | None = None  # per-request context (prompt + completion); default the model's
     prefill_chunk: int = 256
     api_key: str | None = None
+    health_needs_key: bool = False  # /health is open by default: load balancers' checks carry no key
     model_name: str | None = None
     drain_s: float = 30.0
+    max_body: int = DEFAULT_MAX_BODY  # bytes of one request body
 
     def validate(self) -> None:
         checks = [
@@ -41,6 +44,7 @@ class ServeOptions:
             (0 <= self.port < 65536, f"--port must be in 0..65535, got {self.port}"),
             (self.drain_s >= 0, f"--drain-timeout must be >= 0, got {self.drain_s}"),
             (self.api_key is None or self.api_key.strip() != "", "--api-key must not be empty"),
+            (self.max_body >= 1024, f"--max-body must be at least 1024 bytes, got {self.max_body}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -53,14 +57,20 @@ def serve(
     import uvicorn
 
     from ..data.chat_format import chat_format
+    from ..data.conversations import chat_status
     from ..data.tokenizer import EOS
-    from ..output import console
+    from ..output import console, warn
     from ..run.open import load_run
     from ..threads import describe
     from .app import Served, create_app
     from .engine import Engine
 
     options.validate()
+    if options.api_key is None and not _is_loopback(options.host):
+        warn(
+            f"--host {options.host} without an API key: anyone who can reach this port can use the model; "
+            "set --api-key (or GPTOSS_API_KEY), or keep the default 127.0.0.1 behind a reverse proxy"
+        )
     listener = _listen(options.host, options.port)  # before loading: a busy port fails fast
     loaded = load_run(run, checkpoint, device, dtype)  # the one place the server opens a run
     ctx = loaded.config.model.max_context_length
@@ -81,7 +91,7 @@ def serve(
     defaults = dataclasses.replace(loaded.config.infer, seed=None, stop=[])
     name = options.model_name or loaded.run.path.resolve().name
     served = Served(engine, loaded.tokenizer, model_name=name, defaults=defaults, chat_format=fmt)
-    app = create_app(served, options.api_key)
+    app = create_app(served, options.api_key, options.max_body, options.health_needs_key)
     config = uvicorn.Config(
         app,
         log_level="warning",
@@ -92,8 +102,8 @@ def serve(
     host, port = listener.getsockname()[:2]
     console.print(
         f"serving {name} ({loaded.checkpoint.name} on {loaded.device.type}) at http://{host}:{port}/v1 | "
-        f"max batch {options.max_batch} | context {engine.max_length} | chat "
-        f"{'yes' if fmt is not None else 'no'}{' | API key required' if options.api_key else ''} | {describe()}",
+        f"max batch {options.max_batch} | context {engine.max_length} | chat {chat_status(fmt, loaded)}"
+        f"{' | API key required' if options.api_key else ''} | {describe()}",
         markup=False,
         highlight=False,
         soft_wrap=True,
@@ -104,6 +114,15 @@ def serve(
         raise GptossError("the server did not start (see the message above)")
     console.print("serve: stopped", markup=False, highlight=False)
     sys.stderr.flush()
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: only "localhost" is known to stay on this machine
+        return host == "localhost"
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -28,7 +28,7 @@ from ..threads import describe
 from ..transforms import trainable
 from . import distributed
 from .loggers import Loggers
-from .lora import lora_weights, start_line
+from .lora import checkpoint_weights, start_line
 from .loss import objective
 from .optim import lr_at, schedule_warnings
 from .setup import TrainingSetup, setup_training, total_steps, training_autocast
@@ -144,10 +144,7 @@ class Trainer:
                 f"{ckpt.newest_finite_text(self.files.checkpoints)}"
             )
         # Both gathers are collectives under FSDP; with cpu_offload only rank 0 receives the tensors.
-        if self.cfg.lora.enabled:  # the adapters alone: the base stays where state.json's `base` says
-            weights = lora_weights(self.model)
-        else:
-            weights = distributed.full_weights(self.model, self.cfg.model.tie_word_embeddings)
+        weights = checkpoint_weights(self.model, self.cfg)  # a LoRA run's: its adapters alone
         osd = distributed.full_optimizer_state(self.model, self.p.optimizer)
         if self.dist.main:
             self.p.commit_files()  # a resume's deferred config.yaml / tokenizer.json, before its first checkpoint

@@ -5,7 +5,7 @@
     build_lora_model   the base built on the meta device, its packed MXFP4 experts kept packed, every tensor
                        allocated once on the device in the training dtype, the base weights loaded; and the
                        adapters' transform, which joins the end of the training list (transforms.py)
-    lora_weights       what a LoRA checkpoint's model.safetensors holds: the adapters alone
+    checkpoint_weights what a LoRA checkpoint's model.safetensors holds: the adapters alone
     start_line         the start-up line: what trains, how many parameters, the estimated peak memory
 
 The base is never copied: a new run records where it is and the sha256 of its weights (run/base.py), every
@@ -29,13 +29,20 @@ from ..run import checkpoint as ckpt
 from ..run.base import find_base, record_base
 from ..run.layout import RunDir
 from ..transforms import ModelTransform, apply_transforms, build_model, checkpoint_transforms, lora_adapters
+from . import distributed
 
 # Keys of the lora section that change the function the adapters compute: a resume must keep them.
 SHAPING = ("rank", "alpha", "targets", "layers")
 
 
-def check_start(cfg: RunConfig, resume_ckpt: Path | None, init_ckpt: Path | None, state) -> None:
-    """Refuse, before any data or weights are read, a LoRA run that cannot start or continue as configured."""
+def check_start(cfg: RunConfig, resume_ckpt: Path | None, init_ckpt: Path | None, state, init_state=None) -> None:
+    """Refuse, before any data or weights are read, a LoRA run that cannot start or continue as configured,
+    and any run started from a LoRA run's adapters (they are not a whole model)."""
+    if init_state is not None and init_state.base is not None:
+        raise GptossError(
+            f"--init-from: {init_ckpt} holds LoRA adapters, not a whole model; merge them first "
+            "(gptoss export --run RUN --out DIR, then gptoss import DIR --run NEW) and start from NEW"
+        )
     enabled = cfg.lora.enabled
     if resume_ckpt is not None:
         lora_run = state.base is not None
@@ -104,8 +111,11 @@ def build_lora_model(
     return model, record, transform, base
 
 
-def lora_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters, detached, contiguous, on the CPU: a LoRA checkpoint's model.safetensors."""
+def checkpoint_weights(model: torch.nn.Module, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """What a checkpoint's model.safetensors holds: a LoRA run's adapters alone (detached, on the CPU; the base
+    stays where state.json's `base` says), else every weight gathered (a collective under FSDP)."""
+    if not cfg.lora.enabled:
+        return distributed.full_weights(model, cfg.model.tie_word_embeddings)
     return {name: t.detach().contiguous().cpu() for name, t in adapter_tensors(model).items()}
 
 

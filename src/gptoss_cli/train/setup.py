@@ -227,15 +227,10 @@ def resolve_run(cfg, run_dir, resume, resume_from, init_from, info, held) -> Run
         if state.optimizer is None:
             raise GptossError(f"{flag}: {resume_ckpt} holds weights only (imported?); use --init-from to train from it")
     init_ckpt = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
+    init_state = ckpt.read_state(init_ckpt) if init_ckpt else None
+    lora.check_start(cfg, resume_ckpt, init_ckpt, state, init_state)  # before the model check: names a LoRA run
     if init_ckpt:
-        init_state = ckpt.read_state(init_ckpt)
-        if init_state.base is not None:
-            raise GptossError(
-                f"--init-from: {init_ckpt} holds LoRA adapters, not a whole model; merge them first "
-                "(gptoss export --run RUN --out DIR, then gptoss import DIR --run NEW) and start from NEW"
-            )
         _check_same_model(cfg, init_state, init_ckpt, "--init-from")
-    lora.check_start(cfg, resume_ckpt, init_ckpt, state)
     return RunStart(run, resume_ckpt, init_ckpt, state, flag)
 
 

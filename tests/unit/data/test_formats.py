@@ -89,6 +89,50 @@ def test_streamed_paragraphs_equal_one_split_of_the_whole_file(tmp_path, monkeyp
             assert list(iter_documents(find_sources([str(path)]))) == whole, (text, size)
 
 
+def test_long_documents_come_in_bounded_pieces_that_join_to_them(tmp_path, monkeypatch):
+    """With pieces of at most 12 characters and blocks of 1 to 64 bytes, random texts (long runs of words,
+    spaces and separator-like characters) give pieces that join to exactly the documents of one split of the
+    whole text, each at most a piece plus a block long, the last of each document marked."""
+    rng = random.Random(1)
+    alphabet = ["ab", "cde", " ", "  ", "\t", "\n", "\r\n", "\x0c", "\u00e9", "\U0001f600", "word word word"]
+    path = tmp_path / "a.txt"
+    monkeypatch.setattr(corpus, "PIECE_CHARS", 12)
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 80)))
+        path.write_bytes(text.encode("utf-8"))
+        whole = [doc for piece in re.split(r"\r?\n(?:[ \t]*\r?\n)+", text) if (doc := trimmed(piece))]
+        for size in (1, 5, 64):
+            monkeypatch.setattr(corpus, "BLOCK", size)
+            pieces = list(corpus.iter_pieces(find_sources([str(path)])))
+            assert all(len(p) <= 12 + size for p, _ in pieces), (text, size)
+            docs, parts = [], []
+            for piece, last in pieces:
+                parts.append(piece)
+                if last:
+                    docs.append("".join(parts))
+                    parts = []
+            assert docs == whole and not parts, (text, size)
+
+
+def test_pieces_tokenize_as_the_whole_document():
+    """A long document is cut before a space that follows a non-space character, where the byte-level
+    pre-tokenizer splits anyway: its pieces' tokens are the whole document's."""
+    from gptoss_cli.data.tokenizer import train_tokenizer
+
+    rng = random.Random(2)
+    words = ["the", "expert's", "route", "1234", "!!", "café", "\U0001f600", "a.b", "  ", "\n", "x,y"]
+    texts = [" ".join(rng.choice(words) for _ in range(400)) for _ in range(20)]
+    tok = train_tokenizer(texts, 400)
+    for text in texts:
+        ids, start = [], 0
+        while len(text) - start > 50:
+            cut = corpus.cut_point(text, start, 50)
+            assert start < cut <= start + 50
+            ids += tok.encode(text[start:cut]).ids
+            start = cut
+        assert ids + tok.encode(text[start:]).ids == tok.encode(text).ids
+
+
 @pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst"])
 def test_jsonl(tmp_path, block, name):
     lines = [json.dumps({"body": d, "n": i}, ensure_ascii=i % 2 == 0) for i, d in enumerate(DOCS)]
@@ -169,6 +213,12 @@ def test_parquet_without_a_string_column(tmp_path):
 def test_damaged_files(tmp_path):
     good = gzip.compress(b"some text\n\nmore text\n" * 100)
     assert "cannot read" in error_of(write_bytes(tmp_path / "cut.txt.gz", good[: len(good) // 2]))
+    good = zstandard.ZstdCompressor().compress(b"some text\n\nmore text\n" * 100)
+    assert "cut short" in error_of(write_bytes(tmp_path / "cut.txt.zst", good[: len(good) // 2]))
+    assert "cut short" in error_of(write_bytes(tmp_path / "cut.jsonl.zst", good[:-1]))
+    table = tmp_path / "cut.parquet"
+    pq.write_table(pa.table({"text": ["x" * 100] * 50}), table)
+    assert "not a readable parquet file" in error_of(write_bytes(table, table.read_bytes()[:-10]))
     assert "cannot read" in error_of(write_bytes(tmp_path / "bad.txt.gz", b"not gzip data"))
     assert "cannot decompress" in error_of(write_bytes(tmp_path / "bad.txt.zst", b"not zstd data"))
     assert "not UTF-8 text" in error_of(write_bytes(tmp_path / "latin.md", "caf\u00e9".encode("latin-1")))
@@ -176,3 +226,47 @@ def test_damaged_files(tmp_path):
     assert "not closed" in error_of(write_bytes(tmp_path / "open.json", b'[{"text": "x"}, '))
     assert "invalid JSON in item 2" in error_of(write_bytes(tmp_path / "junk.json", b'[{"text": "x"}, {oops}]'))
     assert ":2: invalid JSON" in error_of(write_bytes(tmp_path / "junk.jsonl", b'{"text": "x"}\n{oops\n'))
+
+
+# ---- bytes that are not UTF-8 ---------------------------------------------------------------------
+
+BAD = "first paragraph\n\nsecond \u00e9 line\nthird".encode()
+# Two invalid sequences: a lone continuation byte and a truncated 3-byte lead before ASCII.
+BROKEN = BAD[:30] + b"\x80" + BAD[30:40] + b"\xe2\x82" + BAD[40:]
+
+
+def documents_of(path: Path, policy: str) -> tuple[list[str], int]:
+    meter = corpus.Meter()
+    docs = list(iter_documents(find_sources([str(path)]), meter=meter, invalid_utf8=policy))
+    return docs, meter.invalid_bytes
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.txt.gz", "a.md.zst"])
+def test_an_invalid_byte_is_named_by_offset_and_line(tmp_path, block, name):
+    path = write_bytes(tmp_path / name, compress(BROKEN, Path(name).suffix))
+    message = error_of(path)
+    line = BROKEN[:30].count(b"\n") + 1
+    assert message.endswith(
+        f"not UTF-8 text: an invalid byte at offset 30 (line {line}); set data.invalid_utf8=replace or skip to read "
+        "past it"
+    )
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.md.zst"])
+def test_invalid_bytes_are_replaced_or_skipped_and_counted(tmp_path, block, name):
+    path = write_bytes(tmp_path / name, compress(BROKEN, Path(name).suffix))
+    replaced, count = documents_of(path, "replace")
+    assert count == 3  # 1 + the 2 bytes of the cut sequence
+    assert replaced == BROKEN.decode("utf-8", errors="replace").split("\n\n")  # Python's own rule, as reference
+    skipped, count = documents_of(path, "skip")
+    assert count == 3 and skipped == BROKEN.decode("utf-8", errors="ignore").split("\n\n")
+
+
+def test_jsonl_lines_name_their_line_and_can_be_replaced(tmp_path):
+    path = write_bytes(tmp_path / "a.jsonl", b'{"text": "ok"}\n{"text": "bad \xff here"}\n')
+    assert error_of(path).endswith(
+        "a.jsonl:2: not UTF-8 text: an invalid byte at column 14 of the line; set data.invalid_utf8=replace or "
+        "skip to read past it"
+    )
+    docs, count = documents_of(path, "replace")
+    assert docs == ["ok", "bad \ufffd here"] and count == 1

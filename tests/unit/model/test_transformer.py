@@ -210,3 +210,19 @@ def test_config_accepts_valid_edge_cases():
     assert not any(cfg.is_sliding(i) for i in range(6))
     assert [small_config(num_hidden_layers=4).is_sliding(i) for i in range(4)] == [True, False, True, False]
     assert dataclasses.replace(small_config(), sliding_window=9).sliding_window == 9
+
+
+def test_logits_at_are_the_full_logits_at_those_positions():
+    """logits_at (B, K) gives exactly the rows of the full (B, T, V) logits it names (the unembedding is
+    per position), repeated positions included; last_only is the last one."""
+    model = Transformer(small_config())
+    randomise(model, **SCALES)
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(2))
+    at = torch.tensor([[3, 10, 10], [0, 5, 7]])
+    with torch.no_grad():
+        full = model(ids).logits  # (2, 11, V)
+        picked = model(ids, logits_at=at).logits  # (2, 3, V)
+        last = model(ids, last_only=True).logits
+    assert picked.shape == (2, 3, full.shape[-1])
+    assert torch.equal(picked, torch.stack([full[b, at[b]] for b in range(2)]))
+    assert torch.equal(last, full[:, -1:])
