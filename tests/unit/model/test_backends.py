@@ -6,24 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptoss_cli.model import KVCache, KVCacheProtocol, ModelConfig, ModelConfigError, StaticKVCache, backends
+from gptoss_cli.model import KVCache, KVCacheProtocol, ModelConfigError, StaticKVCache, backends
 from gptoss_cli.model.attention import AttentionBlock
 from gptoss_cli.serve.slots import SlotKVCache
-
-SMALL = dict(
-    num_hidden_layers=2,
-    num_experts=4,
-    experts_per_token=2,
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=16,
-    head_dim=8,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    sliding_window=4,
-    initial_context_length=32,
-    max_context_length=32,
-)
+from tests.unit.model.references import small_config
 
 
 def test_every_registered_kernel_resolves_to_a_callable():
@@ -36,11 +22,11 @@ def test_every_registered_kernel_resolves_to_a_callable():
 @pytest.mark.parametrize("key,table", [("attention_backend", backends.ATTENTION), ("moe_backend", backends.MOE)])
 def test_config_validation_reads_the_registry(key, table, monkeypatch):
     for name in table:
-        ModelConfig(**SMALL, **{key: name})
+        small_config(**{key: name})
     with pytest.raises(ModelConfigError, match=f"must be one of {', '.join(table)}"):
-        ModelConfig(**SMALL, **{key: "flash9"})
+        small_config(**{key: "flash9"})
     monkeypatch.setitem(table, "flash9", backends.Backend("flash9", "a new one", "attention:eager_attention"))
-    assert getattr(ModelConfig(**SMALL, **{key: "flash9"}), key) == "flash9"  # one entry is all it takes
+    assert getattr(small_config(**{key: "flash9"}), key) == "flash9"  # one entry is all it takes
 
 
 def test_the_model_takes_its_attention_kernel_from_the_registry(monkeypatch):
@@ -54,7 +40,7 @@ def test_the_model_takes_its_attention_kernel_from_the_registry(monkeypatch):
     monkeypatch.setitem(
         backends.ATTENTION, "counting", backends.Backend("counting", "test", "attention:counting_attention")
     )
-    block = AttentionBlock(ModelConfig(**SMALL, attention_backend="counting"), layer_idx=1)
+    block = AttentionBlock(small_config(attention_backend="counting"), layer_idx=1)
     assert block.kernel is counting
 
 
@@ -68,7 +54,7 @@ def test_env_lists_every_attention_and_moe_backend():
 
 
 def test_every_cache_implements_the_protocol_and_the_slot_cache_wants_positions():
-    cfg = ModelConfig(**SMALL)
+    cfg = small_config()
     caches = [
         KVCache(cfg, 2, 16, torch.float32, "cpu"),
         StaticKVCache(cfg, 2, 16, torch.float32, "cpu"),
