@@ -1,4 +1,4 @@
-"""The run config: YAML -> typed dataclasses (model, data, train, infer), strict and checked before work.
+"""The run config: YAML -> typed dataclasses (model, data, train, infer, lora), strict and checked before work.
 
 Every key is checked against the dataclass fields and their type hints: an unknown key, a wrong type
 or an inconsistent value raises `ConfigError` with one line naming the file, the dotted key and what
@@ -201,12 +201,53 @@ class InferConfig:
         return out
 
 
+LoraTarget = Literal["attention", "qkv", "out", "router", "experts", "mlp1", "mlp2"]
+# The group names a target list may use, and the projections each stands for.
+LORA_GROUPS = {"attention": ("qkv", "out"), "experts": ("mlp1", "mlp2")}
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters trained on a frozen model (model/lora.py): rank 0 trains every weight instead."""
+
+    rank: int = 0  # r of every adapter; 0 = no adapters (full training)
+    alpha: float = 16.0  # the update is (alpha / rank) B A
+    dropout: float = 0.0  # dropout on an adapter's input (training only)
+    targets: list[LoraTarget] = field(default_factory=lambda: ["attention", "experts"])
+    layers: list[int] | None = None  # the blocks adapted; null = all
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def projections(self) -> tuple[str, ...]:
+        """The targets with the groups spelled out, in model order: qkv, out, router, mlp1, mlp2."""
+        named = {p for t in self.targets for p in LORA_GROUPS.get(t, (t,))}
+        return tuple(p for p in ("qkv", "out", "router", "mlp1", "mlp2") if p in named)
+
+    def validate(self) -> None:
+        _require(self.rank >= 0, "lora.rank", f"must be >= 0 (0 = no adapters), got {self.rank}")
+        _require(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _require(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _require(
+            bool(self.targets),
+            "lora.targets",
+            "must name at least one of attention, qkv, out, router, experts, mlp1, mlp2",
+        )
+        _require(
+            self.layers is None or len(set(self.layers)) == len(self.layers),
+            "lora.layers",
+            f"lists a layer twice: {self.layers}",
+        )
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     name: str = "run"  # used for the default run directory name
 
     def to_dict(self) -> dict[str, Any]:
@@ -217,6 +258,14 @@ class RunConfig:
         self.data.validate()
         self.train.validate()
         self.infer.validate()
+        self.lora.validate()
+        layers = self.model.num_hidden_layers
+        bad = [i for i in self.lora.layers or () if not 0 <= i < layers]
+        _require(
+            not bad,
+            "lora.layers",
+            f"layer {bad[0] if bad else 0} does not exist (the model has {layers}: 0..{layers - 1})",
+        )
         _require(
             self.train.seq_len <= self.model.max_context_length,
             "train.seq_len",
@@ -267,7 +316,13 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"config not found: {name} (not a file, and not a shipped config: {known})")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "infer": InferConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "infer": InferConfig,
+    "lora": LoraConfig,
+}
 
 
 def config_from_dict(raw: Any, source: str = "config") -> RunConfig:

@@ -5,27 +5,30 @@ adapters or quantized storage. Those are applied to a built model from outside, 
 order (torchtitan's habit), by the two places that build models for use:
 
     train/setup.py   build -> [before weights] -> load weights -> [after weights] -> wrap -> optimizer
-    run/load.py      build -> [before weights] -> load weights -> [after weights] -> use
+    run/open.py      build -> [before weights] -> load weights -> [after weights] -> use
 
-A transform marked `before_weights` changes which tensors the model holds (packed MXFP4 experts, LoRA
-adapters: the checkpoint then fills the new tensors; `checkpoint_transforms` picks those a checkpoint's
-tensor names call for); the others change how existing ones are stored or
-computed (precision, device, activation checkpointing, compile, freezing). The training list is
-    precision -> device -> activation checkpointing -> compile
+A transform marked `before_weights` changes which tensors the model holds before a checkpoint fills them
+(packed MXFP4 experts: `checkpoint_transforms` picks those a checkpoint's tensor names call for); the others
+change how the loaded tensors are stored or computed (precision, device, activation checkpointing, compile,
+freezing) or add tensors that bring their own values: LoRA adapters (`lora_adapters`), drawn from a seed or
+copied from a LoRA checkpoint, on a base whose weights are then frozen. The training list is
+    precision -> device -> activation checkpointing -> compile [-> LoRA adapters, kept fp32]
 and the inference list
-    device -> precision -> frozen, eval mode.
+    [LoRA adapters ->] device -> precision -> frozen, eval mode.
 The optimizer is built afterwards over the parameters that still require gradients (`trainable`), so a
 transform that freezes the base weights leaves them out of the optimizer and its checkpoints.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 
+from .config import LoraConfig
 from .devices import apply_precision
+from .errors import GptossError
 from .model import ModelConfig, Transformer
 
 
@@ -138,6 +141,38 @@ def checkpoint_transforms(tensor_names: Iterable[str]) -> list[ModelTransform]:
     from .model.mxfp4 import SUFFIXES
 
     return [packed_experts()] if any(n.endswith(SUFFIXES[0]) for n in tensor_names) else []
+
+
+def lora_adapters(
+    lora: LoraConfig, *, seed: int | None = None, tensors: Mapping[str, torch.Tensor] | None = None, source: str = ""
+) -> ModelTransform:
+    """Low-rank adapters on the loaded base weights (model/lora.py), every other parameter frozen: drawn from
+    `seed` (a new LoRA run: A random, B zero, so the model starts as its base) or copied from `tensors` (a
+    LoRA checkpoint's, named `source` in errors). It runs after the base weights are loaded, which fill
+    everything but the adapters; they are created in fp32 on the base's device."""
+    from .model.lora import adapter_tensors, add_adapters, init_adapters
+
+    def apply(model: Transformer) -> None:
+        add_adapters(model, lora.rank, lora.alpha, lora.dropout, lora.projections(), lora.layers)
+        if tensors is None:
+            init_adapters(model, torch.Generator().manual_seed(seed or 0))
+            return
+        own = adapter_tensors(model)
+        for name in sorted(set(own) | set(tensors)):
+            if name not in tensors or name not in own:
+                what = "is missing" if name not in tensors else "is not an adapter of this lora config"
+                raise GptossError(f"{source}: adapter {name} {what} (was it saved with another lora section?)")
+            if tensors[name].shape != own[name].shape:
+                raise GptossError(
+                    f"{source}: adapter {name} has shape {tuple(tensors[name].shape)}, the lora config gives "
+                    f"{tuple(own[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, t in own.items():
+                t.copy_(tensors[name])
+
+    where = f"layers {','.join(map(str, lora.layers))}" if lora.layers is not None else "every layer"
+    return ModelTransform(f"lora rank {lora.rank} on {', '.join(lora.projections())} ({where})", apply)
 
 
 def inference_transforms(device: torch.device, dtype: torch.dtype) -> list[ModelTransform]:

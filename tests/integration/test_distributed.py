@@ -183,3 +183,34 @@ def test_two_processes_on_a_prepared_dataset_match_one(tmp_path):
     for step, loss in one.items():
         assert abs(two[step] - loss) <= 1e-5, (step, two[step], loss)
     assert not (tmp_path / "cache" / "datasets").exists()  # neither run tokenized anything
+
+
+def test_lora_in_two_processes_matches_one(tmp_path):
+    """DDP over a frozen base: only the adapters' gradients are averaged, and the run equals one process on
+    the same global batch; its checkpoint holds the adapters alone."""
+    base = tmp_path / "base"
+    _single(tmp_path, base, *_sets(COMMON + ["train.batch_size=8", "train.max_steps=1"]))
+    lora = ["lora.rank=4", "train.lr=1e-2", "train.max_steps=4"]
+    _single(tmp_path, tmp_path / "one", "--init-from", str(base), *_sets(COMMON + lora + ["train.batch_size=8"]))
+    out = _torchrun(
+        tmp_path,
+        "-m",
+        "gptoss_cli",
+        "train",
+        "-c",
+        "tiny",
+        "--run-dir",
+        str(tmp_path / "two"),
+        "--init-from",
+        str(base),
+        *_sets(COMMON + lora + ["train.batch_size=4"]),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    for step, loss in one.items():
+        assert two[step] == pytest.approx(loss, rel=LOSS_RTOL), step
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000004" / "model.safetensors"))
+    assert saved and all(name.endswith((".lora_A", ".lora_B")) for name in saved)

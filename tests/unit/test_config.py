@@ -55,7 +55,7 @@ def test_unknown_key_names_the_key_and_the_file(tmp_path):
 def test_unknown_section(tmp_path):
     assert error(write_yaml(tmp_path, "modle:\n  hidden_size: 64\n")).startswith("my.yaml: modle: unknown section")
     assert error("tiny", ["optim.lr=1"]) == (
-        "--set 'optim.lr=1': unknown section 'optim' (known: model, data, train, infer)"
+        "--set 'optim.lr=1': unknown section 'optim' (known: model, data, train, infer, lora)"
     )
     assert "expected a mapping" in error(write_yaml(tmp_path, "- a\n- b\n", "list.yaml"))
     assert "model: expected a mapping of keys" in error(write_yaml(tmp_path, "model: 3\n", "scalar.yaml"))

@@ -40,15 +40,7 @@ def command(
     from ..output import console, print_json
     from ..sizing import GIB, describe
 
-    if run is not None:
-        from ..run.checkpoint import packed_weights, tensor_names
-        from ..run.open import open_run
-
-        opened = open_run(run, need_tokenizer=False)
-        cfg = opened.config
-        holds = "mxfp4" if packed_weights(tensor_names(opened.weights)) else "dense"
-    else:
-        cfg, holds = load_config(config, set_), None
+    cfg, holds = _run_config(run, set_) if run is not None else (load_config(config, set_), None)
     info = describe(cfg, context=context) | ({"run": str(run), "experts_stored": holds} if run is not None else {})
     if json:
         print_json(info)
@@ -93,5 +85,50 @@ def command(
         f"decoded; KV cache {inf['kv_cache'] / GIB:.2f} GiB; prefill transients {inf['prefill_transients'] / GIB:.2f}"
         f" GiB; estimated peak [bold]{inf['peak_mxfp4_experts'] / GIB:.2f} GiB[/] packed, "
         f"{inf['peak_decoded'] / GIB:.2f} GiB decoded",
+        highlight=False,
+    )
+    if "lora" in info:
+        _print_lora(info, holds)
+
+
+def _run_config(run: Path, overrides: list[str] | None):
+    """A run's config with `--set` overrides of its other sections (lora, train), and whether its checkpoint (a
+    LoRA run's base) holds MXFP4 or dense experts."""
+    from ..config import apply_overrides, config_from_dict
+    from ..errors import GptossError
+    from ..run.checkpoint import packed_weights, tensor_names
+    from ..run.open import open_run
+
+    if any(o.strip().startswith("model.") for o in overrides or []):
+        raise GptossError("--set model.*: the model's shapes come from the run's checkpoint (leave --run out)")
+    opened = open_run(run, need_tokenizer=False)
+    cfg = config_from_dict(apply_overrides(opened.config.to_dict(), overrides or []), "--set")
+    return cfg, "mxfp4" if packed_weights(tensor_names(opened.base_weights)) else "dense"
+
+
+def _print_lora(info: dict, holds: str | None) -> None:
+    """The LoRA run's trainable parameters and its estimated training peak (sizing.lora_training)."""
+    from ..output import console
+    from ..sizing import GIB
+
+    lo, mem = info["lora"], info["lora"]["memory_bytes"]
+    n = lo["trainable_params"]
+    console.print(
+        f"LoRA rank {lo['rank']} (alpha {lo['alpha']:g}) on {', '.join(lo['targets'])} of {lo['layers']} layers: "
+        f"[bold]{n:,}[/] trainable parameters ({n / info['total_params']:.2%} of {info['total_params']:,}); "
+        + ", ".join(f"{t} {c:,}" for t, c in lo["trainable_by_target"].items()),
+        highlight=False,
+    )
+    own = mem["adapters"] + mem["gradients"] + mem["optimizer"]
+    packed = f"[bold]{mem['peak_mxfp4_experts'] / GIB:.2f} GiB[/] with MXFP4 experts"
+    decoded = f"{mem['peak_decoded'] / GIB:.2f} GiB decoded"
+    dense_run = f"[bold]{mem['peak_decoded'] / GIB:.2f} GiB[/] (this run's experts are dense)"
+    peaks = {"mxfp4": packed + " (this run's)", "dense": dense_run}
+    console.print(
+        f"LoRA training at batch {info['batch_size']} x {info['seq_len']}, {lo['precision']}: frozen base "
+        f"{mem['base_mxfp4_experts'] / GIB:.2f} GiB with MXFP4 experts ({mem['base_decoded'] / GIB:.2f} decoded); "
+        f"adapters, gradients and AdamW {own / GIB:.2f} GiB; activations {mem['activations'] / GIB:.2f} GiB; "
+        f"logits {mem['logits'] / GIB:.2f} GiB; estimated peak {peaks.get(holds, packed + ', ' + decoded)} "
+        "(plus ~0.5 GiB for Python and torch)",
         highlight=False,
     )

@@ -29,11 +29,12 @@ from ..devices import param_dtypes, resolve_dtype
 from ..errors import GptossError
 from ..model import mxfp4
 from ..output import warn
-from ..run.checkpoint import packed_weights, read_weights, tensor_names
-from ..run.open import open_run
+from ..run.checkpoint import read_adapters
+from ..run.open import OpenRun, open_run
 from ..sizes import parse_size
+from . import lora
 from .chat_template import export_chat
-from .names import expected_shapes, expert_rules, to_hf_config, to_hf_state_dict
+from .names import expert_rules, to_hf_config, to_hf_state_dict
 
 HF_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -107,7 +108,7 @@ def convert_experts(
     are quantised with `quantize="mxfp4"`. Returns (weights, packed, {matrix: its quantisation error})."""
     errors: dict[str, dict] = {}
     for name in (r.ours for r in expert_rules(cfg)):
-        if packed and dequantize:
+        if packed and dequantize and name + ".blocks" in weights:  # (a merged LoRA update may be decoded already)
             blocks, scales = weights.pop(name + ".blocks"), weights.pop(name + ".scales")
             weights[name] = mxfp4.dequantize(blocks, scales, dtype)
         elif not packed and quantize == "mxfp4":
@@ -132,12 +133,21 @@ def quantization_error(dense: torch.Tensor, blocks: torch.Tensor, scales: torch.
 def refuse_overlap(out: Path, opened) -> None:
     """An export never replaces what it reads: --out may not be the run or a file of it, lie inside it, or hold
     it (with --force the old --out is replaced once the new one is complete). `opened`: run/open.py's OpenRun."""
-    sources = [opened.run.path, opened.checkpoint, opened.weights, opened.tokenizer_path]
+    sources = [opened.run.path, opened.checkpoint, opened.weights, opened.tokenizer_path, opened.base]
     target = out.resolve()
     for source in filter(None, sources):
         real = Path(source).resolve()
         if target == real or target.is_relative_to(real) or real.is_relative_to(target):
             raise GptossError(f"--out {out} overlaps {source}, which this export reads; write it outside the run")
+
+
+def _check_options(dtype: str, quantize: str | None, dequantize: bool) -> None:
+    if dtype not in ("bf16", "fp32"):
+        raise GptossError(f"--dtype {dtype!r}: expected one of bf16, fp32")
+    if quantize not in (None, "mxfp4"):
+        raise GptossError(f"--quantize {quantize!r}: expected mxfp4")
+    if quantize and dequantize:
+        raise GptossError("--quantize and --dequantize contradict each other: pick one")
 
 
 def _check_out(out: Path, opened, force: bool) -> None:
@@ -160,15 +170,12 @@ def export_run(
     force: bool = False,
     quantize: str | None = None,
     dequantize: bool = False,
+    adapter_only: bool = False,
 ) -> dict:
     """Write the HF directory `out`; returns a summary (files, tensors, bytes, checkpoint, experts and,
-    when quantised, each expert matrix's error)."""
-    if dtype not in ("bf16", "fp32"):
-        raise GptossError(f"--dtype {dtype!r}: expected one of bf16, fp32")
-    if quantize not in (None, "mxfp4"):
-        raise GptossError(f"--quantize {quantize!r}: expected mxfp4")
-    if quantize and dequantize:
-        raise GptossError("--quantize and --dequantize contradict each other: pick one")
+    when quantised, each expert matrix's error). A LoRA run is written merged into its base (packed
+    experts packed again unless `dequantize`), or with `adapter_only` as a PEFT adapter directory."""
+    _check_options(dtype, quantize, dequantize)
     torch_dtype = resolve_dtype(dtype)
     dtype_name = HF_DTYPE_NAMES[torch_dtype]
     limit = parse_size(max_shard_size, "--max-shard-size")
@@ -176,6 +183,8 @@ def export_run(
     cfg, ckpt, tok, tok_path = opened.config, opened.checkpoint, opened.tokenizer, opened.tokenizer_path
     out = Path(out)
     _check_out(out, opened, force)
+    if adapter_only:
+        return export_adapter(opened, out, force)
 
     token_ids: dict[str, int | None] = {}
     chat = None
@@ -187,9 +196,9 @@ def export_run(
         token_ids = {k: tok.token_to_id(t) for k, t in special.items()}
         chat = export_chat(tok, opened.run.chat_template)
     to_hf_config(cfg.model, dtype_name, token_ids)  # refuses what HF would compute differently, before reading
-    packed = bool(packed_weights(tensor_names(opened.weights)))
-    weights = read_weights(opened.weights, expected_shapes(cfg.model, packed))
+    weights, packed, merged = lora.run_weights(opened, not dequantize, torch_dtype)  # a LoRA run's merged
     weights, packed, errors = convert_experts(cfg.model, weights, packed, quantize, dequantize, torch_dtype)
+    errors |= merged
     hf_config = to_hf_config(cfg.model, dtype_name, token_ids, mxfp4=packed)
     dtypes = param_dtypes(weights, torch_dtype)  # the precision policy: norms and router stay fp32, losslessly
     hf_tensors = to_hf_state_dict(
@@ -222,10 +231,36 @@ def export_run(
         "out": str(out),
         "checkpoint": str(ckpt),
         "step": opened.step,
+        "lora_base": str(opened.base) if opened.base is not None else None,  # merged into these weights
         "dtype": dtype,
         "experts": "mxfp4" if packed else dtype,
         "quantization_error": errors,
         "files": files,
         "tensors": len(hf_tensors),
         "bytes": sum((out / f).stat().st_size for f in files if f.endswith(".safetensors")),
+    }
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def export_adapter(opened: OpenRun, out: Path, force: bool) -> dict:
+    """A LoRA run's adapters as a PEFT adapter directory (interop/lora.py), in fp32 as trained: load it onto
+    the base exported for transformers with peft.PeftModel.from_pretrained(model, out)."""
+    if opened.base is None:
+        raise GptossError(f"--adapter-only: {opened.checkpoint} holds a whole model, not LoRA adapters")
+    cfg = opened.config
+    tensors = lora.peft_tensors(cfg.model, cfg.lora, read_adapters(opened.checkpoint))
+    with staged_directory(out, force=force) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_FILES[1]), metadata={"format": "pt"})
+        _dump(tmp / ADAPTER_FILES[0], lora.peft_config(cfg.model, cfg.lora))
+    return {
+        "out": str(out),
+        "checkpoint": str(opened.checkpoint),
+        "step": opened.step,
+        "lora_base": str(opened.base),
+        "adapter": True,
+        "files": list(ADAPTER_FILES),
+        "tensors": len(tensors),
+        "bytes": (out / ADAPTER_FILES[1]).stat().st_size,
     }

@@ -24,7 +24,7 @@ import torch
 from ..atomic import staged_file
 from ..errors import GptossError
 from ..output import warn
-from ..run.checkpoint import packed_weights, read_weights, tensor_names
+from ..run.checkpoint import packed_weights, tensor_names
 from ..run.open import open_run
 from .chat_template import export_chat
 from .export import convert_experts, refuse_overlap, special_tokens
@@ -40,7 +40,7 @@ from .gguf_names import (
     write_hparams,
 )
 from .gguf_vocab import GgufVocab, gguf_vocab
-from .names import expected_shapes
+from .lora import run_weights
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -141,7 +141,7 @@ def export_gguf(
     assert tok is not None and opened.tokenizer_path is not None  # open_run requires one
     vocab = gguf_vocab(tok, cfg.vocab_size, special_tokens(tok), str(opened.tokenizer_path))
     notes = check_llama_cpp(cfg) + ([vocab.pre.caveat] if vocab.pre.caveat else [])
-    packed = bool(packed_weights(tensor_names(opened.weights)))
+    packed = bool(packed_weights(tensor_names(opened.base_weights)))  # a LoRA run: its base's
     if quantize == "mxfp4" and not packed and (cfg.hidden_size % MXFP4_BLOCK or cfg.intermediate_size % MXFP4_BLOCK):
         raise GptossError(
             f"--quantize mxfp4: hidden_size {cfg.hidden_size} and intermediate_size {cfg.intermediate_size} "
@@ -152,9 +152,10 @@ def export_gguf(
     if not out.is_dir():  # staged_file refuses a directory, saying a file is wanted
         refuse_overlap(out, opened)
     with staged_file(out, force=force) as tmp:  # refuses an existing --out before reading the weights
-        weights = read_weights(opened.weights, expected_shapes(cfg, packed))
         decoded = torch.float32 if dtype == "fp16" else DTYPES[dtype][0]  # MXFP4 values can underflow fp16
+        weights, packed, merged = run_weights(opened, not dequantize, decoded)  # a LoRA run's adapters merged
         weights, packed, errors = convert_experts(cfg, weights, packed, quantize, dequantize, decoded)
+        errors |= merged
         plan = tensor_plan(cfg, weights)
         types = [tensor_type(t, dtype) for t in plan]
         writer = gguf.GGUFWriter(None, ARCH)

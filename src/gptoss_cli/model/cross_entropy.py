@@ -18,6 +18,9 @@ import torch
 IGNORE_INDEX = -100  # as F.cross_entropy
 
 
+COPY_MAX_BYTES = 256 << 20  # the largest unembedding the CPU path copies transposed
+
+
 def chunk_rows(vocab_size: int, device_type: str) -> int:
     """Rows per chunk: ~4 MB of fp32 logits on CPU (cache-sized), ~64 MB elsewhere (big matmuls)."""
     elements = 2**20 if device_type == "cpu" else 2**24
@@ -34,8 +37,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe = targets.masked_fill(~valid, 0)[:, None]  # (N, 1) a gather index for every row
         w = weight.to(compute_dtype)
         # (H, V) for the logits' matmul: on CPU a contiguous copy (one pass over the weight) makes every
-        # chunk's matmul faster (docs/performance.md); GPU GEMMs take the transposed view as it is.
-        w_t = w.t().contiguous() if x.device.type == "cpu" else w.t()
+        # chunk's matmul faster (docs/performance.md); GPU GEMMs take the transposed view as it is. A large
+        # unembedding is not copied: gpt-oss-20b's (1.1 GB in bf16) would be a LoRA step's largest transient.
+        small = w.numel() * w.element_size() <= COPY_MAX_BYTES
+        w_t = w.t().contiguous() if x.device.type == "cpu" and small else w.t()
         acc = torch.promote_types(compute_dtype, torch.float32)  # logits and loss: fp32 (fp64 in tests)
         loss_sum = torch.zeros((), dtype=acc, device=x.device)
         correct = torch.zeros((), dtype=torch.int64, device=x.device)

@@ -14,10 +14,13 @@ per projection, no host sync: the CUDA bf16 default). Decoding a few tokens with
 sort: each token runs its k experts directly. Expert weights are stacked 3-D parameters, so DDP and FSDP2
 see every expert on every rank.
 
-The expert matrices may instead be packed MXFP4 (mxfp4.py, `pack_experts`): the same kernels then reach
-each expert through `_per_expert`/`_linear`/`_gather`/`_stacked`, which decode it as it is used, one
-expert at a time. `loop` is their backend (`fused_loop`'s strided views and hand-written backward need
-dense weights); `grouped_mm`, which decodes a layer's experts all at once, only when asked for.
+The expert matrices may instead be packed MXFP4 (mxfp4.py, `pack_experts`), or carry low-rank adapters
+(lora.py: `mlp1_lora` / `mlp2_lora`, one pair per expert): the same kernels then reach each expert through
+`_per_expert`/`_linear`/`_gather`/`_stacked`, which decode a packed expert as it is used and add an
+expert's low-rank update through its rank-r pair, never as an (E, out, in) delta. `loop` is their backend
+(`fused_loop`'s strided views and hand-written backward need plain dense weights); `grouped_mm` takes
+adapters as two more grouped products, and decodes a packed layer's experts all at once, so it runs on
+packed experts only when asked for.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .lora import ExpertsLora, LoraExperts, LoraLinear
 from .norm import RMSNorm
 
 SWIGLU_ALPHA = 1.702
+# On CPU in bf16/fp16 `loop` pads each expert's rows to a multiple of this: oneDNN compiles and caches a
+# kernel per matmul shape, and the per-expert row counts otherwise make a new shape at almost every call
+# (slow, and the cache of up to 1024 kernels grows by gigabytes; docs/performance.md).
+ROW_BUCKET = 32
 
 
 class RouterStats(NamedTuple):
@@ -77,18 +85,28 @@ def _stacked(w, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype) if isinstance(w, torch.Tensor) else w.dense(dtype)
 
 
+def _grouped_linear(x: torch.Tensor, w, offs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (M, in) sorted by expert -> (M, out) through torch._grouped_mm; an adapted weight adds its update."""
+    base_t = _stacked(w.base if isinstance(w, LoraExperts) else w, dtype).transpose(-2, -1)  # (E, in, out)
+    return w.grouped(x, offs, base_t) if isinstance(w, LoraExperts) else torch._grouped_mm(x, base_t, offs=offs)
+
+
 def _experts_loop(xs, counts, w1, b1, w2, b2, limit):
     """xs (M, H) sorted by expert; counts (E,). One matmul pair per expert slice (one host sync).
 
     The reference for the other backends: plain autograd. Packed experts take this path too.
     """
     w1s, b1s, w2s, b2s = _per_expert(w1), b1.unbind(0), _per_expert(w2), b2.unbind(0)
+    bucket = ROW_BUCKET if xs.device.type == "cpu" and xs.dtype in (torch.bfloat16, torch.float16) else 1
     outs = []
     for e, chunk in enumerate(torch.split(xs, counts.tolist())):
-        if not chunk.shape[0]:  # decode routes few tokens: skip idle experts (their rows get zero gradient)
+        n = chunk.shape[0]
+        if not n:  # decode routes few tokens: skip idle experts (their rows get zero gradient)
             continue
+        if n % bucket:  # zero rows: their outputs are dropped, so they add nothing to any gradient
+            chunk = F.pad(chunk, (0, 0, 0, bucket - n % bucket))
         h = _linear(chunk, w1s, e, b1s[e])  # (n_e, 2I)
-        outs.append(_linear(swiglu(h, limit), w2s, e, b2s[e]))  # (n_e, H)
+        outs.append(_linear(swiglu(h, limit), w2s, e, b2s[e])[:n])  # (n_e, H)
     return torch.cat(outs)
 
 
@@ -221,18 +239,23 @@ def _experts_grouped(xs, counts, expert_sorted, w1, b1, w2, b2, limit):
     """Same contract through torch._grouped_mm: offsets stay on the device, so no host sync."""
     dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
     offs = torch.cumsum(counts, 0, dtype=torch.int32)
-    h = torch._grouped_mm(xs.to(dtype), _stacked(w1, dtype).transpose(-2, -1), offs=offs)  # (M, 2I)
+    h = _grouped_linear(xs.to(dtype), w1, offs, dtype)  # (M, 2I)
     h = h + b1.to(dtype)[expert_sorted]
     a = swiglu(h, limit)
-    y = torch._grouped_mm(a, _stacked(w2, dtype).transpose(-2, -1), offs=offs)  # (M, H)
+    y = _grouped_linear(a, w2, offs, dtype)  # (M, H)
     return y + b2.to(dtype)[expert_sorted]
 
 
-def pick_backend(backend: str, x: torch.Tensor, hidden: int, inter: int, packed: bool = False) -> str:
+def pick_backend(
+    backend: str, x: torch.Tensor, hidden: int, inter: int, packed: bool = False, adapted: bool = False
+) -> str:
     """The MoE kernel for this input: `backend` itself unless it is auto. Packed experts run `loop`, each
-    expert decoded as it multiplies, unless grouped_mm is asked for by name."""
+    expert decoded as it multiplies, unless grouped_mm is asked for by name; adapted ones (LoRA) run `loop`
+    where `fused_loop` would."""
     if packed:
         return "grouped_mm" if backend == "grouped_mm" else "loop"
+    if adapted and backend == "fused_loop":
+        return "loop"
     if backend != "auto":
         return backend
     autocast = torch.is_autocast_enabled(x.device.type)
@@ -242,7 +265,7 @@ def pick_backend(backend: str, x: torch.Tensor, hidden: int, inter: int, packed:
             return "grouped_mm"
     # On CPU grouped_mm is a loop of mm calls (docs/performance.md); the fused loop computes in the
     # input's dtype with out= matmuls, which autocast does not cover.
-    return "loop" if autocast else "fused_loop"
+    return "loop" if autocast or adapted else "fused_loop"
 
 
 class MLPBlock(nn.Module):
@@ -262,6 +285,8 @@ class MLPBlock(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.zeros(e, 2 * i))
         self.mlp2_weight = nn.Parameter(torch.empty(e, h, i))  # (E, H, I)
         self.mlp2_bias = nn.Parameter(torch.zeros(e, h))
+        self.mlp1_lora: ExpertsLora | None = None  # low-rank adapters, one pair per expert (lora.py)
+        self.mlp2_lora: ExpertsLora | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -279,14 +304,22 @@ class MLPBlock(nn.Module):
         bias = None if self.gate.bias is None else self.gate.bias.float()
         with torch.autocast(x.device.type, enabled=False):
             logits = F.linear(tokens.float(), self.gate.weight.float(), bias)  # (N, E)
+            if isinstance(self.gate, LoraLinear):
+                logits = logits + self.gate.delta(tokens.float())
         top_vals, top_idx = torch.topk(logits, k, dim=-1, sorted=True)  # (N, k)
         weights = torch.softmax(top_vals, dim=-1)  # (N, k), fp32
 
         flat = top_idx.reshape(-1)  # (N*k,) expert of each assignment
         counts = _count(flat, n_exp)  # (E,)
-        params = (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias)
+        w1, w2 = self.mlp1_weight, self.mlp2_weight
+        if self.mlp1_lora is not None:
+            w1 = LoraExperts(w1, self.mlp1_lora, tokens.dtype)
+        if self.mlp2_lora is not None:
+            w2 = LoraExperts(w2, self.mlp2_lora, tokens.dtype)
+        params = (w1, self.mlp1_bias, w2, self.mlp2_bias)
         packed = not isinstance(self.mlp1_weight, torch.Tensor)
-        backend = pick_backend(self.backend, tokens, hidden, self.intermediate_size, packed)
+        adapted = not isinstance(w1, torch.Tensor) or not isinstance(w2, torch.Tensor)
+        backend = pick_backend(self.backend, tokens, hidden, self.intermediate_size, packed, adapted)
         # A compiled forward is a decode step. A packed expert costs a decode per use, and the per-token path
         # repeats an expert for every token that picks it, so eagerly it only takes one token.
         few = flat.numel() <= (k if packed else n_exp) or torch.compiler.is_compiling()

@@ -142,26 +142,59 @@ class PackedExperts(nn.Module):
         """Every expert decoded: (E, rows, cols) in `dtype` (E times one expert's memory)."""
         return dequantize(self.blocks, self.scales, dtype)
 
-    def linear(self, e: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (n, cols) -> x @ W_e^T + bias (n, rows) in x's dtype, W_e decoded a chunk of rows at a time."""
+    def rows(self, e: int, dtype: torch.dtype, device: torch.device):
+        """Expert e decoded a chunk of rows at a time: (first row, (step, cols) in `dtype`), ~8 MiB each."""
         rows, cols = self.shape[1:]
-        step = max(1, DECODE_CHUNK_BYTES // (cols * x.element_size()))
-        table = _scaled_pairs(x.dtype, x.device)
-        word = _WORDS.get(x.element_size())
+        step = max(1, DECODE_CHUNK_BYTES // (cols * dtype.itemsize))
+        table = _scaled_pairs(dtype, device)
+        word = _WORDS.get(dtype.itemsize)
         words = None if word is None else table.view(word).view(-1)  # (65536,)
-        out = x.new_empty(x.shape[0], rows)
         for r in range(0, rows, step):
             # One lookup per byte gives both of its values already scaled: (step, G, 16, 2) -> (step, cols).
             index = (self.scales[e, r : r + step].int() << 8).unsqueeze(-1) | self.blocks[e, r : r + step]
             if word is None:
-                w = F.embedding(index, table).view(index.shape[0], cols)
+                yield r, F.embedding(index, table).view(index.shape[0], cols)
             else:  # the pair as one machine word: a flat gather, several times faster than embedding's rows
-                w = words.index_select(0, index.view(-1)).view(x.dtype).view(index.shape[0], cols)
+                yield r, words.index_select(0, index.view(-1)).view(dtype).view(index.shape[0], cols)
+
+    def linear(self, e: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (n, cols) -> x @ W_e^T + bias (n, rows) in x's dtype, W_e decoded a chunk of rows at a time.
+        Differentiable in x and bias (LoRA trains through a frozen packed base): the backward decodes W_e
+        again instead of keeping it, so training holds no decoded expert."""
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _PackedLinear.apply(x, bias, self, e)
+        return self._product(e, x, bias)
+
+    def _product(self, e: int, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = x.new_empty(x.shape[0], self.shape[1])
+        for r, w in self.rows(e, x.dtype, x.device):
             if bias is None:
-                torch.mm(x, w.t(), out=out[:, r : r + step])
+                torch.mm(x, w.t(), out=out[:, r : r + w.shape[0]])
             else:
-                torch.addmm(bias[r : r + step], x, w.t(), out=out[:, r : r + step])
+                torch.addmm(bias[r : r + w.shape[0]], x, w.t(), out=out[:, r : r + w.shape[0]])
         return out
+
+    def _product_t(self, e: int, dy: torch.Tensor) -> torch.Tensor:
+        """dy (n, rows) -> dy @ W_e (n, cols): the input gradient, chunk by chunk of W_e's rows."""
+        dx = dy.new_zeros(dy.shape[0], self.shape[2])
+        for r, w in self.rows(e, dy.dtype, dy.device):
+            dx.addmm_(dy[:, r : r + w.shape[0]], w)
+        return dx
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x W_e^T + bias through a packed expert, saving nothing but a reference to the packed weight."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed: PackedExperts, e: int):
+        ctx.packed, ctx.e = packed, e
+        return packed._product(e, x, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        dx = ctx.packed._product_t(ctx.e, dy.contiguous()) if ctx.needs_input_grad[0] else None
+        dbias = dy.sum(0) if ctx.needs_input_grad[1] else None
+        return dx, dbias, None, None
 
 
 def pack_experts(model: nn.Module) -> nn.Module:

@@ -2,7 +2,9 @@
 
     RUN/checkpoints/step-00000100/
         model.safetensors     weights keyed by openai/gpt-oss names; a tied unembedding is stored once;
-                              MXFP4 experts as `<name>.blocks` / `<name>.scales` uint8 (model/mxfp4.py)
+                              MXFP4 experts as `<name>.blocks` / `<name>.scales` uint8 (model/mxfp4.py);
+                              a LoRA run's: its adapters alone, `<name>.lora_A` / `.lora_B` (its base
+                              checkpoint is named in state.json, run/base.py)
         trainer.safetensors   AdamW moments and RNG states (tensors only)
         state.json            CheckpointState: step, epoch, data position, optimizer hyper-parameters, hashes
 
@@ -62,6 +64,7 @@ class CheckpointState:
     imported_from: str | None = None
     source_layout: str | None = None
     quantization: str | None = None
+    base: dict | None = None  # a LoRA run's base checkpoint (run/base.py); model.safetensors holds adapters only
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer writer, kept as they are
 
     @classmethod
@@ -128,6 +131,14 @@ def read_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, 
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]} (was it saved from another config?)")
     return tensors
+
+
+def read_adapters(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A LoRA checkpoint's adapters: its model.safetensors, checked against the config by the LoRA transform."""
+    try:
+        return load_file(str(checkpoint / MODEL))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{checkpoint / MODEL}: cannot read adapters ({err})") from None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:

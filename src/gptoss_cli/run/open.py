@@ -3,7 +3,8 @@
     open_run(run, checkpoint)    config + checkpoint state + tokenizer, verified together (export, resume,
                                  --init-from: no model needed)
     load_run(run, checkpoint)    the same plus the model, built, transformed and loaded for inference
-                                 (infer, chat, serve, eval, bench --run)
+                                 (infer, chat, serve, eval, bench --run); a LoRA run's base weights
+                                 with its adapters applied on the fly (transforms.lora_adapters)
 
 so "which checkpoint", "which config", "is this the tokenizer the weights were trained with" and "how are
 the weights placed" are answered once, with one set of error messages. The records travel whole: the run
@@ -29,8 +30,16 @@ from ..data.tokenizer import check_vocab, load_tokenizer, tokenizer_hash
 from ..devices import materialize, pick_device, resolve_dtype
 from ..errors import GptossError
 from ..model import Transformer
-from ..transforms import ModelTransform, apply_transforms, build_model, checkpoint_transforms, inference_transforms
-from .checkpoint import CheckpointState, load_weights, read_state, resolve_checkpoint, tensor_names
+from ..transforms import (
+    ModelTransform,
+    apply_transforms,
+    build_model,
+    checkpoint_transforms,
+    inference_transforms,
+    lora_adapters,
+)
+from .base import find_base
+from .checkpoint import CheckpointState, load_weights, read_adapters, read_state, resolve_checkpoint, tensor_names
 from .layout import CHECKPOINTS, MODEL, STATE, TOKENIZER, RunDir
 
 
@@ -42,10 +51,17 @@ class OpenRun:
     config: RunConfig  # config.yaml's infer/train sections; the model shapes the weights were saved with
     tokenizer: Tokenizer | None  # None only when opened with need_tokenizer=False and the run has none
     tokenizer_path: Path | None
+    base: Path | None  # a LoRA run's base checkpoint, found and verified (run/base.py); else None
 
     @property
     def weights(self) -> Path:
+        """The checkpoint's model.safetensors (a LoRA run's: its adapters)."""
         return self.checkpoint / MODEL
+
+    @property
+    def base_weights(self) -> Path:
+        """The weights the model's base tensors come from: the base's for a LoRA run, else `weights`."""
+        return self.base / MODEL if self.base is not None else self.weights
 
     @property
     def step(self) -> int:
@@ -92,8 +108,8 @@ def run_config(run: RunDir, ckpt: Path, state: CheckpointState) -> RunConfig:
     saved = config_from_dict(state.config, str(ckpt / STATE)) if state.config is not None else None
     if run.config.is_file():
         cfg = run.read_config()
-        if saved is not None:
-            cfg.model = saved.model
+        if saved is not None:  # what shapes the tensors: the model, and a LoRA run's adapters
+            cfg.model, cfg.lora = saved.model, saved.lora
         return cfg
     if saved is None:
         raise GptossError(f"{run}: no config.yaml, and {ckpt / STATE} holds no config")
@@ -129,7 +145,8 @@ def open_run(run: Path | None = None, checkpoint: Path | None = None, *, need_to
         tok = load_tokenizer(tok_path)
         check_tokenizer(tok, tok_path, state, ckpt)
         check_vocab(tok, cfg.model.vocab_size, str(tok_path))
-    return OpenRun(run_dir, ckpt, state, cfg, tok, tok_path)
+    base = find_base(state.base, run_dir, str(ckpt)) if state.base is not None else None
+    return OpenRun(run_dir, ckpt, state, cfg, tok, tok_path, base)
 
 
 # ---- loading the model -----------------------------------------------------------------------------
@@ -165,12 +182,16 @@ def load_run(
     dt = resolve_dtype(dtype, dev)
     opened = open_run(run, checkpoint)
     model = build_model(opened.config.model, device=torch.device("meta"))
-    transforms = [*checkpoint_transforms(tensor_names(opened.weights)), *transforms]
+    adapters = []
+    if opened.base is not None:  # a LoRA run: its base's weights, then its adapters on them
+        tensors = read_adapters(opened.checkpoint)
+        adapters = [lora_adapters(opened.config.lora, tensors=tensors, source=str(opened.weights))]
+    transforms = [*checkpoint_transforms(tensor_names(opened.base_weights)), *adapters, *transforms]
     before = [t for t in transforms if t.before_weights]
     after = [t for t in transforms if not t.before_weights] + inference_transforms(dev, dt)
     names = apply_transforms(model, before)
     materialize(model, dev, dt)
-    load_weights(model, opened.weights)
+    load_weights(model, opened.base_weights)
     names += apply_transforms(model, after)
     fields = {f.name: getattr(opened, f.name) for f in dataclasses.fields(OpenRun)}
     return LoadedRun(**fields, model=model, device=dev, dtype=dt, transforms=names)

@@ -25,8 +25,10 @@ from ..output import console, warn
 from ..run import checkpoint as ckpt
 from ..run.metrics import MetricsFile
 from ..threads import describe
+from ..transforms import trainable
 from . import distributed
 from .loggers import Loggers
+from .lora import checkpoint_weights, start_line
 from .loss import objective
 from .optim import lr_at, schedule_warnings
 from .setup import TrainingSetup, setup_training, total_steps, training_autocast
@@ -127,10 +129,10 @@ class Trainer:
     def save(self) -> Path | None:
         """Every rank takes part in gathering the state; rank 0 writes it. Non-finite weights are never
         saved: every rank checks its own (shard of the) parameters and all agree before any gather."""
-        bad = next(
+        bad = next(  # only what trains can have changed (a LoRA run's frozen base was checked when loaded)
             (
                 name
-                for name, param in self.model.named_parameters()
+                for name, param in trainable(self.model)
                 if not bool(torch.isfinite(param.to_local() if hasattr(param, "to_local") else param).all())
             ),
             None,
@@ -142,7 +144,7 @@ class Trainer:
                 f"{ckpt.newest_finite_text(self.files.checkpoints)}"
             )
         # Both gathers are collectives under FSDP; with cpu_offload only rank 0 receives the tensors.
-        weights = distributed.full_weights(self.model, self.cfg.model.tie_word_embeddings)
+        weights = checkpoint_weights(self.model, self.cfg)  # a LoRA run's: its adapters alone
         osd = distributed.full_optimizer_state(self.model, self.p.optimizer)
         if self.dist.main:
             self.p.commit_files()  # a resume's deferred config.yaml / tokenizer.json, before its first checkpoint
@@ -164,6 +166,7 @@ class Trainer:
                 optimizer=opt_meta,
                 config=self.cfg.to_dict(),
                 best_val_loss=self.best_val if math.isfinite(self.best_val) else None,
+                base=self.p.base,
             )
             self.last_ckpt = ckpt.save_checkpoint(
                 self.files.checkpoints, self.step, weights, tensors, state, self.t.keep_checkpoints
@@ -233,6 +236,8 @@ class Trainer:
             f"{', ' + self.dist.parallel if world > 1 else ''}"
             f"{'; ' + describe() if self.device.type == 'cpu' else ''})"
         )
+        if self.cfg.lora.enabled and self.dist.main:
+            self.say(start_line(self.cfg, self.model, self.precision, self.device, self.p.base_checkpoint))
 
     def _loop(self, stop, bar, window, metrics, trackers, memory) -> tuple[str, str | None]:
         """Steps until the end or a stop request; returns (status, the signal that stopped it)."""

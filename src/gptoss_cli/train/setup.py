@@ -4,7 +4,7 @@
     open_inputs        the tokenizer and the training / validation batches (inputs.py)
     build_model        the model from the seed, the starting checkpoint's weights loaded into it
     model transforms   transforms.py's training list: precision, device, activation checkpointing, compile,
-                       then any extra (a LoRA or packed-experts transform goes here); then DDP / FSDP2
+                       then any extra (LoRA adapters first: lora.py builds the frozen base); then DDP / FSDP2
     build_optimizer    AdamW over the parameters that still require gradients (optim.py), and a resume's state
 
 Under torchrun, rank 0 decides the run directory and broadcasts it; rank 0 prepares the data while the
@@ -33,7 +33,7 @@ from ..run.checkpoint import CheckpointState
 from ..run.layout import RunDir
 from ..run.lock import RunLock
 from ..transforms import ModelTransform, apply_transforms, build_model, training_transforms
-from . import distributed
+from . import distributed, lora
 from .inputs import TrainingInputs, open_inputs, source_run
 from .optim import build_optimizer
 
@@ -64,6 +64,8 @@ class TrainingSetup:
     data_root: Path | None = None  # the prepared dataset trained on (None: conversations)
     lock: RunLock | None = None  # rank 0's hold on RUN/train.lock, released when the Trainer ends
     pending: list = field(default_factory=list)  # writes a resume defers to its first save (commit_files)
+    base: dict | None = None  # a LoRA run's base record for state.json (run/base.py; rank 0)
+    base_checkpoint: Path | None = None  # a LoRA run's base checkpoint (every rank)
 
     @property
     def run_dir(self) -> Path:
@@ -146,9 +148,17 @@ def _setup(cfg, run_dir, resume, resume_from, tokenizer_path, init_from, progres
     model_start = time.perf_counter()
     pending = _lock_and_write(cfg, start, inputs, info, held)
 
-    model = build_start_model(cfg, start, info, [tr for tr in transforms if tr.before_weights])
-    precision = _precision(t, device)
+    before = [tr for tr in transforms if tr.before_weights]
+    precision = _precision(t, device, cfg.lora.enabled)
     extra = [tr for tr in transforms if not tr.before_weights]
+    base_record, base = None, None
+    if cfg.lora.enabled:  # the base loaded as it is stored and frozen; the adapters join the training list
+        model, base_record, adapters, base = lora.build_lora_model(
+            cfg, start.run, start.resume_ckpt, start.init_ckpt, start.state, device, precision, before, info.main
+        )
+        extra = [adapters, *extra]
+    else:
+        model = build_start_model(cfg, start, info, before)
     names = apply_transforms(model, training_transforms(precision, device, **_switches(t)) + extra)
     wrapped = distributed.wrap(model, info, device, mixed_bf16=precision == "bf16-mixed" and device.type == "cuda")
     optimizer = build_optimizer(model, t, device)  # after fully_shard: FSDP2 parameters are DTensors
@@ -175,6 +185,8 @@ def _setup(cfg, run_dir, resume, resume_from, tokenizer_path, init_from, progres
         resumed_from=start.resume_ckpt,
         started_from=start.init_ckpt,
         setup_times={**inputs.times, "model_s": time.perf_counter() - model_start},
+        base=base_record,
+        base_checkpoint=base,
         data_root=inputs.root,
         lock=held[0],
         pending=pending,
@@ -217,8 +229,10 @@ def resolve_run(cfg, run_dir, resume, resume_from, init_from, info, held) -> Run
         if state.optimizer is None:
             raise GptossError(f"{flag}: {resume_ckpt} holds weights only (imported?); use --init-from to train from it")
     init_ckpt = ckpt.resolve_checkpoint(init_from) if init_from is not None else None
+    init_state = ckpt.read_state(init_ckpt) if init_ckpt else None
+    lora.check_start(cfg, resume_ckpt, init_ckpt, state, init_state)  # before the model check: names a LoRA run
     if init_ckpt:
-        _check_same_model(cfg, ckpt.read_state(init_ckpt), init_ckpt, "--init-from")
+        _check_same_model(cfg, init_state, init_ckpt, "--init-from")
     return RunStart(run, resume_ckpt, init_ckpt, state, flag)
 
 
@@ -354,12 +368,16 @@ def build_start_model(
     return model
 
 
-def _precision(t: TrainConfig, device: torch.device) -> str:
+def _precision(t: TrainConfig, device: torch.device, adapters: bool = False) -> str:
+    """train.precision resolved. With LoRA, `auto` on a bf16 GPU is bf16: the frozen base needs no fp32
+    master copy (the adapters and their optimizer state stay fp32)."""
     bf16_ok = native_bf16(device)
     if device.type == "cuda" and not bf16_ok and t.precision in ("bf16", "bf16-mixed"):
         raise GptossError(
             f"train.precision: {torch.cuda.get_device_name(device)} has no native bf16; use --set train.precision=fp32"
         )
+    if adapters and t.precision == "auto" and bf16_ok:
+        return "bf16"
     return resolve_precision(t.precision, bf16_ok)
 
 
