@@ -40,6 +40,7 @@ SWIGLU_ALPHA = 1.702
 # kernel per matmul shape, and the per-expert row counts otherwise make a new shape at almost every call
 # (slow, and the cache of up to 1024 kernels grows by gigabytes; docs/performance.md).
 ROW_BUCKET = 32
+PADDED_ROWS = 32  # a decode step pads every expert's rows to the busiest one's up to this many (_experts_padded)
 
 
 class RouterStats(NamedTuple):
@@ -218,6 +219,30 @@ def _experts_per_token(tokens, top_idx, weights, w1, b1, w2, b2, limit):
     return out[0] if len(out) == 1 else torch.cat(out)
 
 
+def _experts_padded(tokens, top_idx, weights, counts, w1, b1, w2, b2, limit):
+    """A decode step of many rows without gradients: (N, H) -> (N, H) fp32. The N*k (token, expert) pairs
+    go into one zero-padded (E, C, H) batch, C = the most rows one expert got, and each projection is one
+    bmm over all experts, instead of a loop of matmuls per expert (at 16 rows of a small model the loop's
+    per-call overhead was most of the MoE's time; docs/performance.md). Routing is uneven (at 16 rows of 2
+    experts among 8 the busiest expert gets 8 to 16 rows), but at up to PADDED_ROWS rows an expert's
+    product costs about what reading its weights does, so padded rows are almost free. None when an expert
+    got more: the caller then loops."""
+    n_exp, hidden = w1.shape[0], tokens.shape[1]
+    flat = top_idx.reshape(-1)  # (N*k,)
+    most = int(counts.max())  # the one host sync
+    if most > PADDED_ROWS:
+        return None
+    order = torch.argsort(flat, stable=True)
+    expert = flat[order]  # (N*k,) sorted
+    row = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    xs = tokens.new_zeros(n_exp, most, hidden)
+    xs[expert, row] = tokens[order // top_idx.shape[1]]
+    h = torch.baddbmm(b1[:, None], xs, w1.transpose(1, 2))  # (E, C, 2I)
+    y = torch.baddbmm(b2[:, None], swiglu(h, limit), w2.transpose(1, 2))  # (E, C, H)
+    per_slot = tokens.new_empty(flat.numel(), hidden).index_copy_(0, order, y[expert, row])
+    return torch.bmm(weights[:, None, :], per_slot.view(*top_idx.shape, hidden).float()).squeeze(1)
+
+
 def _count(flat: torch.Tensor, n_exp: int) -> torch.Tensor:
     """(N*k,) expert ids -> (E,) assignments per expert, without a host sync on CUDA or a graph break."""
     if flat.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -330,6 +355,11 @@ class MLPBlock(nn.Module):
             zero = logits.new_zeros(())
             return x + y.view(b, t, hidden), RouterStats(zero, zero, counts)
 
+        if t == 1 and backend == "fused_loop" and not torch.is_grad_enabled():  # a decode step of many rows
+            y = _experts_padded(tokens, top_idx, weights, counts, *params, self.swiglu_limit)
+            if y is not None:
+                zero = logits.new_zeros(())
+                return x + y.to(x.dtype).view(b, t, hidden), RouterStats(zero, zero, counts)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         # (N*k, H) token rows in expert order. index_select's backward (index_add_) is faster than indexing's
         # on CPU (docs/performance.md); on CUDA it would use atomics, so indexing keeps the backward deterministic.

@@ -8,7 +8,8 @@
                                  `top_logprobs`
 
 Handlers turn a request into engine Requests (one per prompt and choice) whose events come back from the
-decode thread through `loop.call_soon_threadsafe` into one asyncio queue per HTTP request. Every error a
+decode thread through a Mailbox (mailbox.py: one loop callback per batch of events) into one asyncio queue
+per HTTP request; a stream writes every event that is ready in one go. Every error a
 client can cause is an OpenAI-style error object with a 4xx status; a client that goes away cancels its
 requests, which frees their KV-cache slots at the next decode step.
 """
@@ -34,6 +35,7 @@ from .admission import PromptEncoder, check_model, parse_body, sampling_params
 from .engine import Done, Engine, EngineClosed, Event, Failed, Prompt, QueueFull, Request, Token
 from .limits import DEFAULT_MAX_BODY, BodyLimit
 from .logprobs import ChoiceLogprobs, TokenPieces
+from .mailbox import Mailbox
 from .middleware import Auth, RequestLog
 from .protocol import ApiError, ChatRequest, CompletionRequest
 
@@ -57,6 +59,14 @@ class Served:
         self.encoder = PromptEncoder(tokenizer, engine.model.config.vocab_size, engine.max_length)
         self.created = int(time.time())
         self.pieces = TokenPieces(tokenizer)  # token ids as the logprobs objects show them
+        self._mailbox: Mailbox | None = None
+
+    def mailbox(self) -> Mailbox:
+        """The running event loop's mailbox for events from the decode thread."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = Mailbox(loop)
+        return self._mailbox
 
 
 SERVED_ROUTES = "GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions"
@@ -152,7 +162,7 @@ async def _server_error(request: HttpRequest, exc: Exception) -> Response:
 
 
 async def _generate(request: HttpRequest, served: Served, body, prompts: list[list[int]], chat: bool) -> Response:
-    loop = asyncio.get_running_loop()
+    mailbox = served.mailbox()
     queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
     stop_ids = frozenset()
     if chat:  # a reply ends at the format's end-of-turn ids; gptoss's own format also cuts at a new turn's start
@@ -161,8 +171,7 @@ async def _generate(request: HttpRequest, served: Served, body, prompts: list[li
 
     def emitter(index: int):
         def emit(event: Event) -> None:
-            with contextlib.suppress(RuntimeError):  # the event loop is gone (shutdown): nobody to tell
-                loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+            mailbox.post(queue, (index, event))
 
         return emit
 
@@ -295,20 +304,26 @@ async def _stream(
         for i, score in enumerate(scores):  # echo without logprobs: the prompt needs no scoring
             if score.prefix and not jobs[i].echo:
                 yield chunk(i, score.prefix)
-        finished = 0
-        while finished < len(jobs):
-            index, event = await queue.get()
-            if isinstance(event, Token):
-                yield chunk(index, event.text, logprobs=scores[index].token_chunk(event.logprob, event.text))
-            elif isinstance(event, Prompt):
-                yield chunk(index, scores[index].prefix, logprobs=scores[index].prompt_chunk(event.logprobs))
-            elif isinstance(event, Done):
-                finished += 1
-                info["tokens"][1] += event.completion_tokens
-                yield chunk(index, None, event.reason)
-            else:
-                yield _sse(_failure(event).body())
-                break
+        finished, failed = 0, False
+        while finished < len(jobs) and not failed:
+            events = [await queue.get()]
+            while not queue.empty():  # what is ready goes out in one write
+                events.append(queue.get_nowait())
+            out = []
+            for index, event in events:
+                if isinstance(event, Token):
+                    out.append(chunk(index, event.text, logprobs=scores[index].token_chunk(event.logprob, event.text)))
+                elif isinstance(event, Prompt):
+                    out.append(chunk(index, scores[index].prefix, logprobs=scores[index].prompt_chunk(event.logprobs)))
+                elif isinstance(event, Done):
+                    finished += 1
+                    info["tokens"][1] += event.completion_tokens
+                    out.append(chunk(index, None, event.reason))
+                else:
+                    out.append(_sse(_failure(event).body()))
+                    failed = True
+                    break
+            yield "".join(out)
         if include_usage:
             yield _sse({**head, "choices": [], "usage": _usage(info["tokens"])})
         yield "data: [DONE]\n\n"

@@ -2,8 +2,9 @@
 
 Requests wait in a bounded queue and join the running batch between decode steps. Each loop iteration
 1. drops requests whose client went away (their slot is free for the next one at once),
-2. prefills at most `prefill_chunk` prompt tokens in chunks: the rest of the joining request's prompt,
-   then (while tokens are left) the next waiting requests', each in its own slot and its own forward,
+2. prefills at most `prefill_chunk` prompt tokens: the rest of the joining request's prompt, then (while
+   tokens are left) the next waiting requests': those whose whole prompts fit together in one right-padded
+   forward (slots.py), each in its own slot, their first tokens sampled at once; a longer one in chunks,
 3. runs one (R, 1) decode forward over every running request, each at its own position, and samples
    each row with that request's settings and its own torch.Generator,
 so a long prompt delays the others by one chunk per step, not by its whole prefill. A request leaves
@@ -26,78 +27,23 @@ event; one with `generate` off is only prefilled (scored) and is done without sa
 from __future__ import annotations
 
 import collections
-import itertools
 import math
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from tokenizers import Tokenizer
 
-from ..config import InferConfig
 from ..errors import GptossError
 from ..infer.decode import DecodeState, failure, next_tokens
 from ..infer.logprobs import TokenLogprob
 from ..infer.sampling import NON_FINITE
 from ..model import Transformer
 from .logprobs import prompt_logprobs, sampled
+from .requests import Done, EngineClosed, Event, Failed, Prompt, QueueFull, Request, Token
 from .slots import SlotKVCache
 
-
-class QueueFull(GptossError):
-    """The waiting queue is at --max-queue: the client should retry later."""
-
-
-class EngineClosed(GptossError):
-    """The server is shutting down and takes no new requests."""
-
-
-@dataclass
-class Token:
-    text: str  # newly releasable text (may be empty: an unfinished character or a held-back stop prefix)
-    token_id: int
-    logprob: TokenLogprob | None = None  # when the request asked for logprobs
-
-
-@dataclass
-class Prompt:
-    logprobs: list[TokenLogprob]  # of prompt tokens 1.. (the first has none): sent once it is prefilled (echo)
-
-
-@dataclass
-class Done:
-    reason: str  # stop (EOS, a stop id or string) | length (max_tokens or the context)
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: list[int]
-    text: str
-
-
-@dataclass
-class Failed:
-    message: str
-    shutdown: bool = False  # the server stopped before the request finished (not the request's fault)
-
-
-Event = Token | Prompt | Done | Failed
-
-
-@dataclass(eq=False)
-class Request:
-    prompt: list[int]
-    params: InferConfig  # this request's settings: the run's infer defaults with the request's fields
-    emit: Callable[[Event], None]
-    stop_ids: frozenset[int] = frozenset()  # besides EOS: e.g. the chat format's end-of-turn ids
-    logprobs: int | None = None  # a log-probability per sampled token with this many alternatives (None: off)
-    echo: bool = False  # the prompt tokens' log-probabilities too (with `logprobs` alternatives each)
-    generate: bool = True  # False: only score the prompt (echo with max_tokens 0)
-    cancelled: bool = False  # set from the HTTP side when the client disconnects
-    id: int = field(default_factory=itertools.count().__next__)
-
-    def cancel(self) -> None:
-        self.cancelled = True
+__all__ = ["Done", "Engine", "EngineClosed", "Event", "Failed", "Prompt", "QueueFull", "Request", "Token"]
 
 
 class _Running:
@@ -199,22 +145,80 @@ class Engine:
         self._drop_cancelled()
         budget = self.prefill_chunk  # prompt tokens this step may prefill, over one or more joining requests
         while budget > 0:
-            if self._joining is None and len(self._decoding) < self.max_batch:
-                with self._wake:
-                    request = self._waiting.popleft() if self._waiting else None
-                if request is not None:
-                    try:  # its generator, penalty mask, text stream: what fails here is this request's alone
-                        joining = self._start(request)
-                    except Exception as err:
-                        self._fail(request, failure(err))
-                        continue
-                    self._joining = joining
-                    self.cache.reset(len(self._decoding))
             if self._joining is None:
-                break
+                group = self._take_group(budget)
+                if len(group) > 1:  # whole prompts, prefilled together: they join the decoding rows at once
+                    budget -= self._prefill_group(group)
+                    continue
+                self._joining = group[0] if group else self._take_one()
+                if self._joining is None:
+                    break
+                self.cache.reset(len(self._decoding))
             budget -= self._prefill_chunk(budget)
         if self._decoding:
             self._decode()
+
+    def _take_one(self) -> _Running | None:
+        """The next waiting request, started, when a slot is free (its prompt is then prefilled in chunks)."""
+        while len(self._decoding) < self.max_batch:
+            with self._wake:
+                request = self._waiting.popleft() if self._waiting else None
+            if request is None:
+                return None
+            try:  # its generator, penalty mask, text stream: what fails here is this request's alone
+                return self._start(request)
+            except Exception as err:
+                self._fail(request, failure(err))
+        return None
+
+    def _take_group(self, budget: int) -> list[_Running]:
+        """The next waiting requests, in order, that can be prefilled together: a free slot each, whole prompts
+        within `budget` tokens in all, at most half of the padded (J, T) chunk padding, and no echo (which
+        scores every position's logits)."""
+        group: list[_Running] = []
+        tokens = width = 0
+        while len(self._decoding) + len(group) < self.max_batch:
+            with self._wake:
+                request = self._waiting[0] if self._waiting else None
+                n = len(request.prompt) if request is not None else 0
+                if not n or request.echo or not request.generate or tokens + n > budget:
+                    break
+                if (len(group) + 1) * max(width, n) > 2 * (tokens + n):
+                    break
+                self._waiting.popleft()
+            try:
+                group.append(self._start(request))
+            except Exception as err:
+                self._fail(request, failure(err))
+                continue
+            tokens, width = tokens + n, max(width, n)
+        return group
+
+    def _prefill_group(self, group: list[_Running]) -> int:
+        """Prefill whole prompts into slots D..D+J-1 in one right-padded (J, T) forward and sample their first
+        tokens: they become decoding rows D..D+J-1. Returns the prompt tokens prefilled."""
+        base = len(self._decoding)
+        for slot in range(base, base + len(group)):
+            self.cache.reset(slot)
+        prompts = [run.request.prompt for run in group]
+        width = max(map(len, prompts))
+        try:
+            tokens = [p + [0] * (width - len(p)) for p in prompts]  # (J, T), padded with any id
+            positions = [list(range(len(p))) + [-1] * (width - len(p)) for p in prompts]  # -1: padding
+            last = torch.tensor([[len(p) - 1] for p in prompts], device=self.device)  # (J, 1)
+            self.cache.select(base, base + len(group), width, padded=True)
+            logits = self.model(self._ids(tokens), self._ids(positions), self.cache, logits_at=last).logits[:, 0]
+            lost = {}
+        except Exception as err:
+            logits, lost = self._forward_one_by_one(err, base, group)
+        for run in group:
+            run.prefilled = run.pos
+        self._decoding += group
+        self._sample(base, logits, lost)
+        return sum(map(len, prompts))
+
+    def _ids(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
 
     def _start(self, request: Request) -> _Running:
         state = DecodeState.start(
@@ -311,23 +315,32 @@ class Engine:
         self.cache.select(start, stop, max(r.pos for r in rows) + 1)
         return self.model(tokens, positions, self.cache).logits[:, -1]
 
-    def _forward_one_by_one(self, err: Exception) -> tuple[torch.Tensor, dict[int, str]]:
+    def _forward_one_by_one(
+        self, err: Exception, base: int = 0, group: list[_Running] | None = None
+    ) -> tuple[torch.Tensor, dict[int, str]]:
         """After the batched forward failed: each row alone, so a failure that belongs to one request (or that
         a smaller batch avoids, like running out of memory) fails only the rows that still fail on their own.
         Rewriting a row's keys at the same positions is idempotent, so what the failed step wrote is harmless.
-        Returns the logits (R, V) (zeros for failed rows) and {row: message} for the failed ones."""
-        rows = self._decoding
+        The decoding rows, or with `group` the prompts being prefilled together into slots base.. (each is
+        then prefilled whole, alone). Returns the logits (R, V) (zeros for failed rows) and {row: message}."""
+        rows = self._decoding if group is None else group
+        what = "decode step" if group is None else "prefill"
         print(
-            f"serve: a decode step of {len(rows)} requests failed ({type(err).__name__}: {err}); "
-            "running them one by one",
+            f"serve: a {what} of {len(rows)} requests failed ({type(err).__name__}: {err}); running them one by one",
             file=sys.stderr,
             flush=True,
         )
         logits = torch.zeros(len(rows), self.model.config.vocab_size, device=self.device)
         failed: dict[int, str] = {}
-        for i in range(len(rows)):
+        for i, run in enumerate(rows):
             try:
-                logits[i] = self._forward(i, i + 1)[0]
+                if group is None:
+                    logits[i] = self._forward(i, i + 1)[0]
+                    continue
+                prompt = run.request.prompt
+                self.cache.select(base + i, base + i + 1, len(prompt))
+                positions = torch.arange(len(prompt), device=self.device)[None]
+                logits[i] = self.model(self._ids([prompt]), positions, self.cache, last_only=True).logits[0, -1]
             except Exception as row_err:
                 failed[i] = failure(row_err)
         return logits, failed
@@ -341,6 +354,12 @@ class Engine:
             logits, lost = self._forward_one_by_one(err)
         for r in rows:
             r.pos += 1
+        self._sample(0, logits, lost)
+
+    def _sample(self, first: int, logits: torch.Tensor, lost: dict[int, str]) -> None:
+        """Decoding rows first.. sample from their logits (R, V) fp32 and take their tokens; rows whose forward
+        failed (`lost`, by index from `first`) or whose sampling fails are failed; done rows leave."""
+        rows = self._decoding[first:]
         picked, failed = next_tokens(logits, [r.state for r in rows])  # a failing row fails alone
         failed |= lost  # rows whose forward failed on their own
         entries = sampled(logits, [None if i in failed else r.request.logprobs for i, r in enumerate(rows)], picked)
@@ -352,7 +371,7 @@ class Engine:
             elif self._accept_or_fail(r, picked[i], entries.get(i)):
                 finished.append(i)
         for i in reversed(finished):
-            self._leave(i)
+            self._leave(first + i)
 
     def _accept_or_fail(self, run: _Running, token: int, logprob: TokenLogprob | None = None) -> bool:
         """_accept, with a failure (in detokenising, in the request's own callback) failing only this request."""

@@ -8,6 +8,10 @@ different lengths decode together in one (R, 1) forward and the mask (built from
 row to its own keys. The engine keeps the decoding rows packed at 0..R-1 (`move` fills a finished
 request's slot with the last row), so a step reads a slice, never a gather. It implements the model's
 KVCacheProtocol (model/kv_cache.py).
+
+Several prompts of different lengths are prefilled in one (R, T) forward as right-padded rows: a padding
+token has position -1, is never written (only real tokens are, with index_put_), and as a key it is
+invisible (-1 = empty); as a query it sees nothing but the sink, and its output is thrown away.
 """
 
 from __future__ import annotations
@@ -35,17 +39,21 @@ class SlotKVCache:
         self.pos_ring = torch.full((slots, ring), -1, dtype=torch.long, device=device)
         self._rows = slice(0, 0)
         self._end = 0
+        self._padded = False
+        # padded rows: (row, column) in the chunk of the tokens written, and (row, index) where they go
+        self._full_at = self._ring_at = self._full_put = self._ring_put = None
         self._positions = self._ring_dst = None
         self._ring_src = slice(0, 0)
 
     def positions(self, batch: int, t: int, device: torch.device) -> torch.Tensor:
         raise ValueError("every slot has its own positions: pass them to the model")
 
-    def select(self, start: int, stop: int, end: int) -> None:
-        """The next forward covers rows start..stop-1; `end` = 1 + the largest position it writes."""
+    def select(self, start: int, stop: int, end: int, padded: bool = False) -> None:
+        """The next forward covers rows start..stop-1; `end` = 1 + the largest position it writes. `padded`:
+        some rows end in padding (position -1)."""
         if end > self.max_length:
             raise ValueError(f"KV cache slots hold {self.max_length} tokens; position {end - 1} does not fit")
-        self._rows, self._end = slice(start, stop), end
+        self._rows, self._end, self._padded = slice(start, stop), end, padded
 
     def reset(self, slot: int) -> None:
         """Empty one slot for a new request: stale keys are masked by their -1 positions."""
@@ -67,10 +75,13 @@ class SlotKVCache:
         t = positions.shape[1]
         self._positions = positions
         pos_full = self.pos_full[self._rows]  # a view: scatter_ writes into the cache
-        pos_full.scatter_(1, positions, positions)
         pos_ring = self.pos_ring[self._rows]
         kpos_ring = torch.cat([pos_ring, positions], dim=1)  # read before the chunk overwrites the ring
         ring = pos_ring.shape[1]
+        if self._padded:
+            self._begin_padded(positions, pos_full, pos_ring)
+            return pos_full[:, : self._end], kpos_ring
+        pos_full.scatter_(1, positions, positions)
         if ring:
             keep = min(t, ring)  # only a row's last `ring` tokens survive in its ring
             self._ring_src = slice(t - keep, t)
@@ -78,9 +89,31 @@ class SlotKVCache:
             pos_ring.scatter_(1, self._ring_dst, positions[:, self._ring_src])
         return pos_full[:, : self._end], kpos_ring
 
+    def _begin_padded(self, positions: torch.Tensor, pos_full: torch.Tensor, pos_ring: torch.Tensor) -> None:
+        """begin() for right-padded rows: (row, column) of each real token, and of the last `ring` real tokens
+        of each row for the ring, so that only those are written (index_put_), padding nowhere."""
+        real = positions >= 0  # (R, T)
+        at = real.nonzero(as_tuple=True)
+        self._full_at, self._full_put = at, (at[0], positions[at])
+        pos_full.index_put_(self._full_put, positions[at])
+        ring = pos_ring.shape[1]
+        if ring:
+            last = positions.max(dim=1, keepdim=True).values  # (R, 1) a row's last real position
+            at = (real & (positions > last - ring)).nonzero(as_tuple=True)  # distinct ring indices per row
+            self._ring_at, self._ring_put = at, (at[0], positions[at] % ring)
+            pos_ring.index_put_(self._ring_put, positions[at])
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (R, T, NKV, D) of the current chunk -> the keys and values this layer attends over."""
         kc, vc = self.k[layer][self._rows], self.v[layer][self._rows]
+        if self._padded:
+            sliding = self.config.is_sliding(layer)
+            if sliding:
+                k_all, v_all = torch.cat([kc, k], dim=1), torch.cat([vc, v], dim=1)  # read before overwriting
+            at, dst = (self._ring_at, self._ring_put) if sliding else (self._full_at, self._full_put)
+            kc.index_put_(dst, k[at])
+            vc.index_put_(dst, v[at])
+            return (k_all, v_all) if sliding else (kc[:, : self._end], vc[:, : self._end])
         if self.config.is_sliding(layer):
             k_all = torch.cat([kc, k], dim=1)  # (R, ring+T, NKV, D), read before overwriting
             v_all = torch.cat([vc, v], dim=1)

@@ -1,6 +1,6 @@
 """The clamped interleaved SwiGLU and the MoE block against a slow per-token float64 reference (top-k on
 raw logits, then a softmax over the chosen experts, bias inside the weighted sum), every backend against the
-loop (outputs and gradients, an idle expert included), the inference and traced decode paths, and the
+loop (outputs and gradients, an idle expert included), the inference, padded and traced decode paths, and the
 load-balancing and z losses computed by hand.
 """
 
@@ -163,6 +163,19 @@ def test_moe_traced_decode_path_matches_reference(monkeypatch, batch):
         got, stats = block(x)
     assert_close(got, moe_ref(block, x), rtol=MLP_RTOL)
     assert stats.counts.sum().item() == batch * 2
+
+
+@pytest.mark.parametrize("rows", [5, 16, 60])  # 60 rows: some expert gets more than PADDED_ROWS, the loop runs
+def test_moe_padded_decode_step_matches_reference(rows):
+    """A decode step of many rows (T = 1) runs every expert's rows padded to the busiest one's in one bmm."""
+    from gptoss_cli.model import moe
+
+    block = make_mlp(seed=5, num_experts=4, experts_per_token=2, moe_backend="fused_loop").eval()
+    x = torch.randn(rows, 1, 32, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        got, stats = block(x)
+    assert_close(got, moe_ref(block, x), rtol=MLP_RTOL)
+    assert (stats.counts.max().item() > moe.PADDED_ROWS) == (rows == 60)
 
 
 def test_aux_loss_matches_hand_computation():

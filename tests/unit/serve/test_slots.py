@@ -74,3 +74,33 @@ def test_slots_decode_rows_of_different_lengths_like_full_forwards(torch_one_thr
     seqs = [seqs[2], seqs[1]]
     for _ in range(5):
         decode_all(seqs)
+
+
+@torch.inference_mode()
+def test_slots_prefill_right_padded_rows_together_like_full_forwards(torch_one_thread):
+    """Prompts of different lengths prefilled in one (R, T) forward, shorter rows padded with position -1:
+    each row's logits at its last token are a full forward's, nothing is written for the padding, and the
+    rows then decode together as if each had been prefilled alone (also a row longer than the window)."""
+    model = _model()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (3, 9, 6)]  # 9 > window 4
+    cache = SlotKVCache(model.config, slots=5, max_length=48, dtype=torch.float32, device="cpu")
+    # Slots 1..3 (not 0: the forward covers a range of rows in the middle).
+    width = max(len(p) for p in prompts)
+    tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])  # (3, 9)
+    positions = torch.tensor([list(range(len(p))) + [-1] * (width - len(p)) for p in prompts])
+    cache.select(1, 4, width, padded=True)
+    last = torch.tensor([[len(p) - 1] for p in prompts])
+    logits = model(tokens, positions, cache, logits_at=last).logits[:, 0]  # (3, V)
+    for i, p in enumerate(prompts):
+        _close(logits[i], _reference(model, p))
+        assert (cache.pos_full[1 + i] >= 0).sum() == len(p)  # the padding wrote nothing
+        assert (cache.pos_ring[1 + i] >= 0).sum() == min(len(p), 4)
+    seqs = [list(p) + [int(logits[i].argmax())] for i, p in enumerate(prompts)]
+    for _ in range(6):
+        rows = torch.tensor([[r[-1]] for r in seqs]), torch.tensor([[len(r) - 1] for r in seqs])
+        cache.select(1, 4, max(len(r) for r in seqs))
+        step = model(*rows, cache).logits[:, -1]
+        for i, r in enumerate(seqs):
+            _close(step[i], _reference(model, r))
+            r.append(int(step[i].argmax()))
