@@ -44,6 +44,23 @@ def eager_attention(q, k, v, sinks, mask, scale):
     return torch.matmul(probs, v.float()).to(q.dtype)
 
 
+def decode_attention(q, k, v, sinks, mask, scale):
+    """eager_attention for a compiled one-token step: q (B, NH, 1, D) against the whole cache.
+
+    The query heads of one KV head are grouped, (B, NKV, G, D), so the cached keys and values are read
+    in place instead of repeated per query head; inductor fuses the few small ops into one loop each,
+    where scaled_dot_product_attention would be an opaque call with the sink key concatenated onto a
+    copy of the whole cache in every layer, every token (docs/performance.md)."""
+    b, nh, t, d = q.shape
+    nkv = k.shape[1]
+    qg = q.float().view(b, nkv, (nh // nkv) * t, d)  # (B, NKV, G*T, D): t == 1 here, so rows are heads
+    scores = torch.einsum("bngd,bnsd->bngs", qg, k.float()) * scale  # (B, NKV, G, S)
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S) broadcasts over the groups
+    sink = sinks.float().view(1, nkv, nh // nkv, 1).expand(b, -1, -1, 1)
+    probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    return torch.einsum("bngs,bnsd->bngd", probs, v.float()).reshape(b, nh, t, d).to(q.dtype)
+
+
 def sdpa_attention(q, k, v, sinks, mask, scale):
     """Same contract as eager_attention, through F.scaled_dot_product_attention (exact sinks)."""
     b, nh, t, d = q.shape
@@ -137,6 +154,8 @@ class AttentionBlock(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T or S, D)
         if cache is None and self.banded_from is not None and t >= self.banded_from:
             o = banded_sdpa_attention(q, k, v, self.sinks, mask, self.scale, self.sliding_window)
+        elif t == 1 and cache is not None and torch.compiler.is_compiling():  # the compiled decode step
+            o = decode_attention(q, k, v, self.sinks, mask, self.scale)
         else:
             o = self.kernel(q, k, v, self.sinks, mask, self.scale)  # (B, NH, T, D)
         return x + self.out(o.transpose(1, 2).reshape(b, t, nh * d))

@@ -201,8 +201,10 @@ def _experts_per_token(tokens, top_idx, weights, w1, b1, w2, b2, limit):
         # graph break (a break roughly doubles the compiled step's time per token; docs/performance.md).
         dt = tokens.dtype
         if top_idx.numel() < w1.shape[0]:  # fewer assignments than experts: read only the chosen ones
-            h = torch.einsum("nh,nkoh->nko", tokens, _gather(w1, top_idx, dt)) + b1[top_idx]  # (N, k, 2I)
-            y = torch.einsum("nki,nkhi->nkh", swiglu(h, limit), _gather(w2, top_idx, dt)) + b2[top_idx]  # (N, k, H)
+            # Products and sums rather than einsum: inductor then fuses the gather of the chosen experts into
+            # the reduction, reading their rows in place (einsum lowers to a bmm over a gathered copy).
+            h = (tokens[:, None, None, :] * _gather(w1, top_idx, dt)).sum(-1) + b1[top_idx]  # (N, k, 2I)
+            y = (swiglu(h, limit)[:, :, None, :] * _gather(w2, top_idx, dt)).sum(-1) + b2[top_idx]  # (N, k, H)
             return (y.float() * weights[..., None]).sum(1)
         # A larger batch: every expert's weights are read once, for all rows, with zero weights where
         # the expert was not chosen (cheaper than gathering a copy of the weights per assignment).

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gptoss_cli.model import Transformer, attention_mask
-from gptoss_cli.model.attention import banded_sdpa_attention, eager_attention, sdpa_attention
+from gptoss_cli.model.attention import banded_sdpa_attention, decode_attention, eager_attention, sdpa_attention
 from tests.conftest import assert_close, max_diff, randomise
 from tests.unit.model.references import (
     ATTN_RTOL,
@@ -140,6 +140,22 @@ def test_sdpa_matches_eager_outputs_and_grads(case):
     for name, a, b in zip(("q", "k", "v", "sinks"), ge, gs, strict=True):
         assert_close(b, a, rtol=2 * ATTN_RTOL, what=name)  # backward: twice the forward's reductions
     assert ge[3].abs().max() > 1e-3  # the sink gradient is exercised
+
+
+@pytest.mark.parametrize(("nh", "window"), [(4, 6), (8, 0), (2, 6)])  # 2, 4 and 1 query heads per KV head
+def test_decode_attention_matches_the_reference(nh, window):
+    """The compiled decode step's attention: one query per row against a cache with an empty slot, the
+    query heads of each KV head grouped instead of the keys repeated."""
+    q_pos = torch.tensor([[19], [15]])
+    k_pos = torch.tensor([[12, 13, 14, -1, 15, 16, 17, 18, 19], [-1, -1, 10, 11, 12, 13, 14, 15, -1]])
+    mask = attention_mask(q_pos, k_pos, window)  # (2, 1, 1, 9)
+    q, _, _, sinks = attention_inputs(seed=5, nh=nh, t=1)
+    _, k, v, _ = attention_inputs(seed=6, nh=nh, t=9)
+    scale = 1 / math.sqrt(16)
+    got = decode_attention(q, k, v, sinks, mask, scale)
+    assert got.shape == q.shape
+    assert_close(got, sink_attention_ref(q, k, v, sinks, mask, scale), rtol=ATTN_RTOL)
+    assert_close(got, eager_attention(q, k, v, sinks, mask, scale), rtol=ATTN_RTOL)
 
 
 @pytest.mark.parametrize(("t", "window"), [(20, 6), (24, 6), (37, 5)])

@@ -76,6 +76,20 @@ def test_kv_cache_decode_equals_full_forward(total, backend):
                 assert_close(got, full, rtol=MODEL_RTOL, what=str((prefill, step, max_length)))
 
 
+@pytest.mark.parametrize("moe_backend", ["fused_loop", "loop"])
+def test_the_traced_decode_step_equals_full_forward(monkeypatch, moe_backend):
+    """The branches a compiled one-token step takes (grouped-query decode attention, experts indexed by
+    tensor), run eagerly with is_compiling patched, across the sliding window and a ring wrap."""
+    total = 3 * W + 2
+    model = Transformer(small_config(num_hidden_layers=2, sliding_window=W, moe_backend=moe_backend)).eval()
+    randomise(model, **SCALES)
+    ids = torch.randint(0, 64, (2, total), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids).logits
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert_close(_cached_logits(model, ids, 3, 1, total), full, rtol=MODEL_RTOL)
+
+
 def test_kv_cache_overflow_raises():
     model = Transformer(small_config()).eval()
     cache = KVCache(model.config, 1, 5, torch.float32, "cpu")
