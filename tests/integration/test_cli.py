@@ -211,7 +211,7 @@ def test_help_shows_no_type_for_flags_and_the_element_type_for_repeatable_option
         if "--stop" in rows:
             assert "<str>" in rows["--stop"], rows["--stop"]
     code, out, err = gptoss("infer", "--help")
-    assert "<" not in out.split("--compile", 1)[1].splitlines()[0]  # a flag: no value to show
+    assert "<" not in out.split("--compile", 1)[1].splitlines()[0]  # a flag pair: no value to show
 
 
 def test_usage_errors_are_one_line_naming_the_help(gptoss):

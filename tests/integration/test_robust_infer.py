@@ -1,5 +1,6 @@
 """`gptoss infer` for a first-time user: --prompts-file - reads stdin, the summary line names the checkpoint
-(and so the run) it chose, --compile says it is compiling, and NaN weights end in one error line, exit 2.
+(and so the run) it chose, --compile says it is compiling (the summary: compiled or not, and why),
+and NaN weights end in one error line, exit 2.
 """
 
 from __future__ import annotations
@@ -33,16 +34,28 @@ def test_prompts_file_dash_reads_stdin(gptoss, demo, monkeypatch):
 
 
 def test_compile_says_so_before_it_waits(gptoss, demo, monkeypatch):
-    from gptoss_cli.infer import generate
+    """--compile says so before the wait; without it a short generation runs eagerly; the summary line says
+    which ran and why. torch.compile is the identity here: the message, not a minute of inductor."""
+    import torch
 
-    real = generate.infer
-
-    def eager(*args, compile_decode=False, **kwargs):  # the message, not a minute of torch.compile
-        return real(*args, compile_decode=False, **kwargs)
-
-    monkeypatch.setattr(generate, "infer", eager)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "2", "--compile")
-    assert code == 0 and err.startswith("compiling the decode step (torch.compile)"), err
+    assert code == 0 and err.startswith("compiling the decode step (torch.compile, --compile)"), err
+    assert " compiled (--compile) | " in err, err
+    code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "2")
+    assert code == 0 and "compiling" not in err
+    assert "tokens/s eager (auto: 2 steps < 2048, --compile to compile)" in err, err
+    code, out, err = gptoss("infer", "hello", "--run", demo, "-n", "2", "--no-compile")
+    assert code == 0 and "eager (--no-compile)" in err, err
+
+
+def test_the_automatic_choice_compiles_long_generations():
+    from gptoss_cli.infer.compiled import AUTO_COMPILE_STEPS, compile_choice
+
+    n = AUTO_COMPILE_STEPS
+    assert compile_choice(None, n) == (True, f"auto: {n} steps >= {n}")
+    assert compile_choice(None, AUTO_COMPILE_STEPS - 1)[0] is False
+    assert compile_choice(True, 1) == (True, "--compile") and compile_choice(False, 10**6) == (False, "--no-compile")
 
 
 def test_greedy_on_nan_weights_is_one_error_line(gptoss, demo):

@@ -33,10 +33,12 @@ PromptsFileOpt = Annotated[
     ),
 ]
 CompileOpt = Annotated[
-    bool,
+    bool | None,
     typer.Option(
-        "--compile",
-        help="Compile the decode step (CUDA graphs on CUDA); pays a one-time compile for faster long generations.",
+        "--compile/--no-compile",
+        help="Compile the decode step (CUDA graphs on CUDA): a one-time compile for faster steps. "
+        "Default: compiled for generations of 2048 steps or more; the summary line says which ran.",
+        show_default=False,
     ),
 ]
 
@@ -56,7 +58,7 @@ def command(
     prompts_file: PromptsFileOpt = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    compile: CompileOpt = False,
+    compile: CompileOpt = None,
     threads: ThreadsOpt = None,
     json: JsonLinesOpt = False,
 ) -> None:
@@ -81,11 +83,13 @@ def command(
             sys.stdout.flush()
             echoed.append(True)
 
-    if compile:
+    def on_compile(why: str) -> None:
         console.print(
-            "compiling the decode step (torch.compile): the first generation waits for it, up to a minute or more",
+            f"compiling the decode step (torch.compile, {why}): seconds when inductor's cache has it, "
+            "up to a minute or more the first time",
             highlight=False,
         )
+
     result = infer(
         prompts,
         run=run,
@@ -94,6 +98,7 @@ def command(
         dtype=dtype,
         on_text=on_text,
         compile_decode=compile,
+        on_compile=on_compile,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
@@ -166,6 +171,7 @@ def _summary_line(result) -> None:
         )
     peak = f"peak memory {s.peak_bytes / 2**20:,.1f} MiB ({s.memory_label})" if s.peak_bytes else "peak memory n/a"
     decode = f"decode {s.decode_tokens_per_s:.1f} tokens/s" if s.decode_tokens_per_s else "decode n/a"
+    decode += f" {s.compile_choice}" if s.compile_choice else ""
     if s.compile_s:
         decode = f"compile {s.compile_s:.1f} s | {decode}"
     batch = f" | batch {s.batch}" if s.batch > 1 else ""

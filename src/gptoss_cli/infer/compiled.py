@@ -17,6 +17,11 @@ import torch
 from ..model import StaticKVCache, Transformer
 
 LENGTH_STEP = 64
+# `infer` without --compile/--no-compile compiles when a generation has at least this many decode steps:
+# about where a first compile of the step (each cache length is its own graph) is paid back by the faster
+# steps on a CPU; a compile inductor has cached on disk costs a fifth of that (docs/performance.md,
+# "Compiled decoding: when it pays").
+AUTO_COMPILE_STEPS = 2048
 # model -> {(batch, cache length, dtype, device): CompiledStep}. Weak: a step holds no reference to its model.
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -60,6 +65,16 @@ class CompiledStep:
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             # A CUDA graph replay overwrites its output buffer: keep a copy of each step's logits.
             return self._compiled(model, self.cache, tokens, positions).clone()
+
+
+def compile_choice(requested: bool | None, steps: int) -> tuple[bool, str]:
+    """(compile the decode step?, why, for the summary line) for a generation of `steps` decode steps;
+    requested: --compile (True), --no-compile (False) or neither (None: chosen from `steps`)."""
+    if requested is not None:
+        return requested, "--compile" if requested else "--no-compile"
+    if steps >= AUTO_COMPILE_STEPS:
+        return True, f"auto: {steps} steps >= {AUTO_COMPILE_STEPS}"
+    return False, f"auto: {steps} steps < {AUTO_COMPILE_STEPS}, --compile to compile"
 
 
 def compiled_step(model: Transformer, batch: int, length: int) -> CompiledStep:

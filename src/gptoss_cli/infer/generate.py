@@ -27,7 +27,7 @@ from ..data.tokenizer import EOS, PAD
 from ..errors import GptossError
 from ..model import KVCache, Transformer
 from ..run.open import LoadedRun, load_run
-from .compiled import compiled_step
+from .compiled import compile_choice, compiled_step
 from .decode import DecodeState, new_generator, next_tokens
 from .sampling import option_label
 
@@ -49,6 +49,7 @@ class GenerationStats:
     context_limited: bool  # max_new_tokens was cut to fit max_context_length
     peak_bytes: int | None = None
     memory_label: str = ""
+    compile_choice: str = ""  # infer(): compiled or eager, and why (compiled.compile_choice)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -251,12 +252,14 @@ def infer(
     device: str = "auto",
     dtype: str = "auto",
     on_text: Callable[[int, str], None] | None = None,
-    compile_decode: bool = False,
+    compile_decode: bool | None = None,
+    on_compile: Callable[[str], None] | None = None,
     **overrides,
 ) -> InferResult:
     """Generate a continuation of every prompt in one batch; `overrides` are InferConfig fields (None = the
-    run config's value). on_text(row, chunk) receives text as it is decoded. Memory goes to
-    RUN/inference-memory.jsonl."""
+    run config's value). on_text(row, chunk) receives text as it is decoded. compile_decode None chooses
+    from the generation's length (compiled.compile_choice); on_compile(why) is told before a compile.
+    Memory goes to RUN/inference-memory.jsonl."""
     from ..memory import MemorySampler
     from ..output import warn
 
@@ -283,6 +286,9 @@ def infer(
         record = sampler.sample(step, tokens=tokens, batch=len(prompts), event="prefill" if step is None else "decode")
         peak[0] = max(peak[0], record.get("peak_bytes", record["rss_bytes"]))
 
+    compiled, why = compile_choice(compile_decode, max(s.budget for s in states))
+    if compiled and on_compile is not None:
+        on_compile(why)
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(loaded.device)
     pad = tok.token_to_id(PAD)
@@ -294,11 +300,12 @@ def infer(
             pad_id=tok.token_to_id(EOS) if pad is None else pad,
             on_text=on_text,
             on_memory=on_memory if sampler else None,
-            compile_decode=compile_decode,
+            compile_decode=compiled,
         )
     finally:
         if sampler:
             sampler.close()
+    stats.compile_choice = f"{'compiled' if compiled else 'eager'} ({why})"
     if sampler:
         stats.peak_bytes = max(peak[0], sampler.peak_bytes())
         stats.memory_label = "GPU, torch peak allocated" if loaded.device.type == "cuda" else "CPU, process RSS"
