@@ -25,11 +25,10 @@ from gptoss_cli.run import checkpoint as ckpt
 from gptoss_cli.run.open import load_run
 from gptoss_cli.train.loop import Trainer, setup_training
 from tests.conftest import assert_close, max_diff, rtol_for, save_demo_run, save_run
-from tests.integration.test_serve import LINES, Server, _tokenizer
+from tests.integration.test_serve import LINES, _tokenizer, assert_serves_as_infer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
-openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 PROMPTS = ["GPT models are", "The quick brown fox", "A sliding window keeps only the most recent"]
@@ -158,15 +157,7 @@ def test_chat_and_eval_on_a_lora_run_equal_the_merged_run(runs, tmp_path, gptoss
 
 
 def test_serve_on_a_lora_run_answers_as_the_merged_run(runs):
-    server = Server(runs["lora"]).wait_ready()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        for prompt in PROMPTS[:2]:
-            answer = client.completions.create(model="lora", prompt=prompt, max_tokens=8, temperature=0)
-            expected = infer([prompt], run=runs["merged"], device="cpu", temperature=0.0, max_new_tokens=8)
-            assert answer.choices[0].text == expected.completions[0].text
-    finally:
-        assert server.stop() == 0, server.stderr()
+    assert_serves_as_infer(runs["lora"], "lora", runs["merged"], PROMPTS[:2])
 
 
 def test_a_packed_base_is_merged_packed_again_with_the_lost_update_reported(runs, tmp_path, gptoss):

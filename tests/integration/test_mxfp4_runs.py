@@ -26,10 +26,9 @@ from gptoss_cli.model.mxfp4 import PackedExperts
 from gptoss_cli.run.checkpoint import resolve_checkpoint
 from gptoss_cli.run.open import load_run
 from tests.conftest import assert_close, rtol_for, save_demo_run
-from tests.integration.test_serve import LINES, Server, _tokenizer
+from tests.integration.test_serve import LINES, _tokenizer, assert_serves_as_infer
 
 transformers = pytest.importorskip("transformers")
-openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 PROMPTS = ["GPT models are", "The quick brown fox", "A sliding window keeps only the most recent"]
@@ -109,15 +108,7 @@ def test_eval_on_a_packed_run_equals_the_decoded_run(runs, tmp_path, gptoss, iso
 
 
 def test_serve_on_a_packed_run_answers_as_infer(runs):
-    server = Server(runs["packed"]).wait_ready()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        for prompt in PROMPTS[:2]:
-            answer = client.completions.create(model="packed", prompt=prompt, max_tokens=8, temperature=0)
-            expected = infer([prompt], run=runs["packed"], device="cpu", temperature=0.0, max_new_tokens=8)
-            assert answer.choices[0].text == expected.completions[0].text
-    finally:
-        assert server.stop() == 0, server.stderr()
+    assert_serves_as_infer(runs["packed"], "packed", runs["packed"], PROMPTS[:2])
 
 
 def test_export_of_a_packed_run_is_byte_identical_and_loads_in_transformers(runs, tmp_path, gptoss):

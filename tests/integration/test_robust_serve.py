@@ -260,7 +260,8 @@ def _engine_run(run: Path, requests: list[tuple[str, InferConfig]], patch=None) 
     """Run `requests` through one in-process Engine together; `patch(model)` may wrap its forward.
     Returns ({index: last event}, engine.counts)."""
     from gptoss_cli.run.open import load_run
-    from gptoss_cli.serve.engine import Done, Engine, Failed, Request
+    from gptoss_cli.serve.engine import Engine
+    from gptoss_cli.serve.requests import Done, Failed, Request
 
     loaded = load_run(run, device="cpu")
     tok = loaded.tokenizer

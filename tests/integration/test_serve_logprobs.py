@@ -255,7 +255,8 @@ def test_a_scored_prompt_with_non_finite_logits_fails_alone(run, loaded):
     import copy
 
     from gptoss_cli.infer.sampling import NON_FINITE
-    from gptoss_cli.serve.engine import Engine, Failed, Request
+    from gptoss_cli.serve.engine import Engine
+    from gptoss_cli.serve.requests import Failed, Request
 
     broken = copy.deepcopy(loaded.model)
     with torch.no_grad():

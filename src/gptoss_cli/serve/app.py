@@ -32,12 +32,13 @@ from starlette.routing import Route
 from ..config import InferConfig
 from ..data.chat_format import ChatFormat
 from .admission import PromptEncoder, check_model, parse_body, sampling_params
-from .engine import Done, Engine, EngineClosed, Event, Failed, Prompt, QueueFull, Request, Token
+from .engine import Engine
 from .limits import DEFAULT_MAX_BODY, BodyLimit
 from .logprobs import ChoiceLogprobs, TokenPieces
 from .mailbox import Mailbox
 from .middleware import Auth, RequestLog
 from .protocol import ApiError, ChatRequest, CompletionRequest
+from .requests import Done, EngineClosed, Event, Failed, Prompt, QueueFull, Request, Token
 
 POLL_S = 0.5  # how often a non-streaming request checks whether its client is still there
 

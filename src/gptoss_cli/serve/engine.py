@@ -13,15 +13,13 @@ DecodeState of infer/decode.py, the decode core infer and chat use too: the same
 logits, its own generator seeded from its seed, so its tokens are those `gptoss infer` gives alone.
 
 Events go back through each request's `emit` callback (called on this thread; the HTTP side hands them
-to its event loop). A failing request is answered with an error and dropped; the loop carries on. What can
-fail for one request (its generator and seed, its sampling, its text, its callback) is done per request, and
-when the batched forward itself fails, every row is run again alone: only the rows that still fail are
-failed, so one request cannot end the others' generations.
+to its event loop). What can fail for one request (its generator and seed, its sampling, its text, its
+callback) is done per request, and when the batched forward fails, every row is run again alone: only
+the rows that still fail are answered with an error, so one request cannot end the others' generations.
 
-Log-probabilities (serve/logprobs.py) cost nothing unless a request asks: a request with `logprobs` gets
-one for each sampled token (an end-of-text or stop id included) with its Token event; one with `echo`
-is prefilled with every position's logits, not only the last, and gets its prompt tokens' in a Prompt
-event; one with `generate` off is only prefilled (scored) and is done without sampling.
+Log-probabilities (serve/logprobs.py) cost nothing unless asked for: `logprobs` adds one to each Token
+event (end-of-text and stop ids too); `echo` prefills with every position's logits and sends the prompt's
+in a Prompt event; `generate` off only prefills (scores) the prompt.
 """
 
 from __future__ import annotations
@@ -40,10 +38,8 @@ from ..infer.logprobs import TokenLogprob
 from ..infer.sampling import NON_FINITE
 from ..model import Transformer
 from .logprobs import prompt_logprobs, sampled
-from .requests import Done, EngineClosed, Event, Failed, Prompt, QueueFull, Request, Token
+from .requests import Done, EngineClosed, Failed, Prompt, QueueFull, Request, Token
 from .slots import SlotKVCache
-
-__all__ = ["Done", "Engine", "EngineClosed", "Event", "Failed", "Prompt", "QueueFull", "Request", "Token"]
 
 
 class _Running:

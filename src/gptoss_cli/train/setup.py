@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -388,8 +389,6 @@ def _switches(t: TrainConfig) -> dict:
 def training_autocast(precision: str, device: torch.device, info: distributed.DistInfo | None = None):
     """The context each forward runs in: autocast to bf16 for bf16-mixed, except under FSDP2 on CUDA, whose
     mixed-precision policy does it (distributed.wrap); nothing otherwise."""
-    from contextlib import nullcontext
-
     fsdp = info is not None and info.enabled and info.parallel == "fsdp" and device.type == "cuda"
     if precision == "bf16-mixed" and not fsdp:
         return torch.autocast(device.type, dtype=torch.bfloat16)
