@@ -7,7 +7,6 @@ again by default, with the share of the update the rounding loses reported).
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -15,17 +14,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptoss_cli.chat.open import open_chat
-from gptoss_cli.chat.session import run_chat
 from gptoss_cli.config import load_config
-from gptoss_cli.infer.generate import infer
 from gptoss_cli.model import Transformer
 from gptoss_cli.model.mxfp4 import pack_experts
 from gptoss_cli.run import checkpoint as ckpt
 from gptoss_cli.run.open import load_run
 from gptoss_cli.train.loop import Trainer, setup_training
 from tests.conftest import assert_close, max_diff, rtol_for, save_demo_run, save_run
-from tests.integration.test_serve import LINES, _tokenizer, assert_serves_as_infer
+from tests.integration.same_model import (
+    assert_same_chat,
+    assert_same_greedy_tokens,
+    assert_serves_as_infer,
+    eval_results,
+)
+from tests.integration.test_serve import _tokenizer
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -127,30 +129,13 @@ def test_a_lora_run_computes_its_merged_model(runs, lora, merged):
     got, ref = logits(runs[lora], IDS), logits(runs[merged], IDS)
     assert max_diff(got, logits(runs["base"], IDS)) > 1e-2
     assert_close(got, ref, rtol=LOGITS_RTOL)
-    for prompt in PROMPTS:  # greedy decoding through the KV cache, adapters on the fly
-        a = infer([prompt], run=runs[lora], device="cpu", temperature=0.0).completions[0]
-        b = infer([prompt], run=runs[merged], device="cpu", temperature=0.0).completions[0]
-        assert a.token_ids == b.token_ids and a.new_tokens > 0
-    batch = infer(PROMPTS, run=runs[lora], device="cpu", temperature=0.0, dtype="bf16")  # bf16 adapters too
-    assert all(c.new_tokens > 0 for c in batch.completions)
+    assert_same_greedy_tokens(runs[lora], runs[merged], PROMPTS)  # adapters on the fly, through the KV cache
 
 
 def test_chat_and_eval_on_a_lora_run_equal_the_merged_run(runs, tmp_path, gptoss, isolated_cache):
-    replies = {}
-    for name in ("lora", "merged"):
-        out = io.StringIO()
-        session = open_chat(run=runs[name], device="cpu", temperature=0.0, max_new_tokens=8)
-        assert run_chat(session, stdin=io.StringIO("Hello!\nWhat is a token?\n"), stdout=out, say=lambda _: None) == 0
-        replies[name] = out.getvalue()
-    assert replies["lora"] == replies["merged"] and len(replies["lora"].splitlines()) == 2
-    text = tmp_path / "held-out.txt"
-    text.write_text("\n\n".join(LINES) + "\n", encoding="utf-8")
-    results = {}
-    for name in ("lora", "merged", "base"):
-        args = ("--data", text, "--device", "cpu", "--context", 64, "--json")  # the import's seq_len is another
-        code, out, err = gptoss("eval", "--run", runs[name], *args)
-        assert code == 0, err
-        results[name] = json.loads(out.splitlines()[0])
+    assert_same_chat(runs["lora"], runs["merged"])
+    names = ("lora", "merged", "base")  # --context: the import's seq_len is another
+    results = eval_results(gptoss, {name: runs[name] for name in names}, tmp_path, "--context", 64)
     assert results["lora"]["tokens"] == results["merged"]["tokens"] > 0
     assert results["lora"]["loss"] == pytest.approx(results["merged"]["loss"], rel=1e-5)
     assert results["lora"]["loss"] != pytest.approx(results["base"]["loss"], rel=1e-3)

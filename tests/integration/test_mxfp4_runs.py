@@ -9,7 +9,6 @@ with gpt-oss-20b's expert shapes must stay within a shard and a layer of anonymo
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import sys
@@ -19,14 +18,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gptoss_cli.chat.open import open_chat
-from gptoss_cli.chat.session import run_chat
 from gptoss_cli.infer.generate import infer
 from gptoss_cli.model.mxfp4 import PackedExperts
 from gptoss_cli.run.checkpoint import resolve_checkpoint
 from gptoss_cli.run.open import load_run
 from tests.conftest import assert_close, rtol_for, save_demo_run
-from tests.integration.test_serve import LINES, _tokenizer, assert_serves_as_infer
+from tests.integration.same_model import (
+    assert_same_chat,
+    assert_same_greedy_tokens,
+    assert_serves_as_infer,
+    eval_results,
+)
+from tests.integration.test_serve import _tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -77,32 +80,15 @@ def test_build_on_a_run_says_what_it_holds(runs, gptoss):
 
 
 def test_infer_greedy_tokens_equal_the_decoded_run(runs):
-    for prompt in PROMPTS:
-        got = infer([prompt], run=runs["packed"], device="cpu", temperature=0.0).completions[0]
-        ref = infer([prompt], run=runs["decoded"], device="cpu", temperature=0.0).completions[0]
-        assert got.token_ids == ref.token_ids and got.new_tokens > 0
-    batch = infer(PROMPTS, run=runs["packed"], device="cpu", temperature=0.0, dtype="bf16")  # bf16 decode too
-    assert all(c.new_tokens > 0 for c in batch.completions)
+    assert_same_greedy_tokens(runs["packed"], runs["decoded"], PROMPTS)  # bf16 decode too
 
 
 def test_chat_on_a_packed_run(runs):
-    replies = {}
-    for name in ("packed", "decoded"):
-        out = io.StringIO()
-        session = open_chat(run=runs[name], device="cpu", temperature=0.0, max_new_tokens=8)
-        assert run_chat(session, stdin=io.StringIO("Hello!\nWhat is a token?\n"), stdout=out, say=lambda _: None) == 0
-        replies[name] = out.getvalue()
-    assert replies["packed"] == replies["decoded"] and len(replies["packed"].splitlines()) == 2
+    assert_same_chat(runs["packed"], runs["decoded"])
 
 
 def test_eval_on_a_packed_run_equals_the_decoded_run(runs, tmp_path, gptoss, isolated_cache):
-    text = tmp_path / "held-out.txt"
-    text.write_text("\n\n".join(LINES) + "\n", encoding="utf-8")
-    results = {}
-    for name in ("packed", "decoded"):
-        code, out, err = gptoss("eval", "--run", runs[name], "--data", text, "--device", "cpu", "--json")
-        assert code == 0, err
-        results[name] = json.loads(out.splitlines()[0])
+    results = eval_results(gptoss, {name: runs[name] for name in ("packed", "decoded")}, tmp_path)
     assert results["packed"]["tokens"] == results["decoded"]["tokens"] > 0
     assert results["packed"]["loss"] == pytest.approx(results["decoded"]["loss"], rel=1e-5)
 

@@ -145,23 +145,6 @@ class Server:
         return self.proc.returncode
 
 
-def assert_serves_as_infer(run: Path, name: str, reference: Path, prompts: list[str]) -> None:
-    """A server on `run` answers each prompt (8 greedy tokens) as `gptoss infer` does on `reference`."""
-    import openai
-
-    from gptoss_cli.infer.generate import infer
-
-    server = Server(run).wait_ready()
-    try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        for prompt in prompts:
-            answer = client.completions.create(model=name, prompt=prompt, max_tokens=8, temperature=0)
-            expected = infer([prompt], run=reference, device="cpu", temperature=0.0, max_new_tokens=8)
-            assert answer.choices[0].text == expected.completions[0].text
-    finally:
-        assert server.stop() == 0, server.stderr()
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("serve")
