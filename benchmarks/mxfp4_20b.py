@@ -38,6 +38,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from gptoss_cli.interop.names import HF_MXFP4_CONFIG
+
 GIB = 2**30
 # gpt-oss-20b's config.json (the released one's keys and MXFP4 quantization_config).
 CONFIG_20B = {
@@ -70,15 +72,7 @@ CONFIG_20B = {
     "initializer_range": 0.02,
     "hidden_act": "silu",
     "dtype": "bfloat16",
-    "quantization_config": {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": [
-            "model.layers.*.self_attn",
-            "model.layers.*.mlp.router",
-            "model.embed_tokens",
-            "lm_head",
-        ],
-    },
+    "quantization_config": HF_MXFP4_CONFIG,
 }
 
 

@@ -56,6 +56,9 @@ def test_the_automatic_choice_compiles_long_generations():
     assert compile_choice(None, n) == (True, f"auto: {n} steps >= {n}")
     assert compile_choice(None, AUTO_COMPILE_STEPS - 1)[0] is False
     assert compile_choice(True, 1) == (True, "--compile") and compile_choice(False, 10**6) == (False, "--no-compile")
+    from gptoss_cli.commands.infer import CompileOpt
+
+    assert f"generations of {n} steps or more" in CompileOpt.__metadata__[0].help  # --help says the same number
 
 
 def test_greedy_on_nan_weights_is_one_error_line(gptoss, demo):
