@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from gptoss_cli.config import load_config
+from gptoss_cli.data.shards import file_sha256
 from gptoss_cli.errors import GptossError
 from gptoss_cli.model.lora import adapter_tensors, is_adapter
 from gptoss_cli.model.mxfp4 import PackedExperts, pack_experts
 from gptoss_cli.run import checkpoint as ckpt
-from gptoss_cli.run.base import file_sha256
 from gptoss_cli.run.open import load_run
 from gptoss_cli.train.loop import Trainer, setup_training
 from gptoss_cli.transforms import build_model

@@ -17,17 +17,12 @@ or swapped one is hashed and refused unless it holds the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from ..data.shards import file_sha256
 from ..errors import GptossError
 from .layout import MODEL, RunDir
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def record_base(checkpoint: Path, run: RunDir) -> dict:
