@@ -350,18 +350,17 @@ class MLPBlock(nn.Module):
         # A compiled forward is a decode step. A packed expert costs a decode per use, and the per-token path
         # repeats an expert for every token that picks it, so eagerly it only takes one token.
         few = flat.numel() <= (k if packed else n_exp) or torch.compiler.is_compiling()
-        if backend != "grouped_mm" and few and not torch.is_grad_enabled():
-            # Decoding a few tokens: every expert sees at most a row or two, so sorting, gathering and
-            # scattering back cost more than they group. Each token runs its k experts directly.
-            y = _experts_per_token(tokens, top_idx, weights, *params, self.swiglu_limit).to(x.dtype)
+        y = None  # (N, H) fp32 when decoding skips the sort
+        if backend != "grouped_mm" and not torch.is_grad_enabled():
+            if few:
+                # Decoding a few tokens: every expert sees at most a row or two, so sorting, gathering and
+                # scattering back cost more than they group. Each token runs its k experts directly.
+                y = _experts_per_token(tokens, top_idx, weights, *params, self.swiglu_limit)
+            elif t == 1 and backend == "fused_loop":  # a decode step of many rows
+                y = _experts_padded(tokens, top_idx, weights, counts, *params, self.swiglu_limit)
+        if y is not None:
             zero = logits.new_zeros(())
-            return x + y.view(b, t, hidden), RouterStats(zero, zero, counts)
-
-        if t == 1 and backend == "fused_loop" and not torch.is_grad_enabled():  # a decode step of many rows
-            y = _experts_padded(tokens, top_idx, weights, counts, *params, self.swiglu_limit)
-            if y is not None:
-                zero = logits.new_zeros(())
-                return x + y.to(x.dtype).view(b, t, hidden), RouterStats(zero, zero, counts)
+            return x + y.to(x.dtype).view(b, t, hidden), RouterStats(zero, zero, counts)
         order = torch.argsort(flat, stable=True)  # assignments grouped by expert
         # (N*k, H) token rows in expert order. index_select's backward (index_add_) is faster than indexing's
         # on CPU (docs/performance.md); on CUDA it would use atomics, so indexing keeps the backward deterministic.
