@@ -39,7 +39,7 @@ from ..infer.sampling import NON_FINITE
 from ..model import Transformer
 from .logprobs import prompt_logprobs, sampled
 from .requests import Done, EngineClosed, Failed, Prompt, QueueFull, Request, Token
-from .slots import SlotKVCache
+from .slots import SlotKVCache, SlotRows
 
 
 class _Running:
@@ -202,8 +202,8 @@ class Engine:
             tokens = [p + [0] * (width - len(p)) for p in prompts]  # (J, T), padded with any id
             positions = [list(range(len(p))) + [-1] * (width - len(p)) for p in prompts]  # -1: padding
             last = torch.tensor([[len(p) - 1] for p in prompts], device=self.device)  # (J, 1)
-            self.cache.select(base, base + len(group), width, padded=True)
-            logits = self.model(self._ids(tokens), self._ids(positions), self.cache, logits_at=last).logits[:, 0]
+            rows = self.cache.select(base, base + len(group), width, padded=True)
+            logits = self.model(self._ids(tokens), self._ids(positions), rows, logits_at=last).logits[:, 0]
             lost = {}
         except Exception as err:
             logits, lost = self._forward_one_by_one(err, base, group)
@@ -261,8 +261,7 @@ class Engine:
         try:
             tokens = torch.tensor([prompt[start:end]], dtype=torch.long, device=self.device)  # (1, C)
             positions = torch.arange(start, end, device=self.device)[None]  # (1, C)
-            self.cache.select(slot, slot + 1, end)
-            logits = self._prefill_logits(run, tokens, positions, start)  # (1, V)
+            logits = self._prefill_logits(run, tokens, positions, self.cache.select(slot, slot + 1, end))  # (1, V)
             run.prefilled = end
             if end < len(prompt):
                 return end - start
@@ -286,12 +285,15 @@ class Engine:
             self._leave(len(self._decoding) - 1)
         return end - start
 
-    def _prefill_logits(self, run: _Running, tokens: torch.Tensor, positions: torch.Tensor, start: int) -> torch.Tensor:
-        """One prefill chunk's forward -> its last position's logits (1, V). With echo every position's
-        logits (C, V) are computed, and the prompt tokens they predict are scored."""
+    def _prefill_logits(
+        self, run: _Running, tokens: torch.Tensor, positions: torch.Tensor, rows: SlotRows
+    ) -> torch.Tensor:
+        """One prefill chunk's forward over its slot's `rows` -> its last position's logits (1, V). With echo
+        every position's logits (C, V) are computed, and the prompt tokens they predict are scored."""
         if not run.request.echo:
-            return self.model(tokens, positions, self.cache, last_only=True).logits[:, -1]
-        logits = self.model(tokens, positions, self.cache).logits[0]  # (C, V) fp32
+            return self.model(tokens, positions, rows, last_only=True).logits[:, -1]
+        start = run.prefilled
+        logits = self.model(tokens, positions, rows).logits[0]  # (C, V) fp32
         scored = prompt_logprobs(logits, run.request.prompt, start, run.request.logprobs or 0)
         if not all(math.isfinite(e.logprob) for e in scored):  # a scored prompt is answered without sampling
             raise GptossError(NON_FINITE)
@@ -308,8 +310,8 @@ class Engine:
         rows = self._decoding[start:stop]
         tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
         positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
-        self.cache.select(start, stop, max(r.pos for r in rows) + 1)
-        return self.model(tokens, positions, self.cache).logits[:, -1]
+        end = max(r.pos for r in rows) + 1
+        return self.model(tokens, positions, self.cache.select(start, stop, end)).logits[:, -1]
 
     def _forward_one_by_one(
         self, err: Exception, base: int = 0, group: list[_Running] | None = None
@@ -334,9 +336,9 @@ class Engine:
                     logits[i] = self._forward(i, i + 1)[0]
                     continue
                 prompt = run.request.prompt
-                self.cache.select(base + i, base + i + 1, len(prompt))
+                slot = self.cache.select(base + i, base + i + 1, len(prompt))
                 positions = torch.arange(len(prompt), device=self.device)[None]
-                logits[i] = self.model(self._ids([prompt]), positions, self.cache, last_only=True).logits[0, -1]
+                logits[i] = self.model(self._ids([prompt]), positions, slot, last_only=True).logits[0, -1]
             except Exception as row_err:
                 failed[i] = failure(row_err)
         return logits, failed

@@ -2,12 +2,12 @@
 
 Same layout as model/kv_cache.py's KVCache (keys after RoPE, a ring of `sliding_window` slots on sliding
 layers, a buffer on full-attention layers, the absolute position of every slot with -1 = empty), but each
-batch row is a request with its own length. A forward covers a contiguous range of rows (`select`); a
-row's tokens sit at full-layer index = their position and at ring index = position % ring, so rows of
-different lengths decode together in one (R, 1) forward and the mask (built from positions) keeps each
-row to its own keys. The engine keeps the decoding rows packed at 0..R-1 (`move` fills a finished
-request's slot with the last row), so a step reads a slice, never a gather. It implements the model's
-KVCacheProtocol (model/kv_cache.py).
+batch row is a request with its own length. A forward covers a contiguous range of rows: `select` gives
+the SlotRows the model takes as its cache. A row's tokens sit at full-layer index = their position and
+at ring index = position % ring, so rows of different lengths decode together in one (R, 1) forward and
+the mask (built from positions) keeps each row to its own keys. The engine keeps the decoding rows
+packed at 0..R-1 (`move` fills a finished request's slot with the last row), so a step reads a slice,
+never a gather.
 
 Several prompts of different lengths are prefilled in one (R, T) forward as right-padded rows: a padding
 token has position -1, is never written (only real tokens are, with index_put_), and as a key it is
@@ -37,23 +37,13 @@ class SlotKVCache:
             self.v.append(torch.zeros(slots, length, nkv, d, dtype=dtype, device=device))
         self.pos_full = torch.full((slots, max_length), -1, dtype=torch.long, device=device)
         self.pos_ring = torch.full((slots, ring), -1, dtype=torch.long, device=device)
-        self._rows = slice(0, 0)
-        self._end = 0
-        self._padded = False
-        # padded rows: (row, column) in the chunk of the tokens written, and (row, index) where they go
-        self._full_at = self._ring_at = self._full_put = self._ring_put = None
-        self._positions = self._ring_dst = None
-        self._ring_src = slice(0, 0)
 
-    def positions(self, batch: int, t: int, device: torch.device) -> torch.Tensor:
-        raise ValueError("every slot has its own positions: pass them to the model")
-
-    def select(self, start: int, stop: int, end: int, padded: bool = False) -> None:
-        """The next forward covers rows start..stop-1; `end` = 1 + the largest position it writes. `padded`:
-        some rows end in padding (position -1)."""
+    def select(self, start: int, stop: int, end: int, padded: bool = False) -> SlotRows:
+        """The cache a forward over rows start..stop-1 takes; `end` = 1 + the largest position it writes.
+        `padded`: some rows end in padding (position -1)."""
         if end > self.max_length:
             raise ValueError(f"KV cache slots hold {self.max_length} tokens; position {end - 1} does not fit")
-        self._rows, self._end, self._padded = slice(start, stop), end, padded
+        return SlotRows(self, slice(start, stop), end, padded)
 
     def reset(self, slot: int) -> None:
         """Empty one slot for a new request: stale keys are masked by their -1 positions."""
@@ -69,14 +59,38 @@ class SlotKVCache:
         self.pos_full[dst] = self.pos_full[src]
         self.pos_ring[dst] = self.pos_ring[src]
 
+
+class SlotRows:
+    """Rows start..stop-1 of a SlotKVCache for one forward: the model's KVCacheProtocol (model/kv_cache.py).
+
+    A new object per forward, rather than the selection stored on the cache, so that a compiled decode
+    step (serve/compiled.py) can take the row count and the length as symbolic sizes: nothing it creates
+    outlives the graph, and no attribute of a long-lived object changes inside it (which would specialise
+    the graph to one row count and length)."""
+
+    def __init__(self, cache: SlotKVCache, rows: slice, end: int, padded: bool):
+        self.config, self.cache = cache.config, cache
+        self._rows, self._end, self._padded = rows, end, padded
+        # padded rows: (row, column) in the chunk of the tokens written, and (row, index) where they go
+        self._full_at = self._ring_at = self._full_put = self._ring_put = None
+        self._positions = self._ring_dst = None
+        self._ring_src = slice(0, 0)
+
+    def positions(self, batch: int, t: int, device: torch.device) -> torch.Tensor:
+        raise ValueError("every slot has its own positions: pass them to the model")
+
     def begin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (R, T) of the selected rows, consecutive within a row -> the key positions that full
         layers (R, end) and sliding layers (R, ring+T) attend over. Called by the model before its layers."""
         t = positions.shape[1]
         self._positions = positions
-        pos_full = self.pos_full[self._rows]  # a view: scatter_ writes into the cache
-        pos_ring = self.pos_ring[self._rows]
-        kpos_ring = torch.cat([pos_ring, positions], dim=1)  # read before the chunk overwrites the ring
+        pos_full = self.cache.pos_full[self._rows]  # a view: scatter_ writes into the cache
+        pos_ring = self.cache.pos_ring[self._rows]
+        # Read before the chunk overwrites the ring. Ring keys at the chunk's own positions or later are stale,
+        # left by a forward that failed part-way (the engine then runs each row again alone): seen next to
+        # the chunk's keys they would count twice, so they are hidden (-1).
+        stale = pos_ring >= positions[:, :1]
+        kpos_ring = torch.cat([pos_ring.masked_fill(stale, -1), positions], dim=1)
         ring = pos_ring.shape[1]
         if self._padded:
             self._begin_padded(positions, pos_full, pos_ring)
@@ -105,7 +119,7 @@ class SlotKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v (R, T, NKV, D) of the current chunk -> the keys and values this layer attends over."""
-        kc, vc = self.k[layer][self._rows], self.v[layer][self._rows]
+        kc, vc = self.cache.k[layer][self._rows], self.cache.v[layer][self._rows]
         if self._padded:
             sliding = self.config.is_sliding(layer)
             if sliding:

@@ -58,7 +58,7 @@ def test_every_cache_implements_the_protocol_and_the_slot_cache_wants_positions(
     caches = [
         KVCache(cfg, 2, 16, torch.float32, "cpu"),
         StaticKVCache(cfg, 2, 16, torch.float32, "cpu"),
-        SlotKVCache(cfg, 2, 16, torch.float32, "cpu"),
+        SlotKVCache(cfg, 2, 16, torch.float32, "cpu").select(0, 2, 1),
     ]
     assert all(isinstance(c, KVCacheProtocol) for c in caches)
     assert caches[0].positions(2, 3, torch.device("cpu")).tolist() == [[0, 1, 2], [0, 1, 2]]

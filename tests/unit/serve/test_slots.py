@@ -51,9 +51,11 @@ def test_slots_decode_rows_of_different_lengths_like_full_forwards(torch_one_thr
         cache.reset(slot)
         for start in range(0, len(ids), 3):  # chunked prefill, 3 tokens at a time
             end = min(start + 3, len(ids))
-            cache.select(slot, slot + 1, end)
             logits = model(
-                torch.tensor([ids[start:end]]), torch.arange(start, end)[None], cache, last_only=True
+                torch.tensor([ids[start:end]]),
+                torch.arange(start, end)[None],
+                cache.select(slot, slot + 1, end),
+                last_only=True,
             ).logits[0, -1]
         _close(logits, _reference(model, ids))
         seqs[slot].append(int(logits.argmax()))
@@ -61,8 +63,7 @@ def test_slots_decode_rows_of_different_lengths_like_full_forwards(torch_one_thr
     def decode_all(rows: list[list[int]]) -> None:
         tokens = torch.tensor([[r[-1]] for r in rows])  # (R, 1): each row's newest token
         positions = torch.tensor([[len(r) - 1] for r in rows])  # (R, 1): at its own position
-        cache.select(0, len(rows), max(len(r) for r in rows))
-        logits = model(tokens, positions, cache).logits[:, -1]  # (R, V)
+        logits = model(tokens, positions, cache.select(0, len(rows), max(len(r) for r in rows))).logits[:, -1]  # (R, V)
         for i, r in enumerate(rows):
             _close(logits[i], _reference(model, r))
             r.append(int(logits[i].argmax()))
@@ -89,9 +90,8 @@ def test_slots_prefill_right_padded_rows_together_like_full_forwards(torch_one_t
     width = max(len(p) for p in prompts)
     tokens = torch.tensor([p + [0] * (width - len(p)) for p in prompts])  # (3, 9)
     positions = torch.tensor([list(range(len(p))) + [-1] * (width - len(p)) for p in prompts])
-    cache.select(1, 4, width, padded=True)
     last = torch.tensor([[len(p) - 1] for p in prompts])
-    logits = model(tokens, positions, cache, logits_at=last).logits[:, 0]  # (3, V)
+    logits = model(tokens, positions, cache.select(1, 4, width, padded=True), logits_at=last).logits[:, 0]  # (3, V)
     for i, p in enumerate(prompts):
         _close(logits[i], _reference(model, p))
         assert (cache.pos_full[1 + i] >= 0).sum() == len(p)  # the padding wrote nothing
@@ -99,8 +99,27 @@ def test_slots_prefill_right_padded_rows_together_like_full_forwards(torch_one_t
     seqs = [list(p) + [int(logits[i].argmax())] for i, p in enumerate(prompts)]
     for _ in range(6):
         rows = torch.tensor([[r[-1]] for r in seqs]), torch.tensor([[len(r) - 1] for r in seqs])
-        cache.select(1, 4, max(len(r) for r in seqs))
-        step = model(*rows, cache).logits[:, -1]
+        step = model(*rows, cache.select(1, 4, max(len(r) for r in seqs))).logits[:, -1]
         for i, r in enumerate(seqs):
             _close(step[i], _reference(model, r))
             r.append(int(step[i].argmax()))
+
+
+@torch.inference_mode()
+def test_a_step_run_again_at_the_same_positions_gives_the_same_logits(torch_one_thread):
+    """The engine runs each row of a failed batched step again alone: the keys the failed step already wrote
+    (sliding layers' rings included) must not be seen twice."""
+    model = _model()
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, 64, (n,), generator=gen).tolist() for n in (9, 6)]  # 9 > window 4
+    cache = SlotKVCache(model.config, slots=2, max_length=48, dtype=torch.float32, device="cpu")
+    for slot, ids in enumerate(seqs):  # all but the newest token of each row
+        n = len(ids) - 1
+        model(torch.tensor([ids[:-1]]), torch.arange(n)[None], cache.select(slot, slot + 1, n))
+    tokens = torch.tensor([[r[-1]] for r in seqs])
+    positions = torch.tensor([[len(r) - 1] for r in seqs])
+    end = max(len(r) for r in seqs)
+    model(tokens, positions, cache.select(0, 2, end))  # the step that "failed" after writing its keys
+    for i, r in enumerate(seqs):  # each row again, alone
+        again = model(tokens[i : i + 1], positions[i : i + 1], cache.select(i, i + 1, len(r))).logits[0, -1]
+        _close(again, _reference(model, r))
