@@ -14,7 +14,9 @@ Both are started first and stay up; then `--rounds` alternating rounds (gptoss, 
 each measure every client count on one server while the other idles, so both see the machine's load at
 about the same time. Reported: each row, the medians over rounds, and per client count the median over
 rounds of the ratio gptoss / transformers (tokens/s and TTFT p50), each round's pair measured back to back.
-With --baselines, one more round measures `gptoss serve --max-batch 1` (the same server decoding one
+With --eager-too, `gptoss serve --no-compile` (eager decode steps) takes its turn in the same rounds: by
+default the server compiles its decode step and keeps it when a timed step is faster. With --baselines,
+one more round measures `gptoss serve --max-batch 1` (the same server decoding one
 request at a time) and `transformers serve` without continuous batching. The batch-1 decode speed of
 `gptoss infer` is printed beside them, as the latency a lone client should match.
 
@@ -53,6 +55,7 @@ PROMPTS = [
     "Attention sinks keep",
 ]
 GPTOSS = [sys.executable, "-c", "from gptoss_cli.cli import main; main()"]
+EAGER = "gptoss serve --no-compile"
 
 
 def free_port() -> int:
@@ -256,10 +259,11 @@ def infer_decode_speed(run: str, max_tokens: int, env) -> float | None:
     return float(match.group(1)) if match else None
 
 
-def gptoss_cmd(run: str, threads: int, max_batch: int) -> list[str]:
+def gptoss_cmd(run: str, threads: int, max_batch: int, *extra: str) -> list[str]:
     return [*GPTOSS, "serve", "--run", run, "--device", "cpu", "--threads", str(threads), "--max-queue", "256"] + [
         "--max-batch",
         str(max_batch),
+        *extra,
     ]
 
 
@@ -311,6 +315,12 @@ def main() -> None:
         help="Also measure, one round after the others: gptoss serve --max-batch 1, transformers serve without "
         "continuous batching.",
     )
+    parser.add_argument(
+        "--eager-too",
+        action="store_true",
+        help="Also run `gptoss serve --no-compile` in the same alternating rounds (the default start-up chooses "
+        "between the compiled and the eager decode step by timing them).",
+    )
     parser.add_argument("--json", action="store_true", help="Print the rows as JSON on stdout.")
     args = parser.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -325,6 +335,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = Path(tmp) / model
         servers = [Server("gptoss serve", gptoss_cmd(args.run, args.threads, 16), model)]
+        if args.eager_too:
+            servers.append(Server(EAGER, gptoss_cmd(args.run, args.threads, 16, "--no-compile"), model))
         if not args.no_transformers:
             subprocess.run(
                 [*GPTOSS, "export", "--run", args.run, "--out", str(hf), "--dtype", "fp32"],
@@ -342,6 +354,10 @@ def main() -> None:
             rows, skipped = rows + more, skipped | why
     table, ratio = summary(rows, args.clients), ratios(rows, args.clients, "gptoss serve", peer)
     print_summary(table, ratio, peer)
+    if args.eager_too:
+        for r in ratios(rows, args.clients, EAGER, peer):
+            ratio_s = f"tokens/s x{r['tokens_per_s_ratio']:.2f} (rounds {r['per_round']})"
+            print(f"{EAGER} / {peer} at {r['clients']} clients: {ratio_s}", file=sys.stderr)
     decode = infer_decode_speed(args.run, args.max_tokens, env)
     if decode:
         print(f"gptoss infer batch 1: decode {decode:.1f} tokens/s = {1e3 / decode:.1f} ms per token", file=sys.stderr)

@@ -10,6 +10,7 @@ different folders may share a basename). Fixture names are specific (small_cfg, 
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,10 @@ from gptoss_cli import cli
 # span orders of magnitude (frequencies, exponentials) the comparison is per element (elementwise=True).
 # Checks that two results must DIFFER (a wrong formula gives "> 1e-2") are lower bounds, not rounding
 # bounds, and stay as written.
+
+
+# torch.compile on a CPU builds C++: the tests that really compile skip without a compiler
+HAS_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 def rtol_for(dtype: torch.dtype, reduction: int = 1, stages: int = 1) -> float:

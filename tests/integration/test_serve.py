@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptoss_cli.config import InferConfig
 from gptoss_cli.data.tokenizer import EOS, PAD, train_tokenizer
-from tests.conftest import save_demo_run
+from tests.conftest import HAS_COMPILER, save_demo_run
 
 openai = pytest.importorskip("openai")
 
@@ -105,6 +105,8 @@ class Server:
             "cpu",
             *args,
         ]
+        if "--compile" not in args:  # compiling the decode step takes tens of seconds: one server does
+            cmd.append("--no-compile")
         self._err = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._err, env=env)
         self.args = args
@@ -154,7 +156,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def servers(runs):
     """Both servers of this module, started together (most of a start is importing torch)."""
-    main = Server(runs["demo"], "--prefill-chunk", str(CHUNK), "--max-batch", "16", "--drain-timeout", "0")
+    # The main server decodes with the compiled step (what `serve` runs by default, when it is faster).
+    compile = ["--compile"] if HAS_COMPILER else []
+    main = Server(runs["demo"], "--prefill-chunk", str(CHUNK), "--max-batch", "16", "--drain-timeout", "0", *compile)
     # A run without a conversation format, one slot, a queue of one, an API key.
     guarded = Server(runs["plain"], "--max-batch", "1", "--max-queue", "1", "--api-key", "sesame")
     try:
@@ -199,6 +203,8 @@ def test_models_and_health(server, client):
         client.models.retrieve("other")
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["max_batch"] == 16
+    if HAS_COMPILER:  # the requests of this module decode through the compiled step
+        assert "| decode compiled (--compile: " in server.stderr()
 
 
 def test_completion_greedy_equals_infer(runs, client):

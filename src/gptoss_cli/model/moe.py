@@ -199,19 +199,13 @@ def _experts_per_token(tokens, top_idx, weights, w1, b1, w2, b2, limit):
     if torch.compiler.is_compiling():
         # Traced (a compiled decode step): the expert ids stay tensors, so there is no host sync and no
         # graph break (a break roughly doubles the compiled step's time per token; docs/performance.md).
+        # Products and sums rather than einsum: inductor then fuses the gather of the chosen experts into
+        # the reduction, reading their rows in place (einsum lowers to a bmm over a gathered copy). At every
+        # batch size this beat running all experts densely on every row (docs/performance.md).
         dt = tokens.dtype
-        if top_idx.numel() < w1.shape[0]:  # fewer assignments than experts: read only the chosen ones
-            # Products and sums rather than einsum: inductor then fuses the gather of the chosen experts into
-            # the reduction, reading their rows in place (einsum lowers to a bmm over a gathered copy).
-            h = (tokens[:, None, None, :] * _gather(w1, top_idx, dt)).sum(-1) + b1[top_idx]  # (N, k, 2I)
-            y = (swiglu(h, limit)[:, :, None, :] * _gather(w2, top_idx, dt)).sum(-1) + b2[top_idx]  # (N, k, H)
-            return (y.float() * weights[..., None]).sum(1)
-        # A larger batch: every expert's weights are read once, for all rows, with zero weights where
-        # the expert was not chosen (cheaper than gathering a copy of the weights per assignment).
-        dense = weights.new_zeros(tokens.shape[0], w1.shape[0]).scatter_(1, top_idx, weights)  # (N, E)
-        h = torch.einsum("nh,eoh->neo", tokens, _stacked(w1, dt)) + b1  # (N, E, 2I)
-        y = torch.einsum("nei,ehi->neh", swiglu(h, limit), _stacked(w2, dt)) + b2  # (N, E, H)
-        return (y.float() * dense[..., None]).sum(1)
+        h = (tokens[:, None, None, :] * _gather(w1, top_idx, dt)).sum(-1) + b1[top_idx]  # (N, k, 2I)
+        y = (swiglu(h, limit)[:, :, None, :] * _gather(w2, top_idx, dt)).sum(-1) + b2[top_idx]  # (N, k, H)
+        return (y.float() * weights[..., None]).sum(1)
     w1s, w2s = _per_expert(w1), _per_expert(w2)
     out = []
     for n, experts in enumerate(top_idx.tolist()):  # the one host sync
@@ -349,7 +343,7 @@ class MLPBlock(nn.Module):
         backend = pick_backend(self.backend, tokens, hidden, self.intermediate_size, packed, adapted)
         # A compiled forward is a decode step. A packed expert costs a decode per use, and the per-token path
         # repeats an expert for every token that picks it, so eagerly it only takes one token.
-        few = flat.numel() <= (k if packed else n_exp) or torch.compiler.is_compiling()
+        few = torch.compiler.is_compiling() or flat.numel() <= (k if packed else n_exp)
         y = None  # (N, H) fp32 when decoding skips the sort
         if backend != "grouped_mm" and not torch.is_grad_enabled():
             if few:

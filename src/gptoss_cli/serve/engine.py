@@ -5,8 +5,8 @@ Requests wait in a bounded queue and join the running batch between decode steps
 2. prefills at most `prefill_chunk` prompt tokens: the rest of the joining request's prompt, then (while
    tokens are left) the next waiting requests': those whose whole prompts fit together in one right-padded
    forward (slots.py), each in its own slot, their first tokens sampled at once; a longer one in chunks,
-3. runs one (R, 1) decode forward over every running request, each at its own position, and samples
-   each row with that request's settings and its own torch.Generator,
+3. runs one (R, 1) decode forward over every running request, each at its own position (compiled.py's
+   step, when it is faster), and samples each row with that request's settings and its own generator,
 so a long prompt delays the others by one chunk per step, not by its whole prefill. A request leaves
 as soon as it hits EOS, a stop id or string, its max_tokens or the context. Each request is a
 DecodeState of infer/decode.py, the decode core infer and chat use too: the same sampling on the same
@@ -37,20 +37,10 @@ from ..infer.decode import DecodeState, failure, next_tokens
 from ..infer.logprobs import TokenLogprob
 from ..infer.sampling import NON_FINITE
 from ..model import Transformer
+from .compiled import decode_choice
 from .logprobs import prompt_logprobs, sampled
-from .requests import Done, EngineClosed, Failed, Prompt, QueueFull, Request, Token
+from .requests import Done, EngineClosed, Failed, Prompt, QueueFull, Request, Running, Token
 from .slots import SlotKVCache, SlotRows
-
-
-class _Running:
-    """A request inside the loop: its decode state, how much of its prompt is cached, the next token to feed."""
-
-    def __init__(self, request: Request, state: DecodeState):
-        self.request, self.state = request, state
-        self.prefilled = 0  # prompt tokens already in the cache
-        self.last = 0  # the token the next decode step feeds, at position `pos`
-        self.pos = len(request.prompt)
-        self.prompt_logprobs: list[TokenLogprob] = []  # echo: prompt tokens 1.. scored so far
 
 
 class Engine:
@@ -64,16 +54,19 @@ class Engine:
         max_queue: int = 64,
         max_length: int | None = None,
         prefill_chunk: int = 256,
+        compile: bool | None = False,
     ):
+        """compile: the decode step compiled (True), eager (False), or whichever is faster (None; compiled.py)."""
         cfg = model.config
         self.model, self.tokenizer, self.eos_id = model, tokenizer, eos_id
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_length = min(max_length or cfg.max_context_length, cfg.max_context_length)
         self.device = model.embedding.weight.device
         self.cache = SlotKVCache(cfg, max_batch, self.max_length, model.embedding.weight.dtype, self.device)
+        self._compiled, self.decode_choice = decode_choice(model, self.cache, compile)
         self._waiting: collections.deque[Request] = collections.deque()
-        self._decoding: list[_Running] = []  # in slots 0..D-1
-        self._joining: _Running | None = None  # being prefilled, in slot D
+        self._decoding: list[Running] = []  # in slots 0..D-1
+        self._joining: Running | None = None  # being prefilled, in slot D
         self._wake = threading.Condition()
         self._closed = False
         self._stop = False
@@ -154,7 +147,7 @@ class Engine:
         if self._decoding:
             self._decode()
 
-    def _take_one(self) -> _Running | None:
+    def _take_one(self) -> Running | None:
         """The next waiting request, started, when a slot is free (its prompt is then prefilled in chunks)."""
         while len(self._decoding) < self.max_batch:
             with self._wake:
@@ -167,11 +160,11 @@ class Engine:
                 self._fail(request, failure(err))
         return None
 
-    def _take_group(self, budget: int) -> list[_Running]:
+    def _take_group(self, budget: int) -> list[Running]:
         """The next waiting requests, in order, that can be prefilled together: a free slot each, whole prompts
         within `budget` tokens in all, at most half of the padded (J, T) chunk padding, and no echo (which
         scores every position's logits)."""
-        group: list[_Running] = []
+        group: list[Running] = []
         tokens = width = 0
         while len(self._decoding) + len(group) < self.max_batch:
             with self._wake:
@@ -190,7 +183,7 @@ class Engine:
             tokens, width = tokens + n, max(width, n)
         return group
 
-    def _prefill_group(self, group: list[_Running]) -> int:
+    def _prefill_group(self, group: list[Running]) -> int:
         """Prefill whole prompts into slots D..D+J-1 in one right-padded (J, T) forward and sample their first
         tokens: they become decoding rows D..D+J-1. Returns the prompt tokens prefilled."""
         base = len(self._decoding)
@@ -216,7 +209,7 @@ class Engine:
     def _ids(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def _start(self, request: Request) -> _Running:
+    def _start(self, request: Request) -> Running:
         state = DecodeState.start(
             request.prompt,
             request.params,
@@ -226,7 +219,7 @@ class Engine:
             tokenizer=self.tokenizer,
             stop_ids=request.stop_ids | ({self.eos_id} if self.eos_id is not None else set()),
         )
-        return _Running(request, state)
+        return Running(request, state)
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -286,7 +279,7 @@ class Engine:
         return end - start
 
     def _prefill_logits(
-        self, run: _Running, tokens: torch.Tensor, positions: torch.Tensor, rows: SlotRows
+        self, run: Running, tokens: torch.Tensor, positions: torch.Tensor, rows: SlotRows
     ) -> torch.Tensor:
         """One prefill chunk's forward over its slot's `rows` -> its last position's logits (1, V). With echo
         every position's logits (C, V) are computed, and the prompt tokens they predict are scored."""
@@ -300,27 +293,30 @@ class Engine:
         run.prompt_logprobs += scored
         return logits[-1:]
 
-    def _scored(self, run: _Running) -> None:
+    def _scored(self, run: Running) -> None:
         """A request that only scores its prompt (max_tokens 0) is done once it is prefilled."""
         run.request.emit(Done("length", len(run.request.prompt), 0, [], ""))
         self.counts["finished"] += 1
 
     def _forward(self, start: int, stop: int) -> torch.Tensor:
-        """One decode forward over decoding rows start..stop-1 -> their logits (stop - start, V) fp32."""
+        """One decode forward over decoding rows start..stop-1 -> their logits (stop - start, V) fp32; all of
+        them through the compiled step when there is one."""
         rows = self._decoding[start:stop]
         tokens = torch.tensor([[r.last] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
         positions = torch.tensor([[r.pos] for r in rows], dtype=torch.long, device=self.device)  # (R, 1)
         end = max(r.pos for r in rows) + 1
+        if self._compiled is not None and (start, stop) == (0, len(self._decoding)):
+            return self._compiled(tokens, positions, end)
         return self.model(tokens, positions, self.cache.select(start, stop, end)).logits[:, -1]
 
     def _forward_one_by_one(
-        self, err: Exception, base: int = 0, group: list[_Running] | None = None
+        self, err: Exception, base: int = 0, group: list[Running] | None = None
     ) -> tuple[torch.Tensor, dict[int, str]]:
-        """After the batched forward failed: each row alone, so a failure that belongs to one request (or that
-        a smaller batch avoids, like running out of memory) fails only the rows that still fail on their own.
-        Rewriting a row's keys at the same positions is idempotent, so what the failed step wrote is harmless.
-        The decoding rows, or with `group` the prompts being prefilled together into slots base.. (each is
-        then prefilled whole, alone). Returns the logits (R, V) (zeros for failed rows) and {row: message}."""
+        """After the batched forward failed: each row alone and eagerly, so a failure that belongs to one
+        request (or that a smaller batch avoids, like running out of memory) fails only the rows that still
+        fail on their own; rewriting a row's keys at the same positions is harmless (slots.py). The decoding
+        rows, or with `group` the prompts being prefilled together into slots base.. (each then prefilled
+        whole, alone). Returns the logits (R, V) (zeros for failed rows) and {row: message}."""
         rows = self._decoding if group is None else group
         what = "decode step" if group is None else "prefill"
         print(
@@ -328,6 +324,9 @@ class Engine:
             file=sys.stderr,
             flush=True,
         )
+        if group is None and self._compiled is not None:  # a graph gone wrong would fail every step: drop it
+            self._compiled = None
+            self.decode_choice = "eager (the compiled step failed)"
         logits = torch.zeros(len(rows), self.model.config.vocab_size, device=self.device)
         failed: dict[int, str] = {}
         for i, run in enumerate(rows):
@@ -371,7 +370,7 @@ class Engine:
         for i in reversed(finished):
             self._leave(first + i)
 
-    def _accept_or_fail(self, run: _Running, token: int, logprob: TokenLogprob | None = None) -> bool:
+    def _accept_or_fail(self, run: Running, token: int, logprob: TokenLogprob | None = None) -> bool:
         """_accept, with a failure (in detokenising, in the request's own callback) failing only this request."""
         try:
             return self._accept(run, token, logprob)
@@ -379,7 +378,7 @@ class Engine:
             self._fail(run.request, failure(err))
             return True
 
-    def _accept(self, run: _Running, token: int, logprob: TokenLogprob | None = None) -> bool:
+    def _accept(self, run: Running, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Hand one sampled token (and its log-probability, when asked for) to its request; True when the
         request is done."""
         state, request = run.state, run.request

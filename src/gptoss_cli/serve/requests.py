@@ -1,5 +1,6 @@
 """What the HTTP side hands the engine (Request) and what comes back through a request's `emit` callback
-(Token, Prompt, Done, Failed), called on the decode thread (serve/engine.py)."""
+(Token, Prompt, Done, Failed), called on the decode thread (serve/engine.py); Running is a request inside
+the engine's loop."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..config import InferConfig
 from ..errors import GptossError
+from ..infer.decode import DecodeState
 from ..infer.logprobs import TokenLogprob
 
 
@@ -64,3 +66,14 @@ class Request:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+class Running:
+    """A request inside the engine's loop: its decode state, how much of its prompt is cached, the next token."""
+
+    def __init__(self, request: Request, state: DecodeState):
+        self.request, self.state = request, state
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.last = 0  # the token the next decode step feeds, at position `pos`
+        self.pos = len(request.prompt)
+        self.prompt_logprobs: list[TokenLogprob] = []  # echo: prompt tokens 1.. scored so far

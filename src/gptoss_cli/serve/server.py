@@ -34,6 +34,7 @@ class ServeOptions:
     model_name: str | None = None
     drain_s: float = 30.0
     max_body: int = DEFAULT_MAX_BODY  # bytes of one request body
+    compile: bool | None = None  # the decode step: compiled, eager, or None: whichever is faster (compiled.py)
 
     def validate(self) -> None:
         checks = [
@@ -76,6 +77,13 @@ def serve(
     ctx = loaded.config.model.max_context_length
     if options.max_length is not None and options.max_length > ctx:
         raise GptossError(f"--max-length {options.max_length} exceeds the model's context ({ctx} tokens)")
+    if options.compile is not False:
+        console.print(
+            "serve: compiling the decode step and timing it against eager decoding (inductor caches the "
+            "compiled step for later starts; --no-compile skips this)",
+            markup=False,
+            highlight=False,
+        )
     engine = Engine(
         loaded.model,
         loaded.tokenizer,
@@ -84,6 +92,7 @@ def serve(
         max_queue=options.max_queue,
         max_length=options.max_length,
         prefill_chunk=options.prefill_chunk,
+        compile=options.compile,
     )
     fmt = chat_format(loaded.tokenizer, loaded.run.chat_template)  # None: completions only, chat answers 400
     # What a request leaves out: the run's infer section, but a seed and stop strings only when the request
@@ -103,6 +112,7 @@ def serve(
     console.print(
         f"serving {name} ({loaded.checkpoint.name} on {loaded.device.type}) at http://{host}:{port}/v1 | "
         f"max batch {options.max_batch} | context {engine.max_length} | chat {chat_status(fmt, loaded)}"
+        f" | decode {engine.decode_choice}"
         f"{' | API key required' if options.api_key else ''} | {describe()}",
         markup=False,
         highlight=False,
