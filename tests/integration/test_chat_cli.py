@@ -11,9 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gptoss_cli.chat.open import open_chat
 from gptoss_cli.chat.session import run_chat
+from tests.conftest import HAS_COMPILER
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -105,6 +107,19 @@ def test_piped_stdin_gives_one_reply_per_line_through_the_cli(chat_run):
     lines = done.stdout.splitlines()
     assert len(lines) == 3  # three messages, three replies; /reset prints nothing on stdout
     assert "conversation reset" in done.stderr
+
+
+@pytest.mark.skipif(not HAS_COMPILER, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_replies_equal_eager_ones_turn_after_turn(chat_run):
+    """`chat --compile`: the growing conversation gives each reply a longer cache, and one compiled step
+    serves them all with the replies of eager decoding (greedy)."""
+    text = "Hello!\nWhat is a token?\nAnd a sliding window?\n"
+    eager, _ = chat(chat_run, text, compile=False, temperature=0.0, max_new_tokens=24)
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled, _ = chat(chat_run, text, compile=True, temperature=0.0, max_new_tokens=24)
+    assert compiled == eager and len(compiled.splitlines()) == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
 
 
 def test_history_commands_and_json(chat_run):

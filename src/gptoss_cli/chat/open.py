@@ -13,9 +13,11 @@ def open_chat(
     system: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    compile: bool | None = None,
     **overrides,
 ):
-    """-> a ChatSession. A run whose tokenizer has no conversation format is refused with the way out."""
+    """-> a ChatSession (compile: --compile, --no-compile or None, infer/compiled.py's compile_choice). A run
+    whose tokenizer has no conversation format is refused with the way out."""
     from ..config import InferConfig
     from ..data.chat_format import chat_format
     from ..data.conversations import UNTUNED, chat_status
@@ -42,4 +44,4 @@ def open_chat(
             f"{loaded.run} was trained on text, not on conversations: expect replies that ignore the format "
             f"until it is fine-tuned (gptoss train --init-from {loaded.run} --set data.paths=[CHATS.jsonl])"
         )
-    return ChatSession(loaded, fmt, params, system)
+    return ChatSession(loaded, fmt, params, system, compile)

@@ -33,11 +33,14 @@ class Reply:
 
 
 class ChatSession:
-    def __init__(self, loaded, fmt: ChatFormat, params, system: str | None = None):
+    def __init__(self, loaded, fmt: ChatFormat, params, system: str | None = None, compile: bool | None = None):
         self.loaded, self.fmt, self.params = loaded, fmt, params
         self.system = system or None
         self.turns: list[dict] = []  # user and assistant messages, oldest first
         self.max_context = loaded.config.model.max_context_length
+        # --compile / --no-compile / None: compiled when a reply may take AUTO_COMPILE_STEPS tokens (infer/compiled.py).
+        # One graph serves every turn's length, so only the first compiled reply waits for the compile.
+        self.compile, self._compiled_once = compile, False
 
     def messages(self, user: str | None = None) -> list[dict]:
         head = [{"role": "system", "content": self.system}] if self.system else []
@@ -65,7 +68,9 @@ class ChatSession:
 
     def reply(self, user: str, on_text: Callable[[str], None] | None = None) -> Reply:
         """Generate the assistant's answer to `user`; both join the history. Ctrl-C keeps what was written."""
+        from ..infer.compiled import compile_choice
         from ..infer.generate import batch_states, generate
+        from ..output import console
 
         ids, dropped = self._prompt(user)
         tok = self.loaded.tokenizer
@@ -75,6 +80,10 @@ class ChatSession:
         )
         streaming = on_text is not None and self.fmt.streams
         pad = tok.token_to_id("<|pad|>")
+        compiled, why = compile_choice(self.compile, state.budget)
+        if compiled and not self._compiled_once:
+            self._compiled_once = True
+            console.print(f"(compiling the decode step, {why}: seconds when inductor has it cached)", highlight=False)
         try:
             generate(
                 self.loaded.model,
@@ -82,6 +91,7 @@ class ChatSession:
                 [state],
                 pad_id=pad if pad is not None else 0,
                 on_text=(lambda _row, text: on_text(text)) if streaming else None,
+                compile_decode=compiled,
             )
             reason = "end" if state.reason in ("eos", "stop") else state.reason
         except KeyboardInterrupt:

@@ -8,6 +8,7 @@ import typer
 
 from .options import (
     CheckpointOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     JsonLinesOpt,
@@ -39,6 +40,7 @@ def command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
+    compile: CompileOpt = None,
     json: JsonLinesOpt = False,
 ) -> None:
     """Chat with a run in its conversation format (default: the newest run under ./runs).
@@ -62,6 +64,7 @@ def command(
         system=system,
         device=device,
         dtype=dtype,
+        compile=compile,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,

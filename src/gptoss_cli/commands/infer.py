@@ -10,6 +10,7 @@ import typer
 
 from .options import (
     CheckpointOpt,
+    CompileOpt,
     DeviceOpt,
     DtypeOpt,
     JsonLinesOpt,
@@ -30,15 +31,6 @@ PromptsFileOpt = Annotated[
     Path | None,
     typer.Option(
         "--prompts-file", help="One prompt per line (blank lines skipped), generated as one batch; - reads stdin."
-    ),
-]
-CompileOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--compile/--no-compile",
-        help="Compile the decode step (CUDA graphs on CUDA): a one-time compile for faster steps. "
-        "Default: compiled for generations of 2048 steps or more; the summary line says which ran.",
-        show_default=False,
     ),
 ]
 

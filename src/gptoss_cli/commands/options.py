@@ -92,3 +92,12 @@ TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus: the sma
 PenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeated tokens.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed, same text.")]
 StopOpt = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this string (repeatable); not printed.")]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="Compile the decode step (CUDA graphs on CUDA): a one-time compile for faster steps. "
+        "Default: compiled for generations of 2048 steps or more (-n); infer's summary line says which ran.",
+        show_default=False,
+    ),
+]

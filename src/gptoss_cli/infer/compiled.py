@@ -1,10 +1,12 @@
-"""The compiled decode step behind `infer --compile`: a StaticKVCache and a torch.compile'd one-token step.
+"""The compiled decode step behind `infer --compile` and `chat --compile`: a StaticKVCache and a
+torch.compile'd one-token step.
 
-One step is built per model and shape and reused by every later generation with that shape. dynamo
-compiles a function at most 8 times and then silently runs it eagerly, so a process that generated many
-times with a new cache each time (a benchmark, a server, a notebook) would lose the compiled step. The
-cache length is rounded up to a multiple of 64 so that prompts of similar lengths share a graph: the
-extra slots hold position -1 and are masked.
+One step is kept per model, batch size, dtype and device, and reused by every later generation: its cache
+length is symbolic (the full layers' buffers are marked dynamic), so one graph serves every length, and a
+chat whose prompt grows turn by turn, or a process that generates many times (a benchmark, a notebook),
+compiles once. (dynamo compiles a function at most 8 times and then silently runs it eagerly: one graph per
+length would soon lose the compiled step.) The cache length is rounded up to a multiple of 64, so that a
+generation close to the last one's length keeps its cache: the extra slots hold position -1 and are masked.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ LENGTH_STEP = 64
 # steps on a CPU; a compile inductor has cached on disk costs a fifth of that (docs/performance.md,
 # "Compiled decoding: when it pays").
 AUTO_COMPILE_STEPS = 2048
-# model -> {(batch, cache length, dtype, device): CompiledStep}. Weak: a step holds no reference to its model.
+# model -> {(batch, dtype, device): CompiledStep}. Weak: a step holds no reference to its model.
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -34,25 +36,36 @@ class CompiledStep:
     """step(model, tokens (B, 1), positions (B, 1)) -> next-token logits (B, V), through the compiled graph."""
 
     def __init__(self, cache: StaticKVCache):
-        self.cache = cache
-        cuda = cache.pos_full.device.type == "cuda"
-        if cuda:  # the cache is mutated in place: CUDA graphs need its buffers at fixed addresses
-            for buf in cache.buffers():
-                torch._dynamo.mark_static_address(buf)
-        else:  # a CPU compile has no use for CUDA, but torch warns "No CUDA runtime is found" into the output
+        self.cuda = cache.pos_full.device.type == "cuda"
+        if not self.cuda:  # a CPU compile has no use for CUDA, but torch warns "No CUDA runtime is found"
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel, for a longer first
         # compile that inductor caches on disk (docs/performance.md).
         self._compiled = torch.compile(
             _step,
-            mode="reduce-overhead" if cuda else None,
-            dynamic=False,
-            options=None if cuda else {"cpp_wrapper": True},
+            mode="reduce-overhead" if self.cuda else None,
+            dynamic=None,  # static but for the cache length (_take)
+            options=None if self.cuda else {"cpp_wrapper": True},
         )
-        self._checked = False
+        self._take(cache)
 
-    def begin(self) -> None:
-        """Empty the cache for a new generation, whose first step checks every guard again."""
+    def _take(self, cache: StaticKVCache) -> None:
+        self.cache = cache
+        if self.cuda:  # the cache is mutated in place: CUDA graphs need its buffers at fixed addresses
+            for buf in cache.buffers():
+                torch._dynamo.mark_static_address(buf)
+        # The full layers' length is a symbol of the graph, not a constant: a cache of another length reuses it.
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v, strict=True)):
+            if not cache.config.is_sliding(layer):
+                torch._dynamo.maybe_mark_dynamic(k, 1)
+                torch._dynamo.maybe_mark_dynamic(v, 1)
+        torch._dynamo.maybe_mark_dynamic(cache.pos_full, 1)
+
+    def begin(self, cache: StaticKVCache | None = None) -> None:
+        """Empty the cache (or take a new one, of another length) for a new generation, whose first step
+        checks every guard again."""
+        if cache is not None:
+            self._take(cache)
         self.cache.reset()
         self._checked = False
 
@@ -78,12 +91,17 @@ def compile_choice(requested: bool | None, steps: int) -> tuple[bool, str]:
 
 
 def compiled_step(model: Transformer, batch: int, length: int) -> CompiledStep:
-    """The step for `batch` rows of up to `length` tokens, built on first use, its cache emptied."""
+    """The step for `batch` rows of up to `length` tokens (built on first use), with an empty cache."""
     length = min(model.config.max_context_length, -(-length // LENGTH_STEP) * LENGTH_STEP)
     weight = model.embedding.weight
     steps = _STEPS.setdefault(model, {})
-    key = (batch, length, weight.dtype, weight.device)
+    key = (batch, weight.dtype, weight.device)
+
+    def cache() -> StaticKVCache:
+        return StaticKVCache(model.config, batch, length, weight.dtype, weight.device)
+
     if key not in steps:
-        steps[key] = CompiledStep(StaticKVCache(model.config, batch, length, weight.dtype, weight.device))
-    steps[key].begin()
-    return steps[key]
+        steps[key] = CompiledStep(cache())
+    step = steps[key]
+    step.begin(cache() if step.cache.max_length != length else None)  # the old cache is freed
+    return step
