@@ -23,7 +23,7 @@ from ..errors import GptossError
 from ..model import Transformer
 from .slots import SlotKVCache
 
-# torch.compiler.config.dynamic_sources names the step's `end` argument: its symbolic, not one graph per value
+# torch.compiler.config.dynamic_sources names the step's `end` argument: it is symbolic, not a graph per value
 DYNAMIC_END = "L['end']"
 TIMED_STEPS = 5  # steps of each kind timed by decode_choice (the fastest counts: other load only adds)
 
