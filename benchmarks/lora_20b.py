@@ -21,7 +21,7 @@ begun (the step's own working set):
     uv run python benchmarks/lora_20b.py --dir /tmp/l20/full --layers 24 --steps 2   # the full size (13 GB)
 
 A benchmark, not a test: numbers depend on the machine; docs/performance.md records runs. The directory is
-deleted afterwards unless --keep.
+deleted afterwards unless --keep; `--reuse` measures again on the checkpoint a `--keep` run left there.
 """
 
 from __future__ import annotations
@@ -179,6 +179,27 @@ def peft_step(src: Path, steps: int, seq: int, rank: int, alpha: int, threads: i
     return result | {k: v for k, v in done.items() if k not in ("stdout", "stderr")}
 
 
+def _write(bench, src: Path, run: Path, layers: int, vocab: int, env: dict) -> dict:
+    """The synthetic checkpoint in `src`, imported packed into `run`. Returns its sizes."""
+    sizes = bench.write_checkpoint(src, layers, vocab)
+    from gptoss_cli.data.tokenizer import train_tokenizer
+
+    train_tokenizer(["The capital of France is Paris. Mixture of experts route tokens."] * 4, 300).save(
+        str(src / "tokenizer.json")
+    )
+    subprocess.run([*bench.GPTOSS, "import", str(src), "--run", str(run)], env=env, check=True, capture_output=True)
+    return sizes
+
+
+def _reused(src: Path, run: Path, layers: int, vocab: int) -> dict:
+    """The sizes of the checkpoint an earlier --keep run left, refused unless it has these shapes."""
+    config = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    if (config.get("num_hidden_layers"), config.get("vocab_size")) != (layers, vocab) or not run.is_dir():
+        raise SystemExit(f"--reuse: {src.parent} holds no kept checkpoint with {layers} layers and vocab {vocab}")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    return {"bytes": index["metadata"]["total_size"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, required=True, help="where the synthetic checkpoint and runs go")
@@ -191,18 +212,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--compare", action="store_true", help="also full training and PEFT on transformers")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the run afterwards")
+    ap.add_argument("--reuse", action="store_true", help="measure on the checkpoint a --keep run left in --dir")
     args = ap.parse_args()
     bench = _mxfp4_20b()
     src, run = args.dir / "hf", args.dir / "run"
-    shutil.rmtree(args.dir, ignore_errors=True)
-    sizes = bench.write_checkpoint(src, args.layers, args.vocab)
-    from gptoss_cli.data.tokenizer import train_tokenizer
-
-    train_tokenizer(["The capital of France is Paris. Mixture of experts route tokens."] * 4, 300).save(
-        str(src / "tokenizer.json")
-    )
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "GPTOSS_DEBUG": "0"}
-    subprocess.run([*bench.GPTOSS, "import", str(src), "--run", str(run)], env=env, check=True, capture_output=True)
+    if args.reuse:
+        sizes = _reused(src, run, args.layers, args.vocab)
+    else:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        sizes = _write(bench, src, run, args.layers, args.vocab, env)
     lora = {"rank": args.rank, "alpha": args.alpha, "targets": "[attention,experts]"}
     result = {
         "date": time.strftime("%Y-%m-%d"),

@@ -1,7 +1,8 @@
 """What every test shares, defined once: the tiny run config (SMALL_OVERRIDES, small_cfg) and the tiny
 model config of the transformers comparisons (tiny_model_config), randomised weights (randomise), the float
 comparison (assert_close, rtol_for), an isolated token cache, a small text corpus, single-threaded torch,
-the in-process CLI, and the hook that skips `gpu`-marked tests on a machine without CUDA.
+the in-process CLI, this process's mappings of a file (file_mapping, mapped_from), and the hook that skips
+`gpu`-marked tests on a machine without CUDA.
 
 Test modules import the helpers as `from tests.conftest import ...` (tests/ is a package, so test files in
 different folders may share a basename). Fixture names are specific (small_cfg, isolated_cache, ...).
@@ -156,6 +157,37 @@ def tiny_model_config(layout: str = "released", **overrides):
 
 
 # ---- GPU tests ---------------------------------------------------------------------------------------
+
+
+# ---- this process's mappings of a file (Linux /proc) -------------------------------------------------------
+HAS_SMAPS = Path("/proc/self/smaps").is_file()
+
+
+def file_mapping(path: Path) -> dict[str, int]:
+    """This process's mappings of `path`, summed from /proc/self/smaps: `mappings`, the `kb` mapped, the
+    `rss_kb` resident and the `anonymous_kb` that were written (a private mapping's page turns anonymous
+    when it is written: copy-on-write), plus the address `ranges`."""
+    target = str(Path(path).resolve())
+    out: dict = {"mappings": 0, "kb": 0, "rss_kb": 0, "anonymous_kb": 0, "ranges": []}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:  # a mapping's first line: "start-end perms offset dev inode path"
+            inside = len(head) >= 6 and " ".join(head[5:]) == target
+            if inside:
+                start, end = (int(x, 16) for x in head[0].split("-"))
+                out["mappings"] += 1
+                out["ranges"].append((start, end))
+        elif inside and head[0] in ("Size:", "Rss:", "Anonymous:"):
+            out[{"Size:": "kb", "Rss:": "rss_kb", "Anonymous:": "anonymous_kb"}[head[0]]] += int(head[1])
+    return out
+
+
+def mapped_from(path: Path, tensor: torch.Tensor) -> bool:
+    """Whether `tensor`'s memory lies in a mapping of the file `path`."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    return any(lo <= start and end <= hi for lo, hi in file_mapping(path)["ranges"])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,8 @@
 """LoRA fine-tuning runs (`lora.rank > 0` with --init-from) through the trainer as the CLI drives it: only the
 adapters train, only they are in the optimizer and in the checkpoints (beside a verified record of the base),
 the base stays bit for bit what it was (dense, or packed MXFP4 and never decoded), step 0 is the base model,
-and a resume continues exactly as an uninterrupted run, dropout and activation checkpointing included.
+a resume continues exactly as an uninterrupted run, dropout and activation checkpointing included, and a
+base read from its mapped file trains exactly as a copied one without a page of it being written.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from gptoss_cli.run import checkpoint as ckpt
 from gptoss_cli.run.open import load_run
 from gptoss_cli.train.loop import Trainer, setup_training
 from gptoss_cli.transforms import build_model
-from tests.conftest import SMALL_OVERRIDES, save_run
+from tests.conftest import HAS_SMAPS, SMALL_OVERRIDES, file_mapping, mapped_from, save_run
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -105,17 +106,45 @@ def test_lora_resume_equals_an_uninterrupted_run(bases, tmp_path, isolated_cache
     pb, summary_b = lora_run(bases, "packed", tmp_path / "b", *extra, resume=True)
     assert summary_b["steps"] == 6 and summary_a["final_loss"] == summary_b["final_loss"]
 
-    def losses(run: Path) -> list[float]:
-        lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        return [rec["loss"] for rec in map(json.loads, lines) if rec["kind"] == "train"]
-
-    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 6
     for name, t in adapter_tensors(pa.model).items():
         assert torch.equal(t, adapter_tensors(pb.model)[name]), name
     sa, sb = pa.optimizer.state_dict()["state"], pb.optimizer.state_dict()["state"]
     assert sa.keys() == sb.keys() and len(sa) == len(adapter_tensors(pa.model))
     for idx in sa:
         assert all(torch.equal(sa[idx][k], sb[idx][k]) for k in ("step", "exp_avg", "exp_avg_sq")), idx
+
+
+def _losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [rec["loss"] for rec in map(json.loads, lines) if rec["kind"] == "train"]
+
+
+@pytest.mark.skipif(not HAS_SMAPS, reason="reads this process's mappings from /proc/self/smaps (Linux)")
+def test_a_base_read_from_its_mapped_file_trains_as_a_copied_one_and_is_never_written(
+    bases, tmp_path, isolated_cache, monkeypatch
+):
+    """On a CPU the frozen base's weights stored in the training dtype are views of its checkpoint
+    (load_weights `frozen`): the same losses and adapters as a copied base, bit for bit, with activation
+    checkpointing; no page of the mapping is written (copy-on-write would make it anonymous) and the file
+    is unchanged. The packed base covers buffers (the MXFP4 codes) and parameters."""
+    weights = ckpt.resolve_checkpoint(bases["packed"]) / ckpt.MODEL
+    digest = file_sha256(weights)
+    extra = ("train.activation_checkpointing=true",)
+    mapped, _ = lora_run(bases, "packed", tmp_path / "mapped", *extra)
+    base = mapped.model.block[0]
+    assert mapped_from(weights, base.attn.qkv.weight) and mapped_from(weights, base.mlp.mlp1_weight.blocks)
+    assert mapped_from(weights, mapped.model.embedding.weight)
+    assert file_mapping(weights)["anonymous_kb"] == 0
+
+    real = ckpt.load_weights
+    monkeypatch.setattr(ckpt, "load_weights", lambda model, path, frozen=False: real(model, path))
+    copied, _ = lora_run(bases, "packed", tmp_path / "copied", *extra)
+    assert not mapped_from(weights, copied.model.block[0].attn.qkv.weight)
+    assert _losses(tmp_path / "mapped") == _losses(tmp_path / "copied") and len(_losses(tmp_path / "mapped")) == 6
+    for name, t in adapter_tensors(copied.model).items():
+        assert torch.equal(adapter_tensors(mapped.model)[name], t), name
+    assert file_mapping(weights)["anonymous_kb"] == 0 and file_sha256(weights) == digest
 
 
 def test_lora_on_conversations_and_in_bf16(bases, tmp_path, isolated_cache):

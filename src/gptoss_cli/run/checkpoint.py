@@ -141,10 +141,16 @@ def read_adapters(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{checkpoint / MODEL}: cannot read adapters ({err})") from None
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
+def load_weights(model: torch.nn.Module, path: Path, *, frozen: bool = False) -> None:
     """Load model.safetensors into `model` (shapes checked first), one tensor at a time (the file is read
     through a memory map). MXFP4 experts load as they are into a packed model (model/mxfp4.py
-    `pack_experts`) and decoded, exactly, into a dense one (training from an imported release)."""
+    `pack_experts`) and decoded, exactly, into a dense one (training from an imported release).
+
+    `frozen`: the caller never trains or writes the weights (a LoRA base, inference). Then a tensor stored
+    in the dtype the model holds it in on the CPU is not copied: it becomes a view of safetensors' mapping
+    of the file (private, copy-on-write: the file is never written), so it costs memory only for the pages
+    read (an embedding table: the rows of the tokens seen), pages the kernel can drop and read again
+    under memory pressure, and loading never holds the model twice. The others are copied as always."""
     expected = model_tensors(model)
     decode = packed_weights(tensor_names(path)) & set(expected)
     shapes = {}
@@ -160,8 +166,12 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             if name in decode:
                 blocks, scales = tensors.pop(name + ".blocks"), tensors.pop(name + ".scales")
                 t.copy_(dequantize(blocks, scales, t.dtype))
+                continue
+            stored = tensors.pop(name)
+            if frozen and stored.dtype == t.dtype and t.device.type == "cpu":
+                t.data = stored  # the same Parameter object (ties and names kept), now on the file's pages
             else:
-                t.copy_(tensors.pop(name))
+                t.copy_(stored)
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -174,6 +184,17 @@ def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
                 if not bool(torch.isfinite(flat[start : start + FINITE_CHUNK]).all()):
                     return name
     return None
+
+
+def file_non_finite(path: Path) -> str | None:
+    """first_non_finite over the tensors of a safetensors file, read through a mapping of its own that is
+    dropped afterwards: a model whose weights are views of the same file (load_weights `frozen`) then
+    keeps only the pages it reads resident, not every page this check touched."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return next((name for name in f.keys() if first_non_finite({name: f.get_tensor(name)})), None)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read weights ({err})") from None
 
 
 def step_dir_name(step: int) -> str:

@@ -177,7 +177,8 @@ def load_run(
     says (first those the checkpoint's tensors call for: packed MXFP4 experts), every tensor then allocated
     once on the device in its final dtype, the weights loaded (shapes checked), then the inference list
     (transforms.py). Nothing of the model exists in another form first: a packed gpt-oss-20b never
-    allocates its decoded experts, a bf16 model never its fp32 weights."""
+    allocates its decoded experts, a bf16 model never its fp32 weights; on a CPU the tensors stored in
+    their final dtype are views of the mapped checkpoint (run/checkpoint.py `load_weights`), not copies."""
     dev = pick_device(device, "--device")
     dt = resolve_dtype(dtype, dev)
     opened = open_run(run, checkpoint)
@@ -191,7 +192,7 @@ def load_run(
     after = [t for t in transforms if not t.before_weights] + inference_transforms(dev, dt)
     names = apply_transforms(model, before)
     materialize(model, dev, dt)
-    load_weights(model, opened.base_weights)
+    load_weights(model, opened.base_weights, frozen=True)  # inference never writes a weight: mapped on a CPU
     names += apply_transforms(model, after)
     fields = {f.name: getattr(opened, f.name) for f in dataclasses.fields(OpenRun)}
     return LoadedRun(**fields, model=model, device=dev, dtype=dt, transforms=names)

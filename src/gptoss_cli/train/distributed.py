@@ -131,6 +131,12 @@ def wrap(model: torch.nn.Module, info: DistInfo, device: torch.device, mixed_bf1
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    # Frozen weights and the buffers (a LoRA base, its packed MXFP4 codes, the rope table) are the same on
+    # every process, each loaded from the same verified checkpoint or derived: DDP need not broadcast them
+    # from rank 0 at start and before every forward (the buffers), gigabytes for gpt-oss-20b's packed experts,
+    # which would also write into each process's mapped pages of the file (run/checkpoint.py load_weights).
+    fixed = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, fixed)
     # Stacked expert parameters always receive gradients: no find_unused_parameters traversal needed.
     return DDP(model, device_ids=[info.local_rank] if device.type == "cuda" else None)
 

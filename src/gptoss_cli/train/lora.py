@@ -2,9 +2,10 @@
 
     check_start        what a LoRA run needs before anything is read: a base (--init-from) or a LoRA run
                        to resume with the same adapters, one process or DDP
-    build_lora_model   the base built on the meta device, its packed MXFP4 experts kept packed, every tensor
-                       allocated once on the device in the training dtype, the base weights loaded; and the
-                       adapters' transform, which joins the end of the training list (transforms.py)
+    build_lora_model   the base built on the meta device, its packed MXFP4 experts kept packed, the base
+                       weights loaded in the training dtype (on a CPU those stored in it are views of the
+                       mapped file, run/checkpoint.py `load_weights`); and the adapters' transform, which
+                       joins the end of the training list (transforms.py)
     checkpoint_weights what a LoRA checkpoint's model.safetensors holds: the adapters alone
     start_line         the start-up line: what trains, how many parameters, the estimated peak memory
 
@@ -94,17 +95,17 @@ def build_lora_model(
         base, tensors = init_ckpt, None
         record = record_base(init_ckpt, run) if main else None
     weights = base / ckpt.MODEL
+    if resume_ckpt is None:  # checked in the file: the model's mapped weights stay untouched (load_weights)
+        bad = ckpt.file_non_finite(weights)
+        if bad is not None:
+            raise GptossError(f"--init-from: {base} holds non-finite weights ({bad})")
     torch.manual_seed(
         cfg.train.seed
     )  # as build_model(seed=) does: the adapters' dropout repeats (a resume restores it)
     model = build_model(cfg.model, device=torch.device("meta"))
     apply_transforms(model, [*checkpoint_transforms(ckpt.tensor_names(weights)), *before_weights])
     materialize(model, device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    ckpt.load_weights(model, weights)
-    if resume_ckpt is None:
-        bad = ckpt.first_non_finite(dict(model.named_parameters()))
-        if bad is not None:
-            raise GptossError(f"--init-from: {base} holds non-finite weights ({bad})")
+    ckpt.load_weights(model, weights, frozen=True)  # the base is never trained: mapped where it can be
     transform = lora_adapters(cfg.lora, seed=cfg.train.seed, tensors=tensors, source=str(resume_ckpt))
     if main:
         console.print(f"training LoRA adapters on the frozen weights of {base}", highlight=False, soft_wrap=True)
