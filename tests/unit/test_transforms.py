@@ -99,7 +99,7 @@ def test_load_run_applies_before_weights_transforms_before_the_checkpoint_and_th
     save_run(tmp_path / "run", cfg, builtin_tok, trained, step=1)
     events = []
     real_load = run_open.load_weights
-    monkeypatch.setattr(run_open, "load_weights", lambda m, p: (events.append("weights"), real_load(m, p)))
+    monkeypatch.setattr(run_open, "load_weights", lambda m, p, **kw: (events.append("weights"), real_load(m, p, **kw)))
     before = ModelTransform("before", lambda m: events.append("before"), before_weights=True)
     after = ModelTransform("after", lambda m: events.append(("after", m.training)))
     loaded = run_open.load_run(tmp_path / "run", device="cpu", transforms=[after, before])
