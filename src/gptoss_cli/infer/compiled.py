@@ -20,9 +20,8 @@ from ..model import StaticKVCache, Transformer
 
 LENGTH_STEP = 64
 # `infer` without --compile/--no-compile compiles when a generation has at least this many decode steps:
-# about where a first compile of the step (each cache length is its own graph) is paid back by the faster
-# steps on a CPU; a compile inductor has cached on disk costs a fifth of that (docs/performance.md,
-# "Compiled decoding: when it pays").
+# about where a process's first compile of the step is paid back by the faster steps on a CPU; a compile
+# inductor has cached on disk costs a fifth of that (docs/performance.md, "Compiled decoding: when it pays").
 AUTO_COMPILE_STEPS = 2048
 # model -> {(batch, dtype, device): CompiledStep}. Weak: a step holds no reference to its model.
 _STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -32,21 +31,22 @@ def _step(model: Transformer, cache: StaticKVCache, tokens: torch.Tensor, positi
     return model(tokens, positions, cache).logits[:, -1]
 
 
+def compile_decode_step(fn, cuda: bool, cuda_graphs: bool):
+    """torch.compile as the decode steps use it (this one and serve/compiled.py's): shapes static unless marked
+    dynamic; on CUDA CUDA graphs when asked; on CPU the graph's wrapper generated as C++ too (no Python call
+    per kernel, for a longer first compile that inductor caches on disk; docs/performance.md)."""
+    if not cuda:  # a CPU compile has no use for CUDA, but torch warns "No CUDA runtime is found" into the output
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    mode = "reduce-overhead" if cuda and cuda_graphs else None
+    return torch.compile(fn, mode=mode, dynamic=None, options=None if cuda else {"cpp_wrapper": True})
+
+
 class CompiledStep:
     """step(model, tokens (B, 1), positions (B, 1)) -> next-token logits (B, V), through the compiled graph."""
 
     def __init__(self, cache: StaticKVCache):
         self.cuda = cache.pos_full.device.type == "cuda"
-        if not self.cuda:  # a CPU compile has no use for CUDA, but torch warns "No CUDA runtime is found"
-            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        # On CPU the graph's wrapper is generated as C++ too: no Python call per kernel, for a longer first
-        # compile that inductor caches on disk (docs/performance.md).
-        self._compiled = torch.compile(
-            _step,
-            mode="reduce-overhead" if self.cuda else None,
-            dynamic=None,  # static but for the cache length (_take)
-            options=None if self.cuda else {"cpp_wrapper": True},
-        )
+        self._compiled = compile_decode_step(_step, self.cuda, cuda_graphs=True)  # static but the length (_take)
         self._take(cache)
 
     def _take(self, cache: StaticKVCache) -> None:

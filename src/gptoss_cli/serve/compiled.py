@@ -14,12 +14,12 @@ widest batch and keeps the faster, unless the user chose.
 
 from __future__ import annotations
 
-import logging
 import time
 
 import torch
 
 from ..errors import GptossError
+from ..infer.compiled import compile_decode_step
 from ..model import Transformer
 from .slots import SlotKVCache
 
@@ -33,11 +33,8 @@ class CompiledDecode:
 
     def __init__(self, model: Transformer, cache: SlotKVCache):
         self.model, self.cache = model, cache
-        cpu = cache.pos_full.device.type == "cpu"
-        if cpu:  # a CPU compile has no use for CUDA, but torch warns "No CUDA runtime is found" into the output
-            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        # No CUDA graphs: they would need a graph per (R, end). On CPU the wrapper is C++ (infer/compiled.py).
-        self._compiled = torch.compile(self.eager, dynamic=None, options={"cpp_wrapper": True} if cpu else None)
+        # No CUDA graphs: they would need a graph per (R, end).
+        self._compiled = compile_decode_step(self.eager, cache.pos_full.device.type == "cuda", cuda_graphs=False)
 
     def eager(self, tokens: torch.Tensor, positions: torch.Tensor, end: int) -> torch.Tensor:
         return self.model(tokens, positions, self.cache.select(0, tokens.shape[0], end)).logits[:, -1]
