@@ -21,6 +21,7 @@ a packed checkpoint into); on a real model it quantises the weights it holds.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,28 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, (shared + SCALE_BIAS).to(torch.uint8)
 
 
+_SCRATCH = threading.local()  # this thread's buffers for PackedExperts.rows, by (device, word dtype)
+
+
+def _scratch(device: torch.device, word: torch.dtype, n: int, groups: int):
+    """Buffers for one chunk of n rows of G groups: the scale bytes (n, G) and the lookup index (n, G, 16)
+    in int32, the looked-up words (n * G * 16,). Kept from call to call and grown when too small: a LoRA
+    step decodes every expert chunk by chunk three times, and a fresh set of buffers per chunk fragments
+    the heap that glibc keeps (docs/performance.md)."""
+    size = n * groups * (BLOCK // 2)
+    cache = _SCRATCH.__dict__.setdefault("bufs", {})
+    bufs = cache.get((device, word))
+    if bufs is None or bufs[1].numel() < size:
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            bufs = cache[(device, word)] = (
+                torch.empty(size // (BLOCK // 2), dtype=torch.int32, device=device),
+                torch.empty(size, dtype=torch.int32, device=device),
+                torch.empty(size, dtype=word, device=device),
+            )
+    high, index, values = bufs
+    return high[: n * groups].view(n, groups), index[:size].view(n, groups, BLOCK // 2), values[:size]
+
+
 class PackedExperts(nn.Module):
     """(E, rows, cols) expert matrices kept as MXFP4 `blocks` and `scales` buffers, decoded as they are used.
 
@@ -143,19 +166,31 @@ class PackedExperts(nn.Module):
         return dequantize(self.blocks, self.scales, dtype)
 
     def rows(self, e: int, dtype: torch.dtype, device: torch.device):
-        """Expert e decoded a chunk of rows at a time: (first row, (step, cols) in `dtype`), ~8 MiB each."""
+        """Expert e decoded a chunk of rows at a time: (first row, (step, cols) in `dtype`), ~8 MiB each.
+        Each chunk is valid until the next one is asked for: the chunks share one scratch buffer."""
         rows, cols = self.shape[1:]
-        step = max(1, DECODE_CHUNK_BYTES // (cols * dtype.itemsize))
+        # Chunks of equal size (5760 rows: 4 x 1440, not 3 x 1456 + 1392): fewer distinct matmul shapes, each
+        # a oneDNN kernel compiled and cached on a CPU (docs/performance.md).
+        chunks = -(-rows // max(1, DECODE_CHUNK_BYTES // (cols * dtype.itemsize)))
+        step = -(-rows // chunks)
         table = _scaled_pairs(dtype, device)
         word = _WORDS.get(dtype.itemsize)
         words = None if word is None else table.view(word).view(-1)  # (65536,)
+        groups = cols // BLOCK
         for r in range(0, rows, step):
-            # One lookup per byte gives both of its values already scaled: (step, G, 16, 2) -> (step, cols).
-            index = (self.scales[e, r : r + step].int() << 8).unsqueeze(-1) | self.blocks[e, r : r + step]
-            if word is None:
-                yield r, F.embedding(index, table).view(index.shape[0], cols)
-            else:  # the pair as one machine word: a flat gather, several times faster than embedding's rows
-                yield r, words.index_select(0, index.view(-1)).view(dtype).view(index.shape[0], cols)
+            n = min(step, rows - r)
+            if word is None or torch.compiler.is_compiling():
+                index = (self.scales[e, r : r + n].int() << 8).unsqueeze(-1) | self.blocks[e, r : r + n]
+                w = F.embedding(index, table) if word is None else words[index].view(dtype)
+                yield r, w.view(n, cols)
+                continue
+            # One lookup per byte gives both of its values already scaled: (n, G, 16) -> (n, cols). The pair
+            # as one machine word: a flat gather, several times faster than embedding's rows.
+            high, index, values = _scratch(device, word, n, groups)
+            high.copy_(self.scales[e, r : r + n]).bitwise_left_shift_(8)  # (n, G) int32
+            torch.bitwise_or(high.unsqueeze(-1), self.blocks[e, r : r + n], out=index)
+            torch.index_select(words, 0, index.view(-1), out=values)
+            yield r, values.view(dtype).view(n, cols)
 
     def linear(self, e: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (n, cols) -> x @ W_e^T + bias (n, rows) in x's dtype, W_e decoded a chunk of rows at a time.

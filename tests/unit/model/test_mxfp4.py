@@ -200,3 +200,21 @@ def test_packed_traced_decode_path_equals_dense(monkeypatch, batch):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         got = packed(ids).logits
     assert_close(got, ref, rtol=rtol_for(torch.float32, 64, 8))
+
+
+def test_packed_chunks_are_equal_and_share_one_scratch(monkeypatch):
+    """rows() splits an expert into equal chunks (48 rows at most 13 a chunk: 4 x 12, not 13, 13, 13, 9), and
+    experts of different sizes, decoded one after another, in and out of inference mode, each equal
+    dequantize although their chunks reuse one buffer."""
+    small, large = (quantize_by_hand(shape, seed=s) for shape, s in (((2, 48, 64), 11), ((2, 40, 128), 12)))
+    monkeypatch.setattr(mxfp4, "DECODE_CHUNK_BYTES", 64 * 2 * 13)  # 13 rows of 64 columns in bf16
+    small_w, large_w = PackedExperts(*small[:2]), PackedExperts(*large[:2])
+    sizes = [w.shape[0] for _, w in small_w.rows(1, torch.bfloat16, torch.device("cpu"))]
+    assert sizes == [12, 12, 12, 12]
+    for weight, values in ((small_w, small[2]), (large_w, large[2]), (small_w, small[2])):
+        for mode in (True, False):
+            with torch.inference_mode(mode):
+                for dtype in (torch.bfloat16, torch.float32):
+                    for e in range(2):
+                        got = torch.cat([w.clone() for _, w in weight.rows(e, dtype, torch.device("cpu"))])
+                        assert torch.equal(got, values[e].to(dtype))
