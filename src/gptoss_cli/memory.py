@@ -1,4 +1,5 @@
-"""Memory telemetry shared by train and infer: one JSON line per sample, read by `gptoss report`.
+"""Memory telemetry shared by train and infer: one JSON line per sample, read by `gptoss report`; and
+giving freed heap memory back to the system between CPU training steps.
 
 On CUDA a sample holds torch's allocated / reserved / peak bytes and the NVML device memory in use; on
 CPU it holds the process RSS, labelled as such. Every line is flushed, so a killed run loses at most
@@ -7,12 +8,17 @@ the line being written (report skips a cut-off last line).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from pathlib import Path
 
 import psutil
 import torch
+
+# A CPU training step at least this long gives its freed heap back (release_freed_memory): trimming, and
+# faulting the pages in again next step, is then a small share of the step.
+TRIM_AFTER_S = 1.0
 
 
 class MemorySampler:
@@ -92,3 +98,23 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def release_freed_memory() -> bool:
+    """Hand the pages of the C heap's free chunks back to the system (glibc's malloc_trim). glibc keeps
+    memory a process freed, and a training step's many large transients of different sizes leave holes it
+    does not return: without this a long CPU run's resident set grows step after step (docs/performance.md).
+    False where the C library has no malloc_trim (macOS, musl)."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM is False:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+_MALLOC_TRIM = None  # the C function once looked up; False where there is none

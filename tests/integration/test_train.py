@@ -436,3 +436,22 @@ def test_a_resume_reads_the_data_cache_the_run_made(small_cfg, tmp_path, isolate
     entries = sorted(p.name for p in (Path(isolated_cache) / "datasets").iterdir() if p.is_dir())
     assert len(entries) == 1 and second.data_root == first.data_root
     assert second.setup_times["tokenize_s"] == 0.0 and second.setup_times["tokenizer_s"] == 0.0
+
+
+def test_long_cpu_steps_give_freed_heap_back_without_changing_training(small_cfg, tmp_path, monkeypatch):
+    """After every CPU step of at least TRIM_AFTER_S the trainer hands the C heap's free pages back
+    (memory.release_freed_memory); the losses are those of a run that never does."""
+    import platform
+
+    from gptoss_cli.train import loop
+
+    calls, real = [], loop.release_freed_memory
+    monkeypatch.setattr(loop, "release_freed_memory", lambda: calls.append(real()))
+    monkeypatch.setattr(loop, "TRIM_AFTER_S", float("inf"))
+    train(small_cfg("train.max_steps=3"), tmp_path / "plain")
+    assert calls == []
+    monkeypatch.setattr(loop, "TRIM_AFTER_S", 0.0)
+    train(small_cfg("train.max_steps=3"), tmp_path / "trimmed")
+    assert len(calls) == 3
+    assert all(calls) or platform.libc_ver()[0] != "glibc"  # glibc has malloc_trim
+    assert losses(tmp_path / "trimmed") == losses(tmp_path / "plain")
