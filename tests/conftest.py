@@ -156,9 +156,6 @@ def tiny_model_config(layout: str = "released", **overrides):
     )
 
 
-# ---- GPU tests ---------------------------------------------------------------------------------------
-
-
 # ---- this process's mappings of a file (Linux /proc) -------------------------------------------------------
 HAS_SMAPS = Path("/proc/self/smaps").is_file()
 
@@ -188,6 +185,9 @@ def mapped_from(path: Path, tensor: torch.Tensor) -> bool:
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
     return any(lo <= start and end <= hi for lo, hi in file_mapping(path)["ranges"])
+
+
+# ---- GPU tests ---------------------------------------------------------------------------------------
 
 
 def pytest_collection_modifyitems(config, items):

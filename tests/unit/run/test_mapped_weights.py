@@ -19,32 +19,25 @@ from gptoss_cli.model.mxfp4 import pack_experts
 from gptoss_cli.run import checkpoint as ckpt
 from gptoss_cli.run.open import load_run
 from gptoss_cli.transforms import build_model, checkpoint_transforms
-from tests.conftest import HAS_SMAPS, SMALL_OVERRIDES, file_mapping, mapped_from, save_run
+from tests.conftest import HAS_SMAPS, SMALL_OVERRIDES, file_mapping, mapped_from, save_run, tiny_model_config
 
 pytestmark = [
     pytest.mark.usefixtures("torch_one_thread"),
     pytest.mark.skipif(not HAS_SMAPS, reason="reads this process's mappings from /proc/self/smaps (Linux)"),
 ]
 
-CONFIG = ModelConfig(
-    num_hidden_layers=2,
-    num_experts=4,
-    experts_per_token=2,
-    vocab_size=4096,  # an embedding table of 1 MiB in fp32: 256 pages, of which a forward reads a few rows
-    hidden_size=64,
-    intermediate_size=64,
-    head_dim=16,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    sliding_window=4,
-    tie_word_embeddings=False,
-)
+
+def config(tied: bool = False) -> ModelConfig:
+    # vocab 4096: an embedding table of 1 MiB in fp32, 256 pages, of which a forward reads a few rows
+    return tiny_model_config(
+        num_hidden_layers=2, vocab_size=4096, intermediate_size=64, sliding_window=4, tie_word_embeddings=tied
+    )
 
 
 def saved(path: Path, dtype: torch.dtype, *, packed: bool = False, tied: bool = False) -> Path:
     """A model.safetensors of random weights, every float tensor in `dtype`, as an imported release stores
     them (the model keeps its norms and router fp32 under a bf16 policy: those differ from the file)."""
-    cfg = ModelConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
+    cfg = config(tied)
     model = build_model(cfg, seed=3)
     if packed:
         pack_experts(model)
@@ -54,7 +47,7 @@ def saved(path: Path, dtype: torch.dtype, *, packed: bool = False, tied: bool = 
 
 
 def loaded(path: Path, dtype: torch.dtype, *, frozen: bool, tied: bool = False):
-    cfg = ModelConfig(**{**CONFIG.__dict__, "tie_word_embeddings": tied})
+    cfg = config(tied)
     model = build_model(cfg, device=torch.device("meta"))
     for transform in checkpoint_transforms(ckpt.tensor_names(path)):
         transform(model)
