@@ -9,6 +9,7 @@ the line being written (report skips a cut-off last line).
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import time
 from pathlib import Path
@@ -105,16 +106,16 @@ def release_freed_memory() -> bool:
     memory a process freed, and a training step's many large transients of different sizes leave holes it
     does not return: without this a long CPU run's resident set grows step after step (docs/performance.md).
     False where the C library has no malloc_trim (macOS, musl)."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        try:
-            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM is False:
-        return False
-    _MALLOC_TRIM(0)
-    return True
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+    return trim is not None
 
 
-_MALLOC_TRIM = None  # the C function once looked up; False where there is none
+@functools.cache
+def _malloc_trim():
+    """The C library's malloc_trim, looked up once; None where there is none."""
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
