@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import torch
 
-# A CPU training step at least this long gives its freed heap back (release_freed_memory): trimming, and
-# faulting the pages in again next step, is then a small share of the step.
+# CPU training gives its freed heap back at most this often (release_freed_memory_if_due): trimming, and
+# faulting the pages in again, is then a small share of the time between two trims.
 TRIM_AFTER_S = 1.0
 
 
@@ -110,6 +110,25 @@ def release_freed_memory() -> bool:
     if trim is not None:
         trim(0)
     return trim is not None
+
+
+class _Released:
+    """When release_freed_memory_if_due last ran (time.monotonic)."""
+
+    last = float("-inf")
+
+
+def release_freed_memory_if_due() -> bool:
+    """release_freed_memory, when TRIM_AFTER_S seconds have passed since the last time this did it. CPU
+    training calls it after each step, and activation checkpointing before each block's forward and before
+    its recomputation in the backward pass (transforms.py): one block's transients leave holes the next
+    block's allocations fault in, so a step's resident heap grows block by block while the memory in use
+    does not. Short steps and blocks skip it. Returns whether it trimmed."""
+    if time.monotonic() - _Released.last < TRIM_AFTER_S:
+        return False
+    release_freed_memory()
+    _Released.last = time.monotonic()
+    return True
 
 
 @functools.cache

@@ -29,6 +29,7 @@ import torch
 from .config import LoraConfig
 from .devices import apply_precision
 from .errors import GptossError
+from .memory import release_freed_memory_if_due
 from .model import ModelConfig, Transformer
 
 
@@ -82,14 +83,16 @@ def to_device(device: torch.device) -> ModelTransform:
     return ModelTransform(f"device {device.type}", lambda m: m.to(device))
 
 
-def activation_checkpointing() -> ModelTransform:
-    """Each block's forward is recomputed in the backward pass instead of keeping its activations."""
+def activation_checkpointing(before_block: Callable[[], object] | None = None) -> ModelTransform:
+    """Each block's forward is recomputed in the backward pass instead of keeping its activations.
+    `before_block` runs before each block's forward and before each recomputation (the backward pass reaches
+    no module hook there)."""
 
     def apply(model: Transformer) -> None:
         from torch.utils.checkpoint import checkpoint
 
         for blk in model.block:
-            inner = blk.forward
+            inner = blk.forward if before_block is None else _preceded(before_block, blk.forward)
 
             def forward(*args, _inner=inner, **kwargs):
                 return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
@@ -97,6 +100,14 @@ def activation_checkpointing() -> ModelTransform:
             blk.forward = forward
 
     return ModelTransform("activation checkpointing", apply)
+
+
+def _preceded(before: Callable[[], object], fn: Callable) -> Callable:
+    def run(*args, **kwargs):
+        before()
+        return fn(*args, **kwargs)
+
+    return run
 
 
 def compile_blocks() -> ModelTransform:
@@ -121,8 +132,9 @@ def training_transforms(
     then the device, activation checkpointing and compile when asked for."""
     out = [precision(torch.bfloat16)] if precision_name == "bf16" else []
     out.append(to_device(device))
-    if checkpointing:
-        out.append(activation_checkpointing())
+    if checkpointing:  # on a CPU, freed heap is handed back between blocks (memory.py); not inside a compiled graph
+        release = release_freed_memory_if_due if device.type == "cpu" and not compile else None
+        out.append(activation_checkpointing(release))
     if compile:
         out.append(compile_blocks())
     return out

@@ -439,19 +439,27 @@ def test_a_resume_reads_the_data_cache_the_run_made(small_cfg, tmp_path, isolate
 
 
 def test_long_cpu_steps_give_freed_heap_back_without_changing_training(small_cfg, tmp_path, monkeypatch):
-    """After every CPU step of at least TRIM_AFTER_S the trainer hands the C heap's free pages back
-    (memory.release_freed_memory); the losses are those of a run that never does."""
+    """CPU training hands the C heap's free pages back (memory.release_freed_memory) at most every
+    TRIM_AFTER_S: after each step and, under activation checkpointing, before each block's forward and
+    recomputation. The losses are those of a run that never does."""
     import platform
 
-    from gptoss_cli.train import loop
+    from gptoss_cli import memory
 
-    calls, real = [], loop.release_freed_memory
-    monkeypatch.setattr(loop, "release_freed_memory", lambda: calls.append(real()))
-    monkeypatch.setattr(loop, "TRIM_AFTER_S", float("inf"))
+    calls, real = [], memory.release_freed_memory
+    monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(real()))
+    monkeypatch.setattr(memory, "TRIM_AFTER_S", float("inf"))
+    checkpointed = ("train.max_steps=3", "train.activation_checkpointing=true")
     train(small_cfg("train.max_steps=3"), tmp_path / "plain")
+    train(small_cfg(*checkpointed), tmp_path / "plain-checkpointed")
     assert calls == []
-    monkeypatch.setattr(loop, "TRIM_AFTER_S", 0.0)
-    train(small_cfg("train.max_steps=3"), tmp_path / "trimmed")
-    assert len(calls) == 3
+    monkeypatch.setattr(memory, "TRIM_AFTER_S", 0.0)
+    train(small_cfg("train.max_steps=3"), tmp_path / "after-steps")
+    assert len(calls) == 3  # no checkpointing: after each step only
+    calls.clear()
+    train(small_cfg(*checkpointed), tmp_path / "trimmed")
+    layers = small_cfg().model.num_hidden_layers
+    assert len(calls) >= 3 * (2 * layers + 1)  # and each block's forward and recomputation (evals add more)
     assert all(calls) or platform.libc_ver()[0] != "glibc"  # glibc has malloc_trim
-    assert losses(tmp_path / "trimmed") == losses(tmp_path / "plain")
+    assert losses(tmp_path / "after-steps") == losses(tmp_path / "plain")
+    assert losses(tmp_path / "trimmed") == losses(tmp_path / "plain-checkpointed")

@@ -79,6 +79,27 @@ def test_training_and_inference_lists_in_their_order():
     ]
 
 
+def test_checkpointing_runs_its_hook_before_each_block_and_each_recomputation():
+    """`before_block` (CPU training hands freed heap back there) runs before every block's forward and again
+    before its recomputation in the backward pass; the gradients are those of plain checkpointing."""
+    from gptoss_cli.transforms import activation_checkpointing
+    from tests.conftest import tiny_model_config
+
+    cfg = tiny_model_config()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    calls, grads = [], []
+    for hook in (None, lambda: calls.append(len(calls))):
+        model = build_model(cfg, seed=4)
+        apply_transforms(model, [activation_checkpointing(hook)])
+        model(tokens).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert len(calls) == 2 * cfg.num_hidden_layers  # forward, then the recomputation in backward
+    for name, grad in grads[0].items():
+        assert torch.equal(grads[1][name], grad), name
+    names = {t.name: t for t in training_transforms("fp32", torch.device("cpu"), checkpointing=True, compile=False)}
+    assert "activation checkpointing" in names
+
+
 def test_inference_transforms_apply_the_precision_policy_and_freeze(small_cfg):
     model = build_model(small_cfg().model, seed=0)
     apply_transforms(model, inference_transforms(torch.device("cpu"), torch.bfloat16))

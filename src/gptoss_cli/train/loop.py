@@ -19,7 +19,7 @@ import torch
 from ..atomic import write_atomic
 from ..data.batches import TokenBatches
 from ..errors import GptossError
-from ..memory import TRIM_AFTER_S, MemorySampler, peak_rss, release_freed_memory
+from ..memory import MemorySampler, peak_rss, release_freed_memory_if_due
 from ..model.cross_entropy import IGNORE_INDEX
 from ..output import console, warn
 from ..run import checkpoint as ckpt
@@ -254,8 +254,8 @@ class Trainer:
             step_start = time.perf_counter()
             stopping = self._step(data, window, stop)
             stop.step_s = time.perf_counter() - step_start
-            if self.device.type == "cpu" and stop.step_s >= TRIM_AFTER_S:
-                release_freed_memory()
+            if self.device.type == "cpu":
+                release_freed_memory_if_due()
             sample = memory.sample(self.step)
             bar.update(task, completed=self.step, info=f"loss {window.last_loss:.3f}  {window.last_tps:,.0f} tok/s")
             if self.step % t.log_every == 0 or self.step == self.total_steps:
