@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import torch
 
-# CPU training gives its freed heap back at most this often (release_freed_memory_if_due): trimming, and
-# faulting the pages in again, is then a small share of the time between two trims.
+# CPU training gives its freed heap back at most this often (release_freed_memory_if_due), which bounds
+# what trimming, and faulting the pages in again, costs (docs/performance.md measures it).
 TRIM_AFTER_S = 1.0
 
 

@@ -79,9 +79,11 @@ def test_training_and_inference_lists_in_their_order():
     ]
 
 
-def test_checkpointing_runs_its_hook_before_each_block_and_each_recomputation():
+def test_checkpointing_runs_its_hook_before_each_block_and_each_recomputation(monkeypatch):
     """`before_block` (CPU training hands freed heap back there) runs before every block's forward and again
-    before its recomputation in the backward pass; the gradients are those of plain checkpointing."""
+    before its recomputation in the backward pass; the gradients are those of plain checkpointing. The CPU
+    training list passes memory.release_freed_memory_if_due, uncompiled."""
+    from gptoss_cli import transforms
     from gptoss_cli.transforms import activation_checkpointing
     from tests.conftest import tiny_model_config
 
@@ -96,8 +98,12 @@ def test_checkpointing_runs_its_hook_before_each_block_and_each_recomputation():
     assert len(calls) == 2 * cfg.num_hidden_layers  # forward, then the recomputation in backward
     for name, grad in grads[0].items():
         assert torch.equal(grads[1][name], grad), name
-    names = {t.name: t for t in training_transforms("fp32", torch.device("cpu"), checkpointing=True, compile=False)}
-    assert "activation checkpointing" in names
+    released = []
+    monkeypatch.setattr(transforms, "release_freed_memory_if_due", lambda: released.append(True))
+    model = build_model(cfg, seed=4)
+    apply_transforms(model, training_transforms("fp32", torch.device("cpu"), checkpointing=True, compile=False))
+    model(tokens).logits.square().mean().backward()
+    assert len(released) == 2 * cfg.num_hidden_layers
 
 
 def test_inference_transforms_apply_the_precision_policy_and_freeze(small_cfg):
